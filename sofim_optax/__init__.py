@@ -1,0 +1,23 @@
+"""sofim_optax: second-order, curvature-aware optimizers as optax transformations.
+
+Every optimizer is an ``optax.GradientTransformationExtraArgs``: chain it,
+schedule it, wrap it in ``optax.inject_hyperparams`` or ``optax.MultiSteps``,
+and jit your own train step. ``scale_by_<method>`` holds the algorithm (no
+learning rate, no sign); ``<method>(learning_rate, ...)`` is the ready alias.
+"""
+
+from sofim_optax import curvature, linalg
+from sofim_optax.linalg import sherman_morrison_solve
+from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "__version__",
+    "curvature",
+    "linalg",
+    "sherman_morrison_solve",
+    "ScaleBySofimState",
+    "scale_by_sofim",
+    "sofim",
+]

@@ -1,0 +1,75 @@
+"""Smoke tests of the experiment scripts on generated IDX fixtures (no real data needed)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import benchmark_step_time, compare, datasets, models, training, tune
+
+
+@pytest.fixture
+def fixture_dir(tmp_path):
+    datasets.write_fixture_idx(tmp_path, n_train=96, n_test=40, seed=1)
+    return tmp_path
+
+
+def test_compare_writes_table_json_and_plot(fixture_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    results = compare.main([
+        "--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "32",
+        "--optimizers", "sofim,sgdm,adam", "--out", str(out), "--no-progress",
+        "--set", "sofim.rho=0.25",
+    ])
+    assert [r.optimizer for r in results] == ["sofim", "sgdm", "adam"]
+    assert results[0].hparams["rho"] == 0.25
+    printed = capsys.readouterr().out
+    assert "| SOFIM |" in printed and "| SGD-momentum |" in printed and "| Adam |" in printed
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["versions"]["jax"]
+    assert len(payload["runs"]) == 3 and all(len(r["epochs"]) == 2 for r in payload["runs"])
+    for run in payload["runs"]:
+        for epoch in run["epochs"]:
+            assert np.isfinite(epoch["train_loss"]) and 0.0 <= epoch["test_accuracy"] <= 1.0
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert (out / "table.md").read_text().count("\n|") >= 4
+
+
+def test_compare_rejects_unknown_optimizer(fixture_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--data-dir", str(fixture_dir), "--no-verify", "--optimizers", "nope", "--out", str(tmp_path)])
+
+
+def test_training_reduces_loss_on_fixture(fixture_dir):
+    data = compare.load_data(str(fixture_dir), None, flatten=False, verify=False)
+    # Memorising 96 random images: a working optimizer drives the training loss down.
+    result = training.train(models.make_model("mlp"), "sofim", data, epochs=15, batch_size=32, progress=False)
+    losses = [e.train_loss for e in result.epochs]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_unknown_optimizer_and_model_raise():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        training.make_optimizer("nope")
+    with pytest.raises(ValueError, match="unknown model"):
+        models.make_model("nope")
+
+
+def test_tune_grid_and_selection_rule(fixture_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(tune.GRIDS, "sgdm", {"learning_rate": [1e-6, 0.05]})
+    best = tune.main([
+        "--data-dir", str(fixture_dir), "--no-verify", "--optimizers", "sgdm", "--epochs", "3",
+        "--batch-size", "32", "--out", str(tmp_path),
+    ])
+    trials = best["sgdm"]["trials"]
+    assert [t["hparams"]["learning_rate"] for t in trials] == [1e-6, 0.05]
+    assert best["sgdm"]["best"]["hparams"]["learning_rate"] == 0.05  # a vanishing step cannot win
+    assert (tmp_path / "tune_mlp.json").exists()
+
+
+def test_benchmark_runs_and_reports_every_contender(monkeypatch):
+    contenders = {k: benchmark_step_time.CONTENDERS[k] for k in ("sgdm", "sofim (global)")}
+    monkeypatch.setattr(benchmark_step_time, "CONTENDERS", contenders)
+    res = benchmark_step_time.benchmark_model("mlp", batch_size=16, rounds=2, steps=2)
+    assert set(res) == set(contenders)
+    assert all(v["train step"] > 0 and v["update only"] > 0 for v in res.values())

@@ -1,5 +1,15 @@
-"""Curvature statistics: the :class:`LayerStats` contract and capture adapters."""
+"""Curvature statistics: the :class:`LayerStats` contract and capture adapters.
 
+* :mod:`sofim_optax.curvature.linen` — ``value_grad_and_stats`` for
+  ``flax.linen`` models (``Dense``, ``Conv``).
+* :mod:`sofim_optax.curvature.nnx` — ``value_grad_and_stats`` for ``flax.nnx``
+  models (``Linear``, ``Conv``).
+* :mod:`sofim_optax.curvature.losses` — losses that register the model's
+  likelihood for the sampled Fisher.
+"""
+
+from sofim_optax.curvature import linen, losses, nnx
+from sofim_optax.curvature._capture import CaptureError
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
 
-__all__ = ["LayerStats", "LayerStatsDict"]
+__all__ = ["CaptureError", "LayerStats", "LayerStatsDict", "linen", "losses", "nnx"]

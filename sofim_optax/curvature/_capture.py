@@ -1,0 +1,572 @@
+"""Framework-neutral capture engine behind the Flax adapters.
+
+The adapters (``linen.py``, ``nnx.py``) only know how to *find* a dense or
+convolutional layer call and how to read its options. Everything else lives
+here, once:
+
+1. **Discovery.** The user's loss is traced once with :func:`jax.eval_shape`
+   (no computation) while every captured layer reports its path, its kind and
+   the shape of its output. Unsupported layers, shared layers and layers called
+   inside nested transformations are refused at this point, with the layer's
+   path in the message.
+2. **One forward, one backward.** A zero array ("perturbation") is created for
+   every captured layer output, and the loss is differentiated with a single
+   :func:`jax.vjp` with respect to the parameters and the perturbations
+   together. A layer returns ``outputs + perturbation``; the cotangent of the
+   perturbation is ``dL/ds`` for that layer's pre-activation output ``s``.
+   The layer inputs and outputs are returned from the same trace as auxiliary
+   values, so nothing is recomputed.
+3. **Sampled Fisher.** When the loss helpers of :mod:`.losses` register the
+   model's predictions, the traced function also returns the negative
+   log-likelihood of targets sampled from the model's predictive distribution,
+   and the same VJP function is pulled back along a second cotangent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+from jax import lax
+
+from sofim_optax.curvature._patches import (
+    PRE_PAD_MODES,
+    ConvGeometry,
+    PaddingLike,
+    extract_patches,
+    make_geometry,
+)
+from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
+
+FisherType = Literal["empirical", "sampled"]
+LossReduction = Literal["mean", "sum"]
+
+logger = logging.getLogger("sofim_optax.curvature")
+
+
+class CaptureError(ValueError):
+    """A model or loss that the capture adapters cannot handle correctly."""
+
+
+# ---------------------------------------------------------------------------
+# Layer kinds.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSpec:
+    """A dense layer ``outputs = inputs @ kernel (+ bias)`` over the last axis."""
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Refuses inputs without a batch axis.
+
+        Args:
+          path: the layer's key, for the message.
+          x: the layer input (array or abstract value).
+        """
+        if len(x.shape) < 2:
+            raise CaptureError(
+                f"Layer '{path}' (dense) was applied to an input of shape {tuple(x.shape)}; "
+                "capture needs a leading batch axis (N, ..., d_in)."
+            )
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """``(N, d_in)`` for 2-D inputs, ``(N, T, d_in)`` with ``T`` the product of
+        the middle axes otherwise.
+
+        Args:
+          x: the layer input ``(N, ..., d_in)``.
+
+        Returns:
+          The statistics view of the input.
+        """
+        return x if x.ndim == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """Same view for an output-shaped array.
+
+        Args:
+          y: an array shaped like the layer output ``(N, ..., d_out)``.
+          x: the layer input (unused for dense layers).
+
+        Returns:
+          ``(N, d_out)`` or ``(N, T, d_out)``.
+        """
+        del x
+        return y if y.ndim == 2 else y.reshape(y.shape[0], -1, y.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A shared-weight convolution with the given geometry (channels last)."""
+
+    geometry: ConvGeometry
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Refuses inputs without a batch axis.
+
+        Args:
+          path: the layer's key, for the message.
+          x: the layer input (array or abstract value).
+        """
+        if len(x.shape) < self.geometry.num_spatial + 2:
+            raise CaptureError(
+                f"Layer '{path}' (conv) was applied to an unbatched input of shape "
+                f"{tuple(x.shape)}; capture needs a leading batch axis (N, *spatial, c_in)."
+            )
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """Patches ``(N, T, k_1*...*k_d*c_in)`` in the kernel's order.
+
+        Extra leading batch axes ``(N, B, ..., *spatial, c_in)`` are folded into
+        the position axis, as Flax folds them into the batch of the convolution.
+
+        Args:
+          x: the layer input.
+
+        Returns:
+          The patches.
+        """
+        rank = self.geometry.num_spatial
+        n = x.shape[0]
+        flat = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
+        patches = extract_patches(flat, self.geometry)
+        return patches.reshape(n, -1, patches.shape[-1])
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """``(N, T, c_out)`` view of an output-shaped array.
+
+        Args:
+          y: an array shaped like the layer output.
+          x: the layer input (gives ``N``).
+
+        Returns:
+          The position-flattened view.
+        """
+        return y.reshape(x.shape[0], -1, y.shape[-1])
+
+
+LayerSpec = DenseSpec | ConvSpec
+
+
+def refuse(path: str, layer_type: str, what: str) -> CaptureError:
+    """The error raised for a layer option that capture does not support.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      what: what the layer does, e.g. ``"uses a kernel mask"``.
+
+    Returns:
+      The exception to raise.
+    """
+    return CaptureError(
+        f"Layer '{path}' ({layer_type}) {what}; sofim_optax.curvature cannot capture its "
+        "statistics. Use a plain layer, or keep this layer out of the captured model."
+    )
+
+
+def dense_spec(path: str, layer_type: str, *, custom_dot_general: bool) -> DenseSpec:
+    """Validates a dense layer's options and returns its spec.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      custom_dot_general: whether the layer replaces ``lax.dot_general``.
+
+    Returns:
+      The dense spec.
+    """
+    if custom_dot_general:
+        raise refuse(path, layer_type, "uses a custom dot_general")
+    return DenseSpec()
+
+
+def conv_spec(
+    path: str,
+    layer_type: str,
+    *,
+    kernel_size: int | tuple[int, ...],
+    strides: Any,
+    padding: PaddingLike,
+    input_dilation: Any,
+    kernel_dilation: Any,
+    feature_group_count: int,
+    has_mask: bool,
+    custom_conv: bool,
+) -> ConvSpec:
+    """Validates a convolution's options and returns its spec.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      kernel_size: the layer's ``kernel_size``.
+      strides: the layer's ``strides``.
+      padding: the layer's ``padding``.
+      input_dilation: the layer's ``input_dilation``.
+      kernel_dilation: the layer's ``kernel_dilation``.
+      feature_group_count: the layer's ``feature_group_count``; must be 1.
+      has_mask: whether the layer masks its kernel (refused).
+      custom_conv: whether the layer replaces ``lax.conv_general_dilated``
+        (refused).
+
+    Returns:
+      The convolution spec.
+    """
+    if feature_group_count != 1:
+        raise refuse(
+            path, layer_type, f"is a grouped/depthwise convolution (feature_group_count={feature_group_count})"
+        )
+    if has_mask:
+        raise refuse(path, layer_type, "uses a kernel mask")
+    if custom_conv:
+        raise refuse(path, layer_type, "uses a custom conv_general_dilated")
+    if isinstance(padding, str) and padding.upper() not in PRE_PAD_MODES + ("SAME", "SAME_LOWER", "VALID"):
+        raise refuse(path, layer_type, f"uses padding={padding!r}")
+    try:
+        geometry = make_geometry(kernel_size, strides, padding, input_dilation, kernel_dilation)
+    except (TypeError, ValueError) as e:
+        raise refuse(path, layer_type, f"has options capture cannot read ({e})") from e
+    return ConvSpec(geometry)
+
+
+# ---------------------------------------------------------------------------
+# Sessions: the state of one active capture.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Likelihood:
+    """A predictive distribution registered by a loss helper.
+
+    Attributes:
+      name: ``"categorical"``, ``"bernoulli"`` or ``"gaussian"``.
+      sample: ``sample(key, predictions) -> targets``.
+      per_example_loss: ``per_example_loss(predictions, targets) -> (N,)``, the
+        negative log-likelihood of each example (up to a constant).
+    """
+
+    name: str
+    sample: Callable[[jax.Array, jax.Array], jax.Array]
+    per_example_loss: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class _Registration:
+    likelihood: Likelihood
+    predictions: Any  # an array, or a ShapeDtypeStruct during discovery
+
+
+@dataclasses.dataclass
+class _LayerRecord:
+    spec: LayerSpec
+    inputs: Any
+    outputs: Any
+
+
+@dataclasses.dataclass
+class Session:
+    """State of one capture while the user's loss runs.
+
+    Attributes:
+      mode: ``"discover"`` (shape-only trace) or ``"perturb"`` (the real trace).
+      fisher: the requested Fisher type.
+      perturbations: zero arrays keyed by layer path (``"perturb"`` mode only).
+      layers: per-layer records, in call order.
+      registrations: predictive distributions registered by the loss helpers.
+      trace: the JAX trace the loss runs at; layer calls at any other trace are
+        inside a nested transformation and are refused.
+      scratch: adapter-private data (e.g. NNX instance-to-path tables).
+    """
+
+    mode: Literal["discover", "perturb"]
+    fisher: FisherType
+    perturbations: dict[str, jax.Array] | None = None
+    layers: dict[str, _LayerRecord] = dataclasses.field(default_factory=dict)
+    registrations: list[_Registration] = dataclasses.field(default_factory=list)
+    trace: Any = None
+    scratch: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+
+_ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("sofim_optax_capture", default=None)
+
+
+def current_session() -> Session | None:
+    """The innermost active capture session of this thread, or ``None``."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def _activate(session: Session) -> Iterator[Session]:
+    token = _ACTIVE.set(session)
+    session.trace = jex_core.get_opaque_trace_state()
+    try:
+        yield session
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _at_session_trace(session: Session) -> bool:
+    return jex_core.get_opaque_trace_state() == session.trace
+
+
+def capture_layer(
+    session: Session,
+    path: str,
+    spec: LayerSpec,
+    inputs: Any,
+    call: Callable[[], jax.Array],
+) -> jax.Array:
+    """Runs one captured layer call: records it and perturbs its output.
+
+    Args:
+      session: the active session (the adapter checked it is active).
+      path: the layer's key, its module path joined with ``"/"``.
+      spec: what the layer computes.
+      inputs: the layer input.
+      call: runs the layer itself and returns its output.
+
+    Returns:
+      The layer output plus the layer's zero perturbation (``"perturb"`` mode),
+      or the plain output (``"discover"`` mode).
+    """
+    if path in session.layers:
+        raise CaptureError(
+            f"Layer '{path}' is applied more than once in one forward pass (shared weights, or "
+            "two models whose layers have the same path). Its statistics would mix the "
+            "applications, so capture refuses it; give each application its own layer."
+        )
+    if not _at_session_trace(session):
+        raise CaptureError(
+            f"Layer '{path}' was called inside a nested JAX transformation within loss_fn "
+            "(jax.vmap / jax.checkpoint / lax.scan, nn.scan / nn.vmap / nn.remat, nnx.vmap / "
+            "nnx.scan / nnx.remat, ...). Capture only supports layers that run at the top level "
+            "of loss_fn's trace."
+        )
+    if jnp.issubdtype(jnp.result_type(inputs), jnp.complexfloating):
+        raise CaptureError(
+            f"Layer '{path}' has complex inputs ({jnp.result_type(inputs)}); capture refuses complex dtypes."
+        )
+    spec.check_inputs(path, inputs)
+    outputs = call()
+    if jnp.issubdtype(outputs.dtype, jnp.complexfloating):
+        raise CaptureError(
+            f"Layer '{path}' has complex outputs ({outputs.dtype}); capture refuses complex dtypes."
+        )
+    if session.mode == "discover":
+        session.layers[path] = _LayerRecord(
+            spec,
+            jax.ShapeDtypeStruct(jnp.shape(inputs), jnp.result_type(inputs)),
+            jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
+        )
+        return outputs
+    assert session.perturbations is not None
+    if path not in session.perturbations:
+        raise CaptureError(
+            f"Layer '{path}' ran in the differentiated pass but not in the shape-discovery pass: "
+            "loss_fn must call the same layers every time it is traced."
+        )
+    session.layers[path] = _LayerRecord(spec, inputs, outputs)
+    return outputs + session.perturbations[path]
+
+
+def register_predictions(likelihood: Likelihood, predictions: jax.Array) -> None:
+    """Registers a predictive distribution for ``fisher="sampled"``.
+
+    Called by the helpers of :mod:`sofim_optax.curvature.losses`; a no-op
+    outside a capture or when the capture uses the empirical Fisher.
+
+    Args:
+      likelihood: the distribution family.
+      predictions: logits (categorical, Bernoulli) or means (Gaussian), with the
+        batch on axis 0.
+    """
+    session = _ACTIVE.get()
+    if session is None or session.fisher != "sampled":
+        return
+    if not _at_session_trace(session):
+        raise CaptureError(
+            f"A {likelihood.name} loss helper was called inside a nested JAX transformation "
+            "within loss_fn; fisher='sampled' needs it at the top level of loss_fn."
+        )
+    if session.mode == "discover":
+        predictions = jax.ShapeDtypeStruct(jnp.shape(predictions), jnp.result_type(predictions))
+    session.registrations.append(_Registration(likelihood, predictions))
+
+
+# ---------------------------------------------------------------------------
+# The engine.
+# ---------------------------------------------------------------------------
+
+
+def _split_output(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+    if has_aux:
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise TypeError(
+                "has_aux=True requires loss_fn to return a pair (loss, aux), got " f"{type(out).__name__}."
+            )
+        return out[0], out[1]
+    return out, None
+
+
+def _check_scalar_loss(loss: Any) -> None:
+    shape, dtype = jnp.shape(loss), jnp.result_type(loss)
+    if shape != ():
+        raise TypeError(f"loss_fn must return a scalar loss (as for jax.value_and_grad); got shape {shape}.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"loss_fn must return a real floating-point loss; got dtype {dtype}.")
+
+
+def _sampled_nll(registrations: list[_Registration], rng: jax.Array, fisher_batch_size: int | None) -> jax.Array:
+    """Sum over examples (and registered losses) of the NLL of sampled targets."""
+    total = jnp.zeros((), jnp.float32)
+    for i, reg in enumerate(registrations):
+        preds = reg.predictions
+        if fisher_batch_size is not None:
+            preds = preds[:fisher_batch_size]
+        targets = lax.stop_gradient(reg.likelihood.sample(jax.random.fold_in(rng, i), lax.stop_gradient(preds)))
+        total = total + jnp.sum(reg.likelihood.per_example_loss(preds, targets))
+    return total
+
+
+def _layer_stats(
+    spec: LayerSpec,
+    inputs: jax.Array,
+    outputs: jax.Array,
+    cotangent: jax.Array,
+    scale: Literal["batch", "one"],
+    fisher_batch_size: int | None,
+) -> LayerStats:
+    dtype = jnp.promote_types(jnp.result_type(inputs, outputs), jnp.float32)
+    n = inputs.shape[0]
+    if fisher_batch_size is not None:
+        inputs, outputs, cotangent = (a[:fisher_batch_size] for a in (inputs, outputs, cotangent))
+    a = spec.input_rows(inputs).astype(dtype)
+    s = spec.output_rows(outputs, inputs).astype(dtype)
+    g = spec.output_rows(cotangent, inputs).astype(dtype)
+    if scale == "batch":
+        g = g * jnp.asarray(n, dtype)
+    return LayerStats(inputs=a, output_grads=g, outputs=s)
+
+
+def value_grad_and_stats(
+    run: Callable[[Any], tuple[Any, Any]],
+    primal: Any,
+    *,
+    has_aux: bool,
+    fisher: FisherType,
+    rng: jax.Array | None,
+    fisher_batch_size: int | None,
+    loss_reduction: LossReduction,
+) -> tuple[Any, Any, LayerStatsDict, Any]:
+    """Shared implementation of the adapters' ``value_grad_and_stats``.
+
+    Args:
+      run: ``run(primal) -> (loss_fn_output, extra)``; runs the user's loss with
+        the adapter's interception installed. ``extra`` is adapter data that is
+        returned from the differentiated trace (e.g. NNX state updates).
+      primal: what is differentiated (the parameters).
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      fisher: ``"empirical"`` or ``"sampled"``.
+      rng: PRNG key for ``fisher="sampled"``.
+      fisher_batch_size: keep the statistics of the first this-many examples.
+      loss_reduction: ``"mean"`` or ``"sum"``.
+
+    Returns:
+      ``(value, grads, layer_stats, extra)``.
+    """
+    if fisher not in ("empirical", "sampled"):
+        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}.")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+    if fisher == "sampled" and rng is None:
+        raise ValueError("fisher='sampled' draws targets from the model and needs rng=<a PRNG key>.")
+    if fisher_batch_size is not None and (
+        isinstance(fisher_batch_size, bool) or not isinstance(fisher_batch_size, int) or fisher_batch_size < 1
+    ):
+        raise ValueError(f"fisher_batch_size must be a positive int or None, got {fisher_batch_size!r}.")
+
+    # 1. Discovery: shapes only.
+    discovery = Session("discover", fisher)
+
+    def discover(p: Any) -> jax.Array:
+        with _activate(discovery):
+            out, _ = run(p)
+        loss, _ = _split_output(out, has_aux)
+        _check_scalar_loss(loss)
+        return loss
+
+    jax.eval_shape(discover, primal)
+    logger.debug(
+        "sofim_optax.curvature: capturing %d layers: %s",
+        len(discovery.layers),
+        ", ".join(f"{path!r} ({type(rec.spec).__name__})" for path, rec in discovery.layers.items()),
+    )
+
+    if fisher == "sampled" and not discovery.registrations:
+        raise CaptureError(
+            "fisher='sampled' needs to know the model's predictive distribution: compute the loss with "
+            "sofim_optax.curvature.losses.softmax_cross_entropy / sigmoid_binary_cross_entropy / "
+            "squared_error inside loss_fn."
+        )
+    if fisher_batch_size is not None:
+        for path, rec in discovery.layers.items():
+            if rec.inputs.shape[0] < fisher_batch_size:
+                raise ValueError(
+                    f"fisher_batch_size={fisher_batch_size} exceeds the batch size {rec.inputs.shape[0]} "
+                    f"of layer '{path}'."
+                )
+        for reg in discovery.registrations:
+            if reg.predictions.shape[0] < fisher_batch_size:
+                raise ValueError(
+                    f"fisher_batch_size={fisher_batch_size} exceeds the batch size "
+                    f"{reg.predictions.shape[0]} of the registered {reg.likelihood.name} predictions."
+                )
+
+    perturbations = {path: jnp.zeros(rec.outputs.shape, rec.outputs.dtype) for path, rec in discovery.layers.items()}
+
+    # 2. One forward pass, differentiated with respect to params and perturbations.
+    def forward(p: Any, perts: dict[str, jax.Array]) -> tuple[Any, tuple[Any, Any, dict[str, tuple]]]:
+        session = Session("perturb", fisher, perturbations=perts)
+        with _activate(session):
+            out, extra = run(p)
+        loss, aux = _split_output(out, has_aux)
+        missing = set(perts) - set(session.layers)
+        if missing:
+            raise CaptureError(
+                f"Layers {sorted(missing)} ran in the shape-discovery pass but not in the differentiated "
+                "pass: loss_fn must call the same layers every time it is traced."
+            )
+        records = {path: (rec.inputs, rec.outputs) for path, rec in session.layers.items()}
+        if fisher == "sampled":
+            assert rng is not None
+            primal_out: Any = (loss, _sampled_nll(session.registrations, rng, fisher_batch_size))
+        else:
+            primal_out = loss
+        return primal_out, (aux, extra, records)
+
+    primal_out, vjp_fn, (aux, extra, records) = jax.vjp(forward, primal, perturbations, has_aux=True)
+
+    if fisher == "sampled":
+        loss, nll = primal_out
+        grads, _ = vjp_fn((jnp.ones_like(loss), jnp.zeros_like(nll)))
+        _, pert_grads = vjp_fn((jnp.zeros_like(loss), jnp.ones_like(nll)))
+        scale: Literal["batch", "one"] = "one"
+    else:
+        loss = primal_out
+        grads, pert_grads = vjp_fn(jnp.ones_like(loss))
+        scale = "batch" if loss_reduction == "mean" else "one"
+
+    stats: LayerStatsDict = {}
+    for path, (inputs, outputs) in records.items():
+        spec = discovery.layers[path].spec
+        stats[path] = _layer_stats(spec, inputs, outputs, pert_grads[path], scale, fisher_batch_size)
+    value = (loss, aux) if has_aux else loss
+    return value, grads, stats, extra

@@ -1,0 +1,213 @@
+"""Curvature statistics from ``flax.linen`` models, in one forward/backward pass.
+
+Interception: :func:`flax.linen.intercept_methods` wraps every module method
+call while the user's loss runs. The interceptor acts only when the method
+being run is exactly ``flax.linen.Dense.__call__`` or the shared-weight
+``flax.linen.Conv.__call__`` (so a subclass that overrides ``__call__`` and
+calls ``super().__call__`` is captured at the super call, and a subclass whose
+own ``__call__`` does something else is left alone). For such a call it records
+the layer input, runs the layer, and returns ``output + perturbation`` where
+``perturbation`` is a zero array that :func:`jax.vjp` differentiates together
+with the parameters. The model is not edited and no variable collection is
+added: the perturbations are closed-over arrays, not Flax variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.linen.module import InterceptorContext
+
+from sofim_optax.curvature import _capture
+from sofim_optax.curvature._capture import FisherType, LossReduction
+from sofim_optax.curvature.stats import LayerStatsDict
+
+__all__ = ["value_grad_and_stats"]
+
+
+def _raw(method: Any) -> Any:
+    """The undecorated function behind a Linen-wrapped method."""
+    return getattr(method, "__wrapped__", method)
+
+
+_DENSE_CALL = _raw(nn.Dense.__call__)
+_CONV_CALL = _raw(nn.Conv.__call__)  # ``_Conv.__call__``, also used by ConvLocal
+
+
+def _dense_spec(path: str, module: nn.Dense) -> _capture.DenseSpec:
+    return _capture.dense_spec(
+        path,
+        type(module).__name__,
+        custom_dot_general=module.dot_general is not None or module.dot_general_cls is not None,
+    )
+
+
+def _conv_spec(path: str, module: nn.Conv) -> _capture.ConvSpec:
+    return _capture.conv_spec(
+        path,
+        type(module).__name__,
+        kernel_size=module.kernel_size,
+        strides=module.strides,
+        padding=module.padding,
+        input_dilation=module.input_dilation,
+        kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count,
+        has_mask=module.mask is not None,
+        custom_conv=module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None,
+    )
+
+
+def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> Callable[..., Any]:
+    """Builds the method interceptor of one capture.
+
+    Args:
+      session_getter: returns the session this interceptor serves, or ``None``
+        when that capture is not the innermost active one (then the interceptor
+        passes the call through).
+
+    Returns:
+      A Linen method interceptor.
+    """
+
+    def interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: InterceptorContext) -> Any:
+        session = session_getter()
+        if session is None or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        func = getattr(context.orig_method, "func", None)
+        module = context.module
+        if func is _DENSE_CALL and isinstance(module, nn.Dense):
+            make_spec: Callable[[str, Any], _capture.LayerSpec] = _dense_spec
+        elif func is _CONV_CALL and isinstance(module, nn.Conv):
+            make_spec = _conv_spec
+        else:
+            return next_fun(*args, **kwargs)
+        path = "/".join(str(p) for p in module.path)
+        spec = make_spec(path, module)
+        inputs = args[0] if args else kwargs["inputs"]
+        return _capture.capture_layer(session, path, spec, inputs, lambda: next_fun(*args, **kwargs))
+
+    return interceptor
+
+
+def value_grad_and_stats(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    has_aux: bool = False,
+    fisher: FisherType = "empirical",
+    rng: jax.Array | None = None,
+    fisher_batch_size: int | None = None,
+    loss_reduction: LossReduction = "mean",
+) -> tuple[Any, Any, LayerStatsDict]:
+    """Loss, gradient and per-layer curvature statistics of a ``flax.linen`` model.
+
+    ``value, grads, layer_stats = value_grad_and_stats(loss_fn, params, x, y)``
+    returns what ``jax.value_and_grad(loss_fn, has_aux=has_aux)(params, x, y)``
+    returns, plus a :class:`~sofim_optax.curvature.LayerStats` for every
+    ``flax.linen.Dense`` and ``flax.linen.Conv`` call made by ``loss_fn``, at
+    any depth of nesting, computed in ONE forward and ONE backward pass (plus a
+    shape-only :func:`jax.eval_shape` trace that discovers the layers; it
+    computes nothing). Works inside the user's :func:`jax.jit`.
+
+    Each statistic is keyed by the layer's module path joined with ``"/"``
+    (e.g. ``"Encoder_0/Dense_1"``), the path at which its ``kernel`` (and
+    ``bias``) sit in ``params["params"]`` (or in ``params`` if ``loss_fn``
+    passes ``{"params": params}`` to ``apply``); a root-level layer has the key
+    ``""``. Per layer, with ``N`` the leading (batch) axis of its input:
+
+    * ``Dense`` on ``(N, d_in)``: ``inputs (N, d_in)``, ``output_grads`` and
+      ``outputs (N, d_out)``. On ``(N, L_1, ..., d_in)`` the middle axes are
+      flattened into positions like a convolution's: ``(N, T, d)``,
+      ``T = L_1 * ...``.
+    * ``Conv`` (any number of spatial dimensions): ``inputs (N, T, k_1*...*k_d*c_in)``,
+      the patches flattened in the kernel's own ``(k_1, ..., k_d, c_in)`` order
+      with the layer's strides, padding (``SAME``, ``SAME_LOWER``, ``VALID``,
+      explicit, ``CIRCULAR``, ``REFLECT``, ``CAUSAL``), kernel and input
+      dilation; ``output_grads`` and ``outputs (N, T, c_out)``. Extra leading
+      batch axes are folded into ``T``. For every layer
+      ``inputs @ kernel.reshape(-1, c_out) + bias == outputs``.
+    * ``outputs`` are pre-activation (bias included). ``output_grads`` are the
+      gradients of the per-example loss with respect to them: ``N * dL/ds``
+      for ``loss_reduction="mean"``, ``dL/ds`` for ``"sum"``; with
+      ``fisher="sampled"``, the gradient of the per-example negative
+      log-likelihood of a sampled target.
+    * Statistics are at least float32 (bfloat16/float16 models get float32;
+      float64 stays float64); ``grads`` are in the parameters' dtypes.
+
+    Parameters of other layers (``BatchNorm``, ``Embed``, ``DenseGeneral``,
+    ``ConvLocal``, ``ConvTranspose``, ``Einsum``, subclasses whose own
+    ``__call__`` does not run ``Dense.__call__`` / ``Conv.__call__``, ...) get no
+    statistics but do get gradients.
+
+    Refused, with an error naming the layer:
+
+    * a layer applied more than once in one forward pass (shared weights, or
+      two models with the same layer paths): the statistics of the separate
+      applications would have to be summed or concatenated in a way no
+      downstream preconditioner expects, and silently keeping one of them would
+      be wrong;
+    * a captured layer called inside a nested transformation inside
+      ``loss_fn`` (``jax.vmap``, ``jax.checkpoint``, ``lax.scan``, ``nn.scan``,
+      ``nn.vmap``, ``nn.remat``, ...);
+    * grouped or depthwise convolutions (``feature_group_count > 1``), kernel
+      masks, custom ``dot_general`` / ``conv_general_dilated``, unknown padding
+      strings, complex dtypes, inputs without a batch axis.
+
+    ``loss_fn`` is traced twice (discovery, then the real pass), so Python side
+    effects in it run twice.
+
+    Args:
+      loss_fn: ``loss_fn(params, *args)`` returning a scalar loss, or
+        ``(loss, aux)`` when ``has_aux``. It calls ``model.apply`` itself.
+      params: the parameters to differentiate (a Flax variables dict such as
+        ``{"params": ...}``, or the bare ``params`` tree).
+      *args: further arguments of ``loss_fn`` (data, targets, RNGs); not
+        differentiated.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``. Default ``False``.
+      fisher: ``"empirical"`` (default): ``output_grads`` come from the data's
+        own loss, at no extra cost. ``"sampled"``: they come from targets drawn
+        from the model's predictive distribution; the loss must be computed
+        with a helper of :mod:`sofim_optax.curvature.losses` (which registers
+        the predictions), and ``rng`` is required. The forward pass is shared;
+        the VJP is pulled back along a second cotangent. ``grads`` and
+        ``value`` are always those of the real loss.
+      rng: PRNG key, required for ``fisher="sampled"`` (ignored otherwise).
+        The ``i``-th registered loss helper call samples with
+        ``jax.random.fold_in(rng, i)``: ``jax.random.categorical(key, logits)``,
+        ``jax.random.bernoulli(key, sigmoid(logits))`` or
+        ``predictions + jax.random.normal(key, shape, dtype)``, on the first
+        ``fisher_batch_size`` examples. Default ``None``.
+      fisher_batch_size: if set (a positive int ``M``), statistics are kept for
+        the first ``M`` examples only (leading dimension ``M``); with
+        ``fisher="sampled"`` targets are drawn for those ``M`` examples only.
+        Default ``None`` (the whole batch).
+      loss_reduction: how ``loss_fn`` reduces over the batch, ``"mean"``
+        (default) or ``"sum"``; sets the scale of ``output_grads`` in the
+        empirical mode (see above).
+
+    Returns:
+      ``(value, grads, layer_stats)``: ``value`` is ``loss`` or ``(loss, aux)``
+      as for :func:`jax.value_and_grad`; ``grads`` has the structure of
+      ``params``; ``layer_stats`` is a ``dict[str, LayerStats]``.
+    """
+
+    def run(p: Any) -> tuple[Any, None]:
+        session = _capture.current_session()
+        interceptor = _make_interceptor(lambda: session if _capture.current_session() is session else None)
+        with nn.intercept_methods(interceptor):
+            out = loss_fn(p, *args)
+        return out, None
+
+    value, grads, stats, _ = _capture.value_grad_and_stats(
+        run,
+        params,
+        has_aux=has_aux,
+        fisher=fisher,
+        rng=rng,
+        fisher_batch_size=fisher_batch_size,
+        loss_reduction=loss_reduction,
+    )
+    return value, grads, stats

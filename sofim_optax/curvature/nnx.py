@@ -1,0 +1,232 @@
+"""Curvature statistics from ``flax.nnx`` models, in one forward/backward pass.
+
+NNX has no method-interception hook (``nnx.capture(..., method_outputs=...)``
+records method *outputs* only, by patching classes globally, and
+``Module.perturb`` needs the layer's own code to call it). So the adapter works
+on a private copy of the model:
+
+1. ``nnx.split(model, nnx.Param, ...)`` separates the parameters (what is
+   differentiated) from the rest of the state.
+2. Inside the differentiated function, ``nnx.merge`` builds a fresh copy. Every
+   ``nnx.Linear`` / ``nnx.Conv`` instance of the copy whose class does not
+   override ``__call__`` has its ``__class__`` switched to a cached subclass
+   whose ``__call__`` records the input, runs the original ``__call__`` and
+   adds the layer's zero perturbation. The classes are switched back before
+   the function returns. The user's model object and the Flax classes are
+   never modified; only the copy is, for the duration of the trace.
+3. State updates made by ``loss_fn`` on the copy (BatchNorm statistics, RNG
+   counters, ...) are split out and written back to the user's model with
+   ``nnx.update``, as ``nnx.grad`` does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+from jax import lax
+
+from sofim_optax.curvature import _capture
+from sofim_optax.curvature._capture import FisherType, LossReduction
+from sofim_optax.curvature.stats import LayerStatsDict
+
+__all__ = ["value_grad_and_stats"]
+
+_LINEAR_CALL = nnx.Linear.__call__
+_CONV_CALL = nnx.Conv.__call__
+_PATHS_KEY = "nnx_paths"
+
+_capturing_classes: dict[type, type] = {}
+_capturing_lock = threading.Lock()
+
+
+def _layer_spec(path: str, module: Any) -> _capture.LayerSpec:
+    """Validates a captured NNX layer's options and returns its spec."""
+    name = type(module).__name__
+    if isinstance(module, nnx.Conv):
+        return _capture.conv_spec(
+            path,
+            name,
+            kernel_size=module.kernel_size,
+            strides=module.strides,
+            padding=module.padding,
+            input_dilation=module.input_dilation,
+            kernel_dilation=module.kernel_dilation,
+            feature_group_count=module.feature_group_count,
+            has_mask=module.mask is not None,
+            custom_conv=module.conv_general_dilated is not lax.conv_general_dilated,
+        )
+    return _capture.dense_spec(path, name, custom_dot_general=module.dot_general is not lax.dot_general)
+
+
+def _capturing_class(cls: type) -> type:
+    """The cached subclass of ``cls`` whose ``__call__`` is captured.
+
+    Args:
+      cls: ``nnx.Linear``, ``nnx.Conv`` or a subclass that does not override
+        ``__call__``.
+
+    Returns:
+      A subclass that differs from ``cls`` only by its ``__call__``.
+    """
+    with _capturing_lock:
+        sub = _capturing_classes.get(cls)
+        if sub is None:
+            original = cls.__call__
+
+            def __call__(self: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+                return _captured_call(self, original, inputs, args, kwargs)
+
+            __call__.__doc__ = original.__doc__
+            sub = type(cls)(
+                cls.__name__,
+                (cls,),
+                {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+                pytree=getattr(cls, "_pytree__is_pytree", True),
+            )
+            _capturing_classes[cls] = sub
+        return sub
+
+
+def _captured_call(
+    module: Any, original: Callable[..., Any], inputs: Any, args: tuple, kwargs: dict
+) -> Any:
+    """Body of a captured layer's ``__call__``."""
+    session = _capture.current_session()
+    table = session.scratch.get(_PATHS_KEY) if session is not None else None
+    if table is None:
+        return original(module, inputs, *args, **kwargs)
+    path = table.get(id(module))
+    if path is None:
+        raise _capture.CaptureError(
+            f"An {type(module).__name__} layer of the model was called on a copy made inside a nested "
+            "transformation within loss_fn (nnx.vmap / nnx.scan / nnx.remat / nnx.jit / ...). Capture only "
+            "supports layers that run at the top level of loss_fn's trace."
+        )
+    spec = _layer_spec(path, module)
+    return _capture.capture_layer(session, path, spec, inputs, lambda: original(module, inputs, *args, **kwargs))
+
+
+def value_grad_and_stats(
+    loss_fn: Callable[..., Any],
+    model: nnx.Module,
+    *args: Any,
+    has_aux: bool = False,
+    fisher: FisherType = "empirical",
+    rng: jax.Array | None = None,
+    fisher_batch_size: int | None = None,
+    loss_reduction: LossReduction = "mean",
+) -> tuple[Any, Any, LayerStatsDict]:
+    """Loss, gradient and per-layer curvature statistics of a ``flax.nnx`` model.
+
+    ``value, grads, layer_stats = value_grad_and_stats(loss_fn, model, x, y)``
+    returns ``value`` and ``grads`` as
+    ``nnx.value_and_grad(loss_fn, has_aux=has_aux)(model, x, y)`` does (``grads``
+    is an ``nnx.State`` of the model's ``nnx.Param`` variables), plus a
+    :class:`~sofim_optax.curvature.LayerStats` for every ``nnx.Linear`` and
+    ``nnx.Conv`` of ``model`` that ``loss_fn`` calls, in ONE forward and ONE
+    backward pass (plus a shape-only :func:`jax.eval_shape` trace that
+    discovers the layers). Works inside :func:`jax.jit` / :func:`nnx.jit`.
+    State updates made by ``loss_fn`` (BatchNorm statistics, RNG counters) are
+    written back to ``model``; its parameters are not changed.
+
+    Keys are the layer's NNX module path joined with ``"/"`` (e.g.
+    ``"layers/0"`` or ``"encoder/linear1"``), the path of its ``kernel`` in
+    ``nnx.state(model, nnx.Param)``; a root-level layer has the key ``""``.
+    The statistics follow the same contract as
+    :func:`sofim_optax.curvature.linen.value_grad_and_stats`:
+
+    * ``Linear`` on ``(N, d_in)``: ``inputs (N, d_in)``, ``output_grads`` and
+      ``outputs (N, d_out)``; on ``(N, L_1, ..., d_in)`` the middle axes are
+      flattened into positions, ``(N, T, d)``.
+    * ``Conv`` (any number of spatial dimensions): ``inputs (N, T, k_1*...*k_d*c_in)``
+      patches in the kernel's own order with the layer's strides, padding
+      (``SAME``, ``SAME_LOWER``, ``VALID``, explicit, ``CIRCULAR``,
+      ``REFLECT``, ``CAUSAL``) and dilations; ``output_grads`` and
+      ``outputs (N, T, c_out)``. ``inputs @ kernel.reshape(-1, c_out) + bias == outputs``.
+    * ``outputs`` are pre-activation; ``output_grads`` are ``N * dL/ds``
+      (``loss_reduction="mean"``) or ``dL/ds`` (``"sum"``), or, with
+      ``fisher="sampled"``, gradients of the per-example negative
+      log-likelihood of a sampled target. Statistics are at least float32.
+
+    Only instances of ``nnx.Linear`` / ``nnx.Conv`` (or subclasses that do not
+    override ``__call__``) reachable from ``model`` are captured; other
+    parameters (``BatchNorm``, ``Embed``, ``LinearGeneral``, ``Einsum``,
+    ``ConvTranspose``, layers passed in ``args``, ...) get gradients only.
+
+    Refused, with an error naming the layer: a layer applied more than once in
+    one forward pass (shared weights: the per-application statistics would be
+    silently mixed); a captured layer called inside a nested transformation
+    within ``loss_fn`` (``nnx.vmap``, ``nnx.scan``, ``nnx.remat``, ``jax.vmap``,
+    ...); grouped/depthwise convolutions (``feature_group_count > 1``), kernel
+    masks, custom ``dot_general`` / ``conv_general_dilated``, unknown padding
+    strings, complex dtypes, inputs without a batch axis.
+
+    ``loss_fn`` is traced twice (discovery, then the real pass) on private
+    copies of ``model``. NNX objects inside ``args`` are passed as they are and
+    must not be mutated by ``loss_fn`` (keep mutable state inside ``model``).
+
+    Args:
+      loss_fn: ``loss_fn(model, *args)`` returning a scalar loss, or
+        ``(loss, aux)`` when ``has_aux``.
+      model: the ``nnx.Module``; its ``nnx.Param`` variables are
+        differentiated.
+      *args: further arguments of ``loss_fn`` (data, targets); not
+        differentiated.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``. Default ``False``.
+      fisher: ``"empirical"`` (default, no extra cost) or ``"sampled"``
+        (targets drawn from the model's predictive distribution registered by
+        a :mod:`sofim_optax.curvature.losses` helper; needs ``rng``; the
+        forward pass is shared and the VJP pulled back along a second
+        cotangent). ``value`` and ``grads`` are always those of the real loss.
+      rng: PRNG key, required for ``fisher="sampled"``; the ``i``-th registered
+        helper call samples with ``jax.random.fold_in(rng, i)`` (see
+        :func:`sofim_optax.curvature.linen.value_grad_and_stats`). Default
+        ``None``.
+      fisher_batch_size: keep the statistics (and, when sampled, draw targets)
+        for the first ``M`` examples only. Default ``None`` (whole batch).
+      loss_reduction: ``"mean"`` (default) or ``"sum"``: how ``loss_fn``
+        reduces over the batch; sets the scale of empirical ``output_grads``.
+
+    Returns:
+      ``(value, grads, layer_stats)``.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def run(p: Any) -> tuple[Any, Any]:
+        session = _capture.current_session()
+        assert session is not None
+        # Rebuild the non-differentiated variables inside this trace so that
+        # loss_fn may update them (NNX refuses updates across trace levels).
+        copy = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
+        table: dict[int, str] = {}
+        switched: list[tuple[Any, type]] = []
+        for path, module in nnx.iter_modules(copy):
+            cls = type(module)
+            if getattr(cls, "__call__", None) in (_LINEAR_CALL, _CONV_CALL):
+                table[id(module)] = "/".join(str(k) for k in path)
+                object.__setattr__(module, "__class__", _capturing_class(cls))
+                switched.append((module, cls))
+        session.scratch[_PATHS_KEY] = table
+        try:
+            out = loss_fn(copy, *args)
+        finally:
+            for module, cls in switched:
+                object.__setattr__(module, "__class__", cls)
+        _, _, new_rest = nnx.split(copy, nnx.Param, ...)
+        return out, new_rest
+
+    value, grads, stats, new_rest = _capture.value_grad_and_stats(
+        run,
+        params,
+        has_aux=has_aux,
+        fisher=fisher,
+        rng=rng,
+        fisher_batch_size=fisher_batch_size,
+        loss_reduction=loss_reduction,
+    )
+    nnx.update(model, new_rest)
+    return value, grads, stats

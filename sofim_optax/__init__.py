@@ -7,7 +7,9 @@ learning rate, no sign); ``<method>(learning_rate, ...)`` is the ready alias.
 """
 
 from sofim_optax import curvature, linalg
-from sofim_optax.linalg import sherman_morrison_solve
+from sofim_optax.curvature import LayerStats
+from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
+from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
 from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
 
 __version__ = "0.1.0.dev0"
@@ -16,7 +18,13 @@ __all__ = [
     "__version__",
     "curvature",
     "linalg",
+    "LayerStats",
+    "damped_kron_solve",
     "sherman_morrison_solve",
+    "KfacCurvature",
+    "ScaleByKfacState",
+    "scale_by_kfac",
+    "kfac",
     "ScaleBySofimState",
     "scale_by_sofim",
     "sofim",

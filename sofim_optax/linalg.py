@@ -103,8 +103,9 @@ def factored_damping(
 
         \pi = \sqrt{\frac{\operatorname{tr}(A)/\dim A}{\operatorname{tr}(G)/\dim G}},
 
-    which minimises the norm of the cross terms ``π√λ I⊗G + (√λ/π) A⊗I`` that the
-    factorisation adds on top of ``A⊗G + λI``.
+    the choice of Martens & Grosse that keeps the cross terms ``π√λ (I ⊗ G) + (√λ/π)(A ⊗ I)``,
+    which the factorisation adds on top of ``A ⊗ G + λI``, small (it equalises the two terms'
+    average eigenvalues).
 
     Guards (documented floors, never a NaN):
 

@@ -47,6 +47,31 @@ class SmallCNN(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+class Autoencoder(nn.Module):
+    """The deep autoencoder of the KFAC, K-BFGS and KPSVD papers (Hinton & Salakhutdinov 2006 sizes).
+
+    ``encoder`` widths go down to the code (784-1000-500-250-30 for MNIST-like
+    data), the decoder mirrors them back to ``output_dim``. ReLU after every
+    layer except the code layer (linear) and the output (logits for a
+    sigmoid cross-entropy summed over pixels). Layers are named ``Dense_0`` …
+    ``Dense_7`` in order, so ``layer_stats`` keys are those names.
+    """
+
+    encoder: Sequence[int] = (1000, 500, 250, 30)
+    output_dim: int = 784
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = x.reshape((x.shape[0], -1))
+        widths = list(self.encoder) + list(reversed(self.encoder[:-1])) + [self.output_dim]
+        code_layer = len(self.encoder) - 1
+        for i, width in enumerate(widths):
+            x = nn.Dense(width)(x)
+            if i != code_layer and i != len(widths) - 1:
+                x = nn.relu(x)
+        return x
+
+
 MODELS = {"mlp": MLP, "cnn": SmallCNN}
 
 

@@ -178,24 +178,27 @@ def scale_by_sofim(
             return m / (1 - jnp.asarray(b1, m.dtype) ** count.astype(m.dtype))
 
         mu = jax.tree.map(moment, updates, state.mu)
-        mhat = jax.tree.map(bias_corrected, mu)
 
         if scope == "global":
-            leaves = jax.tree.leaves(mhat)
+            # With c = 1 − β₁ᵗ and m̂ = m/c: m̂/(ρ + ‖m̂‖²) = m · (1/c)/(ρ + ‖m‖²/c²).
+            # Folding the bias correction into that one scalar lets XLA fuse
+            # the moment update with the reduction, leaving one scaling pass.
+            leaves = jax.tree.leaves(mu)
             norm_dtype = _accumulation_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
             squared_norm = sum(
                 (jnp.sum(jnp.square(m.astype(norm_dtype))) for m in leaves),
                 start=jnp.zeros([], norm_dtype),
             )
-            scale = 1 / (jnp.asarray(rho, norm_dtype) + squared_norm)
-            directions = jax.tree.map(lambda m: m * scale.astype(m.dtype), mhat)
+            inv_c = 1 / (1 - jnp.asarray(b1, norm_dtype) ** count.astype(norm_dtype))
+            scale = inv_c / (jnp.asarray(rho, norm_dtype) + squared_norm * inv_c * inv_c)
+            directions = jax.tree.map(lambda m: m * scale.astype(m.dtype), mu)
         elif scope == "per_tensor":
             directions = jax.tree.map(
-                lambda m: _rank_one_ridge_step(m, jnp.asarray(rho, m.dtype)), mhat
+                lambda m: _rank_one_ridge_step(bias_corrected(m), jnp.asarray(rho, m.dtype)), mu
             )
         else:
             directions = jax.tree.map(
-                lambda m: _mini_block_step(m, jnp.asarray(rho, m.dtype), block_size), mhat
+                lambda m: _mini_block_step(bias_corrected(m), jnp.asarray(rho, m.dtype), block_size), mu
             )
 
         new_updates = jax.tree.map(lambda d, g: d.astype(g.dtype), directions, updates)

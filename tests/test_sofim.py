@@ -354,3 +354,22 @@ def test_converges_on_logistic_regression():
         w, state = step(w, state)
     assert float(loss_fn(w, xs32, ys32)) - loss_star < 1e-5
     np.testing.assert_allclose(np.asarray(w), np.asarray(w_star), atol=2e-3)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor", "mini_block"])
+def test_float32_keeps_full_precision_when_gradient_norm_dwarfs_rho(scope):
+    # ‖m̂‖² ≈ 1e6 against ρ = 1e-4: the paper's expanded Sherman–Morrison form
+    # loses about ten digits here; the closed form must stay at float32 accuracy.
+    rng = np.random.default_rng(11)
+    g = {"w": (1e3 / np.sqrt(1000)) * rng.normal(size=(40, 25))}
+    tx = sofim_optax.scale_by_sofim(rho=1e-4, scope=scope, block_size=128 if scope == "mini_block" else None)
+    got = np.asarray(tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), tx.init(g))[0]["w"], np.float64)
+    [want] = dense_sofim_directions_single(g["w"], 1e-4, scope, 128)
+    np.testing.assert_allclose(got.reshape(-1), want, rtol=3e-6)
+
+
+def dense_sofim_directions_single(w, rho, scope, block_size):
+    flat = np.asarray(w, np.float32).astype(np.float64).reshape(-1)
+    size = block_size if scope == "mini_block" else flat.size
+    out = np.concatenate([b / (rho + b @ b) for b in np.split(flat, range(size, flat.size, size))])
+    return [out]

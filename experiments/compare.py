@@ -2,7 +2,7 @@
 
 Usage (the README's main job)::
 
-    python -m experiments.compare --model mlp --optimizers sofim,sgdm,adam --epochs 10
+    python -m experiments.compare --model mlp --optimizers sofim,kfac,sgdm,adam --epochs 10
 
 Writes into ``--out`` (default ``runs/compare``):
 
@@ -114,7 +114,7 @@ def load_data(
 def main(argv: list[str] | None = None) -> list[training.RunResult]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mlp", choices=sorted(models.MODELS))
-    parser.add_argument("--optimizers", default="sofim,sgdm,adam", help="comma-separated keys of experiments.training.OPTIMIZERS")
+    parser.add_argument("--optimizers", default="sofim,kfac,sgdm,adam", help="comma-separated keys of experiments.training.OPTIMIZERS")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)

@@ -2,9 +2,9 @@
 
 An :class:`OptimizerSpec` says how to build an optimizer from hyperparameters
 and which extra arguments its ``update`` needs beyond the gradient. The loop
-computes exactly those inside one jitted step. Today every registered optimizer
-needs only the gradient; the curvature-based ones add entries that need
-``layer_stats`` as they land.
+computes exactly those inside one jitted step. Optimizers that need
+``layer_stats`` get them from :func:`sofim_optax.curvature.linen.value_grad_and_stats`
+in the same forward and backward pass as the gradient.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ def _sgdm(learning_rate: float, momentum: float = 0.9, weight_decay: float = 0.0
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sofim": OptimizerSpec("SOFIM", sofim_optax.sofim, {"learning_rate": 5.0, "rho": 10.0, "b1": 0.9}),
+    "kfac": OptimizerSpec(
+        "KFAC",
+        sofim_optax.kfac,
+        {"learning_rate": 0.03, "damping": 0.01, "momentum": 0.9, "inverse_period": 20},
+        extra_args=("layer_stats",),
+    ),
     "sgdm": OptimizerSpec("SGD-momentum", _sgdm, {"learning_rate": 0.05, "momentum": 0.9}),
     "adam": OptimizerSpec("Adam", optax.adam, {"learning_rate": 1e-3}),
 }
@@ -133,8 +139,10 @@ def train(
     from tqdm.auto import tqdm  # optional dependency of the experiments
 
     spec, tx, used = make_optimizer(optimizer, **(hparams or {}))
-    if spec.extra_args:
-        raise NotImplementedError(f"the train loop cannot yet feed {spec.extra_args} to {optimizer}")
+    unsupported = set(spec.extra_args) - {"layer_stats"}
+    if unsupported:
+        raise NotImplementedError(f"the train loop cannot yet feed {sorted(unsupported)} to {optimizer}")
+    needs_stats = "layer_stats" in spec.extra_args
     x_train, y_train, x_test, y_test = data
     params = model.init(jax.random.PRNGKey(seed), jnp.asarray(x_train[:1]))
     opt_state = tx.init(params)
@@ -144,8 +152,12 @@ def train(
 
     @jax.jit
     def train_step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        if needs_stats:
+            loss, grads, stats = sofim_optax.curvature.linen.value_grad_and_stats(loss_fn, params, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params, layer_stats=stats)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+            updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     @jax.jit

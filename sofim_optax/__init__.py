@@ -6,11 +6,15 @@ and jit your own train step. ``scale_by_<method>`` holds the algorithm (no
 learning rate, no sign); ``<method>(learning_rate, ...)`` is the ready alias.
 """
 
-from sofim_optax import curvature, linalg
-from sofim_optax.curvature import LayerStats
-from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
-from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
-from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
+from sofim_optax import _cpu_runtime
+
+_cpu_runtime.configure()  # before anything initialises JAX's backend; see _cpu_runtime.py
+
+from sofim_optax import curvature, linalg  # noqa: E402
+from sofim_optax.curvature import LayerStats  # noqa: E402
+from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac  # noqa: E402
+from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve  # noqa: E402
+from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim  # noqa: E402
 
 __version__ = "0.1.0.dev0"
 

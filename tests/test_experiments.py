@@ -18,21 +18,22 @@ def test_compare_writes_table_json_and_plot(fixture_dir, tmp_path, capsys):
     out = tmp_path / "run"
     results = compare.main([
         "--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "32",
-        "--optimizers", "sofim,sgdm,adam", "--out", str(out), "--no-progress",
+        "--optimizers", "sofim,kfac,sgdm,adam", "--out", str(out), "--no-progress",
         "--set", "sofim.rho=0.25",
     ])
-    assert [r.optimizer for r in results] == ["sofim", "sgdm", "adam"]
+    assert [r.optimizer for r in results] == ["sofim", "kfac", "sgdm", "adam"]
     assert results[0].hparams["rho"] == 0.25
     printed = capsys.readouterr().out
-    assert "| SOFIM |" in printed and "| SGD-momentum |" in printed and "| Adam |" in printed
+    for label in ("SOFIM", "KFAC", "SGD-momentum", "Adam"):
+        assert f"| {label} |" in printed
     payload = json.loads((out / "results.json").read_text())
     assert payload["versions"]["jax"]
-    assert len(payload["runs"]) == 3 and all(len(r["epochs"]) == 2 for r in payload["runs"])
+    assert len(payload["runs"]) == 4 and all(len(r["epochs"]) == 2 for r in payload["runs"])
     for run in payload["runs"]:
         for epoch in run["epochs"]:
             assert np.isfinite(epoch["train_loss"]) and 0.0 <= epoch["test_accuracy"] <= 1.0
     assert (out / "curves.png").stat().st_size > 10_000
-    assert (out / "table.md").read_text().count("\n|") >= 4
+    assert (out / "table.md").read_text().count("\n|") >= 5
 
 
 def test_compare_rejects_unknown_optimizer(fixture_dir, tmp_path):

@@ -1,0 +1,84 @@
+"""The CPU runtime work-arounds applied when sofim_optax is imported (see sofim_optax/_cpu_runtime.py).
+
+Each case runs in a fresh interpreter: the settings only take effect before
+JAX's backend starts, which in this test process has long happened.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def run_python(code: str, **env_overrides: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS", "SOFIM_OPTAX_NO_CPU_WORKAROUNDS")}
+    env.update(env_overrides)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+REPORT = "import os, sofim_optax; print(repr(os.environ.get('XLA_FLAGS'))); print(repr(os.environ.get('OPENBLAS_NUM_THREADS')))"
+
+
+def test_import_sets_scheduler_flag_and_single_threaded_openblas():
+    out = run_python(REPORT)
+    assert out.returncode == 0, out.stderr
+    flags, threads = out.stdout.strip().splitlines()
+    assert FLAG in flags
+    assert threads == "'1'"
+
+
+def test_existing_flags_are_kept_and_user_choices_respected():
+    out = run_python(REPORT, XLA_FLAGS="--xla_cpu_use_xnnpack=true", OPENBLAS_NUM_THREADS="2")
+    flags, threads = out.stdout.strip().splitlines()
+    assert "--xla_cpu_use_xnnpack=true" in flags and FLAG in flags
+    assert threads == "'2'"
+    out = run_python(REPORT, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    assert out.stdout.strip().splitlines()[0] == "'--xla_cpu_enable_concurrency_optimized_scheduler=true'"
+
+
+def test_opt_out_leaves_environment_alone():
+    out = run_python(REPORT, SOFIM_OPTAX_NO_CPU_WORKAROUNDS="1")
+    assert out.stdout.strip().splitlines() == ["None", "None"]
+
+
+def test_warns_when_jax_already_started_on_cpu():
+    code = "import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); import sofim_optax"
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr
+    assert "concurrency-optimised CPU scheduler" in out.stderr
+
+
+@pytest.mark.slow
+def test_kfac_update_of_a_deep_autoencoder_finishes():
+    # Regression test for the scheduler deadlock: this exact program never
+    # finished with jax 0.10.2 on CPU without the flag.
+    code = """
+import sofim_optax, jax, jax.numpy as jnp, numpy as np, optax
+from flax import linen as nn
+class AE(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        widths = [256, 128, 64, 16, 64, 128, 256, 784]
+        for i, w in enumerate(widths):
+            x = nn.Dense(w)(x)
+            if i not in (3, 7):
+                x = nn.relu(x)
+        return x
+x = np.random.default_rng(0).random((100, 784)).astype(np.float32)
+model = AE(); params = model.init(jax.random.PRNGKey(0), x[:1])
+loss = lambda p, xb: jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(model.apply(p, xb), xb), -1))
+tx = sofim_optax.scale_by_kfac(damping=1.0)
+@jax.jit
+def step(p, s, xb):
+    l, g, st = sofim_optax.curvature.linen.value_grad_and_stats(loss, p, xb)
+    return tx.update(g, s, p, layer_stats=st)
+u, s = step(params, tx.init(params), x)
+jax.block_until_ready(u)
+print("finished")
+"""
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "finished" in out.stdout

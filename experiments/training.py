@@ -53,7 +53,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "kfac": OptimizerSpec(
         "KFAC",
         sofim_optax.kfac,
-        {"learning_rate": 0.03, "damping": 0.01, "momentum": 0.9, "inverse_period": 20},
+        {"learning_rate": 0.03, "damping": 0.1, "momentum": 0.9, "inverse_period": 20},
         extra_args=("layer_stats",),
     ),
     "sgdm": OptimizerSpec("SGD-momentum", _sgdm, {"learning_rate": 0.05, "momentum": 0.9}),

@@ -24,7 +24,7 @@ GRIDS: dict[str, dict[str, list[float]]] = {
     "sofim": {"learning_rate": [0.1, 0.2, 0.5, 1.0, 2.0, 5.0], "rho": [0.1, 0.5, 2.0, 5.0, 10.0]},
     "sgdm": {"learning_rate": [0.01, 0.03, 0.05, 0.1, 0.2]},
     "adam": {"learning_rate": [3e-4, 1e-3, 3e-3]},
-    "kfac": {"learning_rate": [0.01, 0.03, 0.1, 0.3], "damping": [1e-3, 1e-2, 1e-1]},
+    "kfac": {"learning_rate": [0.01, 0.03, 0.1, 0.3], "damping": [1e-3, 1e-2, 1e-1, 1.0]},
 }
 
 

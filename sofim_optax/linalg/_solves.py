@@ -1,4 +1,4 @@
-"""Pure array math for one block at a time.
+"""Damped solves: Sherman–Morrison and damped Kronecker-factored solves.
 
 Nothing here knows about optax or Flax. Every function works on a single block
 and is meant to be ``jax.vmap``-ed by its caller over stacks of blocks of the

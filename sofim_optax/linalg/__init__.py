@@ -1,0 +1,28 @@
+"""Pure array math for one block at a time.
+
+Nothing here knows about optax or Flax. Every function works on a single block and
+is meant to be ``jax.vmap``-ed by its caller over stacks of blocks of the same
+shape. All functions are jittable and differentiable. One family per file:
+
+* ``_solves.py``: Sherman–Morrison, damped Kronecker-factored solves and inverses.
+"""
+
+from sofim_optax.linalg._solves import (
+    DAMPING_FLOOR,
+    PI_RANGE,
+    damped_inverse,
+    damped_kron_solve,
+    damped_kron_solve_eigh,
+    factored_damping,
+    sherman_morrison_solve,
+)
+
+__all__ = [
+    "sherman_morrison_solve",
+    "DAMPING_FLOOR",
+    "PI_RANGE",
+    "factored_damping",
+    "damped_kron_solve",
+    "damped_kron_solve_eigh",
+    "damped_inverse",
+]

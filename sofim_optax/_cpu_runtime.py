@@ -18,6 +18,16 @@ Applied once, when ``sofim_optax`` is imported; set the environment variable
    We default ``OPENBLAS_NUM_THREADS`` to 1 if scipy has not been loaded yet
    (OpenBLAS reads it when it loads). This also makes the user's own scipy
    BLAS calls single-threaded; set the variable yourself to choose otherwise.
+3. **Batched LAPACK calls that wait on XLA's thread pool.** jaxlib 0.10's
+   CPU kernels for a *batched* ``eigh``/``cholesky``/``inv`` (a ``vmap``-ed
+   decomposition) split the batch over XLA's intra-op thread pool and block
+   until the pieces are done; when every pool thread (two on a 2-core machine)
+   is inside such a call, nothing runs the pieces and the process hangs with
+   the CPU idle. It happens now and then on a full-size KFAC autoencoder step
+   even with (1). :func:`map_stack` is what every method uses to decompose a
+   stack of blocks: ``jax.vmap`` normally, ``lax.map`` (one matrix per LAPACK
+   call, which never waits on the pool) on CPU with jaxlib older than 0.11.
+   Same results; the opt-out variable turns it off too.
 """
 
 from __future__ import annotations
@@ -31,6 +41,26 @@ logger = logging.getLogger("sofim_optax")
 OPT_OUT_VARIABLE = "SOFIM_OPTAX_NO_CPU_WORKAROUNDS"
 SCHEDULER_FLAG_NAME = "xla_cpu_enable_concurrency_optimized_scheduler"
 SCHEDULER_FLAG = f"--{SCHEDULER_FLAG_NAME}=false"
+
+
+def _sequential_decompositions() -> bool:
+    if os.environ.get(OPT_OUT_VARIABLE, "").strip() not in ("", "0"):
+        return False
+    import jax
+    import jaxlib.version
+
+    old = tuple(int(v) for v in jaxlib.version.__version__.split(".")[:2]) < (0, 11)
+    return old and jax.default_backend() == "cpu"
+
+
+def map_stack(fn, *stacks):
+    """``jax.vmap(fn)(*stacks)``, or ``lax.map`` over the leading axis where batched LAPACK
+    calls can deadlock (see 3. above). Use it for decompositions of stacked blocks."""
+    import jax
+
+    if _sequential_decompositions():
+        return jax.lax.map(lambda args: fn(*args), stacks)
+    return jax.vmap(fn)(*stacks)
 
 
 def configure() -> None:

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sofim_optax import linalg
+from sofim_optax import _cpu_runtime, linalg
 
 __all__ = [
     "KronLayer",
@@ -474,8 +474,9 @@ class FactorLayout:
 
     @staticmethod
     def map(fn: Callable[..., Any], *stacks: Mapping[str, Any]) -> dict[str, Any]:
-        """``{key: jax.vmap(fn)(*(s[key] for s in stacks))}``: one batched call per dimension."""
-        return {k: jax.vmap(fn)(*(s[k] for s in stacks)) for k in stacks[0]}
+        """``{key: jax.vmap(fn)(*(s[key] for s in stacks))}``: one batched call per dimension
+        (``lax.map`` where batched LAPACK calls can deadlock, see ``_cpu_runtime.map_stack``)."""
+        return {k: _cpu_runtime.map_stack(fn, *(s[k] for s in stacks)) for k in stacks[0]}
 
 
 def stacked_damped_inverse(
@@ -489,10 +490,10 @@ def stacked_damped_inverse(
     clamped at 0), which is finite for finite input. The fallback runs under ``lax.cond``, so it
     costs nothing when not needed.
     """
-    inv = jax.vmap(lambda f, s: linalg.damped_inverse(f, s, method))(factors, shifts)
+    inv = _cpu_runtime.map_stack(lambda f, s: linalg.damped_inverse(f, s, method), factors, shifts)
     if method == "eigh":
         return inv
-    safe = lambda: jax.vmap(lambda f, s: linalg.damped_inverse(f, s, "eigh"))(factors, shifts)
+    safe = lambda: _cpu_runtime.map_stack(lambda f, s: linalg.damped_inverse(f, s, "eigh"), factors, shifts)
     inputs_finite = jnp.all(jnp.isfinite(factors))
     return lax.cond(jnp.all(jnp.isfinite(inv)) | ~inputs_finite, lambda: inv, safe)
 

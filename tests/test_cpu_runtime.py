@@ -82,3 +82,26 @@ print("finished")
     out = run_python(code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "finished" in out.stdout
+
+
+def test_map_stack_matches_vmap_and_is_sequential_on_old_cpu_jaxlib(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import jaxlib.version
+    import numpy as np
+
+    from sofim_optax import _cpu_runtime
+
+    x = np.random.default_rng(0).normal(size=(3, 4, 4)).astype(np.float32)
+    stack = jnp.asarray(x @ x.transpose(0, 2, 1) + 4 * np.eye(4, dtype=np.float32))
+    fn = lambda a, s: jnp.linalg.cholesky(a + s * jnp.eye(4))
+    shifts = jnp.arange(3.0)
+    expected = jax.vmap(fn)(stack, shifts)
+    np.testing.assert_allclose(_cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda a, s: _cpu_runtime.map_stack(fn, a, s))(stack, shifts))
+    old_cpu = jax.default_backend() == "cpu" and tuple(int(v) for v in jaxlib.version.__version__.split(".")[:2]) < (0, 11)
+    assert ("scan" in jaxpr) == old_cpu  # lax.map lowers to a scan
+    monkeypatch.setenv("SOFIM_OPTAX_NO_CPU_WORKAROUNDS", "1")
+    jaxpr = str(jax.make_jaxpr(lambda a, s: _cpu_runtime.map_stack(fn, a, s))(stack, shifts))
+    assert "scan" not in jaxpr
+    np.testing.assert_allclose(_cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)

@@ -4,17 +4,24 @@ Every optimizer is an ``optax.GradientTransformationExtraArgs``: chain it,
 schedule it, wrap it in ``optax.inject_hyperparams`` or ``optax.MultiSteps``,
 and jit your own train step. ``scale_by_<method>`` holds the algorithm (no
 learning rate, no sign); ``<method>(learning_rate, ...)`` is the ready alias.
+
+Extra ``update`` arguments, keyword-only: ``layer_stats=`` (KFAC, the KPSVD
+family, Mini-Block Fisher, K-BFGS; from ``curvature.linen`` / ``curvature.nnx``),
+``previous_batch_stats=`` (K-BFGS; see ``curvature.two_pass``) and ``obj_fn=``
+(AdaHessian, Nyström-SGD: the minibatch loss as a function of the parameters).
 """
 
 from sofim_optax import _cpu_runtime
 
 _cpu_runtime.configure()  # before anything initialises JAX's backend; see _cpu_runtime.py
 
-from sofim_optax import curvature, linalg  # noqa: E402
-from sofim_optax.curvature import LayerStats  # noqa: E402
-from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac  # noqa: E402
-from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve  # noqa: E402
-from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim  # noqa: E402
+# ruff: noqa: E402
+from sofim_optax import curvature, linalg
+from sofim_optax.curvature import LayerStats
+from sofim_optax.kbfgs import KbfgsCurvature, ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
+from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
+from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
+from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
 
 __version__ = "0.1.0.dev0"
 
@@ -25,11 +32,22 @@ __all__ = [
     "LayerStats",
     "damped_kron_solve",
     "sherman_morrison_solve",
+    # SOFIM
+    "ScaleBySofimState",
+    "scale_by_sofim",
+    "sofim",
+    # KFAC
     "KfacCurvature",
     "ScaleByKfacState",
     "scale_by_kfac",
     "kfac",
-    "ScaleBySofimState",
-    "scale_by_sofim",
-    "sofim",
+    # Mini-Block Fisher
+    # The Kronecker-product-SVD family
+    # K-BFGS
+    "KbfgsCurvature",
+    "ScaleByKbfgsState",
+    "scale_by_kbfgs",
+    "kbfgs",
+    "kbfgs_l",
+    # The papers' baselines
 ]

@@ -6,10 +6,12 @@
   models (``Linear``, ``Conv``).
 * :mod:`sofim_optax.curvature.losses` — losses that register the model's
   likelihood for the sampled Fisher.
+* :mod:`sofim_optax.curvature.two_pass` — the two-pass step of K-BFGS (current and
+  previous minibatch at the current parameters).
 """
 
-from sofim_optax.curvature import linen, losses, nnx
+from sofim_optax.curvature import linen, losses, nnx, two_pass
 from sofim_optax.curvature._capture import CaptureError
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
 
-__all__ = ["CaptureError", "LayerStats", "LayerStatsDict", "linen", "losses", "nnx"]
+__all__ = ["CaptureError", "LayerStats", "LayerStatsDict", "linen", "losses", "nnx", "two_pass"]

@@ -5,8 +5,10 @@ is meant to be ``jax.vmap``-ed by its caller over stacks of blocks of the same
 shape. All functions are jittable and differentiable. One family per file:
 
 * ``_solves.py``: Sherman–Morrison, damped Kronecker-factored solves and inverses.
+* ``bfgs.py``: BFGS inverse update, K-BFGS double damping, L-BFGS inverse matvec.
 """
 
+from sofim_optax.linalg.bfgs import bfgs_inverse_update, double_damping, lbfgs_inverse_matvec
 from sofim_optax.linalg._solves import (
     DAMPING_FLOOR,
     PI_RANGE,
@@ -25,4 +27,7 @@ __all__ = [
     "damped_kron_solve",
     "damped_kron_solve_eigh",
     "damped_inverse",
+    "bfgs_inverse_update",
+    "double_damping",
+    "lbfgs_inverse_matvec",
 ]

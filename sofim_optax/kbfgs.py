@@ -1,0 +1,616 @@
+"""K-BFGS and K-BFGS(L) (Goldfarb, Ren & Bahamou, NeurIPS 2020) as optax transformations.
+
+Each captured layer's block of the inverse Hessian is approximated by a Kronecker product
+``H_a ⊗ H_g`` of two small matrices that are maintained by (damped) BFGS updates instead of
+being inverted. The algorithm follows the authors' public code (``renyiryry/
+kbfgs_neurips2020_public``, ``kbfgs_utils.py`` / ``training_function.py`` /
+``training_utils.py``) where it and the third-party ASDL implementation differ; see
+``shared/research/kpsvd_kbfgs.md`` §4. Everything the Kronecker family shares (layer
+discovery, statistics checks, fallback) lives in :mod:`sofim_optax._kronecker`.
+
+Warm start of ``A`` (the authors average ``mean ā āᵀ`` over one pass of the training set at
+the initial weights before training) is :func:`warm_start` with :func:`batch_input_factors`.
+The extra forward/backward pass that K-BFGS needs for its ``(s, y)`` pairs is made by
+:func:`sofim_optax.curvature.two_pass.two_pass_value_grad_and_stats` (or the ready train step
+:func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from sofim_optax import _kronecker as kron
+from sofim_optax import linalg
+
+__all__ = [
+    "KbfgsCurvature",
+    "ScaleByKbfgsState",
+    "scale_by_kbfgs",
+    "kbfgs",
+    "kbfgs_l",
+    "batch_input_factors",
+    "average_input_factors",
+    "warm_start",
+]
+
+_NAME = "scale_by_kbfgs"
+
+
+class KbfgsCurvature(NamedTuple):
+    """K-BFGS's curvature state: per-layer tuples (layers in path order) and flag vectors.
+
+    Every candidate layer (a node with a ``kernel`` of ``ndim >= 2``) gets an entry, whether it
+    is captured or not; ``d_a = d_in (+1 for the bias)``, ``d_g = d_out``, ``M = memory``.
+
+    Attributes:
+      A: ``(d_a, d_a)`` each, the EMA of ``mean ā āᵀ`` (undamped).
+      Ha: ``(d_a, d_a)`` each, ``H_a ≈ (A + √λ I)⁻¹``, kept by Hessian-action BFGS.
+      Hg: ``(d_g, d_g)`` each, the damped-BFGS ``H_g`` (K-BFGS); ``()`` for K-BFGS(L).
+      S, Y: ``(M, d_g)`` each, the L-BFGS ring buffers (K-BFGS(L)); ``()`` for K-BFGS.
+      valid: ``(M,)`` bool each, which ring slots hold a pair (K-BFGS(L)); ``()`` otherwise.
+      head: ``(n_layers,)`` int32, the ring slot the next pair goes to (= the oldest pair once
+        the ring is full).
+      s_ema, y_ema: ``(d_g,)`` each, the EMA of the pairs (before damping).
+      prev_outputs_mean, prev_grads_mean: ``(d_g,)`` each, ``s̄`` and ``ḡ`` (mean
+        pre-activation and mean per-example pre-activation gradient) of the last minibatch at
+        the parameters it was drawn at.
+      a_mean: ``(d_a,)`` each, ``mean ā`` of the current minibatch (last coordinate 1 for the
+        bias), for the Hessian-action update of ``H_a``.
+      has_prev: ``(n_layers,)`` bool, ``prev_*`` hold the previous step's means.
+      started: ``(n_layers,)`` bool, the layer's first step (exact ``H_a``) is done.
+      warm: ``(n_layers,)`` bool, ``A`` was warm-started (:func:`warm_start`), so the first step
+        does not update it.
+      hg_updates, ha_updates: ``(n_layers,)`` int32, accepted updates of ``H_g`` (pairs appended
+        for K-BFGS(L)) and of ``H_a`` so far (diagnostics; skipped updates are not counted).
+    """
+
+    A: tuple
+    Ha: tuple
+    Hg: tuple
+    S: tuple
+    Y: tuple
+    valid: tuple
+    head: jax.Array
+    s_ema: tuple
+    y_ema: tuple
+    prev_outputs_mean: tuple
+    prev_grads_mean: tuple
+    a_mean: tuple
+    has_prev: jax.Array
+    started: jax.Array
+    warm: jax.Array
+    hg_updates: jax.Array
+    ha_updates: jax.Array
+
+
+class ScaleByKbfgsState(NamedTuple):
+    """State of :func:`scale_by_kbfgs`.
+
+    Attributes:
+      count: ``()`` int32, number of updates so far.
+      curvature: :class:`KbfgsCurvature`.
+      fallback_state: :class:`sofim_optax._kronecker.FallbackState`.
+    """
+
+    count: jax.Array
+    curvature: KbfgsCurvature
+    fallback_state: kron.FallbackState
+
+
+# ----------------------------------------------------------------------------------------
+# Per-layer pieces.
+# ----------------------------------------------------------------------------------------
+
+
+def _means(layer: kron.KronLayer, stats: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """``(s̄, ḡ)``: mean pre-activation and mean per-example pre-activation gradient.
+
+    Dense ``(N, d_out)``: plain means over examples. Convolutions ``(N, T, c_out)``: ``s̄`` is
+    the mean over examples and positions, ``ḡ`` the sum over positions averaged over
+    examples (``T ×`` the mean), matching the KFC scaling of ``A`` and ``G`` (an extension:
+    the paper treats fully-connected layers only).
+    """
+    out = jnp.asarray(stats.outputs).astype(dtype)
+    g = jnp.asarray(stats.output_grads).astype(dtype)
+    t = 1 if g.ndim == 2 else g.shape[1]
+    return (
+        jnp.mean(out.reshape(-1, layer.d_out), axis=0),
+        t * jnp.mean(g.reshape(-1, layer.d_out), axis=0),
+    )
+
+
+def _input_mean(layer: kron.KronLayer, inputs: jax.Array, dtype: Any) -> jax.Array:
+    x = kron.homogeneous_inputs(inputs, layer.has_bias, dtype)
+    return jnp.mean(x.reshape(-1, layer.d_a), axis=0)
+
+
+def _check_outputs(layout: kron.ParamLayout, stats: Mapping[str, Any], what: str) -> None:
+    for key, st in stats.items():
+        layer = layout.layers[layout.index(key)]
+        outputs = getattr(st, "outputs", None)
+        if outputs is None:
+            raise ValueError(
+                f"{_NAME}: layer {key!r} (kernel {layer.kernel_shape}): {what} have no `outputs`. "
+                "K-BFGS needs the pre-activation outputs (LayerStats.outputs) for its (s, y) pairs; "
+                "the capture adapters curvature.linen/nnx.value_grad_and_stats provide them."
+            )
+        if tuple(outputs.shape) != tuple(st.output_grads.shape):
+            raise ValueError(
+                f"{_NAME}: layer {key!r} (kernel {layer.kernel_shape}): {what}: outputs "
+                f"{tuple(outputs.shape)} and output_grads {tuple(st.output_grads.shape)} must "
+                "have the same shape."
+            )
+
+
+def _skip_ok(s: jax.Array, y: jax.Array, g_ref: jax.Array, threshold: Any) -> jax.Array:
+    """The authors' acceptance rule: ``sᵀy > threshold · sᵀs · ‖g_ref‖`` (and ``sᵀy > 0``), finite."""
+    sy, ss = jnp.dot(s, y), jnp.dot(s, s)
+    ok = (sy > 0) & (sy > threshold * ss * jnp.linalg.norm(g_ref))
+    return ok & jnp.isfinite(sy) & jnp.isfinite(ss)
+
+
+def _guarded_bfgs(H, s, y, g_ref, threshold):
+    """BFGS update of ``H`` with the authors' skip rules; returns ``(H', accepted)``."""
+    new = linalg.bfgs_inverse_update(H, s, y)
+    new = 0.5 * (new + new.T)  # keep round-off from accumulating asymmetry over many updates
+    ok = _skip_ok(s, y, g_ref, threshold) & jnp.all(jnp.isfinite(new))
+    return jnp.where(ok, new, H), ok
+
+
+def _chronological(buf: jax.Array, head: jax.Array) -> jax.Array:
+    """Ring buffer rows, oldest first (slot ``head`` holds the oldest once the ring is full)."""
+    return jnp.roll(buf, -head, axis=0)
+
+
+def _kbfgs_method(
+    damping: Any,
+    mu1: Any,
+    mu2: Any,
+    ema: Any,
+    pair_ema: Any,
+    memory: int | None,
+    hg_init: Any,
+    skip_threshold: Any,
+    lbfgs_method: str,
+) -> kron.KroneckerMethod:
+    lbfgs = memory is not None
+
+    def sqrt_damping(dtype):
+        return jnp.sqrt(jnp.maximum(jnp.asarray(damping).astype(dtype), linalg.DAMPING_FLOOR))
+
+    def mu2_value(dtype):
+        return sqrt_damping(dtype) if mu2 is None else jnp.asarray(mu2).astype(dtype)
+
+    def hg_matvec(curv, i, v):
+        if lbfgs:
+            head = curv.head[i]
+            return linalg.lbfgs_inverse_matvec(
+                _chronological(curv.S[i], head),
+                _chronological(curv.Y[i], head),
+                _chronological(curv.valid[i], head),
+                v,
+                jnp.asarray(hg_init).astype(v.dtype),
+                lbfgs_method,
+            )
+        return curv.Hg[i] @ v
+
+    def init(param_layout, dtype):
+        layers = param_layout.layers
+        n = len(layers)
+        eye = lambda d: jnp.eye(d, dtype=dtype)
+        vec = lambda d: jnp.zeros((d,), dtype)
+        m = memory or 0
+        return KbfgsCurvature(
+            A=tuple(jnp.zeros((l.d_a, l.d_a), dtype) for l in layers),
+            Ha=tuple(eye(l.d_a) for l in layers),
+            Hg=() if lbfgs else tuple(jnp.asarray(hg_init, dtype) * eye(l.d_g) for l in layers),
+            S=tuple(jnp.zeros((m, l.d_g), dtype) for l in layers) if lbfgs else (),
+            Y=tuple(jnp.zeros((m, l.d_g), dtype) for l in layers) if lbfgs else (),
+            valid=tuple(jnp.zeros((m,), bool) for l in layers) if lbfgs else (),
+            head=jnp.zeros((n,), jnp.int32),
+            s_ema=tuple(vec(l.d_g) for l in layers),
+            y_ema=tuple(vec(l.d_g) for l in layers),
+            prev_outputs_mean=tuple(vec(l.d_g) for l in layers),
+            prev_grads_mean=tuple(vec(l.d_g) for l in layers),
+            a_mean=tuple(vec(l.d_a) for l in layers),
+            has_prev=jnp.zeros((n,), bool),
+            started=jnp.zeros((n,), bool),
+            warm=jnp.zeros((n,), bool),
+            hg_updates=jnp.zeros((n,), jnp.int32),
+            ha_updates=jnp.zeros((n,), jnp.int32),
+        )
+
+    def update_hg(curv, i, layer, prev_stats, dtype):
+        """The (s, y) pair of the previous minibatch and the H_g update (K-BFGS or K-BFGS(L))."""
+        out_new, g_new = _means(layer, prev_stats, dtype)
+        s_new = curv.prev_outputs_mean[i] - out_new
+        y_new = curv.prev_grads_mean[i] - g_new
+        g_ref = curv.prev_grads_mean[i]
+        usable = curv.has_prev[i] & jnp.all(jnp.isfinite(s_new)) & jnp.all(jnp.isfinite(y_new))
+        s_ema = jnp.where(usable, pair_ema * curv.s_ema[i] + (1 - pair_ema) * s_new, curv.s_ema[i])
+        y_ema = jnp.where(usable, pair_ema * curv.y_ema[i] + (1 - pair_ema) * y_new, curv.y_ema[i])
+        s, y = linalg.double_damping(s_ema, y_ema, hg_matvec(curv, i, y_ema), mu1, mu2_value(dtype))
+        if lbfgs:
+            ok = usable & _skip_ok(s, y, g_ref, skip_threshold)
+            ok &= jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(y))
+            head = curv.head[i]
+            S = jnp.where(ok, curv.S[i].at[head].set(s), curv.S[i])
+            Y = jnp.where(ok, curv.Y[i].at[head].set(y), curv.Y[i])
+            valid = jnp.where(ok, curv.valid[i].at[head].set(True), curv.valid[i])
+            new_head = jnp.where(ok, (head + 1) % memory, head)
+            return dict(S=S, Y=Y, valid=valid, head=new_head, s_ema=s_ema, y_ema=y_ema, ok=ok)
+        Hg, ok = _guarded_bfgs(curv.Hg[i], s, y, g_ref, skip_threshold)
+        ok &= usable
+        Hg = jnp.where(usable, Hg, curv.Hg[i])
+        return dict(Hg=Hg, s_ema=s_ema, y_ema=y_ema, ok=ok)
+
+    def update_statistics(curv: KbfgsCurvature, param_layout, stats, previous_batch_stats=None, **extra):
+        del extra
+        layers = param_layout.layers
+        _check_outputs(param_layout, {layers[i].path: st for i, st in stats.items()}, "layer_stats")
+        prev_active: tuple[int, ...] = ()
+        if previous_batch_stats is not None:
+            prev_active = kron.check_layer_stats(param_layout, previous_batch_stats, _NAME)
+            _check_outputs(param_layout, previous_batch_stats, "previous_batch_stats")
+        dtype = curv.A[0].dtype if curv.A else jnp.float32
+        A, Ha, Hg, S, Y, valid = (list(x) for x in (curv.A, curv.Ha, curv.Hg, curv.S, curv.Y, curv.valid))
+        s_ema, y_ema = list(curv.s_ema), list(curv.y_ema)
+        prev_out, prev_g, a_mean = list(curv.prev_outputs_mean), list(curv.prev_grads_mean), list(curv.a_mean)
+        head, hg_updates = curv.head, curv.hg_updates
+        has_prev, started = curv.has_prev, curv.started
+        sqrt_l = sqrt_damping(dtype)
+        # 1) H_g from the previous minibatch, re-evaluated at the current parameters.
+        for i in prev_active:
+            r = update_hg(curv, i, layers[i], previous_batch_stats[layers[i].path], dtype)
+            s_ema[i], y_ema[i] = r["s_ema"], r["y_ema"]
+            if lbfgs:
+                S[i], Y[i], valid[i] = r["S"], r["Y"], r["valid"]
+                head = head.at[i].set(r["head"])
+            else:
+                Hg[i] = r["Hg"]
+            hg_updates = hg_updates.at[i].add(r["ok"].astype(jnp.int32))
+        # 2) This minibatch: remember its means, update A, exact H_a on the first step.
+        for i, st in stats.items():
+            layer = layers[i]
+            prev_out[i], prev_g[i] = _means(layer, st, dtype)
+            a_mean[i] = _input_mean(layer, st.inputs, dtype)
+            a_hat = kron.input_factor(st.inputs, layer.has_bias, dtype)
+            first = ~started[i]
+            keep_warm = first & curv.warm[i]
+            decay = jnp.where(first, 0.0, jnp.asarray(ema).astype(dtype))
+            A[i] = jnp.where(keep_warm, A[i], decay * A[i] + (1 - decay) * a_hat)
+
+            def exact(a):  # eigendecomposition: finite for any finite A, one LAPACK call
+                return linalg.damped_inverse(a, sqrt_l, "eigh").astype(a.dtype)
+
+            Ha[i] = lax.cond(first, exact, lambda a: Ha[i], A[i])
+        active = jnp.asarray(sorted(stats), jnp.int32)
+        mask = jnp.zeros_like(has_prev).at[active].set(True)
+        return curv._replace(
+            A=tuple(A), Ha=tuple(Ha), Hg=tuple(Hg), S=tuple(S), Y=tuple(Y), valid=tuple(valid),
+            head=head, s_ema=tuple(s_ema), y_ema=tuple(y_ema), prev_outputs_mean=tuple(prev_out),
+            prev_grads_mean=tuple(prev_g), a_mean=tuple(a_mean), has_prev=mask,
+            started=started | mask, hg_updates=hg_updates,
+        )
+
+    def refresh(curv, param_layout, **extra):
+        del param_layout, extra
+        return curv
+
+    def precondition(curv: KbfgsCurvature, param_layout, grads, **extra):
+        del extra, param_layout
+        out = {}
+        Ha = list(curv.Ha)
+        ha_updates = curv.ha_updates
+        for i, v in grads.items():
+            dtype = v.dtype
+            left = curv.Ha[i] @ v  # (d_a, d_g)
+            if lbfgs:
+                out[i] = hg_matvec(curv, i, left.T).T
+            else:
+                out[i] = left @ curv.Hg[i]
+            # Hessian-action BFGS on H_a towards (A + √λ I)⁻¹, after the direction.
+            s_a = curv.Ha[i] @ curv.a_mean[i]
+            y_a = curv.A[i] @ s_a + sqrt_damping(dtype) * s_a
+            Ha[i], ok = _guarded_bfgs(curv.Ha[i], s_a, y_a, curv.a_mean[i], skip_threshold)
+            ha_updates = ha_updates.at[i].add(ok.astype(jnp.int32))
+        return out, curv._replace(Ha=tuple(Ha), ha_updates=ha_updates)
+
+    return kron.KroneckerMethod(init, update_statistics, refresh, precondition)
+
+
+def scale_by_kbfgs(
+    damping: Any = 0.3,
+    mu1: Any = 0.2,
+    ema: Any = 0.9,
+    memory: int | None = None,
+    *,
+    mu2: Any = None,
+    pair_ema: Any = 0.9,
+    hg_init: Any = 1.0,
+    skip_threshold: Any = 1e-4,
+    lbfgs_method: str = "compact",
+    fallback: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Precondition each captured layer's gradient by K-BFGS's ``H_a ⊗ H_g`` (K-BFGS(L) with ``memory``).
+
+    For a dense layer ``s = Wᵀā`` the Hessian of one example's loss with respect to the
+    layer is exactly ``(ā āᵀ) ⊗ ∇²_s ℓ``; K-BFGS (Goldfarb, Ren & Bahamou 2020) approximates
+    the layer's block of the inverse Hessian by ``H_a ⊗ H_g`` with ``H_a ≈ (A + √λ I)⁻¹``,
+    ``A = E[ā āᵀ]``, and ``H_g ≈ E[∇²_s ℓ]⁻¹``, both kept by BFGS updates (no inversion
+    after the first step). The returned update for the layer's gradient matrix ``V``
+    (``d_a × d_g``: kernel rows then the bias row) is (no learning rate, no sign)
+
+    .. math:: \Delta = H_a\, V\, H_g .
+
+    One update, for a captured layer, on minibatch ``B_t`` at parameters ``θ_t``:
+
+    1. **H_g** (skipped at the first step, or when ``previous_batch_stats`` is ``None``): the
+       pair of the *previous* minibatch ``B_{t-1}`` between its own parameters ``θ_{t-1}`` and
+       the current ``θ_t``,
+
+       .. math:: s = \bar s_{B_{t-1}}(\theta_{t-1}) - \bar s_{B_{t-1}}(\theta_t),\qquad
+                 y = \bar g_{B_{t-1}}(\theta_{t-1}) - \bar g_{B_{t-1}}(\theta_t)
+
+       (``s̄`` the mean pre-activation ``LayerStats.outputs``, ``ḡ`` the mean per-example
+       pre-activation gradient ``LayerStats.output_grads``; the values at ``θ_{t-1}`` were
+       stored at step ``t-1``, those at ``θ_t`` come from ``previous_batch_stats``). The pair
+       is averaged, ``s̄_p ← β_p s̄_p + (1-β_p) s``, ``ȳ_p`` alike (``pair_ema``, zero
+       initialised; BFGS, the damping and the skip rule are invariant to a common scale of
+       the pair, so the zero start needs no bias correction), then **double damped**
+       (:func:`sofim_optax.linalg.double_damping` with ``H_g y``, ``μ₁`` and ``μ₂``), then
+
+       * K-BFGS: ``H_g ← BFGS(H_g, s, y)`` (:func:`sofim_optax.linalg.bfgs_inverse_update`),
+         **skipped** when ``sᵀy ≤ 0``, when ``sᵀy ≤ skip_threshold·sᵀs·‖ḡ‖`` (``ḡ`` the
+         previous minibatch's mean gradient at ``θ_{t-1}``) or when anything is non-finite;
+       * K-BFGS(L): the pair is appended to a ring buffer of ``memory`` pairs (dropping the
+         oldest) under the same acceptance rule; ``H_g v`` is the L-BFGS product with
+         ``H₀ = hg_init·I`` (:func:`sofim_optax.linalg.lbfgs_inverse_matvec`, rows handed over
+         oldest first). Powell damping uses that L-BFGS ``H_g y``.
+
+       This is the authors' second forward/backward pass on the same minibatch at ``θ+``, moved
+       to the start of the next update so that the update keeps optax's form: the caller
+       evaluates the previous minibatch at the current parameters (same cost, same pair, same
+       order of operations as the authors' iteration). See
+       :func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`.
+    2. **A**: ``A ← β A + (1-β) mean ā āᵀ`` (``β = ema``, constant as in the authors' code).
+       On the layer's first step ``A`` is *not* updated when it was warm-started
+       (:func:`warm_start`, the authors' one pass over the training set); without a warm start
+       the first minibatch's ``mean ā āᵀ`` is taken as it is.
+    3. **First step**: ``H_a = (A + √λ I)⁻¹`` exactly (through the eigendecomposition, finite
+       for any finite ``A``); ``H_g = hg_init·I`` (empty memory for K-BFGS(L)).
+    4. **Direction** ``Δ = H_a V H_g``.
+    5. **H_a** (Hessian-action BFGS, after the direction): with ``ā_mean = mean ā`` (the bias
+       coordinate exactly 1, the authors' "V2" fix), ``s_a = H_a ā_mean``,
+       ``y_a = (A + √λ I) s_a``, ``H_a ← BFGS(H_a, s_a, y_a)`` under the same skip rules with
+       ``‖ā_mean‖`` as reference (``s_aᵀy_a > 0`` always holds for ``λ > 0``).
+
+    Convolutions (statistics ``(N, T, ·)``) are accepted as an extension beyond the paper:
+    ``A`` and ``ā_mean`` average over examples and positions, ``s̄`` too, and ``ḡ`` sums over
+    positions (the KFC scaling).
+
+    The gradient the authors precondition is an EMA of the L2-regularised gradient:
+    :func:`kbfgs` chains that in. Statistics and matrices are kept in float32 (float64 for
+    float64 kernels); updates come back in each leaf's dtype; a non-finite pair or update is
+    skipped, so the state never turns NaN from non-finite statistics.
+
+    Args:
+      damping: ``λ`` (default ``0.3``, the authors' MNIST-autoencoder demo value). ``A`` is
+        damped by ``√λ`` (on the scale of ``A = E[āāᵀ]``), and ``μ₂ = √λ`` (unless given)
+        floors ``sᵀy/sᵀs`` of every pair that updates ``H_g``. A change through
+        ``optax.inject_hyperparams`` acts on the next ``H_a`` Hessian-action update and the
+        next damping (``H_a`` is inverted exactly only at the first step).
+      mu1: ``μ₁`` of the Powell damping on ``H_g`` (default ``0.2``).
+      ema: ``β``, decay of the EMA of ``A`` (default ``0.9``).
+      memory: ``None`` (default) for K-BFGS (dense ``H_g``), or the number of L-BFGS pairs per
+        layer for K-BFGS(L) (the authors use ``100``).
+      mu2: ``μ₂`` of the second damping step (default ``None``: ``√λ``, as the authors).
+      pair_ema: decay of the EMA of the ``(s, y)`` pairs (default ``0.9``; the authors use
+        ``0`` only for full-batch training).
+      hg_init: ``H_g``'s initial scale (default ``1.0``: ``H_g = I``; also the L-BFGS ``γ``,
+        fixed as in the authors' code rather than the usual ``sᵀy/yᵀy``).
+      skip_threshold: the ``1e-4`` of the skip rule ``sᵀy ≤ 1e-4·sᵀs·‖g_ref‖``.
+      lbfgs_method: ``"compact"`` (default, as the authors) or ``"two_loop"``.
+      fallback: transformation for the parameters no captured layer covers (``None``:
+        identity); see :func:`sofim_optax.scale_by_kfac`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
+      *, layer_stats, previous_batch_stats=None)`` requires ``layer_stats`` (this minibatch at
+      the current parameters, with ``outputs``) and takes ``previous_batch_stats`` (the
+      previous minibatch at the current parameters; the same layer keys). Errors (missing
+      statistics, unknown keys, shapes, missing ``outputs``) are raised at trace time and name
+      the layer.
+
+    References:
+      Goldfarb, Ren & Bahamou, `Practical Quasi-Newton Methods for Training Deep Neural
+      Networks <https://arxiv.org/abs/2006.08877>`_, NeurIPS 2020; code
+      ``github.com/renyiryry/kbfgs_neurips2020_public``.
+    """
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
+        raise ValueError(f"{_NAME}: memory must be None or a positive int, got {memory!r}")
+    for name, value in (("ema", ema), ("pair_ema", pair_ema)):
+        if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
+            raise ValueError(f"{_NAME}: {name} must be in [0, 1), got {value!r}")
+    if isinstance(damping, (int, float)) and damping < 0:
+        raise ValueError(f"{_NAME}: damping must be >= 0, got {damping!r}")
+    if isinstance(mu1, (int, float)) and not 0.0 < mu1 < 1.0:
+        raise ValueError(f"{_NAME}: mu1 must be in (0, 1), got {mu1!r}")
+    if lbfgs_method not in ("compact", "two_loop"):
+        raise ValueError(f"{_NAME}: lbfgs_method must be 'compact' or 'two_loop', got {lbfgs_method!r}")
+    return kron.kronecker_transformation(
+        name=_NAME,
+        method=_kbfgs_method(damping, mu1, mu2, ema, pair_ema, memory, hg_init, skip_threshold, lbfgs_method),
+        state_cls=ScaleByKbfgsState,
+        stats_period=1,
+        inverse_period=1,
+        fallback=fallback,
+    )
+
+
+def kbfgs(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: Any = 0.3,
+    momentum: Any = 0.9,
+    weight_decay: Any = 0.0,
+    mu1: Any = 0.2,
+    ema: Any = 0.9,
+    memory: int | None = None,
+    *,
+    mu2: Any = None,
+    pair_ema: Any = 0.9,
+    hg_init: Any = 1.0,
+    skip_threshold: Any = 1e-4,
+    lbfgs_method: str = "compact",
+    fallback: optax.GradientTransformation | None = None,
+    weight_decay_mask: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_a m H_g``, fixed step.
+
+    .. math::
+
+        g_t &= \nabla L(\theta_t) + \tau\,\theta_t \\
+        m_t &= \mu\, m_{t-1} + (1-\mu)\, g_t \quad (m_0 = 0\text{, no bias correction})\\
+        \theta_{t+1} &= \theta_t - \eta_t\, H_a\, m_t\, H_g \quad\text{(per layer)}
+
+    i.e. ``optax.chain(add_decayed_weights(weight_decay), ema(momentum, debias=False),
+    scale_by_kbfgs(...), scale_by_learning_rate(learning_rate))``. The weight decay ``τ`` is
+    *coupled* (added to the gradient before preconditioning, the authors' ``τ = 1e-5`` on all
+    weights and biases); the momentum is the EMA form (``0.9`` in the paper's code).
+
+    Args:
+      learning_rate: ``η`` (the authors' MNIST demo: ``0.3`` with ``damping=0.3``).
+      damping, mu1, ema, memory, mu2, pair_ema, hg_init, skip_threshold, lbfgs_method,
+        fallback: see :func:`scale_by_kbfgs`.
+      momentum: EMA decay of the gradient (default ``0.9``); ``None`` for none.
+      weight_decay: ``τ`` (default ``0.0``; ``1e-5`` in the paper).
+      weight_decay_mask: optional mask for ``add_decayed_weights``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
+      layer_stats=..., previous_batch_stats=...)``.
+
+    Examples:
+      A linen train step doing both passes (see
+      :func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`)::
+
+        opt = sofim_optax.kbfgs(0.3, damping=0.3, weight_decay=1e-5)
+        step = jax.jit(make_two_pass_train_step(loss_fn, opt))
+        opt_state, previous = opt.init(params), None
+        for batch in batches:            # batch = (x, y), the arguments of loss_fn after params
+            params, opt_state, loss = step(params, opt_state, batch, previous)
+            previous = batch
+
+    References:
+      Goldfarb, Ren & Bahamou, `Practical Quasi-Newton Methods for Training Deep Neural
+      Networks <https://arxiv.org/abs/2006.08877>`_, NeurIPS 2020.
+    """
+    parts = [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    if momentum is not None:
+        parts.append(optax.ema(momentum, debias=False))
+    parts.append(
+        scale_by_kbfgs(
+            damping=damping, mu1=mu1, ema=ema, memory=memory, mu2=mu2, pair_ema=pair_ema,
+            hg_init=hg_init, skip_threshold=skip_threshold, lbfgs_method=lbfgs_method,
+            fallback=fallback,
+        )
+    )
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def kbfgs_l(
+    learning_rate: optax.ScalarOrSchedule,
+    memory: int = 100,
+    damping: Any = 0.3,
+    momentum: Any = 0.9,
+    weight_decay: Any = 0.0,
+    mu1: Any = 0.2,
+    ema: Any = 0.9,
+    **kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """K-BFGS(L): :func:`kbfgs` with ``H_g`` an L-BFGS operator of ``memory`` pairs (default 100).
+
+    ``H_a`` stays the dense Hessian-action BFGS matrix, as in the authors' code. Other keyword
+    arguments as :func:`kbfgs`.
+    """
+    return kbfgs(
+        learning_rate, damping=damping, momentum=momentum, weight_decay=weight_decay, mu1=mu1,
+        ema=ema, memory=memory, **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Warm start of A.
+# ----------------------------------------------------------------------------------------
+
+
+def batch_input_factors(params: Any, layer_stats: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """``{layer path: mean ā āᵀ}`` of one minibatch (float32 at least), for :func:`warm_start`.
+
+    Average it over one pass of the training set at the initial parameters (the authors' warm
+    start); jittable.
+    """
+    layout = kron.discover_layers(params)
+    active = kron.check_layer_stats(layout, layer_stats, "batch_input_factors")
+    out = {}
+    for i in active:
+        layer = layout.layers[i]
+        x = jnp.asarray(layer_stats[layer.path].inputs)
+        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        out[layer.path] = kron.input_factor(x, layer.has_bias, dtype)
+    return out
+
+
+def warm_start(opt_state: Any, params: Any, input_factors: Mapping[str, jax.Array]) -> Any:
+    """Sets ``A`` of every K-BFGS state inside ``opt_state`` (any nesting: chains,
+    ``inject_hyperparams``, ``MultiSteps``) to ``input_factors[path]`` and marks it warm, so
+    that the first update keeps it (the authors' code).
+
+    Call it after ``init`` and before the first update. ``input_factors`` maps layer paths to
+    ``(d_a, d_a)`` matrices, e.g. the mean over minibatches of :func:`batch_input_factors`;
+    layers absent from it keep the default (the first minibatch's ``mean ā āᵀ``).
+
+    Raises:
+      ValueError: an unknown path or a wrong shape (naming the layer).
+    """
+    layout = kron.discover_layers(params)
+    for path, a in input_factors.items():
+        if path not in layout.layer_paths:
+            raise ValueError(f"warm_start: no layer {path!r}; layers: {list(layout.layer_paths)}")
+        d = layout.layers[layout.index(path)].d_a
+        if tuple(jnp.shape(a)) != (d, d):
+            raise ValueError(f"warm_start: layer {path!r} needs A of shape {(d, d)}, got {tuple(jnp.shape(a))}")
+
+    def fix(node):
+        if not isinstance(node, ScaleByKbfgsState):
+            return node
+        curv = node.curvature
+        A = list(curv.A)
+        warm = curv.warm
+        for path, a in input_factors.items():
+            i = layout.index(path)
+            A[i] = jnp.asarray(a).astype(A[i].dtype)
+            warm = warm.at[i].set(True)
+        return node._replace(curvature=curv._replace(A=tuple(A), warm=warm))
+
+    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, ScaleByKbfgsState))
+
+
+def average_input_factors(factors: Iterable[Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """Plain mean of a sequence of :func:`batch_input_factors` results."""
+    total: dict[str, jax.Array] = {}
+    n = 0
+    for f in factors:
+        n += 1
+        for k, v in f.items():
+            total[k] = v if k not in total else total[k] + v
+    if n == 0:
+        raise ValueError("average_input_factors: no minibatch given")
+    return {k: v / n for k, v in total.items()}

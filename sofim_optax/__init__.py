@@ -17,9 +17,14 @@ _cpu_runtime.configure()  # before anything initialises JAX's backend; see _cpu_
 
 # ruff: noqa: E402
 from sofim_optax import curvature, linalg
+from sofim_optax._kronecker_svd_family import KroneckerSvdCurvature
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kbfgs import KbfgsCurvature, ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
 from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
+from sofim_optax.kfac_corrected import ScaleByKfacCorrectedState, kfac_corrected, scale_by_kfac_corrected
+from sofim_optax.kpsvd import ScaleByKpsvdState, kpsvd, scale_by_kpsvd
+from sofim_optax.kpsvd_deflation import ScaleByKpsvdDeflationState, kpsvd_deflation, scale_by_kpsvd_deflation
+from sofim_optax.kpsvd_lanczos import ScaleByKpsvdLanczosState, kpsvd_lanczos, scale_by_kpsvd_lanczos
 from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
 from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
 
@@ -43,6 +48,19 @@ __all__ = [
     "kfac",
     # Mini-Block Fisher
     # The Kronecker-product-SVD family
+    "KroneckerSvdCurvature",
+    "ScaleByKpsvdState",
+    "scale_by_kpsvd",
+    "kpsvd",
+    "ScaleByKpsvdDeflationState",
+    "scale_by_kpsvd_deflation",
+    "kpsvd_deflation",
+    "ScaleByKfacCorrectedState",
+    "scale_by_kfac_corrected",
+    "kfac_corrected",
+    "ScaleByKpsvdLanczosState",
+    "scale_by_kpsvd_lanczos",
+    "kpsvd_lanczos",
     # K-BFGS
     "KbfgsCurvature",
     "ScaleByKbfgsState",

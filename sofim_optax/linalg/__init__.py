@@ -6,9 +6,22 @@ shape. All functions are jittable and differentiable. One family per file:
 
 * ``_solves.py``: Sherman–Morrison, damped Kronecker-factored solves and inverses.
 * ``bfgs.py``: BFGS inverse update, K-BFGS double damping, L-BFGS inverse matvec.
+* ``kronecker_svd.py``: nearest Kronecker products of a Fisher block (KPSVD family) and the
+  damped solve with a sum of two Kronecker products.
 """
 
 from sofim_optax.linalg.bfgs import bfgs_inverse_update, double_damping, lbfgs_inverse_matvec
+from sofim_optax.linalg.kronecker_svd import (
+    INDEFINITE_MODES,
+    generalized_eigh,
+    kron_sum_apply,
+    kron_sum_factors,
+    kron_sum_solve,
+    nearest_kronecker,
+    rearrange,
+    rearranged_matvec,
+    rearranged_rmatvec,
+)
 from sofim_optax.linalg._solves import (
     DAMPING_FLOOR,
     PI_RANGE,
@@ -30,4 +43,13 @@ __all__ = [
     "bfgs_inverse_update",
     "double_damping",
     "lbfgs_inverse_matvec",
+    "nearest_kronecker",
+    "rearrange",
+    "rearranged_matvec",
+    "rearranged_rmatvec",
+    "generalized_eigh",
+    "kron_sum_factors",
+    "kron_sum_apply",
+    "kron_sum_solve",
+    "INDEFINITE_MODES",
 ]

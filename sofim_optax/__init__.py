@@ -26,6 +26,13 @@ from sofim_optax.kpsvd import ScaleByKpsvdState, kpsvd, scale_by_kpsvd
 from sofim_optax.kpsvd_deflation import ScaleByKpsvdDeflationState, kpsvd_deflation, scale_by_kpsvd_deflation
 from sofim_optax.kpsvd_lanczos import ScaleByKpsvdLanczosState, kpsvd_lanczos, scale_by_kpsvd_lanczos
 from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
+from sofim_optax.mini_block_fisher import (
+    MiniBlockFisherCurvature,
+    ScaleByMiniBlockFisherState,
+    mbf,
+    mini_block_fisher,
+    scale_by_mini_block_fisher,
+)
 from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
 
 __version__ = "0.1.0.dev0"
@@ -47,6 +54,11 @@ __all__ = [
     "scale_by_kfac",
     "kfac",
     # Mini-Block Fisher
+    "MiniBlockFisherCurvature",
+    "ScaleByMiniBlockFisherState",
+    "scale_by_mini_block_fisher",
+    "mini_block_fisher",
+    "mbf",
     # The Kronecker-product-SVD family
     "KroneckerSvdCurvature",
     "ScaleByKpsvdState",

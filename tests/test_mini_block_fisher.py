@@ -1,0 +1,624 @@
+"""Mini-Block Fisher (``sofim_optax.mini_block_fisher``) against dense references, plus optax conformance.
+
+The references build every mini-block from per-example gradients obtained with
+``jax.vmap(jax.grad(...))`` (or explicit loops over examples and positions), in float64,
+and solve each damped block with ``numpy.linalg.solve``; they share no code with the
+implementation's blockify/einsum path.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sofim_optax import _kronecker as kron
+from sofim_optax.curvature import LayerStats
+from sofim_optax.mini_block_fisher import (
+    BlockLayout,
+    ScaleByMiniBlockFisherState,
+    batch_blocks,
+    layer_blocking,
+    mbf,
+    mini_block_fisher,
+    scale_by_diagonal_fisher,
+    scale_by_mini_block_fisher,
+)
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def _rng(key) -> np.random.Generator:
+    return np.random.default_rng(key)
+
+
+def arr(x, dtype=jnp.float32) -> jax.Array:
+    return jnp.asarray(np.asarray(x).astype(dtype))
+
+
+def rand_like(key, tree):
+    rng = _rng(key)
+    return jax.tree.map(lambda l: arr(rng.standard_normal(l.shape), l.dtype), tree)
+
+
+def zeros(shape, dtype=jnp.float32):
+    return arr(np.zeros(shape), dtype)
+
+
+def ones(shape, dtype=jnp.float32):
+    return arr(np.ones(shape), dtype)
+
+
+def rand_stats(key, n, d_in, d_out, t=None, dtype=jnp.float32):
+    rng = _rng(key)
+    shape_in = (n, d_in) if t is None else (n, t, d_in)
+    shape_out = (n, d_out) if t is None else (n, t, d_out)
+    return LayerStats(arr(rng.standard_normal(shape_in) + 0.3, dtype), arr(rng.standard_normal(shape_out), dtype), None)
+
+
+def mlp_params(dtype=jnp.float32, sizes=((3, 4), (4, 2))):
+    rng = _rng(0)
+    return {
+        f"Dense_{i}": {"kernel": arr(rng.standard_normal((a, b)), dtype), "bias": arr(np.zeros((b,)), dtype)}
+        for i, (a, b) in enumerate(sizes)
+    }
+
+
+def stats_for(params, key, n=6):
+    return {
+        name: rand_stats(key * 100 + i, n, params[name]["kernel"].shape[0], params[name]["kernel"].shape[1])
+        for i, name in enumerate(sorted(params))
+    }
+
+
+def tree_norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+
+
+# ----------------------------------------------------------------------------------------
+# Independent references.
+# ----------------------------------------------------------------------------------------
+
+
+def dense_chunks(d_a, block_size):
+    """Index ranges of the dense chunks: ⌈d_a/B⌉ chunks of equal size, the last one shorter."""
+    size = d_a if block_size is None else min(block_size, d_a)
+    n_c = -(-d_a // size)
+    s = -(-d_a // n_c)
+    return [np.arange(c * s, min((c + 1) * s, d_a)) for c in range(n_c)]
+
+
+def ref_dense(per_example_v, u, damping, block_size):
+    """per_example_v (N, d_a, d_out), u (d_a, d_out): block-wise (F_b + λI)⁻¹ u_b."""
+    v = np.asarray(per_example_v, np.float64)
+    out = np.zeros(u.shape)
+    for j in range(u.shape[1]):
+        for idx in dense_chunks(u.shape[0], block_size):
+            vb = v[:, idx, j]
+            F = vb.T @ vb / v.shape[0]
+            out[idx, j] = np.linalg.solve(F + damping * np.eye(len(idx)), u[idx, j])
+    return out
+
+
+def ref_conv(per_example_kernel, per_example_bias, u_kernel, u_bias, damping):
+    """Per (c_in, c_out) pair a kh·kw block; per bias entry a 1×1 block."""
+    gk = np.asarray(per_example_kernel, np.float64)
+    n = gk.shape[0]
+    out_k = np.zeros(u_kernel.shape)
+    for i in range(u_kernel.shape[-2]):
+        for o in range(u_kernel.shape[-1]):
+            vb = gk[..., i, o].reshape(n, -1)
+            F = vb.T @ vb / n
+            out_k[..., i, o] = np.linalg.solve(F + damping * np.eye(F.shape[0]), u_kernel[..., i, o].ravel()).reshape(
+                u_kernel.shape[:-2]
+            )
+    gb = np.asarray(per_example_bias, np.float64)
+    out_b = u_bias / (np.mean(gb**2, axis=0) + damping)
+    return out_k, out_b
+
+
+def stack_v(kernel, bias=None):
+    """``[kernel; bias]`` of a dense layer, or per example for stacked ``(N, d_in, d_out)`` kernels."""
+    k = np.asarray(kernel, np.float64)
+    v = k if k.ndim == 3 else k.reshape(-1, k.shape[-1])
+    if bias is not None:
+        b = np.asarray(bias, np.float64)
+        v = np.concatenate([v, b[..., None, :]], axis=-2)
+    return v
+
+
+def _model():
+    nn = pytest.importorskip("flax.linen")
+    f64 = dict(dtype=jnp.float64, param_dtype=jnp.float64)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(3, (2, 2), padding="VALID", **f64)(x))  # (N, 3, 3, 3)
+            x = nn.LayerNorm(**f64)(x).reshape(x.shape[0], -1)  # 27
+            x = nn.relu(nn.Dense(4, **f64)(x))
+            return nn.Dense(3, **f64)(x)
+
+    return Net()
+
+
+def test_first_step_matches_per_example_reference(x64):
+    linen_capture = pytest.importorskip("sofim_optax.curvature.linen")
+    model = _model()
+    n = 7
+    rng = _rng(0)
+    x = arr(rng.standard_normal((n, 4, 4, 2)), jnp.float64)
+    y = jnp.asarray(np.arange(n) % 3)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+
+    def loss_fn(v, x, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply(v, x), y))
+
+    damping = 0.05
+    # (dense_block_size, batch_chunk, inverse): Dense_0 has d_a = 28, Dense_1 d_a = 5.
+    configs = [(None, None, "cholesky"), (5, None, "cholesky"), (5, 2, "cholesky"), (3, 3, "eigh"), (8, 4, "inv")]
+    txs = [scale_by_mini_block_fisher(damping=damping, dense_block_size=b, batch_chunk=c, inverse=i) for b, c, i in configs]
+
+    @jax.jit
+    def run(variables):
+        _, grads, stats = linen_capture.value_grad_and_stats(loss_fn, variables, x, y)
+        per_example = jax.vmap(jax.grad(lambda v, xi, yi: loss_fn(v, xi[None], yi[None])), in_axes=(None, 0, 0))(
+            variables, x, y
+        )
+        outs = [tx.update(grads, tx.init(variables), variables, layer_stats=stats)[0] for tx in txs]
+        return grads, stats, per_example, outs
+
+    grads, stats, per_example, outs = run(variables)
+    assert sorted(stats) == ["Conv_0", "Dense_0", "Dense_1"]
+    g, pe = grads["params"], per_example["params"]
+    for (block, chunk, inverse), upd in zip(configs, outs):
+        u = upd["params"]
+        where = f"dense_block_size={block}, batch_chunk={chunk}, inverse={inverse}"
+        for name in ("Dense_0", "Dense_1"):
+            want = ref_dense(
+                stack_v(pe[name]["kernel"], pe[name]["bias"]), stack_v(g[name]["kernel"], g[name]["bias"]), damping, block
+            )
+            got = stack_v(u[name]["kernel"], u[name]["bias"])
+            assert u[name]["kernel"].dtype == jnp.float64
+            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max(), err_msg=f"{name} {where}")
+        want_k, want_b = ref_conv(
+            pe["Conv_0"]["kernel"], pe["Conv_0"]["bias"], np.asarray(g["Conv_0"]["kernel"]), np.asarray(g["Conv_0"]["bias"]), damping
+        )
+        np.testing.assert_allclose(u["Conv_0"]["kernel"], want_k, rtol=1e-8, atol=1e-10 * np.abs(want_k).max(), err_msg=where)
+        np.testing.assert_allclose(u["Conv_0"]["bias"], want_b, rtol=1e-8, err_msg=where)
+        # Diagonal fallback for the norm parameters: the first EMA is the squared gradient.
+        for leaf in ("scale", "bias"):
+            gl = np.asarray(g["LayerNorm_0"][leaf])
+            np.testing.assert_allclose(u["LayerNorm_0"][leaf], gl / (gl**2 + damping), rtol=1e-10, err_msg=where)
+
+
+def test_dense_with_positions_and_conv_with_dense_stats(x64):
+    # A Dense applied over positions (stats (N, T, d)) and a 1-D conv kernel fed (N, d) stats.
+    params = {
+        "seq": {"kernel": zeros((3, 4), jnp.float64), "bias": zeros((4,), jnp.float64)},
+        "conv1d": {"kernel": zeros((2, 3, 2), jnp.float64)},
+    }
+    stats = {"seq": rand_stats(0, 5, 3, 4, t=3, dtype=jnp.float64), "conv1d": rand_stats(1, 5, 6, 2, dtype=jnp.float64)}
+    grads = rand_like(2, params)
+    damping = 0.1
+    tx = scale_by_mini_block_fisher(damping=damping, dense_block_size=3, batch_chunk=2)
+    upd = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats=stats)[0])(grads)
+    a = np.asarray(stats["seq"].inputs, np.float64)
+    a = np.concatenate([a, np.ones(a.shape[:-1] + (1,))], axis=-1)
+    gs = np.asarray(stats["seq"].output_grads, np.float64)
+    per_example = np.stack([sum(np.outer(a[i, t], gs[i, t]) for t in range(a.shape[1])) for i in range(a.shape[0])])
+    want = ref_dense(per_example, stack_v(grads["seq"]["kernel"], grads["seq"]["bias"]), damping, 3)
+    np.testing.assert_allclose(stack_v(upd["seq"]["kernel"], upd["seq"]["bias"]), want, rtol=1e-9)
+    x, go = np.asarray(stats["conv1d"].inputs), np.asarray(stats["conv1d"].output_grads)
+    pk = np.einsum("nk,no->nko", x, go).reshape(5, 2, 3, 2)  # per-example kernel gradients
+    out = np.zeros((2, 3, 2))
+    gk = np.asarray(grads["conv1d"]["kernel"])
+    for i in range(3):
+        for o in range(2):
+            F = pk[:, :, i, o].T @ pk[:, :, i, o] / 5
+            out[:, i, o] = np.linalg.solve(F + damping * np.eye(2), gk[:, i, o])
+    np.testing.assert_allclose(upd["conv1d"]["kernel"], out, rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------
+# Blockify / deblockify and padding.
+# ----------------------------------------------------------------------------------------
+
+
+BLOCKING_CASES = [
+    # (kernel shape, has bias, dense_block_size)
+    ((5, 3), True, None),
+    ((5, 3), True, 4),  # d_a 6: 2 chunks of 3, no padding
+    ((7, 2), True, 3),  # d_a 8: 3 chunks of 3, one padded entry per column
+    ((7, 2), False, 2),  # d_a 7: 4 chunks of 2, one padded entry
+    ((784, 10), True, 64),  # d_a 785: 13 chunks of 61, 8 padded entries
+    ((1000, 3), True, 64),  # d_a 1001: 16 chunks of 63, 7 padded entries
+    ((1, 4), True, 64),
+    ((3, 3, 2, 4), True, 64),
+    ((3, 3, 2, 4), False, 64),
+    ((2, 5, 3), True, 64),  # 1-D conv
+    ((1, 1, 3, 2), True, 64),  # 1x1 conv: 1x1 blocks for kernel and bias
+]
+
+
+@pytest.mark.parametrize("kshape, has_bias, block", BLOCKING_CASES)
+def test_blockify_deblockify_identity_and_padding(kshape, has_bias, block):
+    layer = kron.KronLayer("l", 0, 1 if has_bias else None, kshape)
+    b = layer_blocking(layer, block)
+    v = (_rng(0).standard_normal((layer.d_a, layer.d_out)) + 1.0).astype(np.float32)  # no zeros
+    parts = jax.jit(b.blockify)(v)
+    assert [p.shape for p in parts] == [(count, size) for size, count in b.segments]
+    assert sum(int(np.prod(p.shape)) for p in parts) == v.size + b.padding * layer.d_out
+    np.testing.assert_array_equal(jax.jit(b.deblockify)(parts), v)
+    masks = b.pad_mask(jnp.float32)
+    for p, m in zip(parts, masks):
+        p = np.asarray(p)
+        if m is None:
+            assert np.all(p != 0)  # every entry is a real one
+        else:
+            m = np.asarray(m).astype(bool)
+            assert m.sum() == b.padding * layer.d_out
+            np.testing.assert_array_equal(p[m], 0.0)
+            assert np.all(p[~m] != 0)
+    if b.kind == "dense":
+        assert b.chunk <= (layer.d_a if block is None else block)
+        assert b.padding < b.n_chunks  # balanced chunks: less than one entry per chunk
+        # Block j·n_chunks + c holds the entries of chunk c of column j.
+        idx = dense_chunks(layer.d_a, block)
+        for j in (0, layer.d_out - 1):
+            for c, rows in enumerate(idx):
+                np.testing.assert_array_equal(np.asarray(parts[0])[j * b.n_chunks + c, : len(rows)], v[rows, j])
+    else:
+        kernel = v[: layer.d_in].reshape(kshape)
+        np.testing.assert_array_equal(np.asarray(parts[0])[1 * layer.d_out + 2 % layer.d_out], kernel[..., 1, 2 % layer.d_out].ravel())
+
+
+def test_padding_does_not_leak(x64):
+    # d_a = 8 with B = 3: one padded coordinate per column. The padded rows/columns of the
+    # EF blocks are exactly zero and the inverse does not couple them to real coordinates.
+    layer = kron.KronLayer("l", 0, 1, (7, 2))
+    b = layer_blocking(layer, 3)
+    st = rand_stats(0, 6, 7, 2, dtype=jnp.float64)
+    f = np.asarray(batch_blocks(b, st.inputs, st.output_grads, jnp.float64, batch_chunk=4)[0])
+    last = f[b.n_chunks - 1 :: b.n_chunks]  # last chunk of every column
+    np.testing.assert_array_equal(last[:, -1, :], 0.0)
+    np.testing.assert_array_equal(last[:, :, -1], 0.0)
+    params = {"l": {"kernel": zeros((7, 2), jnp.float64), "bias": zeros((2,), jnp.float64)}}
+    tx = scale_by_mini_block_fisher(damping=0.0, dense_block_size=3)  # no damping: pads are singular
+    upd, state = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats={"l": st}))(rand_like(1, params))
+    inv = np.asarray(state.curvature.inverses["b3"])[b.n_chunks - 1 :: b.n_chunks]
+    np.testing.assert_array_equal(inv[:, -1, :-1], 0.0)
+    np.testing.assert_array_equal(inv[:, :-1, -1], 0.0)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(upd))
+
+
+def test_block_layout_stacks_by_size():
+    params = {
+        "conv_a": {"kernel": zeros((3, 3, 2, 4)), "bias": zeros((4,))},
+        "conv_b": {"kernel": zeros((3, 3, 4, 4)), "bias": zeros((4,))},
+        "dense": {"kernel": zeros((8, 3)), "bias": zeros((3,))},
+    }
+    layout = BlockLayout.build(kron.discover_layers(params), 9)
+    # b9: 8 + 16 conv pairs, then the dense column (d_a 9, one chunk) of 3 units; b1: 4 + 4 biases.
+    assert dict(layout.sizes) == {"b9": 8 + 16 + 3, "b1": 8}
+    state = jax.eval_shape(scale_by_mini_block_fisher(dense_block_size=9).init, params)
+    assert {k: v.shape for k, v in state.curvature.blocks.items()} == {"b9": (27, 9, 9), "b1": (8, 1, 1)}
+
+
+# ----------------------------------------------------------------------------------------
+# EMA and periods.
+# ----------------------------------------------------------------------------------------
+
+
+def per_example_dense(stats):
+    """``v_n = ā_n g_nᵀ`` for dense statistics, shape ``(N, d_in + 1, d_out)``."""
+    a = np.asarray(stats.inputs, np.float64)
+    a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+    g = np.asarray(stats.output_grads, np.float64)
+    per_example = np.einsum("na,nj->naj", a, g)
+    return per_example
+
+
+def test_ema_and_period_semantics(x64):
+    ema, damping, block = 0.6, 1e-2, 2
+    params = {"d": {"kernel": zeros((3, 2), jnp.float64), "bias": zeros((2,), jnp.float64)}}
+    tx = scale_by_mini_block_fisher(damping=damping, ema=ema, stats_period=2, inverse_period=3, dense_block_size=block)
+    state = jax.jit(tx.init)(params)
+    update = jax.jit(tx.update)
+    F_ref, F_inv, k = None, None, 0  # per (unit, chunk) EMA blocks, and as of the last refresh
+    chunks = dense_chunks(4, block)
+    for count in range(7):
+        stats = rand_stats(10 + count, 5, 3, 2, dtype=jnp.float64)
+        grads = rand_like(100 + count, params)
+        upd, state = update(grads, state, params, layer_stats={"d": stats})
+        if count % 2 == 0:
+            k += 1
+            rho = min(1 - 1 / k, ema)
+            pe = per_example_dense(stats)
+            hat = {(j, c): pe[:, idx, j].T @ pe[:, idx, j] / 5 for j in range(2) for c, idx in enumerate(chunks)}
+            F_ref = hat if F_ref is None else {key: rho * F_ref[key] + (1 - rho) * hat[key] for key in hat}
+        assert int(state.curvature.stat_updates[0]) == k
+        blocks = np.asarray(state.curvature.blocks["b2"])
+        for (j, c), f in F_ref.items():
+            np.testing.assert_allclose(blocks[j * len(chunks) + c], f, rtol=1e-12)
+        if count % 3 == 0:
+            F_inv = dict(F_ref)
+        V = stack_v(grads["d"]["kernel"], grads["d"]["bias"])
+        want = np.zeros_like(V)
+        for (j, c), f in F_inv.items():
+            idx = chunks[c]
+            want[idx, j] = np.linalg.solve(f + damping * np.eye(len(idx)), V[idx, j])
+        np.testing.assert_allclose(stack_v(upd["d"]["kernel"], upd["d"]["bias"]), want, rtol=1e-9, err_msg=str(count))
+
+
+# ----------------------------------------------------------------------------------------
+# Fallback and errors.
+# ----------------------------------------------------------------------------------------
+
+
+def _params_with_uncovered():
+    return {
+        "Dense_0": {"kernel": ones((3, 4)), "bias": zeros((4,))},
+        "Dense_1": {"kernel": ones((4, 2)), "bias": zeros((2,))},  # missing from stats
+        "BatchNorm_0": {"scale": ones((4,)), "bias": zeros((4,))},
+    }
+
+
+def test_fallbacks_and_logging(caplog):
+    params = _params_with_uncovered()
+    grads = rand_like(0, params)
+    stats = {"Dense_0": rand_stats(1, 5, 3, 4)}
+    txs = [
+        scale_by_mini_block_fisher(damping=0.1),
+        scale_by_mini_block_fisher(fallback=None),
+        scale_by_mini_block_fisher(fallback=optax.scale(3.0)),
+    ]
+
+    @jax.jit
+    def run(grads):
+        return [tx.update(grads, tx.init(params), params, layer_stats=stats)[0] for tx in txs]
+
+    with caplog.at_level(logging.INFO, logger="sofim_optax"):
+        diag, ident, scaled = run(grads)
+    for name, leaf in [("Dense_1", "kernel"), ("Dense_1", "bias"), ("BatchNorm_0", "scale")]:
+        gl = np.asarray(grads[name][leaf])
+        np.testing.assert_allclose(diag[name][leaf], gl / (gl**2 + 0.1), rtol=1e-6)
+        np.testing.assert_array_equal(ident[name][leaf], gl)
+        np.testing.assert_allclose(scaled[name][leaf], 3 * gl, rtol=1e-6)
+    assert not np.allclose(ident["Dense_0"]["kernel"], grads["Dense_0"]["kernel"])
+    lines = [r.getMessage() for r in caplog.records if "scale_by_mini_block_fisher" in r.getMessage()]
+    assert len(lines) == 3 and "Dense_1/kernel" in lines[0] and "BatchNorm_0/scale" in lines[0]
+
+
+def test_diagonal_fisher_uses_raw_gradients_and_periods():
+    params = {"a": ones((3,)), "b": {"c": ones((2,))}}
+    tx = scale_by_diagonal_fisher(damping=0.5, ema=0.5, stats_period=2)
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(tx.update)
+    nu = None
+    k = 0
+    for count in range(4):
+        g = rand_like(count, params)
+        m = rand_like(10 + count, params)  # e.g. a momentum
+        out, state = step(m, state, gradients={"x": ones((1,)), **g})  # extra leaves are ignored
+        if count % 2 == 0:
+            k += 1
+            rho = min(1 - 1 / k, 0.5)
+            sq = jax.tree.map(lambda x: np.asarray(x) ** 2, g)
+            nu = sq if nu is None else jax.tree.map(lambda a, b: rho * a + (1 - rho) * b, nu, sq)
+        jax.tree.map(lambda o, mm, n: np.testing.assert_allclose(o, np.asarray(mm) / (n + 0.5), rtol=1e-6), out, m, nu)
+
+
+def test_missing_and_unknown_layer_stats_errors():
+    params = mlp_params()
+    tx = scale_by_mini_block_fisher()
+    state = jax.eval_shape(tx.init, params)
+    with pytest.raises(TypeError, match=r"value_grad_and_stats.*Dense_0"):
+        jax.eval_shape(tx.update, params, state, params)
+    with pytest.raises(ValueError, match=r"'Dense_O'.*Did you mean.*Dense_0"):
+        jax.eval_shape(
+            functools.partial(tx.update, layer_stats={"Dense_O": rand_stats(0, 4, 3, 4)}), params, state, params
+        )
+    bad = {"Dense_0": LayerStats(ones((4, 5)), ones((4, 4)), None), "Dense_1": rand_stats(0, 4, 4, 2)}
+    with pytest.raises(ValueError, match="'Dense_0'.*inputs have last dimension 5"):
+        jax.eval_shape(functools.partial(tx.update, layer_stats=bad), params, state, params)
+
+
+def test_constructor_errors():
+    for kwargs, match in [
+        (dict(inverse="svd"), "inverse"),
+        (dict(ema=1.0), "ema"),
+        (dict(damping=-1.0), "damping"),
+        (dict(dense_block_size=0), "dense_block_size"),
+        (dict(dense_block_size=2.5), "dense_block_size"),
+        (dict(batch_chunk=0), "batch_chunk"),
+        (dict(fallback="adam"), "fallback"),
+        (dict(inverse_period=0), "inverse_period"),
+        (dict(stats_period=-1), "stats_period"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            scale_by_mini_block_fisher(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# optax conformance.
+# ----------------------------------------------------------------------------------------
+
+
+def test_jit_chain_and_alias():
+    params = mlp_params()
+    stats = stats_for(params, 1)
+    grads_list = [rand_like(i, params) for i in range(3)]
+    assert mbf is mini_block_fisher
+    opt = mbf(0.1, momentum=0.5, damping=1e-2, weight_decay=1e-2, dense_block_size=2)
+    inner = scale_by_mini_block_fisher(damping=1e-2, dense_block_size=2)
+    tr = optax.trace(0.5)
+    chained = optax.chain(optax.scale(2.0), scale_by_mini_block_fisher(damping=1e-2, dense_block_size=2), optax.scale(-0.5))
+
+    @jax.jit
+    def run(grads_list):
+        s, t, i, c = opt.init(params), tr.init(params), inner.init(params), chained.init(params)
+        out = []
+        for grads in grads_list:
+            u, s = opt.update(grads, s, params, layer_stats=stats)
+            # By hand: momentum on the raw gradient, then the preconditioner (whose diagonal
+            # fallback sees the raw gradient), decoupled weight decay, learning rate.
+            m, t = tr.update(grads, t, params)
+            p, i = inner.update(m, i, params, layer_stats=stats, gradients=grads)
+            w = jax.tree.map(lambda a, q: -0.1 * (a + 1e-2 * q), p, params)
+            cu, c = chained.update(grads, c, params, layer_stats=stats)
+            out.append((u, w, cu, p if len(out) == 0 else None))
+        return out
+
+    for n, (u, w, cu, p) in enumerate(run(grads_list)):
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        if n == 0:  # chain(scale(2), mbf, scale(-1/2)) equals -mbf at the first step (linear in g)
+            for a, b in zip(jax.tree.leaves(cu), jax.tree.leaves(p)):
+                np.testing.assert_allclose(a, -np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_inject_hyperparams_learning_rate_and_damping():
+    params = mlp_params()
+    grads = rand_like(0, params)
+    stats = stats_for(params, 1)
+    opt = optax.inject_hyperparams(mini_block_fisher)(learning_rate=0.1, damping=1e-3, momentum=0.0)
+    state = jax.jit(opt.init)(params)
+    step = jax.jit(opt.update)
+    u1, state = step(grads, state, params, layer_stats=stats)
+    state.hyperparams["learning_rate"] = arr(0.2)
+    u2, state = step(grads, state, params, layer_stats=stats)
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+        np.testing.assert_allclose(2 * np.asarray(a), b, rtol=1e-4, atol=1e-7)
+    opt = optax.inject_hyperparams(mini_block_fisher)(learning_rate=0.1, damping=1e-3, momentum=0.0, inverse_period=1)
+    state = jax.jit(opt.init)(params)
+    step = jax.jit(opt.update)
+    u1, state = step(grads, state, params, layer_stats=stats)
+    state.hyperparams["damping"] = arr(10.0)
+    u3, _ = step(grads, state, params, layer_stats=stats)
+    assert tree_norm(u3) < 0.2 * tree_norm(u1)
+
+
+def test_multisteps_and_schedule():
+    params = mlp_params()
+    stats = stats_for(params, 1)
+    g1, g2 = rand_like(2, params), rand_like(3, params)
+    ms = optax.MultiSteps(mbf(0.1, damping=1e-2), every_k_schedule=2)
+    ref = mbf(0.1, damping=1e-2)
+    sched = mbf(optax.linear_schedule(1.0, 0.0, transition_steps=2), momentum=None, damping=1e-2)
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
+
+    @jax.jit
+    def run():
+        s = ms.init(params)
+        u0, s = ms.update(g1, s, params, layer_stats=stats)
+        u1, s = ms.update(g2, s, params, layer_stats=stats)
+        want, _ = ref.update(mean, ref.init(params), params, layer_stats=stats)
+        ss, norms = sched.init(params), []
+        for _ in range(3):
+            u, ss = sched.update(g1, ss, params, layer_stats=stats)
+            norms.append(optax.tree.norm(u))
+        return u0, u1, want, norms
+
+    u0, u1, want, norms = run()
+    assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(u0))
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    norms = [float(x) for x in norms]
+    assert norms[0] > 0 and norms[1] == pytest.approx(norms[0] / 2, rel=1e-4) and norms[2] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes_and_state_stability(dtype):
+    params = mlp_params(dtype)
+    params["norm"] = {"scale": ones((4,), dtype)}
+    stats = stats_for({k: v for k, v in params.items() if k != "norm"}, 1)
+    stats = {k: LayerStats(v.inputs.astype(dtype), v.output_grads.astype(dtype), None) for k, v in stats.items()}
+    opt = mbf(0.1, damping=1e-2, inverse_period=2, dense_block_size=3)
+    state0 = jax.jit(opt.init)(params)
+    step = jax.jit(opt.update)
+    state = state0
+    for i in range(3):
+        u, state = step(rand_like(i, params), state, params, layer_stats=stats)
+        for a, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+            assert a.dtype == p.dtype
+            assert np.all(np.isfinite(np.asarray(a, np.float32)))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+    assert jax.tree.structure(state0) == jax.tree.structure(state)
+    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(f"{a} {b}"), state0, state)
+    inner = state[0].inner
+    assert isinstance(inner, ScaleByMiniBlockFisherState) and inner.count.dtype == jnp.int32
+    assert all(f.dtype == jnp.float32 for f in inner.curvature.blocks.values())
+    assert all(f.dtype == jnp.float32 for f in inner.curvature.inverses.values())
+
+
+def test_apply_if_finite_and_degenerate_statistics():
+    params = mlp_params()
+    stats = stats_for(params, 1)
+    opt = optax.apply_if_finite(mbf(0.1, damping=1e-2), max_consecutive_errors=3)
+    state = jax.jit(opt.init)(params)
+    step = jax.jit(opt.update)
+    _, state = step(rand_like(0, params), state, params, layer_stats=stats)
+    for n_bad, bad in enumerate([np.nan, np.inf, -np.inf], start=1):
+        grads = rand_like(5, params)
+        kernel = np.array(grads["Dense_0"]["kernel"])
+        kernel[0, 0] = bad
+        grads["Dense_0"]["kernel"] = arr(kernel)
+        u, new_state = step(grads, state, params, layer_stats=stats)
+        assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(u))
+        jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
+        assert int(new_state.notfinite_count) == n_bad
+        state = new_state
+    # Zero damping with all-zero and rank-one statistics: finite (Cholesky breakdown -> eigh).
+    degenerate = {"Dense_0": LayerStats(zeros((4, 3)), zeros((4, 4)), None), "Dense_1": rand_stats(0, 1, 4, 2)}
+    tx = scale_by_mini_block_fisher(damping=0.0)
+    u, s = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats=degenerate))(rand_like(1, params))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((u, s)))
+
+
+# ----------------------------------------------------------------------------------------
+# A tiny convergence check.
+# ----------------------------------------------------------------------------------------
+
+
+def test_mbf_beats_tuned_sgd_on_softmax_regression():
+    n, d, c = 256, 8, 4
+    rng = _rng(0)
+    z = rng.standard_normal((n, d))
+    x = arr(z * np.logspace(-1.5, 1, d) + 1.0)  # badly scaled, off-centre features
+    logits = z @ (0.7 * rng.standard_normal((d, c)))
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = jnp.asarray([rng.choice(c, p=row) for row in p])
+    params = {"Dense_0": {"kernel": zeros((d, c)), "bias": zeros((c,))}}
+
+    def loss_and_stats(q):
+        out = x @ q["Dense_0"]["kernel"] + q["Dense_0"]["bias"]
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y))
+        per_example = jax.nn.softmax(out) - jax.nn.one_hot(y, c)
+        return loss, {"Dense_0": LayerStats(x, per_example, out)}
+
+    def final_loss(opt, steps=40):
+        def step(carry, _):
+            q, s = carry
+            (loss, stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(q)
+            u, s = opt.update(grads, s, q, layer_stats=stats)
+            return (optax.apply_updates(q, u), s), loss
+
+        (q, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+        return loss_and_stats(q)[0]
+
+    opts = [mbf(0.1, momentum=0.9, damping=1e-2, inverse_period=5)] + [optax.sgd(lr, momentum=0.9) for lr in (0.01, 0.03, 0.1, 0.3)]
+    losses = [float(v) for v in jax.jit(lambda: [final_loss(o) for o in opts])()]
+    mbf_loss, sgd = losses[0], [v if np.isfinite(v) else np.inf for v in losses[1:]]
+    assert mbf_loss < 0.7 * np.log(4.0), losses
+    assert mbf_loss < min(sgd) - 0.03, losses

@@ -18,6 +18,7 @@ _cpu_runtime.configure()  # before anything initialises JAX's backend; see _cpu_
 # ruff: noqa: E402
 from sofim_optax import curvature, linalg
 from sofim_optax._kronecker_svd_family import KroneckerSvdCurvature
+from sofim_optax.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kbfgs import KbfgsCurvature, ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
 from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
@@ -33,6 +34,7 @@ from sofim_optax.mini_block_fisher import (
     mini_block_fisher,
     scale_by_mini_block_fisher,
 )
+from sofim_optax.nystrom_sgd import ScaleByNystromSgdState, nystrom_sgd, scale_by_nystrom_sgd
 from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
 
 __version__ = "0.1.0.dev0"
@@ -80,4 +82,10 @@ __all__ = [
     "kbfgs",
     "kbfgs_l",
     # The papers' baselines
+    "ScaleByAdaHessianState",
+    "scale_by_adahessian",
+    "adahessian",
+    "ScaleByNystromSgdState",
+    "scale_by_nystrom_sgd",
+    "nystrom_sgd",
 ]

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 compare: $(STAMP)
-	$(BIN)/python -m experiments.compare --model mlp --optimizers sofim,kfac,sgdm,adam --epochs 10 --out runs/compare
+	$(BIN)/python -m experiments.compare --out runs/compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
@@ -23,7 +23,7 @@ benchmark: $(STAMP)
 	$(BIN)/python -m experiments.benchmark_step_time --models mlp,cnn
 
 tune: $(STAMP)
-	$(BIN)/python -m experiments.tune --model mlp --epochs 3 --optimizers sofim,kfac,sgdm,adam
+	$(BIN)/python -m experiments.classify --optimizers sofim,kfac,sgdm,adam --grid --epochs 3 --out runs/tune
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,5 +1,10 @@
 """Flax experiment scripts: data sets, models, the train loop, comparisons and benchmarks.
 
+* ``python -m experiments.compare``: the quick main job (every installed method, Fashion-MNIST);
+* ``python -m experiments.classify`` / ``python -m experiments.autoencoder``: the two protocols;
+* ``training`` (optimizer registry and the one train loop), ``harness`` (the shared CLI),
+  ``reporting`` (JSON, plots, tables), ``datasets``, ``models``, ``tune``, ``peers``.
+
 Importing this package imports :mod:`sofim_optax` first, so that its CPU
 runtime work-arounds (``sofim_optax/_cpu_runtime.py``: XLA's CPU scheduler
 flag and single-threaded OpenBLAS) are in place before any script starts JAX.

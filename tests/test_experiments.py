@@ -14,26 +14,32 @@ def fixture_dir(tmp_path):
     return tmp_path
 
 
-def test_compare_writes_table_json_and_plot(fixture_dir, tmp_path, capsys):
+def test_compare_runs_both_protocols_and_writes_reports(fixture_dir, tmp_path, capsys):
     out = tmp_path / "run"
     results = compare.main([
         "--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "32",
-        "--optimizers", "sofim,kfac,sgdm,adam", "--out", str(out), "--no-progress",
+        "--ae-epochs", "2", "--ae-batch-size", "32", "--optimizers", "sofim,adam", "--out", str(out), "--no-progress",
         "--set", "sofim.rho=0.25",
     ])
-    assert [r.optimizer for r in results] == ["sofim", "kfac", "sgdm", "adam"]
-    assert results[0].hparams["rho"] == 0.25
+    assert [r.optimizer for r in results["classify"]] == ["sofim", "adam"]
+    assert [r.task for r in results["autoencoder"]] == ["autoencoder", "autoencoder"]
+    assert results["classify"][0].hparams["rho"] == 0.25
     printed = capsys.readouterr().out
-    for label in ("SOFIM", "KFAC", "SGD-momentum", "Adam"):
+    for label in ("SOFIM", "Adam"):
         assert f"| {label} |" in printed
-    payload = json.loads((out / "results.json").read_text())
-    assert payload["versions"]["jax"]
-    assert len(payload["runs"]) == 4 and all(len(r["epochs"]) == 2 for r in payload["runs"])
-    for run in payload["runs"]:
-        for epoch in run["epochs"]:
-            assert np.isfinite(epoch["train_loss"]) and 0.0 <= epoch["test_accuracy"] <= 1.0
-    assert (out / "curves.png").stat().st_size > 10_000
-    assert (out / "table.md").read_text().count("\n|") >= 5
+    for task, n_metrics in (("classify", 3), ("autoencoder", 2)):
+        payload = json.loads((out / task / "results.json").read_text())
+        assert payload["versions"]["jax"]
+        assert len(payload["runs"]) == 2 and all(len(r["epochs"]) == 2 for r in payload["runs"])
+        for run in payload["runs"]:
+            for epoch in run["epochs"]:
+                assert np.isfinite(epoch["train_loss"]) and np.isfinite(epoch["test_loss"])
+                if task == "classify":
+                    assert 0.0 <= epoch["test_accuracy"] <= 1.0
+        assert (out / task / "curves.png").stat().st_size > 10_000
+        assert (out / task / "table.md").read_text().count("\n|") >= 6
+    summary = (out / "summary.md").read_text()
+    assert "classify" in summary and "autoencoder" in summary and "Time to target" in summary
 
 
 def test_compare_rejects_unknown_optimizer(fixture_dir, tmp_path):

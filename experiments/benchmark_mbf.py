@@ -59,6 +59,7 @@ import optax
 
 import sofim_optax
 from experiments import datasets, models
+from experiments.benchmark_step_time import _time_steps
 from sofim_optax.curvature import linen as curvature_linen
 from sofim_optax.curvature import losses
 
@@ -118,15 +119,6 @@ def _problem(name: str, args) -> tuple[Any, Callable, tuple]:
     return params, loss, batch
 
 
-def _time(step: Callable, carry: tuple, steps: int) -> tuple[float, tuple]:
-    jax.block_until_ready(carry)
-    start = time.perf_counter()
-    for _ in range(steps):
-        carry = step(*carry)
-    jax.block_until_ready(carry)
-    return (time.perf_counter() - start) / steps, carry
-
-
 def benchmark_step_time(name: str, args) -> dict[str, Any]:
     params, loss, batch = _problem(name, args)
     bs = args.dense_block_size
@@ -158,12 +150,12 @@ def benchmark_step_time(name: str, args) -> dict[str, Any]:
         state = jax.jit(tx.init)(params)
         sizes[kind] = state_bytes(state)
         t0 = time.perf_counter()
-        _, carries[kind] = _time(steps[kind], (params, state) + tuple(batch), 2)  # compile; step 0's refreshes
+        _, carries[kind] = _time_steps(steps[kind], (params, state) + tuple(batch), 2)  # compile; step 0's refreshes
         print(f"  [{name}] {kind}: compiled and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
     times = {kind: [] for kind in kinds}
     for r in range(args.rounds):
         for kind in kinds:
-            t, carries[kind] = _time(steps[kind], carries[kind], args.steps)
+            t, carries[kind] = _time_steps(steps[kind], carries[kind], args.steps)
             times[kind].append(t)
     med = {kind: statistics.median(v) for kind, v in times.items()}
     base = med["sgdm"]

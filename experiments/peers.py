@@ -1,44 +1,30 @@
-"""The peer optimizers the papers compare against, as factories for the experiments.
+"""The first-order and quasi-Newton peers the papers compare against, as factories for the experiments.
 
-Every entry of :data:`PEERS` is ``factory(**hparams) -> optax transformation``,
-and :data:`PEER_EXTRA_ARGS` says which keyword arguments the train loop must
-pass to ``update`` besides ``(grads, state, params)``:
+Each is ``factory(**hparams) -> optax transformation``; the experiments'
+registry (:data:`experiments.training.OPTIMIZERS`) names them, with their
+defaults and the extra ``update`` arguments the train loop computes for them:
 
-=============  ======================================  ====================================
-name           what                                    extra args the loop computes
-=============  ======================================  ====================================
-sgdm           ``optax.sgd`` with momentum              none
-adam           ``optax.adam``                           none
-rmsprop        ``optax.rmsprop``                        none
-lbfgs          ``optax.lbfgs`` (zoom line search)       ``value``, ``grad``, ``value_fn``
-adahessian     :func:`sofim_optax.adahessian`           ``obj_fn``
-nystrom_sgd    :func:`sofim_optax.nystrom_sgd`          ``obj_fn``
-=============  ======================================  ====================================
+=======  ======================================  ====================================
+name     what                                    extra args the loop computes
+=======  ======================================  ====================================
+sgdm     ``optax.sgd`` with momentum              none
+adam     ``optax.adam``                           none
+rmsprop  ``optax.rmsprop``                        none
+lbfgs    ``optax.lbfgs`` (zoom line search)       ``value``, ``grad``, ``value_fn``
+=======  ======================================  ====================================
 
-Meaning of the extra arguments (all on the *current* minibatch ``(x, y)``)::
+AdaHessian and Nyström-SGD are library methods (``sofim_optax.adahessian``,
+``sofim_optax.nystrom_sgd``, extra argument ``obj_fn``) registered directly.
 
-    objective = lambda p: loss_fn(p, x, y)           # scalar loss
-    loss, grads = jax.value_and_grad(objective)(params)
-    extra = peer_extra_args(name, value=loss, grad=grads, objective=objective)
-    updates, state = tx.update(grads, state, params, **extra)
+optax's L-BFGS takes the loss and gradient at ``params`` (``value``, ``grad``;
+the line search reuses both) and ``value_fn(params) -> scalar``, which the
+line search evaluates with its gradient at trial points (up to
+``max_linesearch_steps`` extra evaluations per step). ``value_fn`` must be the
+*same* minibatch objective as ``value``, otherwise the Wolfe conditions compare
+different functions; the loop builds it inside the jitted step as a closure
+over the batch.
 
-* ``obj_fn`` (AdaHessian, Nyström-SGD): ``params -> scalar``; the optimizer
-  takes Hessian-vector products of it (forward-over-reverse), so it must be
-  twice differentiable and close over the batch.
-* ``value``, ``grad``, ``value_fn`` (optax's L-BFGS): the loss and gradient at
-  ``params`` (``grad`` is the same pytree as ``grads``; the line search reuses
-  both instead of recomputing them) and ``value_fn(params) -> scalar``, which
-  the line search evaluates (with its gradient) at trial points; up to
-  ``max_linesearch_steps`` extra loss-and-gradient evaluations per step.
-  ``value_fn`` must be the *same* minibatch objective as ``value``, otherwise
-  the Wolfe conditions compare different functions.
-
-All of these close over the batch, so the loop builds them inside the jitted
-step; passing a Python callable as an extra argument is fine under ``jit``
-because it is consumed at trace time.
-
-Shampoo (``precondition-opt``, ``distributed_shampoo``) is **not** in
-:data:`PEERS`: the only PyPI release, ``precondition-opt`` 0.3.0 (pure Python,
+Shampoo (``precondition-opt``, ``distributed_shampoo``) cannot run here: the only PyPI release, ``precondition-opt`` 0.3.0 (pure Python,
 no declared dependencies; it imports ``chex``, ``flax``, ``optax``), calls
 ``jax.tree_map``, ``jax.tree_flatten``/``jax.tree_unflatten`` and
 ``jax.experimental.pjit.with_sharding_constraint``, all removed from JAX well
@@ -52,28 +38,13 @@ raises a ``RuntimeError`` with this reason until then (see
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import optax
 
-import sofim_optax
 
-__all__ = [
-    "PEERS",
-    "PEER_EXTRA_ARGS",
-    "PEER_DEFAULTS",
-    "sgdm",
-    "adam",
-    "rmsprop",
-    "lbfgs",
-    "adahessian",
-    "nystrom_sgd",
-    "shampoo",
-    "shampoo_unavailable_reason",
-    "peer_extra_args",
-]
+__all__ = ["sgdm", "adam", "rmsprop", "lbfgs", "shampoo", "shampoo_unavailable_reason"]
 
 
 def _with_l2(weight_decay: float, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -146,16 +117,6 @@ def lbfgs(
     return optax.lbfgs(learning_rate, memory_size=memory_size, scale_init_precond=scale_init_precond, linesearch=ls)
 
 
-def adahessian(learning_rate: float | optax.Schedule = 0.15, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-    """:func:`sofim_optax.adahessian` (needs ``obj_fn=``)."""
-    return sofim_optax.adahessian(learning_rate, **kwargs)
-
-
-def nystrom_sgd(learning_rate: float | optax.Schedule = 1.0, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-    """:func:`sofim_optax.nystrom_sgd` (needs ``obj_fn=``)."""
-    return sofim_optax.nystrom_sgd(learning_rate, **kwargs)
-
-
 def shampoo_unavailable_reason() -> str | None:
     """``None`` if ``precondition.distributed_shampoo`` imports and works with this JAX, else why not."""
     try:
@@ -188,56 +149,3 @@ def shampoo(
     from precondition import distributed_shampoo as ds
 
     return ds.distributed_shampoo(learning_rate, block_size, **kwargs)
-
-
-PEERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgdm": sgdm,
-    "adam": adam,
-    "rmsprop": rmsprop,
-    "lbfgs": lbfgs,
-    "adahessian": adahessian,
-    "nystrom_sgd": nystrom_sgd,
-}
-
-PEER_EXTRA_ARGS: dict[str, tuple[str, ...]] = {
-    "sgdm": (),
-    "adam": (),
-    "rmsprop": (),
-    "lbfgs": ("value", "grad", "value_fn"),
-    "adahessian": ("obj_fn",),
-    "nystrom_sgd": ("obj_fn",),
-    "shampoo": (),
-}
-
-# Starting points only (the factories' own defaults, mostly the papers'); tune per problem.
-PEER_DEFAULTS: dict[str, Mapping[str, Any]] = {
-    "sgdm": {"learning_rate": 0.05, "momentum": 0.9},
-    "adam": {"learning_rate": 1e-3},
-    "rmsprop": {"learning_rate": 1e-3},
-    "lbfgs": {"memory_size": 10, "linesearch": "zoom", "max_linesearch_steps": 15},
-    "adahessian": {"learning_rate": 0.15, "hessian_power": 1.0},
-    "nystrom_sgd": {"learning_rate": 1.0, "rank": 10, "rho": 1e-3, "update_period": 100},
-}
-
-
-def peer_extra_args(
-    name: str,
-    *,
-    value: jax.Array,
-    grad: Any,
-    objective: Callable[[Any], jax.Array],
-) -> dict[str, Any]:
-    """The extra keyword arguments ``update`` of peer ``name`` needs, built from one minibatch.
-
-    Args:
-      name: a key of :data:`PEER_EXTRA_ARGS`.
-      value: the minibatch loss at the current parameters.
-      grad: its gradient (same pytree as the parameters).
-      objective: ``params -> scalar``, the minibatch loss.
-    """
-    try:
-        needed = PEER_EXTRA_ARGS[name]
-    except KeyError:
-        raise ValueError(f"unknown peer {name!r}; choose from {sorted(PEER_EXTRA_ARGS)}") from None
-    available = {"value": value, "grad": grad, "value_fn": objective, "obj_fn": objective}
-    return {k: available[k] for k in needed}

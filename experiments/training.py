@@ -167,19 +167,6 @@ class OptimizerSpec:
         return {**self.defaults, **self.task_defaults.get(task_kind, {})}
 
 
-def _sgdm(learning_rate: float, momentum: float = 0.9, weight_decay: float = 0.0) -> optax.GradientTransformation:
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
-
-
-def _rmsprop(learning_rate: float, decay: float = 0.9, eps: float = 1e-8, momentum: float | None = None) -> optax.GradientTransformation:
-    return optax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum)
-
-
-def _lbfgs(learning_rate: float | None = None, memory_size: int = 10) -> optax.GradientTransformationExtraArgs:
-    """optax's L-BFGS with its zoom line search (``learning_rate=None``) or a fixed step."""
-    return optax.lbfgs(learning_rate=learning_rate, memory_size=memory_size)
-
-
 # The KPSVD family: KFAC's tuned values, and the factors (a power SVD / Lanczos
 # each) refreshed every 10 steps to amortise them (Koroko et al.'s driver: 100).
 _KPSVD_DEFAULTS = {"learning_rate": 0.03, "damping": 0.1, "momentum": 0.9, "stats_period": 10, "inverse_period": 20}
@@ -273,7 +260,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         grid={"learning_rate": [0.003, 0.01, 0.03, 0.1]}, color="darkgreen",
     ),
     "sgdm": OptimizerSpec(
-        "SGD-momentum", _sgdm, {"learning_rate": 0.05, "momentum": 0.9},
+        "SGD-momentum", "experiments.peers:sgdm", {"learning_rate": 0.05, "momentum": 0.9},
         task_defaults={"autoencoder": {"learning_rate": 1e-3, "momentum": 0.9}},
         tuned=("classification",),
         grid={"learning_rate": [0.01, 0.03, 0.05, 0.1, 0.2]}, color="tab:cyan",
@@ -285,29 +272,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         grid={"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2]}, color="tab:orange",
     ),
     "rmsprop": OptimizerSpec(
-        "RMSprop", _rmsprop, {"learning_rate": 1e-3},
+        "RMSprop", "experiments.peers:rmsprop", {"learning_rate": 1e-3},
         grid={"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3]}, color="tab:olive",
     ),
 }
-# Fall back to optax's L-BFGS when experiments/peers.py does not provide one.
-_FALLBACK_FACTORIES = {"lbfgs": _lbfgs}
-
-
-def _factory(name: str, spec: OptimizerSpec) -> Callable[..., optax.GradientTransformation]:
-    try:
-        return spec.resolve()
-    except OptimizerUnavailable:
-        if name in _FALLBACK_FACTORIES:
-            return _FALLBACK_FACTORIES[name]
-        raise
-
-
 def available_optimizers(names: Sequence[str] | None = None) -> list[str]:
     """The registered optimizers (or those of ``names``) whose factory resolves in this install."""
     out = []
     for name in OPTIMIZERS if names is None else names:
         try:
-            _factory(name, OPTIMIZERS[name])
+            OPTIMIZERS[name].resolve()
         except OptimizerUnavailable:
             continue
         out.append(name)
@@ -336,7 +310,7 @@ def make_optimizer(
         spec = OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(OPTIMIZERS)}") from None
-    factory = _factory(name, spec)
+    factory = spec.resolve()
     defaults = spec.hparams_for(task_kind)
     hparams = {**spec.loop_defaults, **defaults, **overrides}
     kwargs = {k: v for k, v in hparams.items() if k not in LOOP_OPTIONS}

@@ -67,6 +67,7 @@ __all__ = [
     "fallback_init",
     "fallback_update",
     "kronecker_transformation",
+    "momentum_alias",
 ]
 
 logger = logging.getLogger("sofim_optax")
@@ -718,3 +719,21 @@ def kronecker_transformation(
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def momentum_alias(
+    scale: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: Any,
+    weight_decay: Any,
+    nesterov: bool,
+    weight_decay_mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """The aliases of KFAC and the KPSVD family: ``chain(scale, add_decayed_weights(weight_decay,
+    weight_decay_mask), trace(momentum, nesterov), scale_by_learning_rate(learning_rate))``, the
+    momentum term left out when ``momentum is None``."""
+    parts = [scale, optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    if momentum is not None:
+        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)

@@ -71,7 +71,7 @@ import optax
 from sofim_optax import _kronecker as kron
 from sofim_optax import linalg
 
-__all__ = ["KroneckerSvdCurvature", "FamilyConfig", "layer_samples", "make_method", "transformation", "alias"]
+__all__ = ["KroneckerSvdCurvature", "FamilyConfig", "layer_samples", "make_method", "transformation"]
 
 KINDS = ("kpsvd", "deflation", "kfac_corrected", "lanczos")
 
@@ -309,19 +309,3 @@ def transformation(
         inverse_period=inverse_period,
         fallback=fallback,
     )
-
-
-def alias(
-    scale: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: Any,
-    weight_decay: Any,
-    nesterov: bool,
-    weight_decay_mask: Any,
-) -> optax.GradientTransformationExtraArgs:
-    """``chain(scale, add_decayed_weights, trace(momentum), scale_by_learning_rate)``, as ``kfac``."""
-    parts = [scale, optax.add_decayed_weights(weight_decay, weight_decay_mask)]
-    if momentum is not None:
-        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)

@@ -341,7 +341,7 @@ def kfac(
       Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored Approximate
       Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015.
     """
-    parts = [
+    return kron.momentum_alias(
         scale_by_kfac(
             damping=damping,
             ema=ema,
@@ -351,9 +351,5 @@ def kfac(
             inverse=inverse,
             fallback=fallback,
         ),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    ]
-    if momentum is not None:
-        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+        learning_rate, momentum, weight_decay, nesterov, weight_decay_mask,
+    )

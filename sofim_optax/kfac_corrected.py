@@ -157,7 +157,7 @@ def kfac_corrected(
       nesterov: Nesterov momentum (default ``False``).
       weight_decay_mask: optional mask for ``add_decayed_weights``.
     """
-    return family.alias(
+    return kron.momentum_alias(
         scale_by_kfac_corrected(
             damping=damping, ema=ema, stats_period=stats_period, inverse_period=inverse_period,
             pi_adjusted=pi_adjusted, tol=tol, max_iters=max_iters, indefinite=indefinite, fallback=fallback,

@@ -148,7 +148,7 @@ def kpsvd(
       nesterov: Nesterov momentum (default ``False``).
       weight_decay_mask: optional mask for ``add_decayed_weights``.
     """
-    return family.alias(
+    return kron.momentum_alias(
         scale_by_kpsvd(
             damping=damping, ema=ema, stats_period=stats_period, inverse_period=inverse_period,
             pi_adjusted=pi_adjusted, tol=tol, max_iters=max_iters, fallback=fallback,

@@ -153,7 +153,7 @@ def kpsvd_lanczos(
       nesterov: Nesterov momentum (default ``False``).
       weight_decay_mask: optional mask for ``add_decayed_weights``.
     """
-    return family.alias(
+    return kron.momentum_alias(
         scale_by_kpsvd_lanczos(
             damping=damping, ema=ema, stats_period=stats_period, inverse_period=inverse_period,
             pi_adjusted=pi_adjusted, tol=tol, max_iters=max_iters, krylov_dim=krylov_dim, indefinite=indefinite, fallback=fallback,

@@ -390,26 +390,6 @@ class MomentumFirstState(NamedTuple):
 # --------------------------------------------------------------------------------------
 
 
-def _chained(values: dict[str, jax.Array], fn) -> dict[str, jax.Array]:
-    """``{k: fn(k, v)}`` with the calls forced to run one after another.
-
-    jaxlib 0.10's batched CPU LAPACK kernels wait on XLA's intra-op thread pool and can
-    deadlock when several run at once (``sofim_optax._cpu_runtime``, point 3; the shared
-    :func:`~sofim_optax._kronecker.stacked_damped_inverse` already maps one matrix at a time
-    there). An ``optimization_barrier`` also makes each block size's inversion wait for the
-    previous one, so that no two decompositions ever run concurrently, whatever the backend
-    and work-around settings.
-    """
-    out, prev = {}, None
-    for k in sorted(values):
-        v = values[k]
-        if prev is not None:
-            v, _ = lax.optimization_barrier((v, prev))
-        out[k] = fn(k, v)
-        prev = out[k]
-    return out
-
-
 def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> kron.KroneckerMethod:
     def layout_of(param_layout):
         return BlockLayout.build(param_layout, dense_block_size)
@@ -460,7 +440,7 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> kron.Kr
             shifts = jnp.full((f.shape[0],), lam, f.dtype)
             return kron.stacked_damped_inverse(f, shifts, inverse)
 
-        return curv._replace(inverses=_chained(curv.blocks, inv))
+        return curv._replace(inverses={k: inv(k, f) for k, f in curv.blocks.items()})
 
     def precondition(curv, param_layout, grads, **extra):
         del extra

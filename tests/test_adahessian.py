@@ -22,11 +22,6 @@ from sofim_optax.adahessian import (
 )
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 def arr(x, dtype=jnp.float32):
     return jnp.asarray(np.asarray(x).astype(dtype))

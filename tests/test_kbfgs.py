@@ -28,11 +28,6 @@ from sofim_optax.kbfgs import (
 )
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 def arr(x, dtype=jnp.float32):
     return jnp.asarray(np.asarray(x).astype(dtype))

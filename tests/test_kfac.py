@@ -23,11 +23,6 @@ from sofim_optax.kfac import ScaleByKfacState, kfac, scale_by_kfac
 INVERSES = ["eigh", "cholesky", "inv"]
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 # ----------------------------------------------------------------------------------------
 # Independent float64 references.

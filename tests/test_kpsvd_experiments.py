@@ -10,18 +10,12 @@ from __future__ import annotations
 import json
 import types
 
-import jax
 import numpy as np
 import pytest
 
 from experiments import benchmark_kpsvd, datasets
 from experiments import fisher_approximation as fa
 
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 @pytest.fixture

@@ -29,11 +29,6 @@ SCALES = {
 ALIASES = {"kpsvd": kpsvd, "deflation": kpsvd_deflation, "kfac_corrected": kfac_corrected, "lanczos": kpsvd_lanczos}
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 def arr(x, dtype=jnp.float32):
     return jnp.asarray(np.asarray(x).astype(dtype))

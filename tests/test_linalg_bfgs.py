@@ -10,11 +10,6 @@ import pytest
 from sofim_optax import linalg
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 def ref_bfgs(H, s, y):
     """The product form (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, float64."""

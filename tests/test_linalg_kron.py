@@ -10,11 +10,6 @@ import pytest
 from sofim_optax import linalg
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 def _spd(rng: np.random.Generator, n: int, rank: int | None = None, scale: float = 1.0) -> np.ndarray:
     rank = n if rank is None else rank

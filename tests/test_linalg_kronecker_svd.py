@@ -15,11 +15,6 @@ import scipy.linalg
 from sofim_optax import linalg
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 def samples(seed, m=12, d_a=5, d_g=4):
     rng = np.random.default_rng(seed)

@@ -31,11 +31,6 @@ from sofim_optax.mini_block_fisher import (
 )
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
 
 def _rng(key) -> np.random.Generator:
     return np.random.default_rng(key)

@@ -233,14 +233,39 @@ def train_cnn(name: str, hp: dict[str, Any], data, args, seed: int = 0) -> dict[
             "final_acc": curve[-1]["test_acc"], "diverged": diverged}
 
 
+def parse_points(text: str | None) -> dict[str, list[dict[str, float]]]:
+    """``"sgdm:learning_rate=0.1;mbf:learning_rate=0.001,damping=0.01"`` → grids of one point each.
+
+    Used to rerun the points a quick grid selected at a larger size (``--points``) instead of the
+    whole of :data:`GRIDS`.
+    """
+    grids: dict[str, list[dict[str, float]]] = {}
+    for item in filter(None, (text or "").split(";")):
+        name, sep, assignments = item.partition(":")
+        name = name.strip()
+        if not sep or name not in GRIDS:
+            raise ValueError(f"--points entry {item!r}: expected NAME:param=value,... with NAME in {sorted(GRIDS)}")
+        point = {}
+        for assignment in filter(None, assignments.split(",")):
+            key, eq, value = assignment.partition("=")
+            if not eq:
+                raise ValueError(f"--points entry {item!r}: {assignment!r} is not param=value")
+            point[key.strip()] = float(value)
+        grids.setdefault(name, []).append(point)
+    return grids
+
+
 def convergence(args) -> dict[str, Any]:
     ds = datasets.to_float_arrays(datasets.load_fashion_mnist(download=False))
     n = args.train_size or len(ds.x_train)
     data = (jnp.asarray(ds.x_train[:n]), jnp.asarray(ds.y_train[:n]), jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    grids = parse_points(args.points) or GRIDS
     results = {}
     for name in args.optimizers.split(","):
+        if name not in grids:
+            raise ValueError(f"no grid point for {name!r}: give it one in --points, or drop it from --optimizers")
         runs = []
-        for hp in GRIDS[name]:
+        for hp in grids[name]:
             r = train_cnn(name, hp, data, args)
             print(f"  {name} {hp}: epochs to {args.target:.2f}: {r['epochs_to_target']}, "
                   f"final acc {r['final_acc']:.4f}, train time {r['curve'][-1]['wall_s']:.1f} s", flush=True)
@@ -268,6 +293,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-size", type=int, default=0, help="training images used (0: all 60000)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.88, help="test accuracy target")
+    parser.add_argument("--points", default=None,
+                        help='train only these points instead of GRIDS, e.g. "sgdm:learning_rate=0.1;'
+                             'mbf:learning_rate=0.001,damping=0.01" (every optimizer in --optimizers needs one)')
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))

@@ -485,7 +485,9 @@ def kbfgs(
     weights and biases); the momentum is the EMA form (``0.9`` in the paper's code).
 
     Args:
-      learning_rate: ``η`` (the authors' MNIST demo: ``0.3`` with ``damping=0.3``).
+      learning_rate: ``η`` (the authors' MNIST demo: ``0.3`` with ``damping=0.3``; on the
+        Fashion-MNIST autoencoder with Flax's default initialisation ``0.3`` diverged and
+        ``0.1`` trained).
       damping, mu1, ema, memory, mu2, pair_ema, hg_init, skip_threshold, lbfgs_method,
         fallback: see :func:`scale_by_kbfgs`.
       momentum: EMA decay of the gradient (default ``0.9``); ``None`` for none.

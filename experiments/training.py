@@ -255,7 +255,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lbfgs": OptimizerSpec(
         "L-BFGS", "experiments.peers:lbfgs", {"memory_size": 10, "linesearch": "zoom", "max_linesearch_steps": 15},
         extra_args=("value_fn",),
-        grid={"memory_size": [5, 10, 20]}, color="tab:olive",
+        grid={"memory_size": [5, 10, 20]}, color="darkviolet",
     ),
     "shampoo": OptimizerSpec(
         "Shampoo", "experiments.peers:shampoo", {"learning_rate": 0.01},
@@ -265,7 +265,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "SGD-momentum", "experiments.peers:sgdm", {"learning_rate": 0.05, "momentum": 0.9},
         task_defaults={"autoencoder": {"learning_rate": 1e-3, "momentum": 0.9}},
         tuned=("classification",),
-        grid={"learning_rate": [0.01, 0.03, 0.05, 0.1, 0.2]}, color="tab:cyan",
+        grid={"learning_rate": [0.01, 0.03, 0.05, 0.1, 0.2]}, color="teal",
     ),
     "adam": OptimizerSpec(
         "Adam", optax.adam, {"learning_rate": 1e-3},
@@ -275,7 +275,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
     "rmsprop": OptimizerSpec(
         "RMSprop", "experiments.peers:rmsprop", {"learning_rate": 1e-3},
-        grid={"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3]}, color="tab:olive",
+        grid={"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3]}, color="navy",
     ),
 }
 def available_optimizers(names: Sequence[str] | None = None) -> list[str]:

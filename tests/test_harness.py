@@ -96,6 +96,8 @@ def test_registry_entries_are_consistent():
     assert {"sofim", "kfac", "sgdm", "adam", "rmsprop", "lbfgs"} <= set(available)
     assert training.OPTIMIZERS["kbfgs"].extra_args == ("layer_stats", "previous_batch_stats")
     assert training.OPTIMIZERS["adahessian"].extra_args == ("obj_fn",)
+    colors = [spec.color for spec in training.OPTIMIZERS.values()]
+    assert None not in colors and len(set(colors)) == len(colors), "every method needs its own plot colour"
 
 
 def test_missing_optimizer_fails_only_when_selected(monkeypatch, fixture_dir, tmp_path):

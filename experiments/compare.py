@@ -23,7 +23,7 @@ written, resuming, grids and targets):
 ``<out>/summary.md`` gathers both tables. The defaults keep the quick job
 to minutes per method on a laptop CPU; the Kronecker methods cost several
 times SGD's step. For the full run:
-``python -m experiments.compare --train-subset 0 --epochs 10 --ae-epochs 30``. The defaults of methods marked
+``python -m experiments.compare --train-subset 0 --epochs 10 --ae-train-subset 0 --ae-epochs 30``. The defaults of methods marked
 "tuned: no" in the tables are untuned values from the papers' notes.
 """
 

@@ -182,7 +182,9 @@ def plot_curves(
 
     kind = results[0].task if results else "classification"
     metrics = task_metrics(kind)
-    fig, axes = plt.subplots(2, len(metrics), figsize=(5 * len(metrics), 8), squeeze=False)
+    legend_width = 2.2  # inches to the right of the axes for the legend
+    width = 5 * len(metrics) + legend_width
+    fig, axes = plt.subplots(2, len(metrics), figsize=(width, 8), squeeze=False)
     for r in results:
         if not r.epochs:
             continue
@@ -211,7 +213,7 @@ def plot_curves(
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize="small")  # outside the axes: 15 methods hide curves
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

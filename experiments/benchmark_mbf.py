@@ -58,7 +58,7 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import datasets, models
+from experiments import datasets, harness, models
 from experiments.benchmark_step_time import _time_steps
 from sofim_optax.curvature import linen as curvature_linen
 from sofim_optax.curvature import losses
@@ -233,37 +233,25 @@ def train_cnn(name: str, hp: dict[str, Any], data, args, seed: int = 0) -> dict[
             "final_acc": curve[-1]["test_acc"], "diverged": diverged}
 
 
-def parse_points(text: str | None) -> dict[str, list[dict[str, float]]]:
-    """``"sgdm:learning_rate=0.1;mbf:learning_rate=0.001,damping=0.01"`` → grids of one point each.
+def grids_with_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """:data:`GRIDS`, with every optimizer named in ``overrides`` pinned to that one point.
 
-    Used to rerun the points a quick grid selected at a larger size (``--points``) instead of the
-    whole of :data:`GRIDS`.
+    ``overrides`` comes from ``--set OPT.PARAM=VALUE`` (:func:`experiments.harness.parse_overrides`,
+    the harness's own syntax); it reruns the points a quick grid selected at a larger size.
     """
-    grids: dict[str, list[dict[str, float]]] = {}
-    for item in filter(None, (text or "").split(";")):
-        name, sep, assignments = item.partition(":")
-        name = name.strip()
-        if not sep or name not in GRIDS:
-            raise ValueError(f"--points entry {item!r}: expected NAME:param=value,... with NAME in {sorted(GRIDS)}")
-        point = {}
-        for assignment in filter(None, assignments.split(",")):
-            key, eq, value = assignment.partition("=")
-            if not eq:
-                raise ValueError(f"--points entry {item!r}: {assignment!r} is not param=value")
-            point[key.strip()] = float(value)
-        grids.setdefault(name, []).append(point)
-    return grids
+    unknown = sorted(set(overrides) - set(GRIDS))
+    if unknown:
+        raise ValueError(f"--set names {unknown}; choose from {sorted(GRIDS)}")
+    return {name: [overrides[name]] if name in overrides else grid for name, grid in GRIDS.items()}
 
 
 def convergence(args) -> dict[str, Any]:
     ds = datasets.to_float_arrays(datasets.load_fashion_mnist(download=False))
     n = args.train_size or len(ds.x_train)
     data = (jnp.asarray(ds.x_train[:n]), jnp.asarray(ds.y_train[:n]), jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
-    grids = parse_points(args.points) or GRIDS
+    grids = grids_with_overrides(harness.parse_overrides(args.set))
     results = {}
     for name in args.optimizers.split(","):
-        if name not in grids:
-            raise ValueError(f"no grid point for {name!r}: give it one in --points, or drop it from --optimizers")
         runs = []
         for hp in grids[name]:
             r = train_cnn(name, hp, data, args)
@@ -293,9 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-size", type=int, default=0, help="training images used (0: all 60000)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.88, help="test accuracy target")
-    parser.add_argument("--points", default=None,
-                        help='train only these points instead of GRIDS, e.g. "sgdm:learning_rate=0.1;'
-                             'mbf:learning_rate=0.001,damping=0.01" (every optimizer in --optimizers needs one)')
+    parser.add_argument("--set", action="append", default=[], metavar="OPT.PARAM=VALUE",
+                        help="train OPT at this one point instead of its grid (repeatable), "
+                             "e.g. --set mbf.learning_rate=0.001 --set mbf.damping=0.01")
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))

@@ -1,21 +1,19 @@
-"""Argument parsing of the benchmark scripts (their runs are too slow for the suite)."""
+"""Argument handling of the benchmark scripts (their runs are too slow for the suite)."""
 
 import pytest
 
-from experiments import benchmark_mbf
+from experiments import benchmark_mbf, harness
 
 
-def test_mbf_points_parse_into_one_point_grids():
-    grids = benchmark_mbf.parse_points("sgdm:learning_rate=0.1; mbf:learning_rate=0.001,damping=0.01;mbf:learning_rate=3e-3")
-    assert grids == {
-        "sgdm": [{"learning_rate": 0.1}],
-        "mbf": [{"learning_rate": 0.001, "damping": 0.01}, {"learning_rate": 0.003}],
-    }
-    assert benchmark_mbf.parse_points(None) == {}
-    assert benchmark_mbf.parse_points("") == {}
+def test_mbf_set_pins_the_named_optimizers_and_keeps_the_other_grids():
+    overrides = harness.parse_overrides(["sgdm.learning_rate=0.1", "mbf.learning_rate=0.001", "mbf.damping=0.01"])
+    grids = benchmark_mbf.grids_with_overrides(overrides)
+    assert grids["sgdm"] == [{"learning_rate": 0.1}]
+    assert grids["mbf"] == [{"learning_rate": 0.001, "damping": 0.01}]
+    assert grids["adam"] == benchmark_mbf.GRIDS["adam"]
+    assert benchmark_mbf.grids_with_overrides({}) == benchmark_mbf.GRIDS
 
 
-@pytest.mark.parametrize("bad", ["lbfgs:learning_rate=1", "sgdm learning_rate=1", "adam:learning_rate"])
-def test_mbf_points_refuse_bad_entries(bad):
-    with pytest.raises(ValueError, match="--points entry"):
-        benchmark_mbf.parse_points(bad)
+def test_mbf_set_refuses_unknown_optimizers():
+    with pytest.raises(ValueError, match="lbfgs"):
+        benchmark_mbf.grids_with_overrides({"lbfgs": {"learning_rate": 1.0}})

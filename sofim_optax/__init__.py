@@ -9,23 +9,30 @@ Extra ``update`` arguments, keyword-only: ``layer_stats=`` (KFAC, the KPSVD
 family, Mini-Block Fisher, K-BFGS; from ``curvature.linen`` / ``curvature.nnx``),
 ``previous_batch_stats=`` (K-BFGS; see ``curvature.two_pass``) and ``obj_fn=``
 (AdaHessian, Nyström-SGD: the minibatch loss as a function of the parameters).
+
+Every hyperparameter after ``learning_rate`` is keyword-only, and each name means the same
+thing in every method (``docs/arguments.md``). On CPU, call :func:`configure_cpu_runtime`
+before the first JAX computation (see :mod:`sofim_optax.cpu_runtime`).
 """
 
-from sofim_optax import _cpu_runtime
-
-_cpu_runtime.configure()  # before anything initialises JAX's backend; see _cpu_runtime.py
-
-# ruff: noqa: E402
-from sofim_optax import curvature, linalg
-from sofim_optax._kronecker_svd_family import KroneckerSvdCurvature
+from sofim_optax import curvature, hyperparameters, layerwise, linalg
+from sofim_optax.cpu_runtime import configure_cpu_runtime
+from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
 from sofim_optax.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kbfgs import KbfgsCurvature, ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
 from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
-from sofim_optax.kfac_corrected import ScaleByKfacCorrectedState, kfac_corrected, scale_by_kfac_corrected
-from sofim_optax.kpsvd import ScaleByKpsvdState, kpsvd, scale_by_kpsvd
-from sofim_optax.kpsvd_deflation import ScaleByKpsvdDeflationState, kpsvd_deflation, scale_by_kpsvd_deflation
-from sofim_optax.kpsvd_lanczos import ScaleByKpsvdLanczosState, kpsvd_lanczos, scale_by_kpsvd_lanczos
+from sofim_optax.kpsvd import (
+    ScaleByKpsvdState,
+    kfac_corrected,
+    kpsvd,
+    kpsvd_deflation,
+    kpsvd_lanczos,
+    scale_by_kfac_corrected,
+    scale_by_kpsvd,
+    scale_by_kpsvd_deflation,
+    scale_by_kpsvd_lanczos,
+)
 from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
 from sofim_optax.mini_block_fisher import (
     MiniBlockFisherCurvature,
@@ -41,7 +48,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "__version__",
+    "configure_cpu_runtime",
     "curvature",
+    "hyperparameters",
+    "layerwise",
     "linalg",
     "LayerStats",
     "damped_kron_solve",
@@ -66,13 +76,10 @@ __all__ = [
     "ScaleByKpsvdState",
     "scale_by_kpsvd",
     "kpsvd",
-    "ScaleByKpsvdDeflationState",
     "scale_by_kpsvd_deflation",
     "kpsvd_deflation",
-    "ScaleByKfacCorrectedState",
     "scale_by_kfac_corrected",
     "kfac_corrected",
-    "ScaleByKpsvdLanczosState",
     "scale_by_kpsvd_lanczos",
     "kpsvd_lanczos",
     # K-BFGS

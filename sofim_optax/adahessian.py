@@ -24,7 +24,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
+
+from sofim_optax import hyperparameters as hp
+from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
     "ScaleByAdaHessianState",
@@ -56,10 +58,6 @@ class ScaleByAdaHessianState(NamedTuple):
     nu: optax.Updates
 
 
-def _accumulation_dtype(dtype: Any) -> jnp.dtype:
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _require_obj_fn(obj_fn: Any, params: Any, who: str) -> None:
     if obj_fn is None:
         raise TypeError(
@@ -73,10 +71,8 @@ def _require_obj_fn(obj_fn: Any, params: Any, who: str) -> None:
         raise ValueError(f"{who}.update needs params (the point at which the Hessian is estimated).")
 
 
-def _check_static_int(name: str, value: Any, minimum: int, who: str, default: int | None = None) -> int:
-    """A shape-defining hyperparameter: must be a concrete Python int (``None`` means ``default``)."""
-    if value is None and default is not None:
-        return default
+def _check_static_int(name: str, value: Any, minimum: int, who: str) -> int:
+    """A shape-defining hyperparameter: must be a concrete Python int."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(
             f"{who}: {name} must be a Python int, got {value!r}. (It fixes array shapes, so it "
@@ -128,7 +124,7 @@ def hutchinson_hessian_diagonal(
 
     def one(zi: optax.Params) -> optax.Updates:
         hz = jax.jvp(grad_fn, (params,), (zi,))[1]
-        return jax.tree.map(lambda a, b: a.astype(_accumulation_dtype(a.dtype)) * b.astype(_accumulation_dtype(a.dtype)), zi, hz)
+        return jax.tree.map(lambda a, b: a.astype(hp.accumulation_dtype(a.dtype)) * b.astype(hp.accumulation_dtype(a.dtype)), zi, hz)
 
     products = jax.vmap(one)(z)
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), products)
@@ -171,15 +167,17 @@ def _check_hyperparameters(b1: Any, b2: Any, eps: Any, hessian_power: Any) -> No
         raise ValueError(f"scale_by_adahessian: hessian_power must lie in [0, 1], got {hessian_power}")
 
 
+@hp.structural("num_probes", "block_size")
 def scale_by_adahessian(
-    b1: float | jax.Array = 0.9,
-    b2: float | jax.Array = 0.999,
-    eps: float | jax.Array = 1e-4,
-    hessian_power: float | jax.Array = 1.0,
-    num_probes: int | None = None,
-    update_period: int | jax.Array = 1,
+    *,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-4,
+    hessian_power: Scalar = 1.0,
+    num_probes: int = 1,
+    stats_period: int | jax.Array = 1,
     spatial_averaging: bool = True,
-    block_size: int | None = None,
+    block_size: int = 1,
     average_absolute: bool = True,
     seed: int = 0,
     mu_dtype: Any | None = None,
@@ -187,7 +185,7 @@ def scale_by_adahessian(
     r"""Scales updates by AdaHessian's Hessian-diagonal second moment.
 
     With gradient :math:`g_t` at step :math:`t = 1, 2, \dots` and, at every
-    ``update_period``-th step (the first included), a Hutchinson estimate
+    ``stats_period``-th step (the first included), a Hutchinson estimate
     :math:`D` of the Hessian diagonal of ``obj_fn`` at the current parameters
     (see :func:`hutchinson_hessian_diagonal`), made the :math:`j`-th time:
 
@@ -227,11 +225,11 @@ def scale_by_adahessian(
       authors' code does (``hv.abs()`` before the mean). The paper averages
       the signed :math:`D`; ``average_absolute=False`` does that. They differ
       only where averaging mixes signs.
-    * ``update_period > 1`` (not in the paper; the ``update_each`` option of
+    * ``stats_period > 1`` (not in the paper; the ``update_each`` option of
       the widely used ``ada-hessian`` PyTorch package): the second moment is
       updated only when a new estimate is made, and its bias correction counts
       estimates (:math:`j`), not steps, so a stale estimate is never counted
-      twice. With ``update_period=1`` this is exactly the paper.
+      twice. With ``stats_period=1`` this is exactly the paper.
     * ``num_probes`` averages several probes per estimate (the paper uses 1).
     * Moments are kept in at least float32; the update comes back in each
       gradient leaf's dtype.
@@ -244,17 +242,16 @@ def scale_by_adahessian(
       hessian_power: :math:`k \in [0, 1]` (default 1, used for the paper's
         vision experiments; ``0.5`` in some of its NLP ones). ``k = 0`` gives
         bias-corrected momentum scaled by :math:`1/(1+\epsilon)`.
-      num_probes: Rademacher probes per estimate (Python int; default
-        ``None`` = 1). Shape-defining ints default to ``None`` so that
-        ``optax.inject_hyperparams`` (which turns every numeric argument,
-        defaults included, into an array) works without ``static_args``; pass
-        an explicit value to it through ``static_args``.
-      update_period: make a new Hessian estimate every this many steps
+      num_probes: Rademacher probes per estimate (Python int; default 1).
+        Under ``optax.inject_hyperparams`` list it in ``static_args`` (see
+        ``scale_by_adahessian.static_args``).
+      stats_period: make a new Hessian estimate every this many steps
         (default 1). May be an array (``inject_hyperparams``).
       spatial_averaging: average convolution kernels over their spatial axes
         (default ``True``).
       block_size: block length for averaging leaves that are not spatially
-        averaged (Python int; default ``None`` = 1 = no averaging).
+        averaged (Python int; default 1: no averaging; a static argument like
+        ``num_probes``).
       average_absolute: average :math:`|D|` (code) instead of :math:`D`
         (paper); default ``True``.
       seed: seed of the PRNG key kept in the state (default 0).
@@ -269,15 +266,14 @@ def scale_by_adahessian(
       Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
     """
     who = "scale_by_adahessian"
-    num_probes = _check_static_int("num_probes", num_probes, 1, who, default=1)
-    block_size = _check_static_int("block_size", block_size, 1, who, default=1)
-    if isinstance(update_period, (int, float)) and not isinstance(update_period, bool):
-        _check_static_int("update_period", int(update_period), 1, who)
+    num_probes = _check_static_int("num_probes", num_probes, 1, who)
+    block_size = _check_static_int("block_size", block_size, 1, who)
+    hp.check_positive_int(who, "stats_period", stats_period)
     _check_hyperparameters(b1, b2, eps, hessian_power)
 
     def init_fn(params: optax.Params) -> ScaleByAdaHessianState:
         def zeros(p: jax.Array, dtype: Any = None) -> jax.Array:
-            return jnp.zeros(jnp.shape(p), dtype or _accumulation_dtype(jnp.asarray(p).dtype))
+            return jnp.zeros(jnp.shape(p), dtype or hp.accumulation_dtype(jnp.asarray(p).dtype))
 
         return ScaleByAdaHessianState(
             count=jnp.zeros([], jnp.int32),
@@ -308,16 +304,16 @@ def scale_by_adahessian(
                 beta = jnp.asarray(b2, v.dtype)
                 return beta * v + (1 - beta) * ds * ds
 
-            return key, jax.tree.map(fold, nu, diag), numerics.safe_increment(hessian_count)
+            return key, jax.tree.map(fold, nu, diag), optax.safe_increment(hessian_count)
 
         def keep(operand):
             return operand
 
-        period = jnp.asarray(update_period, jnp.int32)
+        period = jnp.asarray(stats_period, jnp.int32)
         key, nu, hessian_count = jax.lax.cond(
             state.count % period == 0, refresh, keep, (state.key, state.nu, state.hessian_count)
         )
-        count = numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
 
         def moment(g: jax.Array, m: jax.Array) -> jax.Array:
             beta1 = jnp.asarray(b1, m.dtype)
@@ -339,21 +335,23 @@ def scale_by_adahessian(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@hp.structural("num_probes", "block_size")
 def adahessian(
-    learning_rate: float | jax.Array | optax.Schedule = 0.15,
-    b1: float | jax.Array = 0.9,
-    b2: float | jax.Array = 0.999,
-    eps: float | jax.Array = 1e-4,
-    weight_decay: float | jax.Array = 0.0,
-    hessian_power: float | jax.Array = 1.0,
-    num_probes: int | None = None,
-    update_period: int | jax.Array = 1,
+    learning_rate: ScalarOrSchedule = 0.15,
+    *,
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-4,
+    weight_decay: Scalar = 0.0,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    hessian_power: Scalar = 1.0,
+    num_probes: int = 1,
+    stats_period: int | jax.Array = 1,
     spatial_averaging: bool = True,
-    block_size: int | None = None,
+    block_size: int = 1,
     average_absolute: bool = True,
     seed: int = 0,
     mu_dtype: Any | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The AdaHessian optimiser with decoupled weight decay.
 
@@ -366,7 +364,7 @@ def adahessian(
     (``p - lr * (m̂/denom + weight_decay * p)``) and the AdamW-style variant
     the paper describes; it never enters the moments or the Hessian estimate.
     That is ``optax.chain(scale_by_adahessian(...),
-    optax.add_decayed_weights(weight_decay, mask),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate))``.
 
     Usage (``obj_fn`` is the loss on the current minibatch)::
@@ -385,11 +383,11 @@ def adahessian(
       learning_rate: :math:`\eta`, a float or an optax schedule. Default 0.15,
         the authors' setting for ResNets on CIFAR-10 (with ``weight_decay``
         5e-4 and a step schedule there).
-      b1, b2, eps, hessian_power, num_probes, update_period, spatial_averaging,
-      block_size, average_absolute, seed, mu_dtype: see
-        :func:`scale_by_adahessian`.
+      b1, b2, eps, hessian_power, num_probes, stats_period, spatial_averaging,
+      block_size, average_absolute, seed, mu_dtype: keyword-only, see
+        :func:`scale_by_adahessian` (same defaults).
       weight_decay: :math:`\lambda` (default 0).
-      mask: which parameters weight decay applies to, as for
+      weight_decay_mask: which parameters weight decay applies to, as for
         ``optax.add_decayed_weights`` (default: all).
 
     Returns:
@@ -407,13 +405,13 @@ def adahessian(
             eps=eps,
             hessian_power=hessian_power,
             num_probes=num_probes,
-            update_period=update_period,
+            stats_period=stats_period,
             spatial_averaging=spatial_averaging,
             block_size=block_size,
             average_absolute=average_absolute,
             seed=seed,
             mu_dtype=mu_dtype,
         ),
-        optax.add_decayed_weights(weight_decay, mask),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )

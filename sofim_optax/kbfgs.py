@@ -6,10 +6,10 @@ being inverted. The algorithm follows the authors' public code (``renyiryry/
 kbfgs_neurips2020_public``, ``kbfgs_utils.py`` / ``training_function.py`` /
 ``training_utils.py``) where it and the third-party ASDL implementation differ; see
 ``shared/research/kpsvd_kbfgs.md`` §4. Everything the Kronecker family shares (layer
-discovery, statistics checks, fallback) lives in :mod:`sofim_optax._kronecker`.
+discovery, statistics checks, fallback) lives in :mod:`sofim_optax.layerwise`.
 
 Warm start of ``A`` (the authors average ``mean ā āᵀ`` over one pass of the training set at
-the initial weights before training) is :func:`warm_start` with :func:`batch_input_factors`.
+the initial weights before training) is :func:`sofim_optax.kbfgs_warm_start.warm_start` with :func:`sofim_optax.kbfgs_warm_start.batch_input_factors`.
 The extra forward/backward pass that K-BFGS needs for its ``(s, y)`` pairs is made by
 :func:`sofim_optax.curvature.two_pass.two_pass_value_grad_and_stats` (or the ready train step
 :func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`).
@@ -17,7 +17,7 @@ The extra forward/backward pass that K-BFGS needs for its ``(s, y)`` pairs is ma
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sofim_optax import _kronecker as kron
+from sofim_optax import hyperparameters as hp
+from sofim_optax import layerwise
 from sofim_optax import linalg
+from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
     "KbfgsCurvature",
@@ -34,9 +36,6 @@ __all__ = [
     "scale_by_kbfgs",
     "kbfgs",
     "kbfgs_l",
-    "batch_input_factors",
-    "average_input_factors",
-    "warm_start",
 ]
 
 _NAME = "scale_by_kbfgs"
@@ -64,7 +63,7 @@ class KbfgsCurvature(NamedTuple):
         bias), for the Hessian-action update of ``H_a``.
       has_prev: ``(n_layers,)`` bool, ``prev_*`` hold the previous step's means.
       started: ``(n_layers,)`` bool, the layer's first step (exact ``H_a``) is done.
-      warm: ``(n_layers,)`` bool, ``A`` was warm-started (:func:`warm_start`), so the first step
+      warm: ``(n_layers,)`` bool, ``A`` was warm-started (:func:`sofim_optax.kbfgs_warm_start.warm_start`), so the first step
         does not update it.
       hg_updates, ha_updates: ``(n_layers,)`` int32, accepted updates of ``H_g`` (pairs appended
         for K-BFGS(L)) and of ``H_a`` so far (diagnostics; skipped updates are not counted).
@@ -95,12 +94,12 @@ class ScaleByKbfgsState(NamedTuple):
     Attributes:
       count: ``()`` int32, number of updates so far.
       curvature: :class:`KbfgsCurvature`.
-      fallback_state: :class:`sofim_optax._kronecker.FallbackState`.
+      fallback_state: :class:`sofim_optax.layerwise.FallbackState`.
     """
 
     count: jax.Array
     curvature: KbfgsCurvature
-    fallback_state: kron.FallbackState
+    fallback_state: layerwise.FallbackState
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,7 +107,7 @@ class ScaleByKbfgsState(NamedTuple):
 # ----------------------------------------------------------------------------------------
 
 
-def _means(layer: kron.KronLayer, stats: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def _means(layer: layerwise.Layer, stats: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """``(s̄, ḡ)``: mean pre-activation and mean per-example pre-activation gradient.
 
     Dense ``(N, d_out)``: plain means over examples. Convolutions ``(N, T, c_out)``: ``s̄`` is
@@ -125,12 +124,12 @@ def _means(layer: kron.KronLayer, stats: Any, dtype: Any) -> tuple[jax.Array, ja
     )
 
 
-def _input_mean(layer: kron.KronLayer, inputs: jax.Array, dtype: Any) -> jax.Array:
-    x = kron.homogeneous_inputs(inputs, layer.has_bias, dtype)
+def _input_mean(layer: layerwise.Layer, inputs: jax.Array, dtype: Any) -> jax.Array:
+    x = layerwise.homogeneous_inputs(inputs, layer.has_bias, dtype)
     return jnp.mean(x.reshape(-1, layer.d_a), axis=0)
 
 
-def _check_outputs(layout: kron.ParamLayout, stats: Mapping[str, Any], what: str) -> None:
+def _check_outputs(layout: layerwise.ParamLayout, stats: Mapping[str, Any], what: str) -> None:
     for key, st in stats.items():
         layer = layout.layers[layout.index(key)]
         outputs = getattr(st, "outputs", None)
@@ -178,7 +177,7 @@ def _kbfgs_method(
     hg_init: Any,
     skip_threshold: Any,
     lbfgs_method: str,
-) -> kron.KroneckerMethod:
+) -> layerwise.LayerwiseMethod:
     lbfgs = memory is not None
 
     def sqrt_damping(dtype):
@@ -256,7 +255,7 @@ def _kbfgs_method(
         _check_outputs(param_layout, {layers[i].path: st for i, st in stats.items()}, "layer_stats")
         prev_active: tuple[int, ...] = ()
         if previous_batch_stats is not None:
-            prev_active = kron.check_layer_stats(param_layout, previous_batch_stats, _NAME)
+            prev_active = layerwise.check_layer_stats(param_layout, previous_batch_stats, _NAME)
             _check_outputs(param_layout, previous_batch_stats, "previous_batch_stats")
         dtype = curv.A[0].dtype if curv.A else jnp.float32
         A, Ha, Hg, S, Y, valid = (list(x) for x in (curv.A, curv.Ha, curv.Hg, curv.S, curv.Y, curv.valid))
@@ -280,7 +279,7 @@ def _kbfgs_method(
             layer = layers[i]
             prev_out[i], prev_g[i] = _means(layer, st, dtype)
             a_mean[i] = _input_mean(layer, st.inputs, dtype)
-            a_hat = kron.input_factor(st.inputs, layer.has_bias, dtype)
+            a_hat = layerwise.input_factor(st.inputs, layer.has_bias, dtype)
             first = ~started[i]
             keep_warm = first & curv.warm[i]
             decay = jnp.where(first, 0.0, jnp.asarray(ema).astype(dtype))
@@ -322,19 +321,20 @@ def _kbfgs_method(
             ha_updates = ha_updates.at[i].add(ok.astype(jnp.int32))
         return out, curv._replace(Ha=tuple(Ha), ha_updates=ha_updates)
 
-    return kron.KroneckerMethod(init, update_statistics, refresh, precondition)
+    return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
 
 
+@hp.structural('memory')
 def scale_by_kbfgs(
-    damping: Any = 0.3,
-    mu1: Any = 0.2,
-    ema: Any = 0.9,
-    memory: int | None = None,
     *,
-    mu2: Any = None,
-    pair_ema: Any = 0.9,
-    hg_init: Any = 1.0,
-    skip_threshold: Any = 1e-4,
+    damping: Scalar = 0.3,
+    mu1: Scalar = 0.2,
+    ema: Scalar = 0.9,
+    memory: int | None = None,
+    mu2: Scalar | None = None,
+    pair_ema: Scalar = 0.9,
+    hg_init: Scalar = 1.0,
+    skip_threshold: Scalar = 1e-4,
     lbfgs_method: str = "compact",
     fallback: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -381,7 +381,7 @@ def scale_by_kbfgs(
        :func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`.
     2. **A**: ``A ← β A + (1-β) mean ā āᵀ`` (``β = ema``, constant as in the authors' code).
        On the layer's first step ``A`` is *not* updated when it was warm-started
-       (:func:`warm_start`, the authors' one pass over the training set); without a warm start
+       (:func:`sofim_optax.kbfgs_warm_start.warm_start`, the authors' one pass over the training set); without a warm start
        the first minibatch's ``mean ā āᵀ`` is taken as it is.
     3. **First step**: ``H_a = (A + √λ I)⁻¹`` exactly (through the eigendecomposition, finite
        for any finite ``A``); ``H_g = hg_init·I`` (empty memory for K-BFGS(L)).
@@ -433,18 +433,15 @@ def scale_by_kbfgs(
       Networks <https://arxiv.org/abs/2006.08877>`_, NeurIPS 2020; code
       ``github.com/renyiryry/kbfgs_neurips2020_public``.
     """
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
-        raise ValueError(f"{_NAME}: memory must be None or a positive int, got {memory!r}")
-    for name, value in (("ema", ema), ("pair_ema", pair_ema)):
-        if isinstance(value, (int, float)) and not 0.0 <= value < 1.0:
-            raise ValueError(f"{_NAME}: {name} must be in [0, 1), got {value!r}")
-    if isinstance(damping, (int, float)) and damping < 0:
-        raise ValueError(f"{_NAME}: damping must be >= 0, got {damping!r}")
+    if memory is not None:
+        hp.check_positive_int(_NAME, "memory", memory, static=True)
+    hp.check_decay(_NAME, "ema", ema)
+    hp.check_decay(_NAME, "pair_ema", pair_ema)
+    hp.check_damping(_NAME, damping)
     if isinstance(mu1, (int, float)) and not 0.0 < mu1 < 1.0:
         raise ValueError(f"{_NAME}: mu1 must be in (0, 1), got {mu1!r}")
-    if lbfgs_method not in ("compact", "two_loop"):
-        raise ValueError(f"{_NAME}: lbfgs_method must be 'compact' or 'two_loop', got {lbfgs_method!r}")
-    return kron.kronecker_transformation(
+    hp.check_choice(_NAME, "lbfgs_method", lbfgs_method, ("compact", "two_loop"))
+    return layerwise.layerwise_transformation(
         name=_NAME,
         method=_kbfgs_method(damping, mu1, mu2, ema, pair_ema, memory, hg_init, skip_threshold, lbfgs_method),
         state_cls=ScaleByKbfgsState,
@@ -454,22 +451,23 @@ def scale_by_kbfgs(
     )
 
 
+@hp.structural('memory')
 def kbfgs(
-    learning_rate: optax.ScalarOrSchedule,
-    damping: Any = 0.3,
-    momentum: Any = 0.9,
-    weight_decay: Any = 0.0,
-    mu1: Any = 0.2,
-    ema: Any = 0.9,
-    memory: int | None = None,
+    learning_rate: ScalarOrSchedule,
     *,
-    mu2: Any = None,
-    pair_ema: Any = 0.9,
-    hg_init: Any = 1.0,
-    skip_threshold: Any = 1e-4,
+    gradient_ema: Scalar | None = 0.9,
+    damping: Scalar = 0.3,
+    weight_decay: Scalar = 0.0,
+    weight_decay_mask: Any = None,
+    mu1: Scalar = 0.2,
+    ema: Scalar = 0.9,
+    memory: int | None = None,
+    mu2: Scalar | None = None,
+    pair_ema: Scalar = 0.9,
+    hg_init: Scalar = 1.0,
+    skip_threshold: Scalar = 1e-4,
     lbfgs_method: str = "compact",
     fallback: optax.GradientTransformation | None = None,
-    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_a m H_g``, fixed step.
 
@@ -479,20 +477,23 @@ def kbfgs(
         m_t &= \mu\, m_{t-1} + (1-\mu)\, g_t \quad (m_0 = 0\text{, no bias correction})\\
         \theta_{t+1} &= \theta_t - \eta_t\, H_a\, m_t\, H_g \quad\text{(per layer)}
 
-    i.e. ``optax.chain(add_decayed_weights(weight_decay), ema(momentum, debias=False),
+    i.e. ``optax.chain(add_decayed_weights(weight_decay), ema(gradient_ema, debias=False),
     scale_by_kbfgs(...), scale_by_learning_rate(learning_rate))``. The weight decay ``τ`` is
     *coupled* (added to the gradient before preconditioning, the authors' ``τ = 1e-5`` on all
-    weights and biases); the momentum is the EMA form (``0.9`` in the paper's code).
+    weights and biases); the gradient average is the EMA form (``0.9`` in the paper's code),
+    before the preconditioner, hence its name ``gradient_ema`` (``momentum`` in KFAC and the
+    KPSVD family is heavy-ball momentum on the preconditioned direction).
 
     Args:
       learning_rate: ``η`` (the authors' MNIST demo: ``0.3`` with ``damping=0.3``; on the
         Fashion-MNIST autoencoder with Flax's default initialisation ``0.3`` diverged and
         ``0.1`` trained).
-      damping, mu1, ema, memory, mu2, pair_ema, hg_init, skip_threshold, lbfgs_method,
-        fallback: see :func:`scale_by_kbfgs`.
-      momentum: EMA decay of the gradient (default ``0.9``); ``None`` for none.
+      gradient_ema: ``μ``, EMA decay of the gradient before preconditioning (default ``0.9``);
+        ``None`` for none.
       weight_decay: ``τ`` (default ``0.0``; ``1e-5`` in the paper).
-      weight_decay_mask: optional mask for ``add_decayed_weights``.
+      weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
+      damping, mu1, ema, memory, mu2, pair_ema, hg_init, skip_threshold, lbfgs_method,
+        fallback: keyword-only, see :func:`scale_by_kbfgs` (same defaults).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
@@ -514,8 +515,8 @@ def kbfgs(
       Networks <https://arxiv.org/abs/2006.08877>`_, NeurIPS 2020.
     """
     parts = [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
-    if momentum is not None:
-        parts.append(optax.ema(momentum, debias=False))
+    if gradient_ema is not None:
+        parts.append(optax.ema(gradient_ema, debias=False))
     parts.append(
         scale_by_kbfgs(
             damping=damping, mu1=mu1, ema=ema, memory=memory, mu2=mu2, pair_ema=pair_ema,
@@ -527,92 +528,36 @@ def kbfgs(
     return optax.chain(*parts)
 
 
+@hp.structural('memory')
 def kbfgs_l(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
+    *,
     memory: int = 100,
-    damping: Any = 0.3,
-    momentum: Any = 0.9,
-    weight_decay: Any = 0.0,
-    mu1: Any = 0.2,
-    ema: Any = 0.9,
-    **kwargs: Any,
+    gradient_ema: Scalar | None = 0.9,
+    damping: Scalar = 0.3,
+    weight_decay: Scalar = 0.0,
+    weight_decay_mask: Any = None,
+    mu1: Scalar = 0.2,
+    ema: Scalar = 0.9,
+    mu2: Scalar | None = None,
+    pair_ema: Scalar = 0.9,
+    hg_init: Scalar = 1.0,
+    skip_threshold: Scalar = 1e-4,
+    lbfgs_method: str = "compact",
+    fallback: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """K-BFGS(L): :func:`kbfgs` with ``H_g`` an L-BFGS operator of ``memory`` pairs (default 100).
+    """K-BFGS(L): :func:`kbfgs` with ``H_g`` an L-BFGS operator of ``memory`` pairs.
 
-    ``H_a`` stays the dense Hessian-action BFGS matrix, as in the authors' code. Other keyword
-    arguments as :func:`kbfgs`.
+    ``H_a`` stays the dense Hessian-action BFGS matrix, as in the authors' code.
+
+    Args:
+      memory: L-BFGS pairs per layer (default ``100``, the authors'). It fixes the shapes of
+        the state: under ``optax.inject_hyperparams`` list it in ``static_args``.
+      every other argument: as :func:`kbfgs`, keyword-only, same defaults.
     """
     return kbfgs(
-        learning_rate, damping=damping, momentum=momentum, weight_decay=weight_decay, mu1=mu1,
-        ema=ema, memory=memory, **kwargs,
+        learning_rate, memory=memory, gradient_ema=gradient_ema, damping=damping,
+        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, mu1=mu1, ema=ema,
+        mu2=mu2, pair_ema=pair_ema, hg_init=hg_init, skip_threshold=skip_threshold,
+        lbfgs_method=lbfgs_method, fallback=fallback,
     )
-
-
-# ----------------------------------------------------------------------------------------
-# Warm start of A.
-# ----------------------------------------------------------------------------------------
-
-
-def batch_input_factors(params: Any, layer_stats: Mapping[str, Any]) -> dict[str, jax.Array]:
-    """``{layer path: mean ā āᵀ}`` of one minibatch (float32 at least), for :func:`warm_start`.
-
-    Average it over one pass of the training set at the initial parameters (the authors' warm
-    start); jittable.
-    """
-    layout = kron.discover_layers(params)
-    active = kron.check_layer_stats(layout, layer_stats, "batch_input_factors")
-    out = {}
-    for i in active:
-        layer = layout.layers[i]
-        x = jnp.asarray(layer_stats[layer.path].inputs)
-        dtype = jnp.promote_types(x.dtype, jnp.float32)
-        out[layer.path] = kron.input_factor(x, layer.has_bias, dtype)
-    return out
-
-
-def warm_start(opt_state: Any, params: Any, input_factors: Mapping[str, jax.Array]) -> Any:
-    """Sets ``A`` of every K-BFGS state inside ``opt_state`` (any nesting: chains,
-    ``inject_hyperparams``, ``MultiSteps``) to ``input_factors[path]`` and marks it warm, so
-    that the first update keeps it (the authors' code).
-
-    Call it after ``init`` and before the first update. ``input_factors`` maps layer paths to
-    ``(d_a, d_a)`` matrices, e.g. the mean over minibatches of :func:`batch_input_factors`;
-    layers absent from it keep the default (the first minibatch's ``mean ā āᵀ``).
-
-    Raises:
-      ValueError: an unknown path or a wrong shape (naming the layer).
-    """
-    layout = kron.discover_layers(params)
-    for path, a in input_factors.items():
-        if path not in layout.layer_paths:
-            raise ValueError(f"warm_start: no layer {path!r}; layers: {list(layout.layer_paths)}")
-        d = layout.layers[layout.index(path)].d_a
-        if tuple(jnp.shape(a)) != (d, d):
-            raise ValueError(f"warm_start: layer {path!r} needs A of shape {(d, d)}, got {tuple(jnp.shape(a))}")
-
-    def fix(node):
-        if not isinstance(node, ScaleByKbfgsState):
-            return node
-        curv = node.curvature
-        A = list(curv.A)
-        warm = curv.warm
-        for path, a in input_factors.items():
-            i = layout.index(path)
-            A[i] = jnp.asarray(a).astype(A[i].dtype)
-            warm = warm.at[i].set(True)
-        return node._replace(curvature=curv._replace(A=tuple(A), warm=warm))
-
-    return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, ScaleByKbfgsState))
-
-
-def average_input_factors(factors: Iterable[Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
-    """Plain mean of a sequence of :func:`batch_input_factors` results."""
-    total: dict[str, jax.Array] = {}
-    n = 0
-    for f in factors:
-        n += 1
-        for k, v in f.items():
-            total[k] = v if k not in total else total[k] + v
-    if n == 0:
-        raise ValueError("average_input_factors: no minibatch given")
-    return {k: v / n for k, v in total.items()}

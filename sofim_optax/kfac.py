@@ -4,7 +4,10 @@ For every captured dense or convolutional layer, KFAC approximates the layer's F
 a Kronecker product of two small second moments and preconditions the layer's gradient with
 the damped inverse of that product. Everything the Kronecker family shares (layer discovery,
 statistics checks, stacking, fallback, the ``lax.cond`` refreshes) lives in
-:mod:`sofim_optax._kronecker`; this module holds the KFAC-specific math.
+:mod:`sofim_optax.layerwise`; this module holds the KFAC-specific math.
+
+Every hyperparameter is keyword-only; ``docs/arguments.md`` lists what each name means across
+the methods.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import _kronecker as kron
+from sofim_optax import hyperparameters as hp
+from sofim_optax import layerwise
 from sofim_optax import linalg
+from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = ["KfacCurvature", "ScaleByKfacState", "scale_by_kfac", "kfac"]
 
@@ -26,7 +31,7 @@ _INVERSES = ("eigh", "cholesky", "inv")
 class KfacCurvature(NamedTuple):
     """KFAC's curvature state; every field is an array or a dict of arrays.
 
-    Factors are **stacked per dimension** (see :class:`sofim_optax._kronecker.FactorLayout`):
+    Factors are **stacked per dimension** (see :class:`sofim_optax.layerwise.FactorLayout`):
     the input factor ``A`` (``d_a × d_a``) and output factor ``G`` (``d_g × d_g``) of all layers
     are grouped by their size ``d``, whatever layer or role they belong to, into one array of
     shape ``(n_d, d, d)`` under the key ``"d{d}"``, in layer-path order then ``A`` before ``G``.
@@ -59,18 +64,18 @@ class ScaleByKfacState(NamedTuple):
     Attributes:
       count: ``()`` int32, number of updates so far (``optax.safe_increment``).
       curvature: :class:`KfacCurvature`.
-      fallback_state: :class:`sofim_optax._kronecker.FallbackState`, the fallback
+      fallback_state: :class:`sofim_optax.layerwise.FallbackState`, the fallback
         transformation's own state for the parameters no captured layer covers.
     """
 
     count: jax.Array
     curvature: KfacCurvature
-    fallback_state: kron.FallbackState
+    fallback_state: layerwise.FallbackState
 
 
-def _kfac_method(damping: Any, ema: Any, pi_adjusted: bool, inverse: str) -> kron.KroneckerMethod:
-    def layout_of(param_layout: kron.ParamLayout) -> kron.FactorLayout:
-        return kron.FactorLayout.build(param_layout.layers, ("A", "G"))
+def _kfac_method(damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str) -> layerwise.LayerwiseMethod:
+    def layout_of(param_layout: layerwise.ParamLayout) -> layerwise.FactorLayout:
+        return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"))
 
     def init(param_layout, dtype):
         fl = layout_of(param_layout)
@@ -92,11 +97,11 @@ def _kfac_method(damping: Any, ema: Any, pi_adjusted: bool, inverse: str) -> kro
             layer = param_layout.layers[i]
             old_a = fl.get(curv.factors, i, "A")
             dtype = old_a.dtype
-            rho = kron.ema_decay(k[i] + 1, ema, dtype)
-            a_hat = kron.input_factor(st.inputs, layer.has_bias, dtype)
-            g_hat = kron.output_factor(st.output_grads, dtype)
-            values[(i, "A")] = rho * old_a + (1 - rho) * a_hat
-            values[(i, "G")] = rho * fl.get(curv.factors, i, "G") + (1 - rho) * g_hat
+            decay = layerwise.ema_decay(k[i] + 1, ema, dtype)
+            a_hat = layerwise.input_factor(st.inputs, layer.has_bias, dtype)
+            g_hat = layerwise.output_factor(st.output_grads, dtype)
+            values[(i, "A")] = decay * old_a + (1 - decay) * a_hat
+            values[(i, "G")] = decay * fl.get(curv.factors, i, "G") + (1 - decay) * g_hat
         active = jnp.asarray(sorted(stats), jnp.int32)
         return curv._replace(
             stat_updates=k.at[active].set(optax.safe_increment(k[active])),
@@ -126,7 +131,7 @@ def _kfac_method(damping: Any, ema: Any, pi_adjusted: bool, inverse: str) -> kro
         shifts = fl.per_factor(shift)
         return curv._replace(
             inverses={
-                k: kron.stacked_damped_inverse(f, shifts[k].astype(f.dtype), inverse)
+                k: layerwise.stacked_damped_inverse(f, shifts[k].astype(f.dtype), inverse)
                 for k, f in curv.factors.items()
             }
         )
@@ -144,14 +149,15 @@ def _kfac_method(damping: Any, ema: Any, pi_adjusted: bool, inverse: str) -> kro
                 out[i] = fl.get(curv.inverses, i, "A") @ v @ fl.get(curv.inverses, i, "G")
         return out, curv
 
-    return kron.KroneckerMethod(init, update_statistics, refresh, precondition)
+    return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
 
 
 def scale_by_kfac(
-    damping: Any = 1e-3,
-    ema: Any = 0.95,
-    stats_period: Any = 1,
-    inverse_period: Any = 20,
+    *,
+    damping: Scalar = 1e-3,
+    ema: Scalar = 0.95,
+    stats_period: int | jax.Array = 1,
+    inverse_period: int | jax.Array = 20,
     pi_adjusted: bool = True,
     inverse: str = "eigh",
     fallback: optax.GradientTransformation | None = None,
@@ -249,13 +255,10 @@ def scale_by_kfac(
       Grosse & Martens, `A Kronecker-factored approximate Fisher matrix for convolution layers
       <https://arxiv.org/abs/1602.01407>`_, ICML 2016.
     """
-    if inverse not in _INVERSES:
-        raise ValueError(f"scale_by_kfac: inverse must be one of {_INVERSES}, got {inverse!r}")
-    if isinstance(ema, (int, float)) and not 0.0 <= ema < 1.0:
-        raise ValueError(f"scale_by_kfac: ema must be in [0, 1), got {ema!r}")
-    if isinstance(damping, (int, float)) and damping < 0:
-        raise ValueError(f"scale_by_kfac: damping must be >= 0, got {damping!r}")
-    return kron.kronecker_transformation(
+    hp.check_choice("scale_by_kfac", "inverse", inverse, _INVERSES)
+    hp.check_decay("scale_by_kfac", "ema", ema)
+    hp.check_damping("scale_by_kfac", damping)
+    return layerwise.layerwise_transformation(
         name="scale_by_kfac",
         method=_kfac_method(damping, ema, pi_adjusted, inverse),
         state_cls=ScaleByKfacState,
@@ -266,18 +269,19 @@ def scale_by_kfac(
 
 
 def kfac(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: Any = 0.9,
-    damping: Any = 1e-3,
-    weight_decay: Any = 0.0,
-    ema: Any = 0.95,
-    stats_period: Any = 1,
-    inverse_period: Any = 20,
+    learning_rate: ScalarOrSchedule,
+    *,
+    momentum: Scalar | None = 0.9,
+    damping: Scalar = 1e-3,
+    weight_decay: Scalar = 0.0,
+    weight_decay_mask: Any = None,
+    nesterov: bool = False,
+    ema: Scalar = 0.95,
+    stats_period: int | jax.Array = 1,
+    inverse_period: int | jax.Array = 20,
     pi_adjusted: bool = True,
     inverse: str = "eigh",
     fallback: optax.GradientTransformation | None = None,
-    nesterov: bool = False,
-    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""KFAC with heavy-ball momentum on the preconditioned direction.
 
@@ -303,8 +307,8 @@ def kfac(
       weight_decay: decoupled weight decay (default ``0.0``).
       ema, stats_period, inverse_period, pi_adjusted, inverse, fallback: see
         :func:`scale_by_kfac`.
+      weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
-      weight_decay_mask: optional mask for ``add_decayed_weights``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.
@@ -341,7 +345,7 @@ def kfac(
       Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored Approximate
       Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015.
     """
-    return kron.momentum_alias(
+    return layerwise.momentum_alias(
         scale_by_kfac(
             damping=damping,
             ema=ema,
@@ -351,5 +355,6 @@ def kfac(
             inverse=inverse,
             fallback=fallback,
         ),
-        learning_rate, momentum, weight_decay, nesterov, weight_decay_mask,
+        learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask, nesterov=nesterov,
     )

@@ -1,6 +1,6 @@
 """Nyström-SGD: SGD preconditioned by a randomized low-rank Nyström sketch of the Hessian.
 
-Every ``update_period`` steps, ``rank`` Hessian-vector products of the
+Every ``stats_period`` steps, ``rank`` Hessian-vector products of the
 minibatch loss give a rank-``r`` Nyström approximation
 ``Ĥ = V diag(λ̂) Vᵀ`` of its Hessian. In between, each minibatch gradient
 ``g`` is preconditioned by ``(Ĥ + ρI)⁻¹`` in closed form with the Woodbury
@@ -31,8 +31,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from sofim_optax import hyperparameters as hp
+from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from jax.flatten_util import ravel_pytree
-from optax._src import numerics
 
 from sofim_optax.adahessian import _check_static_int, _require_obj_fn
 
@@ -183,13 +185,15 @@ def _preconditioned_smoothness(matvec, eigvecs, eigvals, rho, key, iterations, d
     return lam
 
 
+@hp.structural("rank", "power_iterations")
 def scale_by_nystrom_sgd(
-    rank: int | None = None,
-    rho: float | jax.Array = 1e-3,
-    update_period: int | jax.Array = 100,
+    *,
+    rank: int = DEFAULT_RANK,
+    damping: Scalar = 1e-3,
+    stats_period: int | jax.Array = 100,
     test_matrix: str = "gaussian",
     auto_step: bool = True,
-    power_iterations: int | None = None,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions the gradient by a regularised rank-``r`` Nyström Hessian sketch.
@@ -233,7 +237,7 @@ def scale_by_nystrom_sgd(
     * The Hessian is taken on whatever ``obj_fn`` the caller passes, usually
       the gradient's minibatch, not a separate Hessian batch (pass an
       ``obj_fn`` on a different batch to follow the paper).
-    * ``update_period`` defaults to 100 steps rather than one epoch (set it
+    * ``stats_period`` defaults to 100 steps rather than one epoch (set it
       to the number of steps per epoch to follow the paper).
     * The Nyström core is inverted by ``eigh`` with a pseudo-inverse, not
       Cholesky, so an indefinite minibatch Hessian gives a positive
@@ -242,19 +246,18 @@ def scale_by_nystrom_sgd(
       zero Hessian), :math:`s = 1`.
 
     Args:
-      rank: sketch rank :math:`r` (Python int, ``1 <= r <= d``; default
-        ``None`` = 10). Shape-defining ints default to ``None`` so that
-        ``optax.inject_hyperparams`` works without ``static_args``; an explicit
-        value must be listed in ``static_args`` there.
-      rho: ridge :math:`\rho > 0` (default ``1e-3``). It sets the step in
+      rank: sketch rank :math:`r` (Python int, ``1 <= r <= d``; default 10).
+        It fixes shapes: under ``optax.inject_hyperparams`` list it (and
+        ``power_iterations``) in ``static_args`` (``scale_by_nystrom_sgd.static_args``).
+      damping: the ridge :math:`\rho > 0` (the paper's ρ; default ``1e-3``). It sets the step in
         the directions the sketch misses, :math:`g/\rho`; with
         ``auto_step=False`` the learning rate must be tuned with it.
-      update_period: steps between sketches (default 100); may be an array.
+      stats_period: steps between sketches, each with its eigendecomposition
+        (default 100); may be an array.
       test_matrix: ``"gaussian"`` (default, SketchySGD) or ``"coordinates"``
         (column sampling, Nys-Newton).
       auto_step: scale by :math:`1/\hat L_P` (default ``True``).
-      power_iterations: power-method steps for :math:`\hat L_P` (default
-        ``None`` = 10).
+      power_iterations: power-method steps for :math:`\hat L_P` (default 10).
       seed: seed of the PRNG key kept in the state (default 0).
 
     Returns:
@@ -270,20 +273,17 @@ def scale_by_nystrom_sgd(
       Stochastic Optimization <https://arxiv.org/abs/2110.08577>`_, 2021.
     """
     who = "scale_by_nystrom_sgd"
-    rank = _check_static_int("rank", rank, 1, who, default=DEFAULT_RANK)
-    power_iterations = _check_static_int("power_iterations", power_iterations, 1, who, default=DEFAULT_POWER_ITERATIONS)
-    if test_matrix not in TEST_MATRICES:
-        raise ValueError(f"{who}: test_matrix must be one of {TEST_MATRICES}, got {test_matrix!r}")
-    if isinstance(rho, (int, float)) and not (rho > 0 and math.isfinite(rho)):
-        raise ValueError(f"{who}: rho must be a finite number > 0, got {rho}")
-    if isinstance(update_period, (int, float)) and not isinstance(update_period, bool):
-        _check_static_int("update_period", int(update_period), 1, who)
+    rank = _check_static_int("rank", rank, 1, who)
+    power_iterations = _check_static_int("power_iterations", power_iterations, 1, who)
+    hp.check_choice(who, "test_matrix", test_matrix, TEST_MATRICES)
+    hp.check_positive(who, "damping", damping)
+    hp.check_positive_int(who, "stats_period", stats_period)
 
     def work_dtype(tree: Any) -> jnp.dtype:
         leaves = jax.tree.leaves(tree)
         if not leaves:
             raise ValueError(f"{who}: the parameter tree has no leaves")
-        return jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+        return hp.accumulation_dtype(*leaves)
 
     def init_fn(params: optax.Params) -> ScaleByNystromSgdState:
         dim = sum(int(jnp.size(p)) for p in jax.tree.leaves(params))
@@ -314,7 +314,7 @@ def scale_by_nystrom_sgd(
         if flat_params.shape[0] != dim:
             raise ValueError(f"{who}: params have {flat_params.shape[0]} entries but the state was built for {dim}")
         grad_fn = jax.grad(obj_fn)
-        rho_ = jnp.asarray(rho, dtype)
+        rho_ = jnp.asarray(damping, dtype)
 
         def matvec(v: jax.Array) -> jax.Array:
             tangent = unravel(v.astype(flat_params.dtype))
@@ -336,7 +336,7 @@ def scale_by_nystrom_sgd(
         def keep(operand):
             return operand
 
-        period = jnp.asarray(update_period, jnp.int32)
+        period = jnp.asarray(stats_period, jnp.int32)
         key, eigvecs, eigvals, step_scale = jax.lax.cond(
             state.count % period == 0,
             refresh,
@@ -350,7 +350,7 @@ def scale_by_nystrom_sgd(
         new_updates = unravel_g(direction.astype(flat_g.dtype))
         new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
         return new_updates, ScaleByNystromSgdState(
-            count=numerics.safe_increment(state.count),
+            count=optax.safe_increment(state.count),
             key=key,
             eigvecs=eigvecs,
             eigvals=eigvals,
@@ -360,19 +360,21 @@ def scale_by_nystrom_sgd(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@hp.structural("rank", "power_iterations")
 def nystrom_sgd(
-    learning_rate: float | jax.Array | optax.Schedule = 1.0,
-    rank: int | None = None,
-    rho: float | jax.Array = 1e-3,
-    update_period: int | jax.Array = 100,
-    momentum: float | None = None,
+    learning_rate: ScalarOrSchedule = 1.0,
+    *,
+    rank: int = DEFAULT_RANK,
+    damping: Scalar = 1e-3,
+    stats_period: int | jax.Array = 100,
+    momentum: Scalar | None = None,
     nesterov: bool = False,
-    weight_decay: float | jax.Array = 0.0,
+    weight_decay: Scalar = 0.0,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     test_matrix: str = "gaussian",
     auto_step: bool = True,
-    power_iterations: int | None = None,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
     seed: int = 0,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Nyström-SGD (SketchySGD): :func:`scale_by_nystrom_sgd`, weight decay, momentum, learning rate.
 
@@ -382,28 +384,28 @@ def nystrom_sgd(
 
     (with heavy-ball momentum on that direction when ``momentum`` is given;
     SketchySGD has none, so the default is ``None``). That is
-    ``optax.chain(scale_by_nystrom_sgd(...), add_decayed_weights(weight_decay, mask),
+    ``optax.chain(scale_by_nystrom_sgd(...), add_decayed_weights(weight_decay, weight_decay_mask),
     [trace(momentum, nesterov)], scale_by_learning_rate(learning_rate))``.
     Weight decay is decoupled: it is not preconditioned.
 
     With ``auto_step=True`` (default), ``learning_rate`` multiplies
     SketchySGD's automatic step :math:`s = 1/\hat L_P`, so 1.0 (the default)
     is SketchySGD's own choice; with ``auto_step=False`` it is an ordinary
-    learning rate and must be tuned with ``rho``.
+    learning rate and must be tuned with ``damping``.
 
     Usage::
 
-        opt = sofim_optax.nystrom_sgd(1.0, rank=10, rho=1e-3, update_period=steps_per_epoch)
+        opt = sofim_optax.nystrom_sgd(1.0, rank=10, damping=1e-3, stats_period=steps_per_epoch)
         updates, state = opt.update(grads, state, params, obj_fn=lambda p: loss_fn(p, x, y))
 
     Args:
       learning_rate: multiplier or learning rate (float or schedule), see above.
-      rank, rho, update_period, test_matrix, auto_step, power_iterations, seed:
-        see :func:`scale_by_nystrom_sgd`.
+      rank, damping, stats_period, test_matrix, auto_step, power_iterations, seed:
+        keyword-only, see :func:`scale_by_nystrom_sgd` (same defaults).
       momentum: heavy-ball momentum, or ``None`` (default) for none.
       nesterov: Nesterov momentum (default ``False``).
       weight_decay: decoupled weight decay :math:`\lambda` (default 0).
-      mask: which parameters weight decay applies to (default: all).
+      weight_decay_mask: which parameters weight decay applies to (default: all).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs
@@ -412,14 +414,14 @@ def nystrom_sgd(
     parts = [
         scale_by_nystrom_sgd(
             rank=rank,
-            rho=rho,
-            update_period=update_period,
+            damping=damping,
+            stats_period=stats_period,
             test_matrix=test_matrix,
             auto_step=auto_step,
             power_iterations=power_iterations,
             seed=seed,
         ),
-        optax.add_decayed_weights(weight_decay, mask),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
     ]
     if momentum is not None:
         parts.append(optax.trace(decay=momentum, nesterov=nesterov))

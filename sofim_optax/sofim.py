@@ -16,13 +16,15 @@ when ``‖m̂‖² ≫ ρ``.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
+
+from sofim_optax import hyperparameters as hp
+from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = ["ScaleBySofimState", "scale_by_sofim", "sofim", "SOFIM_SCOPES"]
 
@@ -44,25 +46,13 @@ class ScaleBySofimState(NamedTuple):
     mu: optax.Updates
 
 
-def _check_hyperparameters(b1: Any, rho: Any, scope: str, block_size: int | None) -> None:
-    if scope not in SOFIM_SCOPES:
-        raise ValueError(f"scope must be one of {SOFIM_SCOPES}, got {scope!r}")
-    if block_size is not None:
-        if scope != "mini_block":
-            raise ValueError(f"block_size only applies to scope='mini_block', got scope={scope!r}")
-        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    # Only concrete Python numbers can be checked here: under
-    # optax.inject_hyperparams the values arrive as traced arrays.
-    if isinstance(b1, (int, float)) and not 0.0 <= b1 < 1.0:
-        raise ValueError(f"b1 must lie in [0, 1), got {b1}")
-    if isinstance(rho, (int, float)) and not (rho > 0.0 and math.isfinite(rho)):
-        raise ValueError(f"rho must be a finite number > 0, got {rho}")
-
-
-def _accumulation_dtype(dtype: Any) -> jnp.dtype:
-    """The dtype statistics are kept in: at least float32."""
-    return jnp.promote_types(dtype, jnp.float32)
+def _check_hyperparameters(b1: Any, damping: Any, scope: str, block_size: Any) -> None:
+    where = "scale_by_sofim"
+    hp.check_choice(where, "scope", scope, SOFIM_SCOPES)
+    if scope == "mini_block":  # other scopes ignore block_size
+        hp.check_positive_int(where, "block_size", block_size, static=True)
+    hp.check_decay(where, "b1", b1)
+    hp.check_positive(where, "damping", damping)
 
 
 def _rank_one_ridge_step(block: jax.Array, rho: jax.Array) -> jax.Array:
@@ -86,11 +76,13 @@ def _mini_block_step(mhat: jax.Array, rho: jax.Array, block_size: int) -> jax.Ar
     return stepped.reshape(-1)[:size].reshape(mhat.shape)
 
 
+@hp.structural('block_size')
 def scale_by_sofim(
-    b1: float | jax.Array = 0.9,
-    rho: float | jax.Array = 0.5,
+    *,
+    b1: Scalar = 0.9,
+    damping: Scalar = 0.5,
     scope: str = "global",
-    block_size: int | None = None,
+    block_size: int = DEFAULT_MINI_BLOCK_SIZE,
     mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Scales updates by SOFIM's regularised rank-one Fisher inverse.
@@ -113,7 +105,7 @@ def scale_by_sofim(
     first update is :math:`g_1 / (\rho + \lVert g_1\rVert^2)`. A large initial
     gradient therefore gives a short first step; that is the method, not a bug.
 
-    Scale of ``rho``: ρ lives on the scale of :math:`\lVert\hat m\rVert^2`, the
+    Scale of ``damping``: ρ lives on the scale of :math:`\lVert\hat m\rVert^2`, the
     squared gradient norm, which depends on the model size and on how the loss
     is normalised (batch mean or sum, per pixel or per example). The step length
     :math:`\eta\lVert\hat m\rVert / (\rho + \lVert\hat m\rVert^2)` is at most
@@ -123,9 +115,10 @@ def scale_by_sofim(
 
     Args:
       b1: decay of the first moment :math:`\beta_1 \in [0, 1)`. Default 0.9.
-      rho: the ridge :math:`\rho > 0` of the Fisher model. Default 0.5, the
-        default of the DP-FedSOFIM code co-authored by SOFIM's first author (the
-        SOFIM paper's own values could not be recovered).
+      damping: the ridge :math:`\rho > 0` of the Fisher model (the paper's ρ;
+        named ``damping`` as in every method here). Default 0.5, the default of the
+        DP-FedSOFIM code co-authored by SOFIM's first author (the SOFIM paper does
+        not state its own).
       scope: over which vector the rank-one Fisher is built. ``"global"`` (the
         default and the paper's formulation): one vector of all parameters, so
         one scalar :math:`\rho + \lVert\hat m\rVert^2` for the whole model.
@@ -134,11 +127,12 @@ def scale_by_sofim(
         optimiser). ``"mini_block"``: each leaf is flattened and cut into chunks of
         ``block_size`` entries, one rank-one Fisher per chunk, computed with one
         ``vmap`` over the chunks of a leaf.
-      block_size: chunk size for ``scope="mini_block"`` (default ``None`` means
-        1024). Giving it with another scope is an error.
+      block_size: chunk size for ``scope="mini_block"`` (default 1024); other
+        scopes ignore it. It fixes shapes, so with ``scope="mini_block"`` under
+        ``optax.inject_hyperparams`` list it in ``static_args``.
       mu_dtype: dtype of the first moment. Default ``None``: the gradient's dtype
         promoted to at least float32 (so bfloat16 parameters get a float32
-        moment, as DESIGN.md's numerics rule asks; this departs from optax's
+        moment, the numerics rule of every method here; this departs from optax's
         convention of keeping the parameters' dtype).
 
     Returns:
@@ -149,13 +143,11 @@ def scale_by_sofim(
       Sen et al., `SOFIM: Stochastic Optimization Using Regularized Fisher
       Information Matrix <https://arxiv.org/abs/2403.02833>`_, 2024.
     """
-    _check_hyperparameters(b1, rho, scope, block_size)
-    if scope == "mini_block" and block_size is None:
-        block_size = DEFAULT_MINI_BLOCK_SIZE
+    _check_hyperparameters(b1, damping, scope, block_size)
 
     def init_fn(params: optax.Params) -> ScaleBySofimState:
         def zeros(p: jax.Array) -> jax.Array:
-            dtype = mu_dtype if mu_dtype is not None else _accumulation_dtype(jnp.asarray(p).dtype)
+            dtype = mu_dtype if mu_dtype is not None else hp.accumulation_dtype(jnp.asarray(p).dtype)
             return jnp.zeros(jnp.shape(p), dtype)
 
         return ScaleBySofimState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params))
@@ -167,7 +159,7 @@ def scale_by_sofim(
         **extra_args: Any,
     ) -> tuple[optax.Updates, ScaleBySofimState]:
         del params, extra_args
-        count = numerics.safe_increment(state.count)
+        count = optax.safe_increment(state.count)
 
         def moment(g: jax.Array, m: jax.Array) -> jax.Array:
             beta = jnp.asarray(b1, m.dtype)
@@ -184,21 +176,21 @@ def scale_by_sofim(
             # Folding the bias correction into that one scalar lets XLA fuse
             # the moment update with the reduction, leaving one scaling pass.
             leaves = jax.tree.leaves(mu)
-            norm_dtype = _accumulation_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
+            norm_dtype = hp.accumulation_dtype(jnp.result_type(*leaves)) if leaves else jnp.float32
             squared_norm = sum(
                 (jnp.sum(jnp.square(m.astype(norm_dtype))) for m in leaves),
                 start=jnp.zeros([], norm_dtype),
             )
             inv_c = 1 / (1 - jnp.asarray(b1, norm_dtype) ** count.astype(norm_dtype))
-            scale = inv_c / (jnp.asarray(rho, norm_dtype) + squared_norm * inv_c * inv_c)
+            scale = inv_c / (jnp.asarray(damping, norm_dtype) + squared_norm * inv_c * inv_c)
             directions = jax.tree.map(lambda m: m * scale.astype(m.dtype), mu)
         elif scope == "per_tensor":
             directions = jax.tree.map(
-                lambda m: _rank_one_ridge_step(bias_corrected(m), jnp.asarray(rho, m.dtype)), mu
+                lambda m: _rank_one_ridge_step(bias_corrected(m), jnp.asarray(damping, m.dtype)), mu
             )
         else:
             directions = jax.tree.map(
-                lambda m: _mini_block_step(bias_corrected(m), jnp.asarray(rho, m.dtype), block_size), mu
+                lambda m: _mini_block_step(bias_corrected(m), jnp.asarray(damping, m.dtype), block_size), mu
             )
 
         new_updates = jax.tree.map(lambda d, g: d.astype(g.dtype), directions, updates)
@@ -207,15 +199,17 @@ def scale_by_sofim(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@hp.structural('block_size')
 def sofim(
-    learning_rate: float | jax.Array | optax.Schedule,
-    b1: float | jax.Array = 0.9,
-    rho: float | jax.Array = 0.5,
-    weight_decay: float | jax.Array = 0.0,
+    learning_rate: ScalarOrSchedule,
+    *,
+    b1: Scalar = 0.9,
+    damping: Scalar = 0.5,
+    weight_decay: Scalar = 0.0,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     scope: str = "global",
-    block_size: int | None = None,
+    block_size: int = DEFAULT_MINI_BLOCK_SIZE,
     mu_dtype: Any | None = None,
-    mask: Any | Callable[[optax.Params], Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""The SOFIM optimiser: :func:`scale_by_sofim`, decoupled weight decay, learning rate.
 
@@ -233,23 +227,23 @@ def sofim(
     Example::
 
         import optax, sofim_optax
-        opt = sofim_optax.sofim(learning_rate=0.05, rho=0.5)
+        opt = sofim_optax.sofim(learning_rate=0.05, damping=0.5)
         state = opt.init(params)
         updates, state = opt.update(grads, state, params)
         params = optax.apply_updates(params, updates)
 
     Args:
-      learning_rate: η, a float or an optax schedule. Tune it with ``rho``: the
+      learning_rate: η, a float or an optax schedule. Tune it with ``damping``: the
         largest possible step is η/(2√ρ).
       b1: decay of the first moment. Default 0.9.
-      rho: the Fisher ridge ρ > 0, on the scale of the squared gradient norm.
+      damping: the Fisher ridge ρ > 0, on the scale of the squared gradient norm.
         Default 0.5.
       weight_decay: λ of the decoupled weight decay. Default 0.0.
       scope: ``"global"`` (default), ``"per_tensor"`` or ``"mini_block"``; see
         :func:`scale_by_sofim`.
       block_size: chunk size for ``scope="mini_block"`` (default 1024).
       mu_dtype: dtype of the moment (default: at least float32).
-      mask: which parameters weight decay applies to, as for
+      weight_decay_mask: which parameters weight decay applies to, as for
         ``optax.add_decayed_weights``. Default ``None``: all.
 
     Returns:
@@ -260,7 +254,9 @@ def sofim(
       Information Matrix <https://arxiv.org/abs/2403.02833>`_, 2024.
     """
     return optax.chain(
-        scale_by_sofim(b1=b1, rho=rho, scope=scope, block_size=block_size, mu_dtype=mu_dtype),
-        optax.add_decayed_weights(weight_decay, mask),
+        scale_by_sofim(
+            b1=b1, damping=damping, scope=scope, block_size=block_size, mu_dtype=mu_dtype
+        ),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -1,11 +1,13 @@
 """Test-wide settings.
 
-``sofim_optax`` is imported before any test module runs JAX, so that its CPU
-runtime work-arounds (``sofim_optax/_cpu_runtime.py``) apply to the whole suite. The
-``x64`` fixture is shared by every test that compares against a float64 reference.
+``sofim_optax.configure_cpu_runtime()`` runs before any test module runs JAX, so that the CPU
+runtime settings (``sofim_optax/cpu_runtime.py``) apply to the whole suite. The ``x64``
+fixture is shared by every test that compares against a float64 reference.
 """
 
-import sofim_optax  # noqa: F401  (first: it configures JAX's CPU runtime)
+import sofim_optax
+
+sofim_optax.configure_cpu_runtime()  # before the first JAX computation
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

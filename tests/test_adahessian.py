@@ -136,7 +136,7 @@ def ref_adahessian(curv, grads_seq, params, b1, b2, eps, k, period, spatial, blo
 
 
 CONFIGS = [
-    # (hessian_power, update_period, spatial_averaging, block_size, average_absolute)
+    # (hessian_power, stats_period, spatial_averaging, block_size, average_absolute)
     (1.0, 1, True, 1, True),
     (0.5, 2, True, 3, False),
     (1.0, 3, False, 4, True),
@@ -150,7 +150,7 @@ def test_matches_numpy_reference(x64):
     b1, b2, eps, lr, wd = 0.8, 0.9, 1e-3, 0.05, 0.1
     obj = separable_obj(curv)
     txs = [
-        adahessian(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, hessian_power=k, update_period=per,
+        adahessian(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, hessian_power=k, stats_period=per,
                    spatial_averaging=sp, block_size=bl, average_absolute=ab)
         for k, per, sp, bl, ab in CONFIGS
     ]
@@ -193,7 +193,7 @@ def test_key_advances_only_on_refresh_and_seed_matters():
     params = rand_tree(0, {"w": (4, 3)})
     c = rand_tree(1, {"w": (4, 3)})["w"]
     obj = lambda p: jnp.sum(c * p["w"]) ** 2  # Hessian 2 c cᵀ: not diagonal, probes matter
-    tx, tx_other = scale_by_adahessian(update_period=2, seed=0), scale_by_adahessian(update_period=2, seed=1)
+    tx, tx_other = scale_by_adahessian(stats_period=2, seed=0), scale_by_adahessian(stats_period=2, seed=1)
 
     @jax.jit
     def run(params):
@@ -233,7 +233,7 @@ def test_errors():
         ({"b2": -0.1}, "b2"),
         ({"eps": 0.0}, "eps"),
         ({"hessian_power": 2.0}, "hessian_power"),
-        ({"update_period": 0}, "update_period"),
+        ({"stats_period": 0}, "stats_period"),
         ({"block_size": 0}, "block_size"),
     ]:
         with pytest.raises(ValueError, match=match):
@@ -275,9 +275,19 @@ def test_jit_and_chain():
 def test_inject_hyperparams_and_schedule():
     params, obj = _problem()
     g = jax.grad(obj)(params)
-    opt = optax.inject_hyperparams(adahessian, static_args=("num_probes",))(learning_rate=0.1, num_probes=2)
-    # ... and with every shape-defining argument left at its default (None), no static_args needed.
-    jax.eval_shape(optax.inject_hyperparams(adahessian)(learning_rate=0.1).init, params)
+    opt = optax.inject_hyperparams(adahessian, static_args=("num_probes", "block_size"))(
+        learning_rate=0.1, num_probes=2
+    )
+    # ... and with every shape-defining argument at its default, through the factory's own list.
+    assert adahessian.static_args == ("num_probes", "block_size")
+    jax.eval_shape(
+        optax.inject_hyperparams(adahessian, static_args=adahessian.static_args)(learning_rate=0.1).init,
+        params,
+    )
+    # Without it, the error says what to do.
+    with pytest.raises(TypeError, match="static_args"):
+        opt_bad = optax.inject_hyperparams(adahessian)(learning_rate=0.1)
+        jax.jit(lambda s: opt_bad.update(g, s, params, obj_fn=obj))(opt_bad.init(params))
     state = jax.jit(opt.init)(params)
     step = jax.jit(lambda g, s: opt.update(g, s, params, obj_fn=obj))
     u1, state = step(g, state)
@@ -286,7 +296,7 @@ def test_inject_hyperparams_and_schedule():
     assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(u2))
     assert any(float(np.abs(np.asarray(x)).max()) > 0.0 for x in jax.tree.leaves(u1))
     sched = optax.linear_schedule(1.0, 0.0, transition_steps=2)
-    opt = adahessian(sched, b1=0.0, b2=0.0, update_period=100)  # a fixed direction
+    opt = adahessian(sched, b1=0.0, b2=0.0, stats_period=100)  # a fixed direction
     s = jax.jit(opt.init)(params)
     stepper = jax.jit(lambda s: opt.update(g, s, params, obj_fn=obj))
     norms = []
@@ -320,7 +330,7 @@ def test_multisteps_forwards_obj_fn():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dtypes_and_state_stability(dtype):
     params, obj = _problem(dtype)
-    opt = adahessian(0.1, update_period=2, num_probes=2)
+    opt = adahessian(0.1, stats_period=2, num_probes=2)
     state0 = jax.jit(opt.init)(params)
     step = jax.jit(lambda p, s: opt.update(jax.grad(obj)(p), s, p, obj_fn=obj))
     state, p = state0, params

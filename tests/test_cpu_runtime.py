@@ -1,4 +1,4 @@
-"""The CPU runtime work-arounds applied when sofim_optax is imported (see sofim_optax/_cpu_runtime.py).
+"""The CPU runtime settings of ``sofim_optax.configure_cpu_runtime`` (see sofim_optax/cpu_runtime.py).
 
 Each case runs in a fresh interpreter: the settings only take effect before
 JAX's backend starts, which in this test process has long happened.
@@ -19,11 +19,21 @@ def run_python(code: str, **env_overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
-REPORT = "import os, sofim_optax; print(repr(os.environ.get('XLA_FLAGS'))); print(repr(os.environ.get('OPENBLAS_NUM_THREADS')))"
+REPORT = (
+    "import os, sofim_optax; {call}print(repr(os.environ.get('XLA_FLAGS'))); "
+    "print(repr(os.environ.get('OPENBLAS_NUM_THREADS')))"
+)
+CONFIGURE = "sofim_optax.configure_cpu_runtime(); "
 
 
-def test_import_sets_scheduler_flag_and_single_threaded_openblas():
-    out = run_python(REPORT)
+def test_import_alone_changes_nothing():
+    out = run_python(REPORT.format(call=""))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines() == ["None", "None"]
+
+
+def test_configure_sets_scheduler_flag_and_single_threaded_openblas():
+    out = run_python(REPORT.format(call=CONFIGURE))
     assert out.returncode == 0, out.stderr
     flags, threads = out.stdout.strip().splitlines()
     assert FLAG in flags
@@ -31,24 +41,52 @@ def test_import_sets_scheduler_flag_and_single_threaded_openblas():
 
 
 def test_existing_flags_are_kept_and_user_choices_respected():
-    out = run_python(REPORT, XLA_FLAGS="--xla_cpu_use_xnnpack=true", OPENBLAS_NUM_THREADS="2")
+    out = run_python(REPORT.format(call=CONFIGURE), XLA_FLAGS="--xla_cpu_use_xnnpack=true", OPENBLAS_NUM_THREADS="2")
     flags, threads = out.stdout.strip().splitlines()
     assert "--xla_cpu_use_xnnpack=true" in flags and FLAG in flags
     assert threads == "'2'"
-    out = run_python(REPORT, XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    out = run_python(REPORT.format(call=CONFIGURE), XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true")
     assert out.stdout.strip().splitlines()[0] == "'--xla_cpu_enable_concurrency_optimized_scheduler=true'"
+    # Calling it twice adds nothing more.
+    out = run_python(REPORT.format(call=CONFIGURE + CONFIGURE))
+    assert out.stdout.strip().splitlines()[0].count(FLAG) == 1
 
 
-def test_opt_out_leaves_environment_alone():
-    out = run_python(REPORT, SOFIM_OPTAX_NO_CPU_WORKAROUNDS="1")
-    assert out.stdout.strip().splitlines() == ["None", "None"]
+DECOMPOSE = """
+import jax.numpy as jnp, sofim_optax
+{call}
+from sofim_optax import cpu_runtime
+cpu_runtime.map_stack(jnp.linalg.cholesky, jnp.eye(3)[None])
+cpu_runtime.map_stack(jnp.linalg.cholesky, jnp.eye(3)[None])
+"""
 
 
-def test_warns_when_jax_already_started_on_cpu():
-    code = "import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); import sofim_optax"
-    out = run_python(code)
+def test_warns_once_when_a_decomposition_runs_without_the_settings():
+    import jax
+    import jaxlib.version
+
+    old_cpu = jax.default_backend() == "cpu" and tuple(
+        int(v) for v in jaxlib.version.__version__.split(".")[:2]
+    ) < (0, 11)
+    out = run_python(DECOMPOSE.format(call=""))
     assert out.returncode == 0, out.stderr
-    assert "concurrency-optimised CPU scheduler" in out.stderr
+    assert out.stderr.count("sofim_optax.configure_cpu_runtime()") == (1 if old_cpu else 0)
+    out = run_python(DECOMPOSE.format(call="sofim_optax.configure_cpu_runtime()"))
+    assert "configure_cpu_runtime" not in out.stderr
+    out = run_python(DECOMPOSE.format(call=""), SOFIM_OPTAX_NO_CPU_WORKAROUNDS="1")
+    assert "configure_cpu_runtime" not in out.stderr
+
+
+def test_library_uses_no_private_jax_or_optax_modules():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "sofim_optax"
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if "jax._src" in path.read_text() or "optax._src" in path.read_text()
+    ]
+    assert offenders == []
 
 
 @pytest.mark.slow
@@ -56,7 +94,9 @@ def test_kfac_update_of_a_deep_autoencoder_finishes():
     # Regression test for the scheduler deadlock: this exact program never
     # finished with jax 0.10.2 on CPU without the flag.
     code = """
-import sofim_optax, jax, jax.numpy as jnp, numpy as np, optax
+import sofim_optax
+sofim_optax.configure_cpu_runtime()
+import jax, jax.numpy as jnp, numpy as np, optax
 from flax import linen as nn
 class AE(nn.Module):
     @nn.compact
@@ -90,18 +130,18 @@ def test_map_stack_matches_vmap_and_is_sequential_on_old_cpu_jaxlib(monkeypatch)
     import jaxlib.version
     import numpy as np
 
-    from sofim_optax import _cpu_runtime
+    from sofim_optax import cpu_runtime
 
     x = np.random.default_rng(0).normal(size=(3, 4, 4)).astype(np.float32)
     stack = jnp.asarray(x @ x.transpose(0, 2, 1) + 4 * np.eye(4, dtype=np.float32))
     fn = lambda a, s: jnp.linalg.cholesky(a + s * jnp.eye(4))
     shifts = jnp.arange(3.0)
     expected = jax.vmap(fn)(stack, shifts)
-    np.testing.assert_allclose(_cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)
-    jaxpr = str(jax.make_jaxpr(lambda a, s: _cpu_runtime.map_stack(fn, a, s))(stack, shifts))
+    np.testing.assert_allclose(cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda a, s: cpu_runtime.map_stack(fn, a, s))(stack, shifts))
     old_cpu = jax.default_backend() == "cpu" and tuple(int(v) for v in jaxlib.version.__version__.split(".")[:2]) < (0, 11)
     assert ("scan" in jaxpr) == old_cpu  # lax.map lowers to a scan
     monkeypatch.setenv("SOFIM_OPTAX_NO_CPU_WORKAROUNDS", "1")
-    jaxpr = str(jax.make_jaxpr(lambda a, s: _cpu_runtime.map_stack(fn, a, s))(stack, shifts))
+    jaxpr = str(jax.make_jaxpr(lambda a, s: cpu_runtime.map_stack(fn, a, s))(stack, shifts))
     assert "scan" not in jaxpr
-    np.testing.assert_allclose(_cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)
+    np.testing.assert_allclose(cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)

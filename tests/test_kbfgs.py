@@ -17,15 +17,8 @@ import optax
 import pytest
 
 from sofim_optax.curvature import LayerStats
-from sofim_optax.kbfgs import (
-    ScaleByKbfgsState,
-    average_input_factors,
-    batch_input_factors,
-    kbfgs,
-    kbfgs_l,
-    scale_by_kbfgs,
-    warm_start,
-)
+from sofim_optax.kbfgs import ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
+from sofim_optax.kbfgs_warm_start import average_input_factors, batch_input_factors, warm_start
 
 
 
@@ -259,7 +252,7 @@ def test_first_steps_match_dense_reference(x64, memory):
 def test_first_step_is_exact_inverse_and_warm_start(x64):
     damping = 0.5
     params, grads_seq, stats_seq, prev_seq = problem(1, 2, layers={"dense": LAYERS["dense"]})
-    tx = kbfgs(1.0, damping=damping, momentum=None)
+    tx = kbfgs(1.0, damping=damping, gradient_ema=None)
     rng = np.random.default_rng(7)
     batches = [rand_stats(rng, {"dense": LAYERS["dense"]}) for _ in range(3)]
     factors = average_input_factors(jax.jit(batch_input_factors)(params, b) for b in batches)
@@ -431,7 +424,7 @@ def test_jit_chain_and_alias():
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
         np.testing.assert_allclose(b, -np.asarray(a), rtol=1e-5, atol=1e-6)
     for alias, mem in ((kbfgs_l, 2),):  # kbfgs_l is kbfgs with a memory
-        opt = alias(0.1, damping=0.1, momentum=0.5, weight_decay=1e-2, memory=mem)
+        opt = alias(0.1, damping=0.1, gradient_ema=0.5, weight_decay=1e-2, memory=mem)
         ref = optax.chain(optax.add_decayed_weights(1e-2), optax.ema(0.5, debias=False),
                           scale_by_kbfgs(damping=0.1, memory=mem), optax.scale(-0.1))
         ua, _ = run_steps(opt, params, grads_seq, stats_seq, prev_seq)
@@ -442,7 +435,7 @@ def test_jit_chain_and_alias():
 
 def test_inject_hyperparams_learning_rate_and_damping():
     params, grads_seq, stats_seq, prev_seq = conf_problem()
-    opt = optax.inject_hyperparams(kbfgs)(learning_rate=0.1, damping=1e-2, momentum=0.0)
+    opt = optax.inject_hyperparams(kbfgs)(learning_rate=0.1, damping=1e-2, gradient_ema=0.0)
     step = jax.jit(opt.update)
     state = jax.jit(opt.init)(params)
     state.hyperparams["learning_rate"] = arr(0.2)
@@ -451,7 +444,7 @@ def test_inject_hyperparams_learning_rate_and_damping():
     for t in range(2):
         u, state = step(grads_seq[t], state, params, layer_stats=stats_seq[t], previous_batch_stats=prev_seq[t])
         got.append(u)
-    want, _ = run_steps(kbfgs(0.2, damping=3.0, momentum=0.0), params, grads_seq[:2], stats_seq[:2], prev_seq[:2])
+    want, _ = run_steps(kbfgs(0.2, damping=3.0, gradient_ema=0.0), params, grads_seq[:2], stats_seq[:2], prev_seq[:2])
     for u, w in zip(got, want):
         for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(w)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -476,10 +469,10 @@ def test_multisteps_forwards_extra_args():
 def test_schedule_learning_rate():
     params, grads_seq, stats_seq, prev_seq = conf_problem()
     sched = optax.linear_schedule(1.0, 0.0, transition_steps=2)
-    updates, _ = run_steps(kbfgs(sched, momentum=None), params, grads_seq, stats_seq, prev_seq)
+    updates, _ = run_steps(kbfgs(sched, gradient_ema=None), params, grads_seq, stats_seq, prev_seq)
     norms = [np.sqrt(sum(np.sum(np.asarray(x) ** 2) for x in jax.tree.leaves(u))) for u in updates]
     assert norms[0] > 0 and norms[1] > 0 and norms[2] == 0.0
-    ref, _ = run_steps(kbfgs(1.0, momentum=None), params, grads_seq, stats_seq, prev_seq)
+    ref, _ = run_steps(kbfgs(1.0, gradient_ema=None), params, grads_seq, stats_seq, prev_seq)
     for a, b in zip(jax.tree.leaves(updates[1]), jax.tree.leaves(ref[1])):
         np.testing.assert_allclose(a, 0.5 * np.asarray(b), rtol=1e-5, atol=1e-7)
 

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from sofim_optax import _kronecker as kron
+from sofim_optax import layerwise
 from sofim_optax import linalg
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kfac import ScaleByKfacState, kfac, scale_by_kfac
@@ -204,7 +204,7 @@ def test_layer_paths_linen_variables_dict():
     plain, linen = run(rand_like(1, inner))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(linen["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-    layout = kron.discover_layers({"params": inner})
+    layout = layerwise.discover_layers({"params": inner})
     assert layout.layer_paths == ("Encoder_0/Dense_1",)
     assert layout.leaf_paths == ("Encoder_0/Dense_1/bias", "Encoder_0/Dense_1/kernel")
 
@@ -218,7 +218,7 @@ def test_layer_discovery_rules():
         "vec": {"kernel": zeros((5,))},  # ndim 1: not a layer
         "layers": [{"kernel": zeros((2, 2))}],
     }
-    layout = kron.discover_layers(params)
+    layout = layerwise.discover_layers(params)
     by_path = {layer.path: layer for layer in layout.layers}
     assert sorted(by_path) == ["conv", "dense", "layers/0", "odd_bias"]
     assert (by_path["conv"].d_a, by_path["conv"].d_g) == (19, 5)
@@ -253,7 +253,7 @@ def test_nnx_state_and_optimizer():
     tx = scale_by_kfac(damping=0.1)
     # An nnx.State whose leaves are nnx.Param variables, as nnx.state / nnx.grad return it.
     state_params = nnx.state(model, nnx.Param)
-    assert kron.discover_layers(state_params).layer_paths == ("lin", "out")
+    assert layerwise.discover_layers(state_params).layer_paths == ("lin", "out")
     # ... and the same computation on the plain nested dict.
     plain, g = nnx.to_pure_dict(state_params), nnx.to_pure_dict(grads)
 
@@ -469,7 +469,7 @@ def test_fallback_optax_transform():
             for leaf in want[name]:
                 np.testing.assert_allclose(upd[name][leaf], want[name][leaf], rtol=1e-6)
     # The captured layer's fallback state was never touched.
-    idx = kron.discover_layers(params).layer_paths.index("Dense_0")
+    idx = layerwise.discover_layers(params).layer_paths.index("Dense_0")
     untouched = state.fallback_state.layers[idx]
     for leaf in jax.tree.leaves(untouched):
         np.testing.assert_array_equal(leaf, np.zeros_like(leaf))
@@ -689,7 +689,7 @@ def test_cholesky_breakdown_falls_back_to_eigh():
     bad = v @ v.T * 1e8 - 0.1 * np.eye(6)
     factors = arr(np.stack([bad, np.eye(6)]))
     shifts = arr([1e-3, 1e-3])
-    run = jax.jit(kron.stacked_damped_inverse, static_argnums=2)
+    run = jax.jit(layerwise.stacked_damped_inverse, static_argnums=2)
     plain = jax.jit(jax.vmap(lambda f, s: linalg.damped_inverse(f, s, "cholesky")))(factors, shifts)
     assert not np.all(np.isfinite(np.asarray(plain)))  # the breakdown is real
     for method in ("cholesky", "inv"):

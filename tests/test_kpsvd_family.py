@@ -15,10 +15,10 @@ import pytest
 
 import sofim_optax
 from sofim_optax.curvature import LayerStats
-from sofim_optax.kfac_corrected import kfac_corrected, scale_by_kfac_corrected
+from sofim_optax.kpsvd import kfac_corrected, scale_by_kfac_corrected
 from sofim_optax.kpsvd import ScaleByKpsvdState, kpsvd, scale_by_kpsvd
-from sofim_optax.kpsvd_deflation import kpsvd_deflation, scale_by_kpsvd_deflation
-from sofim_optax.kpsvd_lanczos import kpsvd_lanczos, scale_by_kpsvd_lanczos
+from sofim_optax.kpsvd import kpsvd_deflation, scale_by_kpsvd_deflation
+from sofim_optax.kpsvd import kpsvd_lanczos, scale_by_kpsvd_lanczos
 
 SCALES = {
     "kpsvd": scale_by_kpsvd,

@@ -17,18 +17,16 @@ import numpy as np
 import optax
 import pytest
 
-from sofim_optax import _kronecker as kron
+from sofim_optax import layerwise
 from sofim_optax.curvature import LayerStats
+from sofim_optax.diagonal_fisher import scale_by_diagonal_fisher
 from sofim_optax.mini_block_fisher import (
-    BlockLayout,
     ScaleByMiniBlockFisherState,
-    batch_blocks,
-    layer_blocking,
     mbf,
     mini_block_fisher,
-    scale_by_diagonal_fisher,
     scale_by_mini_block_fisher,
 )
+from sofim_optax.mini_blocks import BlockLayout, batch_blocks, layer_blocking
 
 
 
@@ -247,7 +245,7 @@ BLOCKING_CASES = [
 
 @pytest.mark.parametrize("kshape, has_bias, block", BLOCKING_CASES)
 def test_blockify_deblockify_identity_and_padding(kshape, has_bias, block):
-    layer = kron.KronLayer("l", 0, 1 if has_bias else None, kshape)
+    layer = layerwise.Layer("l", 0, 1 if has_bias else None, kshape)
     b = layer_blocking(layer, block)
     v = (_rng(0).standard_normal((layer.d_a, layer.d_out)) + 1.0).astype(np.float32)  # no zeros
     parts = jax.jit(b.blockify)(v)
@@ -280,7 +278,7 @@ def test_blockify_deblockify_identity_and_padding(kshape, has_bias, block):
 def test_padding_does_not_leak(x64):
     # d_a = 8 with B = 3: one padded coordinate per column. The padded rows/columns of the
     # EF blocks are exactly zero and the inverse does not couple them to real coordinates.
-    layer = kron.KronLayer("l", 0, 1, (7, 2))
+    layer = layerwise.Layer("l", 0, 1, (7, 2))
     b = layer_blocking(layer, 3)
     st = rand_stats(0, 6, 7, 2, dtype=jnp.float64)
     f = np.asarray(batch_blocks(b, st.inputs, st.output_grads, jnp.float64, batch_chunk=4)[0])
@@ -302,7 +300,7 @@ def test_block_layout_stacks_by_size():
         "conv_b": {"kernel": zeros((3, 3, 4, 4)), "bias": zeros((4,))},
         "dense": {"kernel": zeros((8, 3)), "bias": zeros((3,))},
     }
-    layout = BlockLayout.build(kron.discover_layers(params), 9)
+    layout = BlockLayout.build(layerwise.discover_layers(params), 9)
     # b9: 8 + 16 conv pairs, then the dense column (d_a 9, one chunk) of 3 units; b1: 4 + 4 biases.
     assert dict(layout.sizes) == {"b9": 8 + 16 + 3, "b1": 8}
     state = jax.eval_shape(scale_by_mini_block_fisher(dense_block_size=9).init, params)
@@ -454,7 +452,7 @@ def test_jit_chain_and_alias():
     stats = stats_for(params, 1)
     grads_list = [rand_like(i, params) for i in range(3)]
     assert mbf is mini_block_fisher
-    opt = mbf(0.1, momentum=0.5, damping=1e-2, weight_decay=1e-2, dense_block_size=2)
+    opt = mbf(0.1, gradient_momentum=0.5, damping=1e-2, weight_decay=1e-2, dense_block_size=2)
     inner = scale_by_mini_block_fisher(damping=1e-2, dense_block_size=2)
     tr = optax.trace(0.5)
     chained = optax.chain(optax.scale(2.0), scale_by_mini_block_fisher(damping=1e-2, dense_block_size=2), optax.scale(-0.5))
@@ -486,7 +484,7 @@ def test_inject_hyperparams_learning_rate_and_damping():
     params = mlp_params()
     grads = rand_like(0, params)
     stats = stats_for(params, 1)
-    opt = optax.inject_hyperparams(mini_block_fisher)(learning_rate=0.1, damping=1e-3, momentum=0.0)
+    opt = optax.inject_hyperparams(mini_block_fisher, static_args=mini_block_fisher.static_args)(learning_rate=0.1, damping=1e-3, gradient_momentum=0.0)
     state = jax.jit(opt.init)(params)
     step = jax.jit(opt.update)
     u1, state = step(grads, state, params, layer_stats=stats)
@@ -494,7 +492,7 @@ def test_inject_hyperparams_learning_rate_and_damping():
     u2, state = step(grads, state, params, layer_stats=stats)
     for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
         np.testing.assert_allclose(2 * np.asarray(a), b, rtol=1e-4, atol=1e-7)
-    opt = optax.inject_hyperparams(mini_block_fisher)(learning_rate=0.1, damping=1e-3, momentum=0.0, inverse_period=1)
+    opt = optax.inject_hyperparams(mini_block_fisher, static_args=mini_block_fisher.static_args)(learning_rate=0.1, damping=1e-3, gradient_momentum=0.0, inverse_period=1)
     state = jax.jit(opt.init)(params)
     step = jax.jit(opt.update)
     u1, state = step(grads, state, params, layer_stats=stats)
@@ -509,7 +507,7 @@ def test_multisteps_and_schedule():
     g1, g2 = rand_like(2, params), rand_like(3, params)
     ms = optax.MultiSteps(mbf(0.1, damping=1e-2), every_k_schedule=2)
     ref = mbf(0.1, damping=1e-2)
-    sched = mbf(optax.linear_schedule(1.0, 0.0, transition_steps=2), momentum=None, damping=1e-2)
+    sched = mbf(optax.linear_schedule(1.0, 0.0, transition_steps=2), gradient_momentum=None, damping=1e-2)
     mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
 
     @jax.jit
@@ -612,7 +610,7 @@ def test_mbf_beats_tuned_sgd_on_softmax_regression():
         (q, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
         return loss_and_stats(q)[0]
 
-    opts = [mbf(0.1, momentum=0.9, damping=1e-2, inverse_period=5)] + [optax.sgd(lr, momentum=0.9) for lr in (0.01, 0.03, 0.1, 0.3)]
+    opts = [mbf(0.1, gradient_momentum=0.9, damping=1e-2, inverse_period=5)] + [optax.sgd(lr, momentum=0.9) for lr in (0.01, 0.03, 0.1, 0.3)]
     losses = [float(v) for v in jax.jit(lambda: [final_loss(o) for o in opts])()]
     mbf_loss, sgd = losses[0], [v if np.isfinite(v) else np.inf for v in losses[1:]]
     assert mbf_loss < 0.7 * np.log(4.0), losses

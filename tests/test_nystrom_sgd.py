@@ -102,10 +102,10 @@ def test_step_equals_dense_regularised_newton_at_full_rank(x64):
     rho = 0.05
     grads = jax.grad(obj)(params)
     txs = {
-        "fixed": scale_by_nystrom_sgd(rank=D, rho=rho, auto_step=False),
-        "coordinates": scale_by_nystrom_sgd(rank=D, rho=rho, auto_step=False, test_matrix="coordinates"),
+        "fixed": scale_by_nystrom_sgd(rank=D, damping=rho, auto_step=False),
+        "coordinates": scale_by_nystrom_sgd(rank=D, damping=rho, auto_step=False, test_matrix="coordinates"),
         # ρ = 1 spreads the spectrum of P^{-1/2} A P^{-1/2} so the power method converges.
-        "auto": scale_by_nystrom_sgd(rank=D, rho=1.0, auto_step=True, power_iterations=200),
+        "auto": scale_by_nystrom_sgd(rank=D, damping=1.0, auto_step=True, power_iterations=200),
     }
 
     @jax.jit
@@ -131,7 +131,7 @@ def test_step_equals_dense_regularised_newton_at_full_rank(x64):
 
 def test_refresh_period_semantics(x64):
     _, params, obj = quadratic(5)
-    tx = scale_by_nystrom_sgd(rank=3, rho=0.1, update_period=3, auto_step=False)
+    tx = scale_by_nystrom_sgd(rank=3, damping=0.1, stats_period=3, auto_step=False)
     seq = [jax.tree.map(lambda x, i=i: x + 0.1 * i, params) for i in range(5)]  # moving parameters
 
     @jax.jit
@@ -168,8 +168,8 @@ def test_errors():
     for kwargs, err, match in [
         ({"rank": 0}, ValueError, "rank"),
         ({"rank": 2.5}, TypeError, "static_args"),
-        ({"rho": 0.0}, ValueError, "rho"),
-        ({"update_period": 0}, ValueError, "update_period"),
+        ({"damping": 0.0}, ValueError, "damping"),
+        ({"stats_period": 0}, ValueError, "stats_period"),
         ({"test_matrix": "sparse"}, ValueError, "test_matrix"),
     ]:
         with pytest.raises(err, match=match):
@@ -197,10 +197,12 @@ def _problem(dtype=jnp.float32):
 def test_jit_chain_inject_hyperparams_and_schedule():
     params, obj = _problem()
     g = jax.grad(obj)(params)
-    tx = scale_by_nystrom_sgd(rank=3, rho=0.1)
-    chained = optax.chain(optax.scale(2.0), scale_by_nystrom_sgd(rank=3, rho=0.1), optax.scale(-0.5))
-    inject = optax.inject_hyperparams(nystrom_sgd)(learning_rate=0.1, rho=0.1)  # no static_args needed
-    sched = nystrom_sgd(optax.linear_schedule(1.0, 0.0, transition_steps=2), rank=3, update_period=100)
+    tx = scale_by_nystrom_sgd(rank=3, damping=0.1)
+    chained = optax.chain(optax.scale(2.0), scale_by_nystrom_sgd(rank=3, damping=0.1), optax.scale(-0.5))
+    inject = optax.inject_hyperparams(nystrom_sgd, static_args=nystrom_sgd.static_args)(
+        learning_rate=0.1, damping=0.1
+    )
+    sched = nystrom_sgd(optax.linear_schedule(1.0, 0.0, transition_steps=2), rank=3, stats_period=100)
 
     @jax.jit
     def run(g):
@@ -249,7 +251,7 @@ def test_multisteps_forwards_obj_fn():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_dtypes_and_state_stability(dtype):
     params, obj = _problem(dtype)
-    opt = nystrom_sgd(0.1, rank=3, update_period=2, momentum=0.9)
+    opt = nystrom_sgd(0.1, rank=3, stats_period=2, momentum=0.9)
     state0 = jax.jit(opt.init)(params)
     step = jax.jit(lambda p, s: opt.update(jax.grad(obj)(p), s, p, obj_fn=obj))
     state, p = state0, params
@@ -297,7 +299,7 @@ def test_beats_sgd_on_ill_conditioned_quadratic():
         (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
         return obj(p)
 
-    nys, sgd = (float(x) for x in jax.jit(lambda: [run(nystrom_sgd(1.0, rank=D, rho=1e-3)), run(optax.sgd(0.19))])())
+    nys, sgd = (float(x) for x in jax.jit(lambda: [run(nystrom_sgd(1.0, rank=D, damping=1e-3)), run(optax.sgd(0.19))])())
     best = float(-0.5 * flat_b(6) @ np.linalg.solve(a, flat_b(6)))
     assert nys - best < 1e-3 * abs(best), (nys, best)
     assert nys - best < 0.01 * (sgd - best), (nys, sgd, best)

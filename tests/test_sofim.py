@@ -64,7 +64,7 @@ def test_matches_dense_reference_over_several_steps(scope, block_size, precision
     expected = dense_sofim_directions(grads_seq, b1, rho, scope, block_size)
     with jax.enable_x64(precision == "float64"):
         dtype = jnp.float64 if precision == "float64" else jnp.float32
-        tx = sofim_optax.scale_by_sofim(b1=b1, rho=rho, scope=scope, block_size=block_size)
+        tx = sofim_optax.scale_by_sofim(b1=b1, damping=rho, scope=scope, block_size=block_size)
         params = jax.tree.map(lambda g: jnp.zeros(g.shape, dtype), grads_seq[0])
         state = tx.init(params)
         update = jax.jit(tx.update)
@@ -91,7 +91,7 @@ def test_scopes_differ_and_mini_block_with_one_big_block_equals_per_tensor():
 def test_first_step_is_gradient_over_rho_plus_squared_norm():
     rng = np.random.default_rng(1)
     g = random_tree(rng)
-    tx = sofim_optax.scale_by_sofim(rho=0.7)
+    tx = sofim_optax.scale_by_sofim(damping=0.7)
     got, _ = tx.update(g, tx.init(g))
     flat = flatten(g)
     np.testing.assert_allclose(flatten(got), flat / (0.7 + flat @ flat), rtol=1e-6)
@@ -100,7 +100,7 @@ def test_first_step_is_gradient_over_rho_plus_squared_norm():
 def test_padding_never_changes_a_result():
     # A leaf of 7 entries with block_size 4: the padded last block [a, b, c, 0].
     g = {"v": jnp.arange(1.0, 8.0)}
-    tx = sofim_optax.scale_by_sofim(rho=1.0, scope="mini_block", block_size=4)
+    tx = sofim_optax.scale_by_sofim(damping=1.0, scope="mini_block", block_size=4)
     got = np.asarray(tx.update(g, tx.init(g))[0]["v"])
     first, last = np.arange(1.0, 5.0), np.arange(5.0, 8.0)
     np.testing.assert_allclose(got[:4], first / (1.0 + first @ first), rtol=1e-6)
@@ -111,11 +111,11 @@ def test_padding_never_changes_a_result():
     "kwargs,match",
     [
         (dict(scope="layerwise"), "scope must be one of"),
-        (dict(scope="global", block_size=8), "only applies to scope='mini_block'"),
         (dict(scope="mini_block", block_size=0), "positive int"),
-        (dict(b1=1.0), "b1 must lie in"),
-        (dict(rho=0.0), "rho must be"),
-        (dict(rho=float("inf")), "rho must be"),
+        (dict(scope="mini_block", block_size=2.5), "positive int"),
+        (dict(b1=1.0), r"b1 must be in \[0, 1\)"),
+        (dict(damping=0.0), "damping must be"),
+        (dict(damping=float("inf")), "damping must be"),
     ],
 )
 def test_bad_hyperparameters_raise_clear_errors(kwargs, match):
@@ -159,9 +159,9 @@ def test_jit_matches_eager_and_extra_args_are_ignored(problem):
 
 def test_alias_equals_explicit_chain_and_chains_with_other_transforms(problem):
     params, grads_seq = problem
-    alias, _ = run_steps(sofim_optax.sofim(0.05, rho=0.2, weight_decay=0.01), params, grads_seq)
+    alias, _ = run_steps(sofim_optax.sofim(0.05, damping=0.2, weight_decay=0.01), params, grads_seq)
     chained = optax.chain(
-        sofim_optax.scale_by_sofim(rho=0.2), optax.add_decayed_weights(0.01), optax.scale(-0.05)
+        sofim_optax.scale_by_sofim(damping=0.2), optax.add_decayed_weights(0.01), optax.scale(-0.05)
     )
     manual, _ = run_steps(chained, params, grads_seq)
     assert_trees_close(alias, manual, rtol=1e-6, atol=1e-7)
@@ -179,9 +179,9 @@ def test_weight_decay_is_decoupled(problem):
     assert_trees_close(updates, jax.tree.map(lambda p: -0.1 * 0.5 * p, params), rtol=1e-6)
 
 
-def test_inject_hyperparams_learning_rate_and_rho_take_effect(problem):
+def test_inject_hyperparams_learning_rate_and_damping_take_effect(problem):
     params, grads_seq = problem
-    tx = optax.inject_hyperparams(sofim_optax.sofim)(learning_rate=0.1, rho=0.5)
+    tx = optax.inject_hyperparams(sofim_optax.sofim)(learning_rate=0.1, damping=0.5)
     state = tx.init(params)
     update = jax.jit(tx.update)
     first, state = update(grads_seq[0], state, params)
@@ -190,15 +190,15 @@ def test_inject_hyperparams_learning_rate_and_rho_take_effect(problem):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(zero))
 
     # rho changed at run time equals a fresh optimizer built with that rho.
-    tx_a = optax.inject_hyperparams(sofim_optax.sofim)(learning_rate=0.1, rho=0.5)
+    tx_a = optax.inject_hyperparams(sofim_optax.sofim)(learning_rate=0.1, damping=0.5)
     state_a = tx_a.init(params)
     _, state_a = update(grads_seq[0], state_a, params)
-    state_a.hyperparams["rho"] = jnp.asarray(3.0)
+    state_a.hyperparams["damping"] = jnp.asarray(3.0)
     got, _ = update(grads_seq[1], state_a, params)
-    ref = sofim_optax.sofim(0.1, rho=0.5)
+    ref = sofim_optax.sofim(0.1, damping=0.5)
     ref_state = ref.init(params)
     _, ref_state = ref.update(grads_seq[0], ref_state, params)
-    ref_new = sofim_optax.sofim(0.1, rho=3.0)
+    ref_new = sofim_optax.sofim(0.1, damping=3.0)
     want, _ = ref_new.update(grads_seq[1], ref_state, params)
     assert_trees_close(got, want, rtol=1e-6, atol=1e-8)
     # And it really changed the result.
@@ -303,7 +303,7 @@ def test_converges_on_a_convex_quadratic():
 
     # ‖g‖² starts near 1e3 here; ρ = 10 keeps the early steps from being tiny
     # and gives an effective rate η/ρ = 0.1 near the optimum (λ_max = 10).
-    tx = sofim_optax.sofim(learning_rate=1.0, rho=10.0)
+    tx = sofim_optax.sofim(learning_rate=1.0, damping=10.0)
     x = jnp.zeros(d)
     state = tx.init(x)
 
@@ -341,7 +341,7 @@ def test_converges_on_logistic_regression():
         loss_star = float(loss_fn(w_star, xs64, ys64))
 
     xs32, ys32 = jnp.asarray(features, jnp.float32), jnp.asarray(labels, jnp.float32)
-    tx = sofim_optax.sofim(learning_rate=0.1, rho=0.1)
+    tx = sofim_optax.sofim(learning_rate=0.1, damping=0.1)
     w = jnp.zeros(d)
     state = tx.init(w)
 
@@ -362,7 +362,7 @@ def test_float32_keeps_full_precision_when_gradient_norm_dwarfs_rho(scope):
     # loses about ten digits here; the closed form must stay at float32 accuracy.
     rng = np.random.default_rng(11)
     g = {"w": (1e3 / np.sqrt(1000)) * rng.normal(size=(40, 25))}
-    tx = sofim_optax.scale_by_sofim(rho=1e-4, scope=scope, block_size=128 if scope == "mini_block" else None)
+    tx = sofim_optax.scale_by_sofim(damping=1e-4, scope=scope, block_size=128 if scope == "mini_block" else None)
     got = np.asarray(tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), tx.init(g))[0]["w"], np.float64)
     [want] = dense_sofim_directions_single(g["w"], 1e-4, scope, 128)
     np.testing.assert_allclose(got.reshape(-1), want, rtol=3e-6)

@@ -1,4 +1,6 @@
-r"""Shared code of the KPSVD family: KPSVD, Deflation, KFAC-corrected and Lanczos.
+r"""The curvature of the KPSVD family (KPSVD, Deflation, KFAC-corrected, Lanczos): state and method.
+
+The public transformations are in :mod:`sofim_optax.kpsvd`; this module holds what they share.
 
 Koroko, Anciaux-Sedrakian, Ben Gharbia, Garès, Haddou, Tran, "Efficient Approximations of the
 Fisher Matrix in Neural Networks using Kronecker Product Singular Value Decomposition"
@@ -16,16 +18,16 @@ KFAC-corrected ``A ⊗ G + R ⊗ S``                        KFAC's ``A, G`` + po
 Lanczos        ``R1 ⊗ S1 + R2 ⊗ S2``                    restarted Golub–Kahan–Lanczos
 ============== ======================================= ======================================
 
-Everything else is shared here and with KFAC through :mod:`sofim_optax._kronecker` (layer
+Everything else is shared here and with KFAC through :mod:`sofim_optax.layerwise` (layer
 discovery, statistics checks, periods under ``lax.cond``, EMA decay ``min(1 − 1/k, ema)``,
 stacking of equal-size factors, fallback, dtypes).
 
 **The Fisher block of a layer.** ``F = mean_n (ā_n ā_nᵀ) ⊗ (g_n g_nᵀ)`` with ``ā`` the
-homogeneous input (bias coordinate last, :func:`sofim_optax._kronecker.homogeneous_inputs`)
+homogeneous input (bias coordinate last, :func:`sofim_optax.layerwise.homogeneous_inputs`)
 and ``g`` the per-example pre-activation gradient (``LayerStats.output_grads``). For a
 convolution (statistics ``(N, T, ·)``, ``T`` output positions) the paper's MLP formula is
 extended the KFC way (Grosse & Martens 2016), consistently with KFAC's
-:func:`~sofim_optax._kronecker.input_factor` / :func:`~sofim_optax._kronecker.output_factor`:
+:func:`~sofim_optax.layerwise.input_factor` / :func:`~sofim_optax.layerwise.output_factor`:
 positions are treated as extra samples and cross-position terms are dropped (KFC's "spatially
 uncorrelated derivatives"), with KFC's scaling,
 
@@ -68,18 +70,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import _kronecker as kron
+from sofim_optax import hyperparameters as hp
+from sofim_optax import layerwise
 from sofim_optax import linalg
 
-__all__ = ["KroneckerSvdCurvature", "FamilyConfig", "layer_samples", "make_method", "transformation"]
+__all__ = ["KroneckerSvdCurvature", "FamilyConfig", "KINDS", "layer_samples", "make_method", "transformation"]
 
+#: The family's members, the values of :attr:`FamilyConfig.kind`.
 KINDS = ("kpsvd", "deflation", "kfac_corrected", "lanczos")
 
 
 class KroneckerSvdCurvature(NamedTuple):
     """Curvature state of the KPSVD family; every field is an array or a dict of arrays.
 
-    Factors are stacked per dimension like KFAC's (:class:`sofim_optax._kronecker.FactorLayout`,
+    Factors are stacked per dimension like KFAC's (:class:`sofim_optax.layerwise.FactorLayout`,
     keys ``"d{d}"``), in layer-path order then role order.
 
     Attributes:
@@ -108,6 +112,9 @@ class KroneckerSvdCurvature(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class FamilyConfig:
+    """The hyperparameters of one member of the family; ``kind`` is one of :data:`KINDS` and
+    sets the rank (1 for KPSVD, 2 for the others) and the solver."""
+
     kind: str
     damping: Any
     ema: Any
@@ -126,12 +133,12 @@ class FamilyConfig:
         return ("A1", "G1") if self.rank == 1 else ("A1", "G1", "A2", "G2")
 
 
-def layer_samples(layer: kron.KronLayer, stats: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def layer_samples(layer: layerwise.Layer, stats: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """``(ā, g)`` of shapes ``(m, d_a)``, ``(m, d_g)`` whose ``mean (āāᵀ) ⊗ (ggᵀ)`` is the layer's F.
 
     Dense: ``m = N``. Convolution: ``m = N·T`` and ``g`` scaled by ``√T`` (module docstring).
     """
-    a = kron.homogeneous_inputs(stats.inputs, layer.has_bias, dtype)
+    a = layerwise.homogeneous_inputs(stats.inputs, layer.has_bias, dtype)
     g = jnp.asarray(stats.output_grads).astype(dtype)
     if a.ndim == 3:
         t = a.shape[1]
@@ -140,14 +147,14 @@ def layer_samples(layer: kron.KronLayer, stats: Any, dtype: Any) -> tuple[jax.Ar
     return a, g
 
 
-def make_method(cfg: FamilyConfig) -> kron.KroneckerMethod:
+def make_method(cfg: FamilyConfig) -> layerwise.LayerwiseMethod:
     rank = cfg.rank
 
     def layout4(param_layout):
-        return kron.FactorLayout.build(param_layout.layers, cfg.roles)
+        return layerwise.FactorLayout.build(param_layout.layers, cfg.roles)
 
     def layout2(param_layout):
-        return kron.FactorLayout.build(param_layout.layers, ("A", "G"))
+        return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"))
 
     def init(param_layout, dtype):
         n = len(param_layout.layers)
@@ -200,7 +207,7 @@ def make_method(cfg: FamilyConfig) -> kron.KroneckerMethod:
             layer = param_layout.layers[i]
             old = {role: fl.get(curv.factors, i, role) for role in cfg.roles}
             dtype = old["A1"].dtype
-            rho = kron.ema_decay(k[i] + 1, cfg.ema, dtype)
+            rho = layerwise.ema_decay(k[i] + 1, cfg.ema, dtype)
             a, g = layer_samples(layer, st, dtype)
             fresh, averaged, info = fresh_factors(old, a, g, rho)
             for role, value in fresh.items():
@@ -266,29 +273,23 @@ def make_method(cfg: FamilyConfig) -> kron.KroneckerMethod:
             )
         return out, curv
 
-    return kron.KroneckerMethod(init, update_statistics, refresh, precondition)
+    return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
 
 
 def _validate(name: str, cfg: FamilyConfig) -> None:
-    if isinstance(cfg.ema, (int, float)) and not 0.0 <= cfg.ema < 1.0:
-        raise ValueError(f"{name}: ema must be in [0, 1), got {cfg.ema!r}")
-    if isinstance(cfg.damping, (int, float)) and cfg.damping < 0:
-        raise ValueError(f"{name}: damping must be >= 0, got {cfg.damping!r}")
+    hp.check_choice(name, "kind", cfg.kind, KINDS)
+    hp.check_decay(name, "ema", cfg.ema)
+    hp.check_damping(name, cfg.damping)
     if isinstance(cfg.tol, (int, float)) and not cfg.tol >= 0:
         raise ValueError(f"{name}: tol must be >= 0, got {cfg.tol!r}")
     # max_iters may be an array (optax.inject_hyperparams); krylov_dim must stay a Python int
     # (it sets the unrolled Krylov steps): list it in inject_hyperparams' static_args.
-    if isinstance(cfg.max_iters, bool) or (isinstance(cfg.max_iters, (int, float)) and cfg.max_iters < 1):
-        raise ValueError(f"{name}: max_iters must be a positive int, got {cfg.max_iters!r}")
-    if cfg.krylov_dim is not None and (
-        isinstance(cfg.krylov_dim, bool) or not isinstance(cfg.krylov_dim, int) or cfg.krylov_dim < cfg.rank
-    ):
-        raise ValueError(
-            f"{name}: krylov_dim must be a Python int >= {cfg.rank} (under optax.inject_hyperparams, "
-            f"pass static_args=('krylov_dim',)), got {cfg.krylov_dim!r}"
-        )
-    if cfg.indefinite not in linalg.INDEFINITE_MODES:
-        raise ValueError(f"{name}: indefinite must be one of {linalg.INDEFINITE_MODES}, got {cfg.indefinite!r}")
+    hp.check_positive_int(name, "max_iters", cfg.max_iters)
+    if cfg.krylov_dim is not None:
+        hp.check_positive_int(name, "krylov_dim", cfg.krylov_dim, static=True)
+        if cfg.krylov_dim < cfg.rank:
+            raise ValueError(f"{name}: krylov_dim must be >= {cfg.rank}, got {cfg.krylov_dim!r}")
+    hp.check_choice(name, "indefinite", cfg.indefinite, linalg.INDEFINITE_MODES)
 
 
 def transformation(
@@ -301,7 +302,7 @@ def transformation(
 ) -> optax.GradientTransformationExtraArgs:
     """The ``scale_by_*`` transformation of one family member, on KFAC's skeleton."""
     _validate(name, cfg)
-    return kron.kronecker_transformation(
+    return layerwise.layerwise_transformation(
         name=name,
         method=make_method(cfg),
         state_cls=state_cls,

@@ -1,0 +1,97 @@
+"""A diagonal empirical-Fisher preconditioner: the fallback of Mini-Block Fisher."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from sofim_optax import hyperparameters as hp
+from sofim_optax import layerwise, linalg
+from sofim_optax.hyperparameters import Scalar
+
+__all__ = ["DiagonalFisherState", "scale_by_diagonal_fisher"]
+
+
+class DiagonalFisherState(NamedTuple):
+    """State of :func:`scale_by_diagonal_fisher`: ``count`` and the EMA ``nu`` of squared gradients."""
+
+    count: jax.Array
+    nu: Any
+
+
+def scale_by_diagonal_fisher(
+    *, damping: Scalar = 1e-3, ema: Scalar = 0.9, stats_period: int | jax.Array = 1
+) -> optax.GradientTransformationExtraArgs:
+    r"""Diagonal (1×1-block) preconditioner from squared minibatch gradients.
+
+    .. math::
+
+        \nu \leftarrow \rho\,\nu + (1-\rho)\,\bar g \odot \bar g,\qquad
+        \Delta = v \oslash (\nu + \lambda),\qquad \rho = \min(1 - 1/k,\ \text{ema}),
+
+    where ``ḡ`` is the minibatch gradient (the keyword argument ``gradients=`` of ``update``,
+    a tree containing the same leaf paths; by default the incoming ``updates``), ``v`` the
+    incoming ``updates`` (in :func:`sofim_optax.mini_block_fisher`, the momentum), ``k`` the number of
+    statistics updates so far (one every ``stats_period`` steps, at ``count = 0`` first). The
+    reciprocal is recomputed every step (it is element-wise and costs nothing).
+
+    This is MBF's default for the parameters that no captured layer covers (norm scales,
+    embeddings, parameters of uncaptured layers). The exact EF diagonal would be
+    ``mean_n g_{n,i}²``, but per-example gradients exist only for captured layers; ``ḡ²`` is
+    its lower bound (Jensen), smaller by up to the batch size when the gradient noise
+    dominates, so on these parameters the damping usually dominates and the step is close to
+    ``v / λ``.
+
+    Args:
+      damping: ``λ`` (default ``1e-3``), floored at ``linalg.DAMPING_FLOOR``.
+      ema: upper bound of the EMA decay of ``ν`` (default ``0.9``).
+      stats_period: update ``ν`` every this many steps (default ``1``).
+    """
+    hp.check_damping("scale_by_diagonal_fisher", damping)
+    hp.check_decay("scale_by_diagonal_fisher", "ema", ema)
+    hp.check_positive_int("scale_by_diagonal_fisher", "stats_period", stats_period)
+
+    def init_fn(params):
+        nu = jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p), hp.accumulation_dtype(jnp.asarray(p))), params
+        )
+        return DiagonalFisherState(count=jnp.zeros([], jnp.int32), nu=nu)
+
+    def update_fn(updates, state, params=None, *, gradients=None, **extra):
+        del params, extra
+        raw = updates
+        if gradients is not None:
+            by_path = dict(zip(layerwise.discover_layers(gradients).leaf_paths, jax.tree.leaves(gradients)))
+            flat = layerwise.discover_layers(updates).leaf_paths
+            try:
+                raw = jax.tree.unflatten(jax.tree.structure(updates), [by_path[p] for p in flat])
+            except KeyError as err:
+                raise ValueError(
+                    f"scale_by_diagonal_fisher: `gradients` has no leaf at path {err.args[0]!r}"
+                ) from None
+        count = state.count
+
+        def new_nu(nu):
+            def one(n, g):
+                decay = layerwise.ema_decay(count // stats_period + 1, ema, n.dtype)
+                return decay * n + (1 - decay) * jnp.square(jnp.asarray(g).astype(n.dtype))
+
+            return jax.tree.map(one, nu, raw)
+
+        if isinstance(stats_period, int) and stats_period == 1:
+            nu = new_nu(state.nu)
+        else:
+            nu = lax.cond(count % stats_period == 0, new_nu, lambda n: n, state.nu)
+
+        def apply(u, n):
+            lam = jnp.maximum(jnp.asarray(damping).astype(n.dtype), linalg.DAMPING_FLOOR)
+            return (jnp.asarray(u).astype(n.dtype) / (n + lam)).astype(jnp.asarray(u).dtype)
+
+        out = jax.tree.map(apply, updates, nu)
+        return out, DiagonalFisherState(count=optax.safe_increment(count), nu=nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

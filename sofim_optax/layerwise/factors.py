@@ -1,0 +1,213 @@
+"""Second moments of a layer's statistics and the stacks that hold them.
+
+* :func:`input_factor`, :func:`output_factor`, :func:`homogeneous_inputs`: ``A = mean ā āᵀ``
+  (bias coordinate 1 appended last) and ``G = mean g gᵀ``, with KFC's scaling for
+  convolutions (Grosse & Martens 2016).
+* :func:`ema_decay`: the warm-up rule ``ρ_k = min(1 − 1/k, ema)`` of every statistics EMA.
+* :class:`FactorLayout`: all factors of the same dimension, whatever their layer and role,
+  live in one ``(n, d, d)`` array, so that an eigendecomposition or an inverse is one
+  ``vmap``-ed call per distinct dimension.
+* :func:`stacked_damped_inverse`: damped inverses of a stack, never NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sofim_optax import cpu_runtime, linalg
+from sofim_optax.layerwise.layers import Layer
+
+__all__ = [
+    "homogeneous_inputs",
+    "input_factor",
+    "output_factor",
+    "ema_decay",
+    "FactorLayout",
+    "stacked_damped_inverse",
+]
+
+
+def homogeneous_inputs(inputs: jax.Array, has_bias: bool, dtype: Any = jnp.float32) -> jax.Array:
+    """``ā``: the inputs in ``dtype``, with a last coordinate of value 1 when ``has_bias``."""
+    x = jnp.asarray(inputs).astype(dtype)
+    if has_bias:
+        x = jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), dtype)], axis=-1)
+    return x
+
+
+def input_factor(inputs: jax.Array, has_bias: bool, dtype: Any = jnp.float32) -> jax.Array:
+    r"""Batch input factor ``Â = mean ā āᵀ``, shape ``(d_a, d_a)``.
+
+    Dense ``(N, d_in)``: the mean over the ``N`` examples. Convolution ``(N, T, kh·kw·c_in)``:
+    the mean over examples **and** the ``T`` output positions (KFC, Grosse & Martens 2016).
+    """
+    x = jnp.asarray(inputs).astype(dtype)
+    x = x.reshape(-1, x.shape[-1])
+    m = x.shape[0]
+    xx = (x.T @ x) / m
+    if not has_bias:
+        return xx
+    # [[xᵀx, xᵀ1], [1ᵀx, m]] / m, without materialising the (m, d_in + 1) array ā.
+    mean = jnp.mean(x, axis=0)
+    top = jnp.concatenate([xx, mean[:, None]], axis=1)
+    bottom = jnp.concatenate([mean, jnp.ones((1,), dtype)])[None, :]
+    return jnp.concatenate([top, bottom], axis=0)
+
+
+def output_factor(output_grads: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    r"""Batch output factor ``Ĝ``, shape ``(d_out, d_out)``.
+
+    Dense ``(N, d_out)``: ``Ĝ = mean_n g_n g_nᵀ``. Convolution ``(N, T, c_out)``:
+    ``Ĝ = T · mean_{n,t} g_{n,t} g_{n,t}ᵀ = (1/N) Σ_{n,t} g_{n,t} g_{n,t}ᵀ`` (KFC's scaling,
+    Grosse & Martens 2016: the per-example gradient of a conv kernel is a sum over positions,
+    so with ``Â`` a mean over positions, ``Â ⊗ Ĝ`` has the Fisher's scale).
+    """
+    g = jnp.asarray(output_grads).astype(dtype)
+    n = g.shape[0]
+    g = g.reshape(-1, g.shape[-1])
+    return (g.T @ g) / n
+
+
+def ema_decay(k: jax.Array, ema: jax.Array | float, dtype: Any = jnp.float32) -> jax.Array:
+    """``ρ = min(1 − 1/k, ema)`` for the ``k``-th statistics update (``k >= 1``).
+
+    The first update (``k = 1``) gets ``ρ = 0``, i.e. the batch statistics themselves, and the
+    ``k``-th one with ``k <= 1/(1-ema)`` the plain mean of the ``k`` batches seen so far.
+    """
+    k = jnp.maximum(jnp.asarray(k).astype(dtype), 1.0)
+    return jnp.minimum(1.0 - 1.0 / k, jnp.asarray(ema).astype(dtype))
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorLayout:
+    """Where each factor of each layer lives in the per-dimension stacks.
+
+    Every layer has one factor per *role* (KFAC: ``("A", "G")``; a rank-two Kronecker sum:
+    ``("A1", "G1", "A2", "G2")``). All factors of dimension ``d`` — whatever their layer or
+    role — are stacked, in layer order then role order, into one array of shape
+    ``(n_d, d, d)`` stored under the key :meth:`key` ``(d) = "d{d}"``. A dict of such stacks is
+    an ordinary pytree of arrays (so it checkpoints, and ``jax.tree.map`` works over it), and
+    any per-factor computation is one ``jax.vmap``-ed call per distinct dimension
+    (:meth:`map`).
+
+    Attributes:
+      roles: the role names.
+      slots: ``slots[layer][role] = (key, position)``.
+      sizes: ``{key: n_d}``.
+      dims: ``{key: d}``.
+    """
+
+    roles: tuple[str, ...]
+    slots: tuple[tuple[tuple[str, int], ...], ...]
+    sizes: Mapping[str, int]
+    dims: Mapping[str, int]
+
+    @staticmethod
+    def key(dim: int) -> str:
+        return f"d{dim}"
+
+    @classmethod
+    def build(
+        cls,
+        layers: Sequence[Layer],
+        roles: Sequence[str] = ("A", "G"),
+        role_dim: Callable[[Layer, str], int] | None = None,
+    ) -> FactorLayout:
+        """Layout for ``layers``; ``role_dim(layer, role)`` defaults to ``d_a`` for roles
+        starting with ``"A"`` and ``d_g`` otherwise."""
+        if role_dim is None:
+            role_dim = lambda layer, role: layer.d_a if role.startswith("A") else layer.d_g
+        sizes: dict[str, int] = {}
+        dims: dict[str, int] = {}
+        slots = []
+        for layer in layers:
+            row = []
+            for role in roles:
+                d = int(role_dim(layer, role))
+                k = cls.key(d)
+                row.append((k, sizes.get(k, 0)))
+                sizes[k] = sizes.get(k, 0) + 1
+                dims[k] = d
+            slots.append(tuple(row))
+        return cls(tuple(roles), tuple(slots), dict(sizes), dict(dims))
+
+    def zeros(self, dtype: Any) -> dict[str, jax.Array]:
+        return {k: jnp.zeros((n, self.dims[k], self.dims[k]), dtype) for k, n in self.sizes.items()}
+
+    def eyes(self, dtype: Any) -> dict[str, jax.Array]:
+        return {
+            k: jnp.broadcast_to(jnp.eye(self.dims[k], dtype=dtype), (n, self.dims[k], self.dims[k]))
+            for k, n in self.sizes.items()
+        }
+
+    def vectors(self, dtype: Any, fill: float = 0.0) -> dict[str, jax.Array]:
+        """One length-``d`` vector per factor (e.g. eigenvalues), shape ``(n_d, d)``."""
+        return {k: jnp.full((n, self.dims[k]), fill, dtype) for k, n in self.sizes.items()}
+
+    def scalars(self, dtype: Any, fill: float = 0.0) -> dict[str, jax.Array]:
+        """One scalar per factor (e.g. a shift), shape ``(n_d,)``."""
+        return {k: jnp.full((n,), fill, dtype) for k, n in self.sizes.items()}
+
+    def get(self, stacks: Mapping[str, jax.Array], layer: int, role: str) -> jax.Array:
+        k, pos = self.slots[layer][self.roles.index(role)]
+        return stacks[k][pos]
+
+    def set(
+        self, stacks: Mapping[str, jax.Array], values: Mapping[tuple[int, str], jax.Array]
+    ) -> dict[str, jax.Array]:
+        """Returns new stacks with ``values[(layer, role)]`` written into their slots.
+
+        The stacks are rebuilt with one ``jnp.stack`` per key (unchanged members are taken from
+        the old stack), which XLA turns into in-place updates.
+        """
+        by_key: dict[str, dict[int, jax.Array]] = {}
+        for (layer, role), v in values.items():
+            k, pos = self.slots[layer][self.roles.index(role)]
+            by_key.setdefault(k, {})[pos] = v
+        out = dict(stacks)
+        for k, members in by_key.items():
+            old = stacks[k]
+            out[k] = jnp.stack(
+                [members[i].astype(old.dtype) if i in members else old[i] for i in range(old.shape[0])]
+            )
+        return out
+
+    def per_factor(self, fn: Callable[[int, str], jax.Array]) -> dict[str, jax.Array]:
+        """Stacks ``fn(layer, role)`` (e.g. a per-factor shift) into arrays keyed like the stacks."""
+        out: dict[str, list] = {k: [None] * n for k, n in self.sizes.items()}
+        for layer, row in enumerate(self.slots):
+            for role, (k, pos) in zip(self.roles, row):
+                out[k][pos] = fn(layer, role)
+        return {k: jnp.stack(v) for k, v in out.items()}
+
+    @staticmethod
+    def map(fn: Callable[..., Any], *stacks: Mapping[str, Any]) -> dict[str, Any]:
+        """``{key: jax.vmap(fn)(*(s[key] for s in stacks))}``: one batched call per dimension
+        (``lax.map`` where batched LAPACK calls can deadlock, see ``cpu_runtime.map_stack``)."""
+        return {k: cpu_runtime.map_stack(fn, *(s[k] for s in stacks)) for k in stacks[0]}
+
+
+def stacked_damped_inverse(
+    factors: jax.Array, shifts: jax.Array, method: str = "cholesky"
+) -> jax.Array:
+    """``(F_i + shift_i I)⁻¹`` for a stack ``(n, d, d)``, in one ``vmap``-ed call, never NaN.
+
+    If any entry of the batch comes out non-finite (a Cholesky breakdown when round-off makes a
+    barely damped factor indefinite), the whole stack is recomputed through the
+    eigendecomposition (:func:`sofim_optax.linalg.damped_inverse` with ``"eigh"``, eigenvalues
+    clamped at 0), which is finite for finite input. The fallback runs under ``lax.cond``, so it
+    costs nothing when not needed.
+    """
+    inv = cpu_runtime.map_stack(lambda f, s: linalg.damped_inverse(f, s, method), factors, shifts)
+    if method == "eigh":
+        return inv
+    safe = lambda: cpu_runtime.map_stack(lambda f, s: linalg.damped_inverse(f, s, "eigh"), factors, shifts)
+    inputs_finite = jnp.all(jnp.isfinite(factors))
+    return lax.cond(jnp.all(jnp.isfinite(inv)) | ~inputs_finite, lambda: inv, safe)

@@ -1,0 +1,182 @@
+"""Layers of a parameter tree: discovery, paths and the gradient matrix of a layer.
+
+A *layer* is any node of the parameter tree holding a ``kernel`` leaf with ``ndim >= 2``
+(dense ``(d_in, d_out)``, conv ``(kh, kw, c_in, c_out)`` or any spatial rank), together with
+its sibling ``bias`` of ``d_out`` entries when present. Its *path* is the ``"/"``-joined key
+path without a leading ``"params"`` collection key (Flax variables dicts), without the
+trailing ``"kernel"``/``"bias"``, and without the ``.value`` attribute of NNX variables: the
+same string the capture adapters use as the key of ``layer_stats``.
+
+The *gradient matrix* of a layer is ``V = [kernel.reshape(-1, d_out); bias]`` of shape
+``(d_a, d_g)`` (:func:`gradient_matrix`, inverted by :func:`split_matrix`). Row-major ``vec``
+convention of the whole package: ``(A ⊗ G) vec_r(X) = vec_r(A X Gᵀ)`` with
+``vec_r(X) = X.reshape(-1)``, so that a Kronecker-factored preconditioner ``(A ⊗ G)⁻¹``
+acts on ``V`` as ``A⁻¹ V G⁻¹``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Layer", "ParamLayout", "discover_layers", "gradient_matrix", "split_matrix"]
+
+_KERNEL = "kernel"
+_BIAS = "bias"
+
+
+# --------------------------------------------------------------------------------------
+# Paths and layer discovery.
+# --------------------------------------------------------------------------------------
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return str(key.name)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def _leaf_names(path: Sequence[Any]) -> list[str]:
+    """Key names of one leaf, without NNX's trailing ``.value`` and a leading ``params``."""
+    keys = list(path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]  # an nnx.Variable (Param, VariableState) wrapping the array
+    names = [_key_name(k) for k in keys]
+    if len(names) > 1 and names[0] == "params" and isinstance(keys[0], jax.tree_util.DictKey):
+        names = names[1:]  # a Flax variables dict {"params": ...}
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One Kronecker-factored layer found in the parameter tree.
+
+    Attributes:
+      path: the layer's key in ``layer_stats`` (e.g. ``"Encoder_0/Dense_1"``).
+      kernel_leaf: index of the kernel among the tree's flattened leaves.
+      bias_leaf: index of the bias, or ``None`` for a layer without bias.
+      kernel_shape: e.g. ``(d_in, d_out)`` or ``(kh, kw, c_in, c_out)``.
+    """
+
+    path: str
+    kernel_leaf: int
+    bias_leaf: int | None
+    kernel_shape: tuple[int, ...]
+
+    @property
+    def d_in(self) -> int:
+        """``kh·kw·c_in`` (or ``d_in``): the width of the layer's inputs/patches."""
+        return math.prod(self.kernel_shape[:-1])
+
+    @property
+    def d_out(self) -> int:
+        return self.kernel_shape[-1]
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_leaf is not None
+
+    @property
+    def d_a(self) -> int:
+        """Dimension of the input-side factor: ``d_in`` plus one for the bias."""
+        return self.d_in + int(self.has_bias)
+
+    @property
+    def d_g(self) -> int:
+        """Dimension of the output-side factor: ``d_out``."""
+        return self.d_out
+
+    @property
+    def leaves(self) -> tuple[int, ...]:
+        return (self.kernel_leaf,) if self.bias_leaf is None else (self.kernel_leaf, self.bias_leaf)
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.kernel_shape))
+        bias = " + bias" if self.has_bias else ""
+        return f"{self.path} (kernel {shape}{bias}; A {self.d_a}x{self.d_a}, G {self.d_g}x{self.d_g})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """Static description of a parameter (or gradient) tree, computed at trace time.
+
+    Attributes:
+      leaf_paths: the ``"/"``-joined path of every flattened leaf (normalised as described
+        in the module docstring, ``kernel``/``bias`` included).
+      layers: the candidate layers, sorted by path.
+      other_leaves: indices of the leaves that belong to no layer.
+    """
+
+    leaf_paths: tuple[str, ...]
+    layers: tuple[Layer, ...]
+    other_leaves: tuple[int, ...]
+
+    @property
+    def layer_paths(self) -> tuple[str, ...]:
+        return tuple(layer.path for layer in self.layers)
+
+    def index(self, path: str) -> int:
+        return self.layer_paths.index(path)
+
+
+def discover_layers(tree: Any) -> ParamLayout:
+    """Finds the Kronecker-factorable layers of a parameter tree.
+
+    A layer is a node with a ``kernel`` array of ``ndim >= 2``; its sibling ``bias`` is folded
+    in when it holds exactly ``d_out = kernel.shape[-1]`` entries (any other bias, e.g. of a
+    multi-axis ``DenseGeneral``, is left to the fallback). Works on plain nested dicts, Flax
+    linen variables dicts ``{"params": ...}``, ``FrozenDict`` and ``nnx.State`` (leaves may
+    be wrapped in ``nnx.Param``/``VariableState``).
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    names = [_leaf_names(path) for path, _ in flat]
+    leaf_paths = tuple("/".join(n) for n in names)
+    by_path = {p: i for i, p in enumerate(leaf_paths)}
+    layers = []
+    used: set[int] = set()
+    for i, ((_, leaf), n) in enumerate(zip(flat, names)):
+        shape = tuple(getattr(leaf, "shape", ()))
+        if not n or n[-1] != _KERNEL or len(shape) < 2:
+            continue
+        parent = "/".join(n[:-1])
+        bias_i = by_path.get(f"{parent}/{_BIAS}" if parent else _BIAS)
+        if bias_i is not None:
+            bshape = tuple(getattr(flat[bias_i][1], "shape", ()))
+            if math.prod(bshape) != shape[-1] or (bshape and bshape[-1] != shape[-1]):
+                bias_i = None
+        layers.append(Layer(parent, i, bias_i, shape))
+        used.update(layers[-1].leaves)
+    layers.sort(key=lambda layer: layer.path)
+    other = tuple(i for i in range(len(flat)) if i not in used)
+    return ParamLayout(leaf_paths, tuple(layers), other)
+
+
+
+def gradient_matrix(layer: Layer, leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:
+    """``V = [kernel.reshape(-1, d_out); bias]`` in ``dtype``, shape ``(d_a, d_g)``."""
+    v = jnp.asarray(leaves[layer.kernel_leaf]).astype(dtype).reshape(layer.d_in, layer.d_out)
+    if layer.has_bias:
+        b = jnp.asarray(leaves[layer.bias_leaf]).astype(dtype).reshape(1, layer.d_out)
+        v = jnp.concatenate([v, b], axis=0)
+    return v
+
+
+def split_matrix(layer: Layer, x: jax.Array, like: Sequence[jax.Array]) -> dict[int, jax.Array]:
+    """Inverse of :func:`gradient_matrix`: ``{leaf index: array}`` shaped and typed like ``like``."""
+    k = like[layer.kernel_leaf]
+    out = {layer.kernel_leaf: x[: layer.d_in].reshape(k.shape).astype(k.dtype)}
+    if layer.has_bias:
+        b = like[layer.bias_leaf]
+        out[layer.bias_leaf] = x[layer.d_in].reshape(b.shape).astype(b.dtype)
+    return out

@@ -1,0 +1,172 @@
+"""The skeleton of a layer-wise preconditioner: counting, periodic refreshes, fallback.
+
+A method supplies the four functions of a :class:`LayerwiseMethod`; the skeleton
+(:func:`layerwise_transformation`) turns them into an ``optax.GradientTransformationExtraArgs``
+that finds the layers, validates ``layer_stats``, runs the statistics update and the refresh
+under ``lax.cond`` on their periods, preconditions every captured layer's gradient matrix,
+routes every other parameter to the fallback, and casts results back to each leaf's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from sofim_optax import hyperparameters as hp
+from sofim_optax.layerwise.checks import check_layer_stats
+from sofim_optax.layerwise.fallback import fallback_init, fallback_update
+from sofim_optax.layerwise.layers import ParamLayout, discover_layers, gradient_matrix, split_matrix
+
+__all__ = ["LayerwiseMethod", "layerwise_transformation"]
+
+logger = logging.getLogger("sofim_optax")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseMethod:
+    """The four functions that make a layer-wise method.
+
+    All run at trace time inside the skeleton's ``update``. ``curvature`` is the method's own
+    pytree of arrays, whose structure, shapes and dtypes never change (it goes through
+    ``lax.cond``); a method typically rebuilds its :class:`FactorLayout` from
+    ``param_layout.layers`` in each function (it is static and cheap). ``extra`` are the extra
+    keyword arguments of ``update`` other than ``layer_stats`` (e.g. K-BFGS's
+    ``previous_batch_stats``).
+
+    Attributes:
+      init: ``init(param_layout, dtype) -> curvature``. ``dtype`` is the accumulation dtype
+        (float32, or float64 for float64 kernels).
+      update_statistics: ``update_statistics(curvature, param_layout, stats, **extra) ->
+        curvature`` with ``stats = {layer index: LayerStats}`` for the captured layers (run when
+        ``count % stats_period == 0``, under ``lax.cond``).
+      refresh: ``refresh(curvature, param_layout, **extra) -> curvature`` (eigendecompositions
+        or inverses; run when ``count % inverse_period == 0``, after the statistics).
+      precondition: ``precondition(curvature, param_layout, grads, **extra) ->
+        (preconditioned, curvature)`` with ``grads = {layer index: V}`` (gradient matrices
+        ``(d_a, d_g)`` in the accumulation dtype) and ``preconditioned`` keyed alike; it runs
+        every step and may update the curvature (e.g. to remember the last direction).
+    """
+
+    init: Callable[..., Any]
+    update_statistics: Callable[..., Any]
+    refresh: Callable[..., Any]
+    precondition: Callable[..., dict[int, jax.Array]]
+
+
+def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
+    """``fn(operand)`` when ``count % period == 0`` (under ``lax.cond``), else ``operand``."""
+    if isinstance(period, int) and period == 1:
+        return fn(operand)
+    return lax.cond(count % period == 0, fn, lambda x: x, operand)
+
+
+def _accumulation_dtype(leaves: Sequence[jax.Array], layout: ParamLayout) -> Any:
+    return hp.accumulation_dtype(*(jnp.asarray(leaves[layer.kernel_leaf]).dtype for layer in layout.layers))
+
+
+def layerwise_transformation(
+    *,
+    name: str,
+    method: LayerwiseMethod,
+    state_cls: Callable[..., Any],
+    stats_period: Any,
+    inverse_period: Any,
+    fallback: optax.GradientTransformation | None,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a Kronecker-family ``GradientTransformationExtraArgs`` from a method.
+
+    ``state_cls(count=..., curvature=..., fallback_state=...)`` builds the state (a NamedTuple
+    with those three fields). ``update(updates, state, params=None, *, layer_stats=None,
+    **extra)``:
+
+    1. finds the layers in ``updates`` and validates ``layer_stats`` (errors name the layer);
+    2. ``count % stats_period == 0``: ``method.update_statistics`` (``extra`` forwarded);
+    3. ``count % inverse_period == 0``: ``method.refresh``;
+    4. ``method.precondition`` on the captured layers' gradient matrices, results cast back to
+       each leaf's dtype;
+    5. ``fallback`` (identity when ``None``) on every other leaf, ``extra`` forwarded (without
+       ``layer_stats``);
+    6. ``count ← safe_increment(count)``.
+
+    A one-time ``logging`` INFO line (logger ``"sofim_optax"``) names the preconditioned layers
+    and the leaves that take the fallback path, at the first trace of this instance.
+    """
+    hp.check_positive_int(name, "stats_period", stats_period)
+    hp.check_positive_int(name, "inverse_period", inverse_period)
+    fb = optax.with_extra_args_support(optax.identity() if fallback is None else fallback)
+    fb_name = "identity" if fallback is None else "the fallback transformation"
+    logged = [False]
+
+    def init_fn(params):
+        leaves = jax.tree_util.tree_leaves(params)
+        layout = discover_layers(params)
+        dtype = _accumulation_dtype(leaves, layout)
+        return state_cls(
+            count=jnp.zeros([], jnp.int32),
+            curvature=method.init(layout, dtype),
+            fallback_state=fallback_init(fb, layout, leaves),
+        )
+
+    def update_fn(updates, state, params=None, *, layer_stats=None, **extra):
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        layout = discover_layers(updates)
+        active = check_layer_stats(layout, layer_stats, name)
+        if not logged[0]:
+            logged[0] = True
+            described = [layout.layers[i].describe() for i in active]
+            rest = sorted(
+                [layout.leaf_paths[i] for i in layout.other_leaves]
+                + [
+                    layout.leaf_paths[j]
+                    for li, layer in enumerate(layout.layers)
+                    if li not in active
+                    for j in layer.leaves
+                ]
+            )
+            logger.info(
+                "%s: preconditioning %d layer(s): %s; %d parameter array(s) take the fallback "
+                "path (%s): %s",
+                name, len(described), described, len(rest), fb_name, rest,
+            )
+        dtype = _accumulation_dtype(leaves, layout)
+        count = state.count
+        stats = {i: layer_stats[layout.layers[i].path] for i in active}
+
+        curvature = state.curvature
+        if active:  # with no captured layer at all, there is nothing to refresh
+            curvature = _every(
+                stats_period,
+                count,
+                lambda c: method.update_statistics(c, layout, stats, **extra),
+                curvature,
+            )
+            curvature = _every(
+                inverse_period, count, lambda c: method.refresh(c, layout, **extra), curvature
+            )
+
+        new_leaves = list(leaves)
+        if active:
+            grads = {i: gradient_matrix(layout.layers[i], leaves, dtype) for i in active}
+            directions, curvature = method.precondition(curvature, layout, grads, **extra)
+            for i in active:
+                for leaf, value in split_matrix(layout.layers[i], directions[i], leaves).items():
+                    new_leaves[leaf] = value
+        param_leaves = None if params is None else jax.tree_util.tree_leaves(params)
+        fb_out, fb_state = fallback_update(
+            fb, layout, active, leaves, state.fallback_state, param_leaves, **extra
+        )
+        for leaf, value in fb_out.items():
+            new_leaves[leaf] = value
+        new_state = state_cls(
+            count=optax.safe_increment(count), curvature=curvature, fallback_state=fb_state
+        )
+        return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -16,9 +16,8 @@ before the first JAX computation (see :mod:`sofim_optax.cpu_runtime`).
 """
 
 from sofim_optax import curvature, hyperparameters, layerwise, linalg
-from sofim_optax.cpu_runtime import configure_cpu_runtime
-from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
 from sofim_optax.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
+from sofim_optax.cpu_runtime import configure_cpu_runtime
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kbfgs import KbfgsCurvature, ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
 from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
@@ -33,6 +32,7 @@ from sofim_optax.kpsvd import (
     scale_by_kpsvd_deflation,
     scale_by_kpsvd_lanczos,
 )
+from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
 from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
 from sofim_optax.mini_block_fisher import (
     MiniBlockFisherCurvature,

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,9 @@ def _require_obj_fn(obj_fn: Any, params: Any, who: str) -> None:
     if not callable(obj_fn):
         raise TypeError(f"{who}: obj_fn must be callable, got {type(obj_fn).__name__}")
     if params is None:
-        raise ValueError(f"{who}.update needs params (the point at which the Hessian is estimated).")
+        raise ValueError(
+            f"{who}.update needs params (the point at which the Hessian is estimated)."
+        )
 
 
 def _check_static_int(name: str, value: Any, minimum: int, who: str) -> int:
@@ -124,7 +127,13 @@ def hutchinson_hessian_diagonal(
 
     def one(zi: optax.Params) -> optax.Updates:
         hz = jax.jvp(grad_fn, (params,), (zi,))[1]
-        return jax.tree.map(lambda a, b: a.astype(hp.accumulation_dtype(a.dtype)) * b.astype(hp.accumulation_dtype(a.dtype)), zi, hz)
+        return jax.tree.map(
+            lambda a, b: (
+                a.astype(hp.accumulation_dtype(a.dtype)) * b.astype(hp.accumulation_dtype(a.dtype))
+            ),
+            zi,
+            hz,
+        )
 
     products = jax.vmap(one)(z)
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), products)
@@ -164,7 +173,9 @@ def _check_hyperparameters(b1: Any, b2: Any, eps: Any, hessian_power: Any) -> No
     if isinstance(eps, (int, float)) and not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"scale_by_adahessian: eps must be a finite number > 0, got {eps}")
     if isinstance(hessian_power, (int, float)) and not 0.0 <= hessian_power <= 1.0:
-        raise ValueError(f"scale_by_adahessian: hessian_power must lie in [0, 1], got {hessian_power}")
+        raise ValueError(
+            f"scale_by_adahessian: hessian_power must lie in [0, 1], got {hessian_power}"
+        )
 
 
 @hp.structural("num_probes", "block_size")
@@ -300,7 +311,9 @@ def scale_by_adahessian(
             diag = hutchinson_hessian_diagonal(obj_fn, params, sub, num_probes)
 
             def fold(v: jax.Array, d: jax.Array) -> jax.Array:
-                ds = _spatial_average(d.astype(v.dtype), spatial_averaging, block_size, average_absolute)
+                ds = _spatial_average(
+                    d.astype(v.dtype), spatial_averaging, block_size, average_absolute
+                )
                 beta = jnp.asarray(b2, v.dtype)
                 return beta * v + (1 - beta) * ds * ds
 

@@ -65,7 +65,9 @@ def scale_by_diagonal_fisher(
         del params, extra
         raw = updates
         if gradients is not None:
-            by_path = dict(zip(layerwise.discover_layers(gradients).leaf_paths, jax.tree.leaves(gradients)))
+            by_path = dict(
+                zip(layerwise.discover_layers(gradients).leaf_paths, jax.tree.leaves(gradients))
+            )
             flat = layerwise.discover_layers(updates).leaf_paths
             try:
                 raw = jax.tree.unflatten(jax.tree.structure(updates), [by_path[p] for p in flat])

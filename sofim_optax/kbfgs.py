@@ -4,12 +4,13 @@ Each captured layer's block of the inverse Hessian is approximated by a Kronecke
 ``H_a ⊗ H_g`` of two small matrices that are maintained by (damped) BFGS updates instead of
 being inverted. The algorithm follows the authors' public code (``renyiryry/
 kbfgs_neurips2020_public``, ``kbfgs_utils.py`` / ``training_function.py`` /
-``training_utils.py``) where it and the third-party ASDL implementation differ; see
-``shared/research/kpsvd_kbfgs.md`` §4. Everything the Kronecker family shares (layer
-discovery, statistics checks, fallback) lives in :mod:`sofim_optax.layerwise`.
+``training_utils.py``) where it and the third-party ASDL implementation differ
+(``docs/methods/kbfgs.md`` lists the differences). Everything the layer-wise methods share
+(layer discovery, statistics checks, fallback) lives in :mod:`sofim_optax.layerwise`.
 
 Warm start of ``A`` (the authors average ``mean ā āᵀ`` over one pass of the training set at
-the initial weights before training) is :func:`sofim_optax.kbfgs_warm_start.warm_start` with :func:`sofim_optax.kbfgs_warm_start.batch_input_factors`.
+the initial weights before training) is :func:`sofim_optax.kbfgs_warm_start.warm_start`
+with :func:`sofim_optax.kbfgs_warm_start.batch_input_factors`.
 The extra forward/backward pass that K-BFGS needs for its ``(s, y)`` pairs is made by
 :func:`sofim_optax.curvature.two_pass.two_pass_value_grad_and_stats` (or the ready train step
 :func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`).
@@ -26,8 +27,7 @@ import optax
 from jax import lax
 
 from sofim_optax import hyperparameters as hp
-from sofim_optax import layerwise
-from sofim_optax import linalg
+from sofim_optax import layerwise, linalg
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
@@ -63,8 +63,8 @@ class KbfgsCurvature(NamedTuple):
         bias), for the Hessian-action update of ``H_a``.
       has_prev: ``(n_layers,)`` bool, ``prev_*`` hold the previous step's means.
       started: ``(n_layers,)`` bool, the layer's first step (exact ``H_a``) is done.
-      warm: ``(n_layers,)`` bool, ``A`` was warm-started (:func:`sofim_optax.kbfgs_warm_start.warm_start`), so the first step
-        does not update it.
+      warm: ``(n_layers,)`` bool, ``A`` was warm-started
+        (:func:`sofim_optax.kbfgs_warm_start.warm_start`), so the first step does not update it.
       hg_updates, ha_updates: ``(n_layers,)`` int32, accepted updates of ``H_g`` (pairs appended
         for K-BFGS(L)) and of ``H_a`` so far (diagnostics; skipped updates are not counted).
     """
@@ -249,7 +249,9 @@ def _kbfgs_method(
         Hg = jnp.where(usable, Hg, curv.Hg[i])
         return dict(Hg=Hg, s_ema=s_ema, y_ema=y_ema, ok=ok)
 
-    def update_statistics(curv: KbfgsCurvature, param_layout, stats, previous_batch_stats=None, **extra):
+    def update_statistics(
+        curv: KbfgsCurvature, param_layout, stats, previous_batch_stats=None, **extra
+    ):
         del extra
         layers = param_layout.layers
         _check_outputs(param_layout, {layers[i].path: st for i, st in stats.items()}, "layer_stats")
@@ -258,9 +260,15 @@ def _kbfgs_method(
             prev_active = layerwise.check_layer_stats(param_layout, previous_batch_stats, _NAME)
             _check_outputs(param_layout, previous_batch_stats, "previous_batch_stats")
         dtype = curv.A[0].dtype if curv.A else jnp.float32
-        A, Ha, Hg, S, Y, valid = (list(x) for x in (curv.A, curv.Ha, curv.Hg, curv.S, curv.Y, curv.valid))
+        A, Ha, Hg, S, Y, valid = (
+            list(x) for x in (curv.A, curv.Ha, curv.Hg, curv.S, curv.Y, curv.valid)
+        )
         s_ema, y_ema = list(curv.s_ema), list(curv.y_ema)
-        prev_out, prev_g, a_mean = list(curv.prev_outputs_mean), list(curv.prev_grads_mean), list(curv.a_mean)
+        prev_out, prev_g, a_mean = (
+            list(curv.prev_outputs_mean),
+            list(curv.prev_grads_mean),
+            list(curv.a_mean),
+        )
         head, hg_updates = curv.head, curv.hg_updates
         has_prev, started = curv.has_prev, curv.started
         sqrt_l = sqrt_damping(dtype)
@@ -292,10 +300,21 @@ def _kbfgs_method(
         active = jnp.asarray(sorted(stats), jnp.int32)
         mask = jnp.zeros_like(has_prev).at[active].set(True)
         return curv._replace(
-            A=tuple(A), Ha=tuple(Ha), Hg=tuple(Hg), S=tuple(S), Y=tuple(Y), valid=tuple(valid),
-            head=head, s_ema=tuple(s_ema), y_ema=tuple(y_ema), prev_outputs_mean=tuple(prev_out),
-            prev_grads_mean=tuple(prev_g), a_mean=tuple(a_mean), has_prev=mask,
-            started=started | mask, hg_updates=hg_updates,
+            A=tuple(A),
+            Ha=tuple(Ha),
+            Hg=tuple(Hg),
+            S=tuple(S),
+            Y=tuple(Y),
+            valid=tuple(valid),
+            head=head,
+            s_ema=tuple(s_ema),
+            y_ema=tuple(y_ema),
+            prev_outputs_mean=tuple(prev_out),
+            prev_grads_mean=tuple(prev_g),
+            a_mean=tuple(a_mean),
+            has_prev=mask,
+            started=started | mask,
+            hg_updates=hg_updates,
         )
 
     def refresh(curv, param_layout, **extra):
@@ -324,7 +343,7 @@ def _kbfgs_method(
     return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
 
 
-@hp.structural('memory')
+@hp.structural("memory")
 def scale_by_kbfgs(
     *,
     damping: Scalar = 0.3,
@@ -381,8 +400,8 @@ def scale_by_kbfgs(
        :func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`.
     2. **A**: ``A ← β A + (1-β) mean ā āᵀ`` (``β = ema``, constant as in the authors' code).
        On the layer's first step ``A`` is *not* updated when it was warm-started
-       (:func:`sofim_optax.kbfgs_warm_start.warm_start`, the authors' one pass over the training set); without a warm start
-       the first minibatch's ``mean ā āᵀ`` is taken as it is.
+       (:func:`sofim_optax.kbfgs_warm_start.warm_start`, the authors' one pass over the
+       training set); without a warm start the first minibatch's ``mean ā āᵀ`` is taken as it is.
     3. **First step**: ``H_a = (A + √λ I)⁻¹`` exactly (through the eigendecomposition, finite
        for any finite ``A``); ``H_g = hg_init·I`` (empty memory for K-BFGS(L)).
     4. **Direction** ``Δ = H_a V H_g``.
@@ -443,7 +462,9 @@ def scale_by_kbfgs(
     hp.check_choice(_NAME, "lbfgs_method", lbfgs_method, ("compact", "two_loop"))
     return layerwise.layerwise_transformation(
         name=_NAME,
-        method=_kbfgs_method(damping, mu1, mu2, ema, pair_ema, memory, hg_init, skip_threshold, lbfgs_method),
+        method=_kbfgs_method(
+            damping, mu1, mu2, ema, pair_ema, memory, hg_init, skip_threshold, lbfgs_method
+        ),
         state_cls=ScaleByKbfgsState,
         stats_period=1,
         inverse_period=1,
@@ -451,7 +472,7 @@ def scale_by_kbfgs(
     )
 
 
-@hp.structural('memory')
+@hp.structural("memory")
 def kbfgs(
     learning_rate: ScalarOrSchedule,
     *,
@@ -519,8 +540,15 @@ def kbfgs(
         parts.append(optax.ema(gradient_ema, debias=False))
     parts.append(
         scale_by_kbfgs(
-            damping=damping, mu1=mu1, ema=ema, memory=memory, mu2=mu2, pair_ema=pair_ema,
-            hg_init=hg_init, skip_threshold=skip_threshold, lbfgs_method=lbfgs_method,
+            damping=damping,
+            mu1=mu1,
+            ema=ema,
+            memory=memory,
+            mu2=mu2,
+            pair_ema=pair_ema,
+            hg_init=hg_init,
+            skip_threshold=skip_threshold,
+            lbfgs_method=lbfgs_method,
             fallback=fallback,
         )
     )
@@ -528,7 +556,7 @@ def kbfgs(
     return optax.chain(*parts)
 
 
-@hp.structural('memory')
+@hp.structural("memory")
 def kbfgs_l(
     learning_rate: ScalarOrSchedule,
     *,
@@ -556,8 +584,18 @@ def kbfgs_l(
       every other argument: as :func:`kbfgs`, keyword-only, same defaults.
     """
     return kbfgs(
-        learning_rate, memory=memory, gradient_ema=gradient_ema, damping=damping,
-        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, mu1=mu1, ema=ema,
-        mu2=mu2, pair_ema=pair_ema, hg_init=hg_init, skip_threshold=skip_threshold,
-        lbfgs_method=lbfgs_method, fallback=fallback,
+        learning_rate,
+        memory=memory,
+        gradient_ema=gradient_ema,
+        damping=damping,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        mu1=mu1,
+        ema=ema,
+        mu2=mu2,
+        pair_ema=pair_ema,
+        hg_init=hg_init,
+        skip_threshold=skip_threshold,
+        lbfgs_method=lbfgs_method,
+        fallback=fallback,
     )

@@ -21,7 +21,6 @@ from sofim_optax.kbfgs import ScaleByKbfgsState
 __all__ = ["batch_input_factors", "warm_start", "average_input_factors"]
 
 
-
 def batch_input_factors(params: Any, layer_stats: Mapping[str, Any]) -> dict[str, jax.Array]:
     """``{layer path: mean ā āᵀ}`` of one minibatch (float32 at least), for :func:`warm_start`.
 
@@ -57,7 +56,9 @@ def warm_start(opt_state: Any, params: Any, input_factors: Mapping[str, jax.Arra
             raise ValueError(f"warm_start: no layer {path!r}; layers: {list(layout.layer_paths)}")
         d = layout.layers[layout.index(path)].d_a
         if tuple(jnp.shape(a)) != (d, d):
-            raise ValueError(f"warm_start: layer {path!r} needs A of shape {(d, d)}, got {tuple(jnp.shape(a))}")
+            raise ValueError(
+                f"warm_start: layer {path!r} needs A of shape {(d, d)}, got {tuple(jnp.shape(a))}"
+            )
 
     def fix(node):
         if not isinstance(node, ScaleByKbfgsState):

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from sofim_optax import hyperparameters as hp
-from sofim_optax import layerwise
-from sofim_optax import linalg
+from sofim_optax import layerwise, linalg
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = ["KfacCurvature", "ScaleByKfacState", "scale_by_kfac", "kfac"]
@@ -73,7 +72,9 @@ class ScaleByKfacState(NamedTuple):
     fallback_state: layerwise.FallbackState
 
 
-def _kfac_method(damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str) -> layerwise.LayerwiseMethod:
+def _kfac_method(
+    damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str
+) -> layerwise.LayerwiseMethod:
     def layout_of(param_layout: layerwise.ParamLayout) -> layerwise.FactorLayout:
         return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"))
 
@@ -123,8 +124,12 @@ def _kfac_method(damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str) 
         def shift(i, role):
             layer = layers[i]
             s_a, s_g = linalg.factored_damping(
-                fl.get(traces, i, "A"), layer.d_a, fl.get(traces, i, "G"), layer.d_g,
-                damping, pi_adjusted,
+                fl.get(traces, i, "A"),
+                layer.d_a,
+                fl.get(traces, i, "G"),
+                layer.d_g,
+                damping,
+                pi_adjusted,
             )
             return s_a if role == "A" else s_g
 
@@ -355,6 +360,9 @@ def kfac(
             inverse=inverse,
             fallback=fallback,
         ),
-        learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-        weight_decay_mask=weight_decay_mask, nesterov=nesterov,
+        learning_rate=learning_rate,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        weight_decay_mask=weight_decay_mask,
+        nesterov=nesterov,
     )

@@ -107,13 +107,19 @@ class ScaleByKpsvdState(NamedTuple):
     fallback_state: layerwise.FallbackState
 
 
-def _scale_by_member(kind: str, name: str, **hyperparameters) -> optax.GradientTransformationExtraArgs:
+def _scale_by_member(
+    kind: str, name: str, **hyperparameters
+) -> optax.GradientTransformationExtraArgs:
     periods = {k: hyperparameters.pop(k) for k in ("stats_period", "inverse_period", "fallback")}
     hyperparameters.setdefault("krylov_dim", None)
     hyperparameters.setdefault("indefinite", "abs")
     cfg = family.FamilyConfig(kind=kind, **hyperparameters)
     return family.transformation(
-        name, ScaleByKpsvdState, cfg, periods["stats_period"], periods["inverse_period"],
+        name,
+        ScaleByKpsvdState,
+        cfg,
+        periods["stats_period"],
+        periods["inverse_period"],
         periods["fallback"],
     )
 
@@ -158,8 +164,15 @@ def scale_by_kpsvd(
         keyword-only, defaults in the signature, described in :mod:`sofim_optax.kpsvd`.
     """
     return _scale_by_member(
-        "kpsvd", "scale_by_kpsvd", damping=damping, ema=ema, stats_period=stats_period,
-        inverse_period=inverse_period, pi_adjusted=pi_adjusted, tol=tol, max_iters=max_iters,
+        "kpsvd",
+        "scale_by_kpsvd",
+        damping=damping,
+        ema=ema,
+        stats_period=stats_period,
+        inverse_period=inverse_period,
+        pi_adjusted=pi_adjusted,
+        tol=tol,
+        max_iters=max_iters,
         fallback=fallback,
     )
 
@@ -206,9 +219,17 @@ def scale_by_kpsvd_deflation(
         :mod:`sofim_optax.kpsvd`.
     """
     return _scale_by_member(
-        "deflation", "scale_by_kpsvd_deflation", damping=damping, ema=ema,
-        stats_period=stats_period, inverse_period=inverse_period, pi_adjusted=pi_adjusted,
-        tol=tol, max_iters=max_iters, indefinite=indefinite, fallback=fallback,
+        "deflation",
+        "scale_by_kpsvd_deflation",
+        damping=damping,
+        ema=ema,
+        stats_period=stats_period,
+        inverse_period=inverse_period,
+        pi_adjusted=pi_adjusted,
+        tol=tol,
+        max_iters=max_iters,
+        indefinite=indefinite,
+        fallback=fallback,
     )
 
 
@@ -252,13 +273,21 @@ def scale_by_kfac_corrected(
         :mod:`sofim_optax.kpsvd`.
     """
     return _scale_by_member(
-        "kfac_corrected", "scale_by_kfac_corrected", damping=damping, ema=ema,
-        stats_period=stats_period, inverse_period=inverse_period, pi_adjusted=pi_adjusted,
-        tol=tol, max_iters=max_iters, indefinite=indefinite, fallback=fallback,
+        "kfac_corrected",
+        "scale_by_kfac_corrected",
+        damping=damping,
+        ema=ema,
+        stats_period=stats_period,
+        inverse_period=inverse_period,
+        pi_adjusted=pi_adjusted,
+        tol=tol,
+        max_iters=max_iters,
+        indefinite=indefinite,
+        fallback=fallback,
     )
 
 
-@hp.structural('krylov_dim')
+@hp.structural("krylov_dim")
 def scale_by_kpsvd_lanczos(
     *,
     damping: Scalar = 1e-3,
@@ -296,9 +325,18 @@ def scale_by_kpsvd_lanczos(
         :mod:`sofim_optax.kpsvd`.
     """
     return _scale_by_member(
-        "lanczos", "scale_by_kpsvd_lanczos", damping=damping, ema=ema, stats_period=stats_period,
-        inverse_period=inverse_period, pi_adjusted=pi_adjusted, tol=tol, max_iters=max_iters,
-        krylov_dim=krylov_dim, indefinite=indefinite, fallback=fallback,
+        "lanczos",
+        "scale_by_kpsvd_lanczos",
+        damping=damping,
+        ema=ema,
+        stats_period=stats_period,
+        inverse_period=inverse_period,
+        pi_adjusted=pi_adjusted,
+        tol=tol,
+        max_iters=max_iters,
+        krylov_dim=krylov_dim,
+        indefinite=indefinite,
+        fallback=fallback,
     )
 
 
@@ -397,7 +435,7 @@ def kfac_corrected(
     return _alias(scale_by_kfac_corrected, hyperparameters.pop("learning_rate"), hyperparameters)
 
 
-@hp.structural('krylov_dim')
+@hp.structural("krylov_dim")
 def kpsvd_lanczos(
     learning_rate: ScalarOrSchedule,
     *,

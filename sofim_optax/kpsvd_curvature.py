@@ -34,7 +34,8 @@ uncorrelated derivatives"), with KFC's scaling,
 .. math::
 
     F_{\mathrm{conv}} = \frac1N \sum_{n,t} (\bar a_{n,t}\bar a_{n,t}^\top)\otimes(g_{n,t}g_{n,t}^\top)
-    = \operatorname{mean}_{n,t} (\bar a_{n,t}\bar a_{n,t}^\top)\otimes(\sqrt T g_{n,t})(\sqrt T g_{n,t})^\top ,
+    = \operatorname{mean}_{n,t} (\bar a_{n,t}\bar a_{n,t}^\top)
+      \otimes(\sqrt T g_{n,t})(\sqrt T g_{n,t})^\top ,
 
 i.e. :func:`layer_samples` hands ``N·T`` samples ``(ā_{n,t}, √T g_{n,t})`` to
 :func:`sofim_optax.linalg.nearest_kronecker`; KFAC's ``A ⊗ G`` is then exactly the
@@ -71,10 +72,16 @@ import jax.numpy as jnp
 import optax
 
 from sofim_optax import hyperparameters as hp
-from sofim_optax import layerwise
-from sofim_optax import linalg
+from sofim_optax import layerwise, linalg
 
-__all__ = ["KroneckerSvdCurvature", "FamilyConfig", "KINDS", "layer_samples", "make_method", "transformation"]
+__all__ = [
+    "KroneckerSvdCurvature",
+    "FamilyConfig",
+    "KINDS",
+    "layer_samples",
+    "make_method",
+    "transformation",
+]
 
 #: The family's members, the values of :attr:`FamilyConfig.kind`.
 KINDS = ("kpsvd", "deflation", "kfac_corrected", "lanczos")
@@ -181,15 +188,29 @@ def make_method(cfg: FamilyConfig) -> layerwise.LayerwiseMethod:
             A = rho * old["A1"] + (1 - rho) * (a.T @ a / a.shape[0])
             G = rho * old["G1"] + (1 - rho) * (g.T @ g / g.shape[0])
             pairs, info = linalg.nearest_kronecker(
-                a, g, 1, "power", cfg.tol, cfg.max_iters, init=[old["G2"]], subtract=(A, G),
+                a,
+                g,
+                1,
+                "power",
+                cfg.tol,
+                cfg.max_iters,
+                init=[old["G2"]],
+                subtract=(A, G),
                 return_info=True,
             )
-            (R, S), = pairs
+            ((R, S),) = pairs
             return {"A2": R, "G2": S}, {"A1": A, "G1": G}, info
         method = "lanczos" if cfg.kind == "lanczos" else "power"
         inits = [old[f"G{k + 1}"] for k in range(rank)]
         pairs, info = linalg.nearest_kronecker(
-            a, g, rank, method, cfg.tol, cfg.max_iters, init=inits, krylov_dim=cfg.krylov_dim,
+            a,
+            g,
+            rank,
+            method,
+            cfg.tol,
+            cfg.max_iters,
+            init=inits,
+            krylov_dim=cfg.krylov_dim,
             return_info=True,
         )
         fresh = {}
@@ -240,8 +261,12 @@ def make_method(cfg: FamilyConfig) -> layerwise.LayerwiseMethod:
 
         def shift(i, role):
             s_a, s_g = linalg.factored_damping(
-                fl.get(traces, i, "A1"), layers[i].d_a, fl.get(traces, i, "G1"), layers[i].d_g,
-                cfg.damping, cfg.pi_adjusted,
+                fl.get(traces, i, "A1"),
+                layers[i].d_a,
+                fl.get(traces, i, "G1"),
+                layers[i].d_g,
+                cfg.damping,
+                cfg.pi_adjusted,
             )
             return s_a if role == "A" else s_g
 
@@ -267,9 +292,12 @@ def make_method(cfg: FamilyConfig) -> layerwise.LayerwiseMethod:
         fl2 = layout2(param_layout)
         for i, v in grads.items():
             out[i] = linalg.kron_sum_apply(
-                fl2.get(curv.eigvecs, i, "A"), fl2.get(curv.eigvals, i, "A"),
-                fl2.get(curv.eigvecs, i, "G"), fl2.get(curv.eigvals, i, "G"),
-                v, cfg.indefinite,
+                fl2.get(curv.eigvecs, i, "A"),
+                fl2.get(curv.eigvals, i, "A"),
+                fl2.get(curv.eigvecs, i, "G"),
+                fl2.get(curv.eigvals, i, "G"),
+                v,
+                cfg.indefinite,
             )
         return out, curv
 

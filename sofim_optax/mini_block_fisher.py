@@ -126,12 +126,21 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
         bl = layout_of(param_layout)
         dtype = next(iter(curv.blocks.values())).dtype if curv.blocks else jnp.float32
         masks = {i: b.pad_mask(dtype) for i, b in enumerate(bl.blockings) if b.padding}
-        pads = bl.assemble(
-            {i: [jnp.zeros((c, s), dtype) if m is None else m for m, (s, c) in zip(ms, bl.blockings[i].segments)]
-             for i, ms in masks.items()},
-            None,
-            lambda count, size: jnp.zeros((count, size), dtype),
-        ) if masks else None
+        pads = (
+            bl.assemble(
+                {
+                    i: [
+                        jnp.zeros((c, s), dtype) if m is None else m
+                        for m, (s, c) in zip(ms, bl.blockings[i].segments)
+                    ]
+                    for i, ms in masks.items()
+                },
+                None,
+                lambda count, size: jnp.zeros((count, size), dtype),
+            )
+            if masks
+            else None
+        )
         lam = jnp.maximum(jnp.asarray(damping).astype(dtype), linalg.DAMPING_FLOOR)
 
         def inv(k, f):
@@ -166,7 +175,7 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
 # --------------------------------------------------------------------------------------
 
 
-@hp.structural('dense_block_size', 'batch_chunk')
+@hp.structural("dense_block_size", "batch_chunk")
 def scale_by_mini_block_fisher(
     *,
     damping: Scalar = 1e-2,
@@ -226,13 +235,13 @@ def scale_by_mini_block_fisher(
     stats_period == 0``, then the inverses when ``count % inverse_period == 0`` (both at
     ``count = 0``), under ``lax.cond``.
 
-    Departures and choices (the paper's body could not be checked, see
-    ``research/sofim_mbf.md`` §2.3): the conv blocks (one per channel pair) and dense blocks
-    (one per output unit with its bias) are the notes' most plausible reading; chunking the
-    dense blocks is ours, so that the 784-1000-… autoencoder fits in memory (see
-    :data:`DEFAULT_DENSE_BLOCK_SIZE` for the arithmetic); conv biases get exact 1×1 EF blocks
-    (their per-example gradient is ``Σ_t g_{n,t}``); other parameters use squared minibatch
-    gradients; damping is Tikhonov ``λI`` on every block.
+    Departures and choices (``docs/methods/mini_block_fisher.md``): the conv blocks (one per
+    channel pair) and dense blocks (one per output unit with its bias) are our reading of the
+    paper's "many mini-blocks of modest size"; chunking the dense blocks is ours, so that the
+    784-1000-… autoencoder fits in memory (see
+    :data:`sofim_optax.mini_blocks.DEFAULT_DENSE_BLOCK_SIZE` for the arithmetic); conv biases
+    get exact 1×1 EF blocks (their per-example gradient is ``Σ_t g_{n,t}``); other parameters
+    use squared minibatch gradients; damping is Tikhonov ``λI`` on every block.
 
     Args:
       damping: ``λ`` (default ``1e-2``), added to every block; floored at
@@ -280,7 +289,10 @@ def scale_by_mini_block_fisher(
             hp.check_positive_int(where, arg, value, static=True)
     if isinstance(fallback, str):
         if fallback != "diagonal":
-            raise ValueError(f'scale_by_mini_block_fisher: fallback must be "diagonal", None or a transformation, got {fallback!r}')
+            raise ValueError(
+                'scale_by_mini_block_fisher: fallback must be "diagonal", None or a '
+                f"transformation, got {fallback!r}"
+            )
         fallback = scale_by_diagonal_fisher(damping=damping, ema=ema, stats_period=stats_period)
     return layerwise.layerwise_transformation(
         name="scale_by_mini_block_fisher",
@@ -309,7 +321,7 @@ def _gradient_momentum_first(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@hp.structural('dense_block_size', 'batch_chunk')
+@hp.structural("dense_block_size", "batch_chunk")
 def mini_block_fisher(
     learning_rate: ScalarOrSchedule,
     *,
@@ -372,7 +384,8 @@ def mini_block_fisher(
         fallback=fallback,
     )
     first = (
-        inner if gradient_momentum is None
+        inner
+        if gradient_momentum is None
         else _gradient_momentum_first(inner, gradient_momentum, nesterov)
     )
     return optax.chain(

@@ -27,7 +27,13 @@ from jax import lax
 
 from sofim_optax import layerwise
 
-__all__ = ["DEFAULT_DENSE_BLOCK_SIZE", "LayerBlocking", "BlockLayout", "layer_blocking", "batch_blocks"]
+__all__ = [
+    "DEFAULT_DENSE_BLOCK_SIZE",
+    "LayerBlocking",
+    "BlockLayout",
+    "layer_blocking",
+    "batch_blocks",
+]
 
 #: Default ``dense_block_size``. Memory arithmetic for the deep autoencoder
 #: 784-1000-500-250-30-250-500-1000-784 (P = 2 837 314 weights and biases, all dense): a block
@@ -143,7 +149,9 @@ def layer_blocking(layer: layerwise.Layer, dense_block_size: int | None) -> Laye
         size = d_a if dense_block_size is None else min(int(dense_block_size), d_a)
         n_chunks = -(-d_a // size)
         chunk = -(-d_a // n_chunks)
-        return LayerBlocking("dense", layer.d_in, layer.d_out, layer.has_bias, chunk, n_chunks, layer.d_in)
+        return LayerBlocking(
+            "dense", layer.d_in, layer.d_out, layer.has_bias, chunk, n_chunks, layer.d_in
+        )
     spatial = math.prod(shape[:-2])
     return LayerBlocking("conv", layer.d_in, layer.d_out, layer.has_bias, spatial, 1, shape[-2])
 
@@ -172,7 +180,9 @@ class BlockLayout:
         return f"b{size}"
 
     @classmethod
-    def build(cls, param_layout: layerwise.ParamLayout, dense_block_size: int | None) -> BlockLayout:
+    def build(
+        cls, param_layout: layerwise.ParamLayout, dense_block_size: int | None
+    ) -> BlockLayout:
         blockings = tuple(layer_blocking(layer, dense_block_size) for layer in param_layout.layers)
         entries: dict[str, list] = {}
         sizes: dict[str, int] = {}
@@ -195,7 +205,10 @@ class BlockLayout:
         }
 
     def assemble(
-        self, per_layer: Mapping[int, Sequence[jax.Array]], old: Mapping[str, jax.Array] | None, fill: Any
+        self,
+        per_layer: Mapping[int, Sequence[jax.Array]],
+        old: Mapping[str, jax.Array] | None,
+        fill: Any,
     ) -> dict[str, jax.Array]:
         """Stacks ``per_layer[layer][segment]`` into per-size arrays.
 
@@ -215,7 +228,9 @@ class BlockLayout:
             out[k] = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
         return out
 
-    def split(self, stacks: Mapping[str, jax.Array], layers: Sequence[int]) -> dict[int, list[jax.Array]]:
+    def split(
+        self, stacks: Mapping[str, jax.Array], layers: Sequence[int]
+    ) -> dict[int, list[jax.Array]]:
         """Inverse of :meth:`assemble` for the given layers: ``{layer: [segment arrays]}``."""
         out = {li: [None] * len(self.blockings[li].segments) for li in layers}
         for k, ents in self.entries.items():
@@ -258,7 +273,11 @@ def _scan_over_batch(fn, arrays: Sequence[jax.Array], chunk: int, init: Any) -> 
 
 
 def batch_blocks(
-    blocking: LayerBlocking, inputs: jax.Array, output_grads: jax.Array, dtype: Any, batch_chunk: int | None = None
+    blocking: LayerBlocking,
+    inputs: jax.Array,
+    output_grads: jax.Array,
+    dtype: Any,
+    batch_chunk: int | None = None,
 ) -> list[jax.Array]:
     r"""Batch empirical-Fisher blocks ``F̂_b = (1/N) Σ_n v_{n,b} v_{n,b}ᵀ`` of one layer.
 

@@ -26,17 +26,17 @@ approximation from ``r`` randomly chosen *columns* of the Hessian; that is
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from sofim_optax import hyperparameters as hp
-from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from jax.flatten_util import ravel_pytree
 
+from sofim_optax import hyperparameters as hp
 from sofim_optax.adahessian import _check_static_int, _require_obj_fn
+from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
     "ScaleByNystromSgdState",
@@ -147,7 +147,9 @@ def nystrom_sketch(
     return v, lam
 
 
-def nystrom_solve(eigvecs: jax.Array, eigvals: jax.Array, rho: jax.Array, g: jax.Array) -> jax.Array:
+def nystrom_solve(
+    eigvecs: jax.Array, eigvals: jax.Array, rho: jax.Array, g: jax.Array
+) -> jax.Array:
     r"""``(V diag(λ) Vᵀ + ρI)⁻¹ g`` by Woodbury, for ``V`` with orthonormal columns.
 
     .. math::
@@ -170,7 +172,9 @@ def _preconditioned_smoothness(matvec, eigvecs, eigvals, rho, key, iterations, d
     """Power iteration for ``λ_max(P^{-1/2} H P^{-1/2})`` (absolute value), ``P = Ĥ + ρI``."""
 
     def op(v):
-        return _inv_sqrt_apply(eigvecs, eigvals, rho, matvec(_inv_sqrt_apply(eigvecs, eigvals, rho, v)))
+        return _inv_sqrt_apply(
+            eigvecs, eigvals, rho, matvec(_inv_sqrt_apply(eigvecs, eigvals, rho, v))
+        )
 
     v0 = jax.random.normal(key, (eigvecs.shape[0],), dtype)
     v0 = v0 / jnp.linalg.norm(v0)
@@ -312,7 +316,9 @@ def scale_by_nystrom_sgd(
         dim = state.eigvecs.shape[0]
         flat_params, unravel = ravel_pytree(params)
         if flat_params.shape[0] != dim:
-            raise ValueError(f"{who}: params have {flat_params.shape[0]} entries but the state was built for {dim}")
+            raise ValueError(
+                f"{who}: params have {flat_params.shape[0]} entries but the state was built for {dim}"
+            )
         grad_fn = jax.grad(obj_fn)
         rho_ = jnp.asarray(damping, dtype)
 
@@ -326,7 +332,9 @@ def scale_by_nystrom_sgd(
             key, k_sketch, k_power = jax.random.split(key, 3)
             eigvecs, eigvals = nystrom_sketch(matvec, dim, rank, k_sketch, dtype, test_matrix)
             if auto_step:
-                smooth = _preconditioned_smoothness(matvec, eigvecs, eigvals, rho_, k_power, power_iterations, dtype)
+                smooth = _preconditioned_smoothness(
+                    matvec, eigvecs, eigvals, rho_, k_power, power_iterations, dtype
+                )
                 ok = jnp.isfinite(smooth) & (smooth > jnp.finfo(dtype).eps)
                 scale = jnp.where(ok, 1.0 / jnp.where(ok, smooth, 1.0), 1.0).astype(dtype)
             else:

@@ -76,7 +76,7 @@ def _mini_block_step(mhat: jax.Array, rho: jax.Array, block_size: int) -> jax.Ar
     return stepped.reshape(-1)[:size].reshape(mhat.shape)
 
 
-@hp.structural('block_size')
+@hp.structural("block_size")
 def scale_by_sofim(
     *,
     b1: Scalar = 0.9,
@@ -147,7 +147,9 @@ def scale_by_sofim(
 
     def init_fn(params: optax.Params) -> ScaleBySofimState:
         def zeros(p: jax.Array) -> jax.Array:
-            dtype = mu_dtype if mu_dtype is not None else hp.accumulation_dtype(jnp.asarray(p).dtype)
+            dtype = (
+                mu_dtype if mu_dtype is not None else hp.accumulation_dtype(jnp.asarray(p).dtype)
+            )
             return jnp.zeros(jnp.shape(p), dtype)
 
         return ScaleBySofimState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params))
@@ -190,7 +192,10 @@ def scale_by_sofim(
             )
         else:
             directions = jax.tree.map(
-                lambda m: _mini_block_step(bias_corrected(m), jnp.asarray(damping, m.dtype), block_size), mu
+                lambda m: _mini_block_step(
+                    bias_corrected(m), jnp.asarray(damping, m.dtype), block_size
+                ),
+                mu,
             )
 
         new_updates = jax.tree.map(lambda d, g: d.astype(g.dtype), directions, updates)
@@ -199,7 +204,7 @@ def scale_by_sofim(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@hp.structural('block_size')
+@hp.structural("block_size")
 def sofim(
     learning_rate: ScalarOrSchedule,
     *,

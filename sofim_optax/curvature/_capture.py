@@ -222,13 +222,19 @@ def conv_spec(
     """
     if feature_group_count != 1:
         raise refuse(
-            path, layer_type, f"is a grouped/depthwise convolution (feature_group_count={feature_group_count})"
+            path,
+            layer_type,
+            f"is a grouped/depthwise convolution (feature_group_count={feature_group_count})",
         )
     if has_mask:
         raise refuse(path, layer_type, "uses a kernel mask")
     if custom_conv:
         raise refuse(path, layer_type, "uses a custom conv_general_dilated")
-    if isinstance(padding, str) and padding.upper() not in PRE_PAD_MODES + ("SAME", "SAME_LOWER", "VALID"):
+    if isinstance(padding, str) and padding.upper() not in PRE_PAD_MODES + (
+        "SAME",
+        "SAME_LOWER",
+        "VALID",
+    ):
         raise refuse(path, layer_type, f"uses padding={padding!r}")
     try:
         geometry = make_geometry(kernel_size, strides, padding, input_dilation, kernel_dilation)
@@ -295,7 +301,9 @@ class Session:
     scratch: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
 
-_ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar("sofim_optax_capture", default=None)
+_ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
+    "sofim_optax_capture", default=None
+)
 
 
 def current_session() -> Session | None:
@@ -410,7 +418,8 @@ def _split_output(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
     if has_aux:
         if not (isinstance(out, (tuple, list)) and len(out) == 2):
             raise TypeError(
-                "has_aux=True requires loss_fn to return a pair (loss, aux), got " f"{type(out).__name__}."
+                "has_aux=True requires loss_fn to return a pair (loss, aux), got "
+                f"{type(out).__name__}."
             )
         return out[0], out[1]
     return out, None
@@ -419,19 +428,25 @@ def _split_output(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
 def _check_scalar_loss(loss: Any) -> None:
     shape, dtype = jnp.shape(loss), jnp.result_type(loss)
     if shape != ():
-        raise TypeError(f"loss_fn must return a scalar loss (as for jax.value_and_grad); got shape {shape}.")
+        raise TypeError(
+            f"loss_fn must return a scalar loss (as for jax.value_and_grad); got shape {shape}."
+        )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"loss_fn must return a real floating-point loss; got dtype {dtype}.")
 
 
-def _sampled_nll(registrations: list[_Registration], rng: jax.Array, fisher_batch_size: int | None) -> jax.Array:
+def _sampled_nll(
+    registrations: list[_Registration], rng: jax.Array, fisher_batch_size: int | None
+) -> jax.Array:
     """Sum over examples (and registered losses) of the NLL of sampled targets."""
     total = jnp.zeros((), jnp.float32)
     for i, reg in enumerate(registrations):
         preds = reg.predictions
         if fisher_batch_size is not None:
             preds = preds[:fisher_batch_size]
-        targets = lax.stop_gradient(reg.likelihood.sample(jax.random.fold_in(rng, i), lax.stop_gradient(preds)))
+        targets = lax.stop_gradient(
+            reg.likelihood.sample(jax.random.fold_in(rng, i), lax.stop_gradient(preds))
+        )
         total = total + jnp.sum(reg.likelihood.per_example_loss(preds, targets))
     return total
 
@@ -487,11 +502,17 @@ def value_grad_and_stats(
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
     if fisher == "sampled" and rng is None:
-        raise ValueError("fisher='sampled' draws targets from the model and needs rng=<a PRNG key>.")
+        raise ValueError(
+            "fisher='sampled' draws targets from the model and needs rng=<a PRNG key>."
+        )
     if fisher_batch_size is not None and (
-        isinstance(fisher_batch_size, bool) or not isinstance(fisher_batch_size, int) or fisher_batch_size < 1
+        isinstance(fisher_batch_size, bool)
+        or not isinstance(fisher_batch_size, int)
+        or fisher_batch_size < 1
     ):
-        raise ValueError(f"fisher_batch_size must be a positive int or None, got {fisher_batch_size!r}.")
+        raise ValueError(
+            f"fisher_batch_size must be a positive int or None, got {fisher_batch_size!r}."
+        )
 
     # 1. Discovery: shapes only.
     discovery = Session("discover", fisher)
@@ -507,7 +528,9 @@ def value_grad_and_stats(
     logger.debug(
         "sofim_optax.curvature: capturing %d layers: %s",
         len(discovery.layers),
-        ", ".join(f"{path!r} ({type(rec.spec).__name__})" for path, rec in discovery.layers.items()),
+        ", ".join(
+            f"{path!r} ({type(rec.spec).__name__})" for path, rec in discovery.layers.items()
+        ),
     )
 
     if fisher == "sampled" and not discovery.registrations:
@@ -530,10 +553,15 @@ def value_grad_and_stats(
                     f"{reg.predictions.shape[0]} of the registered {reg.likelihood.name} predictions."
                 )
 
-    perturbations = {path: jnp.zeros(rec.outputs.shape, rec.outputs.dtype) for path, rec in discovery.layers.items()}
+    perturbations = {
+        path: jnp.zeros(rec.outputs.shape, rec.outputs.dtype)
+        for path, rec in discovery.layers.items()
+    }
 
     # 2. One forward pass, differentiated with respect to params and perturbations.
-    def forward(p: Any, perts: dict[str, jax.Array]) -> tuple[Any, tuple[Any, Any, dict[str, tuple]]]:
+    def forward(
+        p: Any, perts: dict[str, jax.Array]
+    ) -> tuple[Any, tuple[Any, Any, dict[str, tuple]]]:
         session = Session("perturb", fisher, perturbations=perts)
         with _activate(session):
             out, extra = run(p)
@@ -552,7 +580,9 @@ def value_grad_and_stats(
             primal_out = loss
         return primal_out, (aux, extra, records)
 
-    primal_out, vjp_fn, (aux, extra, records) = jax.vjp(forward, primal, perturbations, has_aux=True)
+    primal_out, vjp_fn, (aux, extra, records) = jax.vjp(
+        forward, primal, perturbations, has_aux=True
+    )
 
     if fisher == "sampled":
         loss, nll = primal_out
@@ -567,6 +597,8 @@ def value_grad_and_stats(
     stats: LayerStatsDict = {}
     for path, (inputs, outputs) in records.items():
         spec = discovery.layers[path].spec
-        stats[path] = _layer_stats(spec, inputs, outputs, pert_grads[path], scale, fisher_batch_size)
+        stats[path] = _layer_stats(
+            spec, inputs, outputs, pert_grads[path], scale, fisher_batch_size
+        )
     value = (loss, aux) if has_aux else loss
     return value, grads, stats, extra

@@ -34,7 +34,7 @@ from jax import lax
 #: followed by a ``"VALID"`` convolution) rather than ``lax`` padding types.
 PRE_PAD_MODES = ("CIRCULAR", "REFLECT", "CAUSAL")
 
-PaddingLike = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
+PaddingLike = Union[str, int, Sequence[int | tuple[int, int]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,9 @@ def _broadcast(value: None | int | Sequence[int], rank: int, name: str) -> tuple
         return (int(value),) * rank
     out = tuple(int(v) for v in value)
     if len(out) != rank:
-        raise ValueError(f"{name}={value!r} does not have one entry per spatial dimension ({rank}).")
+        raise ValueError(
+            f"{name}={value!r} does not have one entry per spatial dimension ({rank})."
+        )
     return out
 
 
@@ -115,7 +117,9 @@ def canonicalize_padding(padding: PaddingLike, rank: int) -> str | tuple[tuple[i
             lo, hi = p
             pairs.append((int(lo), int(hi)))
     if len(pairs) != rank:
-        raise ValueError(f"padding={padding!r} does not have one entry per spatial dimension ({rank}).")
+        raise ValueError(
+            f"padding={padding!r} does not have one entry per spatial dimension ({rank})."
+        )
     return tuple(pairs)
 
 
@@ -157,7 +161,9 @@ def _dilated_kernel(geometry: ConvGeometry) -> tuple[int, ...]:
     return tuple((k - 1) * d + 1 for k, d in zip(geometry.kernel_size, geometry.kernel_dilation))
 
 
-def _pre_pad(x: jax.Array, geometry: ConvGeometry) -> tuple[jax.Array, str | tuple[tuple[int, int], ...]]:
+def _pre_pad(
+    x: jax.Array, geometry: ConvGeometry
+) -> tuple[jax.Array, str | tuple[tuple[int, int], ...]]:
     """Applies Flax's CIRCULAR / REFLECT / CAUSAL pre-padding, as ``flax`` does.
 
     Args:
@@ -196,7 +202,9 @@ def extract_patches(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
     """
     rank = geometry.num_spatial
     if x.ndim != rank + 2:
-        raise ValueError(f"expected an input of rank {rank + 2} (N, *spatial, C), got shape {x.shape}.")
+        raise ValueError(
+            f"expected an input of rank {rank + 2} (N, *spatial, C), got shape {x.shape}."
+        )
     x, padding = _pre_pad(x, geometry)
     n, c_in = x.shape[0], x.shape[-1]
     dilated = _dilated_kernel(geometry)
@@ -204,7 +212,11 @@ def extract_patches(x: jax.Array, geometry: ConvGeometry) -> jax.Array:
         pads = lax.padtype_to_pads(x.shape[1:-1], dilated, geometry.strides, padding)
     else:
         pads = padding
-    config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, geometry.input_dilation)] + [(0, 0, 0)]
+    config = (
+        [(0, 0, 0)]
+        + [(lo, hi, d - 1) for (lo, hi), d in zip(pads, geometry.input_dilation)]
+        + [(0, 0, 0)]
+    )
     xp = lax.pad(x, jnp.zeros((), x.dtype), config)
     out_sizes = [
         (size - dk) // s + 1 if size >= dk else 0

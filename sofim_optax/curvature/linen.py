@@ -56,7 +56,8 @@ def _conv_spec(path: str, module: nn.Conv) -> _capture.ConvSpec:
         kernel_dilation=module.kernel_dilation,
         feature_group_count=module.feature_group_count,
         has_mask=module.mask is not None,
-        custom_conv=module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None,
+        custom_conv=module.conv_general_dilated is not None
+        or module.conv_general_dilated_cls is not None,
     )
 
 
@@ -72,7 +73,9 @@ def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> 
       A Linen method interceptor.
     """
 
-    def interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: InterceptorContext) -> Any:
+    def interceptor(
+        next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: InterceptorContext
+    ) -> Any:
         session = session_getter()
         if session is None or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
@@ -87,7 +90,9 @@ def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> 
         path = "/".join(str(p) for p in module.path)
         spec = make_spec(path, module)
         inputs = args[0] if args else kwargs["inputs"]
-        return _capture.capture_layer(session, path, spec, inputs, lambda: next_fun(*args, **kwargs))
+        return _capture.capture_layer(
+            session, path, spec, inputs, lambda: next_fun(*args, **kwargs)
+        )
 
     return interceptor
 
@@ -196,7 +201,9 @@ def value_grad_and_stats(
 
     def run(p: Any) -> tuple[Any, None]:
         session = _capture.current_session()
-        interceptor = _make_interceptor(lambda: session if _capture.current_session() is session else None)
+        interceptor = _make_interceptor(
+            lambda: session if _capture.current_session() is session else None
+        )
         with nn.intercept_methods(interceptor):
             out = loss_fn(p, *args)
         return out, None

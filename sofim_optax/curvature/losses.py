@@ -135,7 +135,9 @@ def _squared_error_per_example(predictions: jax.Array, targets: jax.Array) -> ja
     predictions = jnp.asarray(predictions)
     targets = jnp.asarray(targets)
     if targets.shape != predictions.shape:
-        raise ValueError(f"squared_error: targets shape {targets.shape} != predictions shape {predictions.shape}.")
+        raise ValueError(
+            f"squared_error: targets shape {targets.shape} != predictions shape {predictions.shape}."
+        )
     p = predictions.astype(_compute_dtype(predictions))
     err = 0.5 * jnp.square(p - targets.astype(p.dtype))
     return _sum_but_first(err) if err.ndim > 1 else err

@@ -59,7 +59,9 @@ def _layer_spec(path: str, module: Any) -> _capture.LayerSpec:
             has_mask=module.mask is not None,
             custom_conv=module.conv_general_dilated is not lax.conv_general_dilated,
         )
-    return _capture.dense_spec(path, name, custom_dot_general=module.dot_general is not lax.dot_general)
+    return _capture.dense_spec(
+        path, name, custom_dot_general=module.dot_general is not lax.dot_general
+    )
 
 
 def _capturing_class(cls: type) -> type:
@@ -84,7 +86,11 @@ def _capturing_class(cls: type) -> type:
             sub = type(cls)(
                 cls.__name__,
                 (cls,),
-                {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+                {
+                    "__call__": __call__,
+                    "__module__": cls.__module__,
+                    "__qualname__": cls.__qualname__,
+                },
                 pytree=getattr(cls, "_pytree__is_pytree", True),
             )
             _capturing_classes[cls] = sub
@@ -107,7 +113,9 @@ def _captured_call(
             "supports layers that run at the top level of loss_fn's trace."
         )
     spec = _layer_spec(path, module)
-    return _capture.capture_layer(session, path, spec, inputs, lambda: original(module, inputs, *args, **kwargs))
+    return _capture.capture_layer(
+        session, path, spec, inputs, lambda: original(module, inputs, *args, **kwargs)
+    )
 
 
 def value_grad_and_stats(

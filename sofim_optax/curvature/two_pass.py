@@ -115,8 +115,12 @@ def make_two_pass_train_step(
 
     def step(params, opt_state, batch, previous_batch=None):
         value, grads, stats, previous_stats = two_pass_value_grad_and_stats(
-            loss_fn, params, tuple(batch), None if previous_batch is None else tuple(previous_batch),
-            capture=capture, **capture_kwargs,
+            loss_fn,
+            params,
+            tuple(batch),
+            None if previous_batch is None else tuple(previous_batch),
+            capture=capture,
+            **capture_kwargs,
         )
         updates, opt_state = optimizer.update(
             grads, opt_state, params, layer_stats=stats, previous_batch_stats=previous_stats

@@ -84,7 +84,6 @@ def ema_decay(k: jax.Array, ema: jax.Array | float, dtype: Any = jnp.float32) ->
     return jnp.minimum(1.0 - 1.0 / k, jnp.asarray(ema).astype(dtype))
 
 
-
 @dataclasses.dataclass(frozen=True)
 class FactorLayout:
     """Where each factor of each layer lives in the per-dimension stacks.
@@ -175,7 +174,10 @@ class FactorLayout:
         for k, members in by_key.items():
             old = stacks[k]
             out[k] = jnp.stack(
-                [members[i].astype(old.dtype) if i in members else old[i] for i in range(old.shape[0])]
+                [
+                    members[i].astype(old.dtype) if i in members else old[i]
+                    for i in range(old.shape[0])
+                ]
             )
         return out
 
@@ -208,6 +210,8 @@ def stacked_damped_inverse(
     inv = cpu_runtime.map_stack(lambda f, s: linalg.damped_inverse(f, s, method), factors, shifts)
     if method == "eigh":
         return inv
-    safe = lambda: cpu_runtime.map_stack(lambda f, s: linalg.damped_inverse(f, s, "eigh"), factors, shifts)
+    safe = lambda: cpu_runtime.map_stack(
+        lambda f, s: linalg.damped_inverse(f, s, "eigh"), factors, shifts
+    )
     inputs_finite = jnp.all(jnp.isfinite(factors))
     return lax.cond(jnp.all(jnp.isfinite(inv)) | ~inputs_finite, lambda: inv, safe)

@@ -71,7 +71,9 @@ def fallback_update(
     def run(idx, st):
         if not idx:
             return st
-        upd, st = fallback.update(_sub(layout, updates, idx), st, _sub(layout, params, idx), **extra)
+        upd, st = fallback.update(
+            _sub(layout, updates, idx), st, _sub(layout, params, idx), **extra
+        )
         for i in idx:
             out[i] = upd[layout.leaf_paths[i]]
         return st

@@ -104,7 +104,9 @@ class Layer:
     def describe(self) -> str:
         shape = "x".join(map(str, self.kernel_shape))
         bias = " + bias" if self.has_bias else ""
-        return f"{self.path} (kernel {shape}{bias}; A {self.d_a}x{self.d_a}, G {self.d_g}x{self.d_g})"
+        return (
+            f"{self.path} (kernel {shape}{bias}; A {self.d_a}x{self.d_a}, G {self.d_g}x{self.d_g})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +162,6 @@ def discover_layers(tree: Any) -> ParamLayout:
     layers.sort(key=lambda layer: layer.path)
     other = tuple(i for i in range(len(flat)) if i not in used)
     return ParamLayout(leaf_paths, tuple(layers), other)
-
 
 
 def gradient_matrix(layer: Layer, leaves: Sequence[jax.Array], dtype: Any) -> jax.Array:

@@ -68,7 +68,9 @@ def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any
 
 
 def _accumulation_dtype(leaves: Sequence[jax.Array], layout: ParamLayout) -> Any:
-    return hp.accumulation_dtype(*(jnp.asarray(leaves[layer.kernel_leaf]).dtype for layer in layout.layers))
+    return hp.accumulation_dtype(
+        *(jnp.asarray(leaves[layer.kernel_leaf]).dtype for layer in layout.layers)
+    )
 
 
 def layerwise_transformation(
@@ -133,7 +135,12 @@ def layerwise_transformation(
             logger.info(
                 "%s: preconditioning %d layer(s): %s; %d parameter array(s) take the fallback "
                 "path (%s): %s",
-                name, len(described), described, len(rest), fb_name, rest,
+                name,
+                len(described),
+                described,
+                len(rest),
+                fb_name,
+                rest,
             )
         dtype = _accumulation_dtype(leaves, layout)
         count = state.count

@@ -6,22 +6,10 @@ shape. All functions are jittable and differentiable. One family per file:
 
 * ``_solves.py``: Sherman–Morrison, damped Kronecker-factored solves and inverses.
 * ``bfgs.py``: BFGS inverse update, K-BFGS double damping, L-BFGS inverse matvec.
-* ``kronecker_svd.py``: nearest Kronecker products of a Fisher block (KPSVD family) and the
-  damped solve with a sum of two Kronecker products.
+* ``kronecker_svd.py``: nearest Kronecker products of a Fisher block (KPSVD family).
+* ``kron_sum.py``: the damped solve with a sum of two Kronecker products.
 """
 
-from sofim_optax.linalg.bfgs import bfgs_inverse_update, double_damping, lbfgs_inverse_matvec
-from sofim_optax.linalg.kronecker_svd import (
-    INDEFINITE_MODES,
-    generalized_eigh,
-    kron_sum_apply,
-    kron_sum_factors,
-    kron_sum_solve,
-    nearest_kronecker,
-    rearrange,
-    rearranged_matvec,
-    rearranged_rmatvec,
-)
 from sofim_optax.linalg._solves import (
     DAMPING_FLOOR,
     PI_RANGE,
@@ -30,6 +18,20 @@ from sofim_optax.linalg._solves import (
     damped_kron_solve_eigh,
     factored_damping,
     sherman_morrison_solve,
+)
+from sofim_optax.linalg.bfgs import bfgs_inverse_update, double_damping, lbfgs_inverse_matvec
+from sofim_optax.linalg.kron_sum import (
+    INDEFINITE_MODES,
+    generalized_eigh,
+    kron_sum_apply,
+    kron_sum_factors,
+    kron_sum_solve,
+)
+from sofim_optax.linalg.kronecker_svd import (
+    nearest_kronecker,
+    rearrange,
+    rearranged_matvec,
+    rearranged_rmatvec,
 )
 
 __all__ = [

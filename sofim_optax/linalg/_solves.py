@@ -272,5 +272,7 @@ def damped_inverse(F: jax.Array, shift: jax.Array | float, method: str = "choles
     elif method == "inv":
         inv = jnp.linalg.inv(F + shift * eye)
     else:
-        raise ValueError(f'damped_inverse: method must be "cholesky", "inv" or "eigh", got {method!r}')
+        raise ValueError(
+            f'damped_inverse: method must be "cholesky", "inv" or "eigh", got {method!r}'
+        )
     return 0.5 * (inv + inv.T)

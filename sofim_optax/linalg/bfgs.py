@@ -32,8 +32,8 @@ def bfgs_inverse_update(H: jax.Array, s: jax.Array, y: jax.Array) -> jax.Array:
 
     computed in ``O(d²)`` as ``H + (ρ² yᵀHy + ρ) s sᵀ − ρ (s (Hy)ᵀ + (Hy) sᵀ)`` (the form of
     the authors' ``get_BFGS_formula``); symmetric up to round-off when ``H`` is (XLA may
-    fuse the terms differently on the two sides of the diagonal). ``H⁺`` satisfies the secant equation ``H⁺ y = s``, and is symmetric positive
-    definite when ``H`` is and ``sᵀy > 0``.
+    fuse the terms differently on the two sides of the diagonal). ``H⁺`` satisfies the secant
+    equation ``H⁺ y = s``, and is symmetric positive definite when ``H`` is and ``sᵀy > 0``.
 
     No safeguard here: the caller decides when to skip (``sᵀy ≤ 0`` gives a meaningless
     result). ``H`` is assumed symmetric.
@@ -202,14 +202,18 @@ def lbfgs_inverse_matvec(
       ``H v``, shaped like ``v``.
     """
     if method not in ("compact", "two_loop"):
-        raise ValueError(f"lbfgs_inverse_matvec: method must be 'compact' or 'two_loop', got {method!r}")
+        raise ValueError(
+            f"lbfgs_inverse_matvec: method must be 'compact' or 'two_loop', got {method!r}"
+        )
     if S.ndim != 2 or Y.shape != S.shape or mask.shape != S.shape[:1]:
         raise ValueError(
             f"lbfgs_inverse_matvec: expected S, Y of shape (m, d) and mask (m,), got S {S.shape}, "
             f"Y {Y.shape}, mask {mask.shape}"
         )
     if v.shape[0] != S.shape[1] or v.ndim not in (1, 2):
-        raise ValueError(f"lbfgs_inverse_matvec: v must be (d,) or (d, k) with d = {S.shape[1]}, got {v.shape}")
+        raise ValueError(
+            f"lbfgs_inverse_matvec: v must be (d,) or (d, k) with d = {S.shape[1]}, got {v.shape}"
+        )
     vec = v.ndim == 1
     vm = v[:, None] if vec else v
     dtype = jnp.result_type(S, Y, v)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 from flax.linen.module import InterceptorContext
 
-from sofim_optax.curvature import _capture
+from sofim_optax.curvature import _capture, _layer_specs
 from sofim_optax.curvature._capture import FisherType, LossReduction
 from sofim_optax.curvature.stats import LayerStatsDict
 
@@ -37,16 +37,16 @@ _DENSE_CALL = _raw(nn.Dense.__call__)
 _CONV_CALL = _raw(nn.Conv.__call__)  # ``_Conv.__call__``, also used by ConvLocal
 
 
-def _dense_spec(path: str, module: nn.Dense) -> _capture.DenseSpec:
-    return _capture.dense_spec(
+def _dense_spec(path: str, module: nn.Dense) -> _layer_specs.DenseSpec:
+    return _layer_specs.dense_spec(
         path,
         type(module).__name__,
         custom_dot_general=module.dot_general is not None or module.dot_general_cls is not None,
     )
 
 
-def _conv_spec(path: str, module: nn.Conv) -> _capture.ConvSpec:
-    return _capture.conv_spec(
+def _conv_spec(path: str, module: nn.Conv) -> _layer_specs.ConvSpec:
+    return _layer_specs.conv_spec(
         path,
         type(module).__name__,
         kernel_size=module.kernel_size,

@@ -29,7 +29,7 @@ import jax
 from flax import nnx
 from jax import lax
 
-from sofim_optax.curvature import _capture
+from sofim_optax.curvature import _capture, _layer_specs
 from sofim_optax.curvature._capture import FisherType, LossReduction
 from sofim_optax.curvature.stats import LayerStatsDict
 
@@ -47,7 +47,7 @@ def _layer_spec(path: str, module: Any) -> _capture.LayerSpec:
     """Validates a captured NNX layer's options and returns its spec."""
     name = type(module).__name__
     if isinstance(module, nnx.Conv):
-        return _capture.conv_spec(
+        return _layer_specs.conv_spec(
             path,
             name,
             kernel_size=module.kernel_size,
@@ -59,7 +59,7 @@ def _layer_spec(path: str, module: Any) -> _capture.LayerSpec:
             has_mask=module.mask is not None,
             custom_conv=module.conv_general_dilated is not lax.conv_general_dilated,
         )
-    return _capture.dense_spec(
+    return _layer_specs.dense_spec(
         path, name, custom_dot_general=module.dot_general is not lax.dot_general
     )
 

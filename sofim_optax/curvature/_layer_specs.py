@@ -1,0 +1,209 @@
+"""The layer kinds the capture understands: how to read one layer call's statistics.
+
+A spec knows, for one captured layer call, the shape its inputs must have and how to turn
+the call's inputs into the ``LayerStats.inputs`` of the contract (patches for a
+convolution). The adapters build specs from the layer's options and refuse the options the
+capture cannot handle, naming the layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from sofim_optax.curvature._patches import (
+    PRE_PAD_MODES,
+    ConvGeometry,
+    PaddingLike,
+    extract_patches,
+    make_geometry,
+)
+
+
+class CaptureError(ValueError):
+    """A model or loss that the capture adapters cannot handle correctly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSpec:
+    """A dense layer ``outputs = inputs @ kernel (+ bias)`` over the last axis."""
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Refuses inputs without a batch axis.
+
+        Args:
+          path: the layer's key, for the message.
+          x: the layer input (array or abstract value).
+        """
+        if len(x.shape) < 2:
+            raise CaptureError(
+                f"Layer '{path}' (dense) was applied to an input of shape {tuple(x.shape)}; "
+                "capture needs a leading batch axis (N, ..., d_in)."
+            )
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """``(N, d_in)`` for 2-D inputs, ``(N, T, d_in)`` with ``T`` the product of
+        the middle axes otherwise.
+
+        Args:
+          x: the layer input ``(N, ..., d_in)``.
+
+        Returns:
+          The statistics view of the input.
+        """
+        return x if x.ndim == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """Same view for an output-shaped array.
+
+        Args:
+          y: an array shaped like the layer output ``(N, ..., d_out)``.
+          x: the layer input (unused for dense layers).
+
+        Returns:
+          ``(N, d_out)`` or ``(N, T, d_out)``.
+        """
+        del x
+        return y if y.ndim == 2 else y.reshape(y.shape[0], -1, y.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """A shared-weight convolution with the given geometry (channels last)."""
+
+    geometry: ConvGeometry
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Refuses inputs without a batch axis.
+
+        Args:
+          path: the layer's key, for the message.
+          x: the layer input (array or abstract value).
+        """
+        if len(x.shape) < self.geometry.num_spatial + 2:
+            raise CaptureError(
+                f"Layer '{path}' (conv) was applied to an unbatched input of shape "
+                f"{tuple(x.shape)}; capture needs a leading batch axis (N, *spatial, c_in)."
+            )
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """Patches ``(N, T, k_1*...*k_d*c_in)`` in the kernel's order.
+
+        Extra leading batch axes ``(N, B, ..., *spatial, c_in)`` are folded into
+        the position axis, as Flax folds them into the batch of the convolution.
+
+        Args:
+          x: the layer input.
+
+        Returns:
+          The patches.
+        """
+        rank = self.geometry.num_spatial
+        n = x.shape[0]
+        flat = x.reshape((-1,) + x.shape[x.ndim - rank - 1 :])
+        patches = extract_patches(flat, self.geometry)
+        return patches.reshape(n, -1, patches.shape[-1])
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """``(N, T, c_out)`` view of an output-shaped array.
+
+        Args:
+          y: an array shaped like the layer output.
+          x: the layer input (gives ``N``).
+
+        Returns:
+          The position-flattened view.
+        """
+        return y.reshape(x.shape[0], -1, y.shape[-1])
+
+
+LayerSpec = DenseSpec | ConvSpec
+
+
+def refuse(path: str, layer_type: str, what: str) -> CaptureError:
+    """The error raised for a layer option that capture does not support.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      what: what the layer does, e.g. ``"uses a kernel mask"``.
+
+    Returns:
+      The exception to raise.
+    """
+    return CaptureError(
+        f"Layer '{path}' ({layer_type}) {what}; sofim_optax.curvature cannot capture its "
+        "statistics. Use a plain layer, or keep this layer out of the captured model."
+    )
+
+
+def dense_spec(path: str, layer_type: str, *, custom_dot_general: bool) -> DenseSpec:
+    """Validates a dense layer's options and returns its spec.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      custom_dot_general: whether the layer replaces ``lax.dot_general``.
+
+    Returns:
+      The dense spec.
+    """
+    if custom_dot_general:
+        raise refuse(path, layer_type, "uses a custom dot_general")
+    return DenseSpec()
+
+
+def conv_spec(
+    path: str,
+    layer_type: str,
+    *,
+    kernel_size: int | tuple[int, ...],
+    strides: Any,
+    padding: PaddingLike,
+    input_dilation: Any,
+    kernel_dilation: Any,
+    feature_group_count: int,
+    has_mask: bool,
+    custom_conv: bool,
+) -> ConvSpec:
+    """Validates a convolution's options and returns its spec.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      kernel_size: the layer's ``kernel_size``.
+      strides: the layer's ``strides``.
+      padding: the layer's ``padding``.
+      input_dilation: the layer's ``input_dilation``.
+      kernel_dilation: the layer's ``kernel_dilation``.
+      feature_group_count: the layer's ``feature_group_count``; must be 1.
+      has_mask: whether the layer masks its kernel (refused).
+      custom_conv: whether the layer replaces ``lax.conv_general_dilated``
+        (refused).
+
+    Returns:
+      The convolution spec.
+    """
+    if feature_group_count != 1:
+        raise refuse(
+            path,
+            layer_type,
+            f"is a grouped/depthwise convolution (feature_group_count={feature_group_count})",
+        )
+    if has_mask:
+        raise refuse(path, layer_type, "uses a kernel mask")
+    if custom_conv:
+        raise refuse(path, layer_type, "uses a custom conv_general_dilated")
+    if isinstance(padding, str) and padding.upper() not in PRE_PAD_MODES + (
+        "SAME",
+        "SAME_LOWER",
+        "VALID",
+    ):
+        raise refuse(path, layer_type, f"uses padding={padding!r}")
+    try:
+        geometry = make_geometry(kernel_size, strides, padding, input_dilation, kernel_dilation)
+    except (TypeError, ValueError) as e:
+        raise refuse(path, layer_type, f"has options capture cannot read ({e})") from e
+    return ConvSpec(geometry)

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from experiments import harness, training
+from experiments import harness, loop
 
 
-def main(argv: Sequence[str] | None = None) -> list[training.RunResult]:
+def main(argv: Sequence[str] | None = None) -> list[loop.RunResult]:
     return harness.run("autoencoder", argv, description=__doc__ + "\n" + harness.__doc__)
 
 

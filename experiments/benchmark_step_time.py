@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import models, training
+from experiments import models, tasks
 
 CONTENDERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "sgdm": lambda: optax.sgd(0.05, momentum=0.9),
@@ -54,14 +54,14 @@ def benchmark_model(model_name: str, batch_size: int, rounds: int, steps: int, s
     y = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
     model = models.make_model(model_name)
     params = model.init(jax.random.PRNGKey(seed), x[:1])
-    grads = jax.grad(lambda p: training.cross_entropy_loss(model.apply(p, x), y))(params)
+    grads = jax.grad(lambda p: tasks.cross_entropy_loss(model.apply(p, x), y))(params)
 
     train_steps, update_steps, carries_train, carries_update = {}, {}, {}, {}
     for name, make in CONTENDERS.items():
         tx = make()
 
         def train_step(p, s, tx=tx):
-            loss, g = jax.value_and_grad(lambda q: training.cross_entropy_loss(model.apply(q, x), y))(p)
+            loss, g = jax.value_and_grad(lambda q: tasks.cross_entropy_loss(model.apply(q, x), y))(p)
             u, s = tx.update(g, s, p)
             return optax.apply_updates(p, u), s
 

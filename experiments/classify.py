@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from experiments import harness, training
+from experiments import harness, loop
 
 
-def main(argv: Sequence[str] | None = None) -> list[training.RunResult]:
+def main(argv: Sequence[str] | None = None) -> list[loop.RunResult]:
     return harness.run("classification", argv, description=__doc__ + "\n" + harness.__doc__)
 
 

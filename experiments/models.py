@@ -11,7 +11,7 @@ Normalisation in the residual and VGG nets (``norm=``):
 
 * ``"batch"`` (default, as in the papers): ``nn.BatchNorm``; its running
   statistics live in the ``batch_stats`` collection, which
-  :func:`experiments.training.train` carries as mutable state
+  :func:`experiments.loop.train` carries as mutable state
   (``train=True`` in training steps, running averages at evaluation);
 * ``"group"``: ``nn.GroupNorm`` (no state; per-example, so the statistics the
   curvature methods capture are not mixed across the batch);

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import harness, loop, registry, tasks
+from experiments import harness, loop, tasks
 
 # Kept for older imports.
 parse_overrides = harness.parse_overrides

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import benchmark_step_time, compare, datasets, loop, models, registry, tune
+from experiments import compare, datasets, loop, models, registry, tune
+from experiments.benchmarks import step_time as benchmark_step_time
 
 
 @pytest.fixture

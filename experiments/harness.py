@@ -106,7 +106,7 @@ def build_parser(kind: str, description: str | None = None) -> argparse.Argument
         parser.add_argument("--batch-size", type=int, default=1000)
         parser.add_argument("--l2", type=float, default=0.0, help="coefficient τ of τ/2‖θ‖² (K-BFGS paper: 1e-5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="folder with the data files (default: see experiments/datasets.py)")
+    parser.add_argument("--data-dir", default=None, help="folder with the data files (default: see experiments/datasets/idx.py)")
     parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
     parser.add_argument("--test-subset", type=int, default=None, help="use only the first N test examples")
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum checks of the data files")

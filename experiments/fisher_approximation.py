@@ -71,7 +71,7 @@ import sofim_optax
 from experiments import datasets
 from experiments.benchmarks.curves import jsonable
 from experiments.benchmarks.kfac_jax_runner import batch_indices
-from experiments.benchmarks.problems import autoencoder_problem, jitted_step
+from experiments.benchmarks.problems import autoencoder_problem, jitted_step, layer_widths
 from experiments.registry import OPTIMIZERS
 from sofim_optax import _kronecker as kron
 from sofim_optax import linalg
@@ -268,15 +268,11 @@ def plot(res: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/fisher_approximation")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's lookup)")
-    p.add_argument("--encoder", type=_ints, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
+    p.add_argument("--encoder", type=layer_widths, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
     p.add_argument("--train-examples", type=int, default=None, help="use only the first N training images")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--steps", type=int, default=300, help="training iterations")

@@ -68,6 +68,7 @@ from experiments.benchmarks.problems import (
     MOMENTUM,
     Problem,
     autoencoder_problem,
+    layer_widths,
     full_loss,
     jitted_step,
     set_hparams,
@@ -243,15 +244,11 @@ def plot(res: Mapping[str, Any], args: argparse.Namespace, path: Path) -> None:
     plt.close(fig)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmark_kpsvd")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--encoder", type=_ints, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
+    p.add_argument("--encoder", type=layer_widths, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
     p.add_argument("--train-examples", type=int, default=None, help="use only the first N training images")
     p.add_argument("--eval-examples", type=int, default=10000, help="images for the end-of-run loss")
     p.add_argument("--batch-size", type=int, default=1000)

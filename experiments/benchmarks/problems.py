@@ -29,7 +29,7 @@ from sofim_optax.curvature import losses
 __all__ = [
     "L2_REG", "MOMENTUM", "INVERSE_PERIOD", "EMA",
     "Problem", "autoencoder_problem", "cnn_problem", "jitted_step", "set_hparams", "copy_tree",
-    "train_run", "full_loss",
+    "train_run", "full_loss", "layer_widths",
 ]
 
 L2_REG = 1e-5
@@ -162,3 +162,8 @@ def full_loss(problem: Problem, params: Any, x: np.ndarray, chunk: int = 1000) -
         xb = jnp.asarray(x[i : i + chunk])
         total += float(f(params, xb)) * len(xb)
     return total / len(x)
+
+
+def layer_widths(text: str) -> tuple[int, ...]:
+    """``"1000,500,30"`` -> ``(1000, 500, 30)`` (the ``--encoder`` flags)."""
+    return tuple(int(t) for t in text.split(",") if t.strip())

@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
 benchmark: $(STAMP)
-	$(BIN)/python -m experiments.benchmark_step_time --models mlp,cnn
+	$(BIN)/python -m experiments.benchmarks.step_time --models mlp,cnn
 
 tune: $(STAMP)
 	$(BIN)/python -m experiments.classify --optimizers sofim,kfac,sgdm,adam --grid --epochs 3 --out runs/tune

@@ -2,8 +2,11 @@
 
 * ``python -m experiments.compare``: the quick main job (every installed method, Fashion-MNIST);
 * ``python -m experiments.classify`` / ``python -m experiments.autoencoder``: the two protocols;
-* ``training`` (optimizer registry and the one train loop), ``harness`` (the shared CLI),
-  ``reporting`` (JSON, plots, tables), ``datasets``, ``models``, ``tune``, ``peers``.
+* ``registry`` (the optimizers and what their steps need), ``step`` (the one train step
+  builder), ``loop`` (the training loop), ``tasks``, ``checkpoint``, ``harness`` (the shared
+  CLI), ``reporting`` (JSON, plots, tables), ``datasets``, ``models``, ``tune``, ``peers``;
+* ``benchmarks``: the benchmark scripts (``python -m experiments.benchmarks.kfac`` etc.),
+  sharing ``timing`` (interleaved per-step timing).
 
 Importing this package imports :mod:`sofim_optax` first, so that its CPU
 runtime work-arounds (``sofim_optax/_cpu_runtime.py``: XLA's CPU scheduler

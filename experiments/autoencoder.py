@@ -9,7 +9,7 @@ Usage::
 Models (``--model paper``): MNIST / Fashion-MNIST 784-1000-500-250-30,
 FACES 625-2000-1000-500-30, CURVES 784-400-200-100-50-25-6, each mirrored,
 ReLU hidden layers, linear code layer and linear output (the K-BFGS paper's
-setup, research/kpsvd_kbfgs.md §4.4). Loss: sigmoid cross-entropy summed over
+setup). Loss: sigmoid cross-entropy summed over
 pixels and averaged over the batch (MNIST, Fashion-MNIST, CURVES), half the
 squared error summed over pixels (FACES), plus ``--l2 τ`` times ½‖θ‖² in the
 objective (reported losses are the data term). Batch 1000 by default (K-BFGS);
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from experiments import harness, training
+from experiments import harness, loop
 
 
-def main(argv: Sequence[str] | None = None) -> list[training.RunResult]:
+def main(argv: Sequence[str] | None = None) -> list[loop.RunResult]:
     return harness.run("autoencoder", argv, description=__doc__ + "\n" + harness.__doc__)
 
 

@@ -8,8 +8,7 @@ Usage::
 
 The SOFIM paper (Sen et al., arXiv 2403.02833) reports how fast each method
 reaches pre-specified training-loss, test-loss and test-accuracy targets; its
-data sets, models and thresholds were not recovered (research/sofim_mbf.md
-§1.8), so the targets here are ours (``experiments.harness.TARGETS``,
+data sets, models and thresholds were not published, so the targets here are ours (``experiments.harness.TARGETS``,
 override with ``--target-train-loss``, ``--target-test-loss``,
 ``--target-test-acc``). Times are training wall time, evaluation and
 compilation excluded; the table also divides each time by the baseline's
@@ -20,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from experiments import harness, training
+from experiments import harness, loop
 
 
-def main(argv: Sequence[str] | None = None) -> list[training.RunResult]:
+def main(argv: Sequence[str] | None = None) -> list[loop.RunResult]:
     return harness.run("classification", argv, description=__doc__ + "\n" + harness.__doc__)
 
 

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import harness, training
+from experiments import harness, loop, tasks
 
 # Kept for older imports.
 parse_overrides = harness.parse_overrides
@@ -46,7 +46,7 @@ def software_versions() -> dict[str, str]:
     return reporting.software_versions()
 
 
-def load_data(data_dir: str | None, train_subset: int | None, flatten: bool, verify: bool = True) -> training.Data:
+def load_data(data_dir: str | None, train_subset: int | None, flatten: bool, verify: bool = True) -> tasks.Data:
     """Fashion-MNIST as float32 images in [0, 1] and int32 labels: ``(x_train, y_train, x_test, y_test)``."""
     from experiments import datasets
 
@@ -54,12 +54,12 @@ def load_data(data_dir: str | None, train_subset: int | None, flatten: bool, ver
     x_train, y_train = ds.x_train, ds.y_train
     if train_subset:
         x_train, y_train = x_train[:train_subset], y_train[:train_subset]
-    return training.Data(x_train, y_train, ds.x_test, ds.y_test)
+    return tasks.Data(x_train, y_train, ds.x_test, ds.y_test)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, list[training.RunResult]]:
+def main(argv: Sequence[str] | None = None) -> dict[str, list[loop.RunResult]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizers", default="all", help="comma-separated keys of training.OPTIMIZERS, or 'all' (installed ones)")
+    parser.add_argument("--optimizers", default="all", help="comma-separated keys of registry.OPTIMIZERS, or 'all' (installed ones)")
     parser.add_argument("--tasks", default="classify,autoencoder")
     parser.add_argument("--model", default="mlp", help="classifier for the classify protocol")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the classify protocol")
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[training.RunResult
     for item in args.set:
         common += ["--set", item]
     out = Path(args.out)
-    results: dict[str, list[training.RunResult]] = {}
+    results: dict[str, list[loop.RunResult]] = {}
     if "classify" in tasks:
         argv_c = common + ["--dataset", "fashion-mnist", "--model", args.model, "--epochs", str(args.epochs),
                            "--batch-size", str(args.batch_size), "--out", str(out / "classify")]

@@ -1,7 +1,7 @@
 r"""How well do KFAC and the KPSVD family approximate a layer's exact Fisher block during training?
 
-The approximation-quality study of Koroko et al. (arXiv 2201.10285, the paper's Fisher figures;
-``../shared/research/kpsvd_kbfgs.md`` §3.9): train the deep autoencoder on Fashion-MNIST and,
+The approximation-quality study of Koroko et al. (arXiv 2201.10285, the paper's Fisher
+figures): train the deep autoencoder on Fashion-MNIST and,
 every ``--every`` iterations, for each selected layer form the **exact** minibatch Fisher block
 
 .. math::
@@ -39,7 +39,7 @@ either way).
 
 Training: Adam (lr ``--lr``, the paper's choice for this study) or our KFAC
 (``--train-optimizer kfac``) on the autoencoder's sigmoid cross-entropy summed over pixels
-(registered for the sampled Fisher; L2 ``½·1e-5·Σ‖W‖²`` as in ``experiments.benchmark_kfac``).
+(registered for the sampled Fisher; L2 ``½·1e-5·Σ‖W‖²`` as in ``experiments.benchmarks.kfac``).
 
 Outputs under ``--out``: ``results.json`` (every error at every evaluated iteration, block
 index sets, solver iterations), ``table.md`` (mean and last error per layer and method) and
@@ -69,8 +69,10 @@ import optax
 
 import sofim_optax
 from experiments import datasets
-from experiments.benchmark_kfac import _jsonable, autoencoder_problem, make_train_step
-from experiments.kfac_jax_runner import batch_indices
+from experiments.benchmarks.curves import jsonable
+from experiments.benchmarks.kfac_jax_runner import batch_indices
+from experiments.benchmarks.problems import autoencoder_problem, jitted_step, layer_widths
+from experiments.registry import OPTIMIZERS
 from sofim_optax import _kronecker as kron
 from sofim_optax import linalg
 from sofim_optax.curvature import linen as curvature_linen
@@ -266,15 +268,11 @@ def plot(res: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/fisher_approximation")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's lookup)")
-    p.add_argument("--encoder", type=_ints, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
+    p.add_argument("--encoder", type=layer_widths, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
     p.add_argument("--train-examples", type=int, default=None, help="use only the first N training images")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--steps", type=int, default=300, help="training iterations")
@@ -302,10 +300,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     x_train = ds.x_train[: args.train_examples] if args.train_examples else ds.x_train
     problem = autoencoder_problem(args.batch_size, encoder=args.encoder, x=x_train, seed=args.seed)
     if args.train_optimizer == "adam":
-        tx, fisher = optax.adam(args.lr), None
+        tx, fisher = optax.adam(args.lr), "empirical"
     else:
         tx, fisher = sofim_optax.kfac(learning_rate=0.1, damping=100.0), "sampled"
-    step = make_train_step(problem, tx, fisher, args.seed)
+    step = jitted_step(problem, tx, needs=OPTIMIZERS[args.train_optimizer].needs, fisher=fisher, seed=args.seed)
     base_key = jax.random.PRNGKey(args.seed + 777)
 
     @jax.jit
@@ -365,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["total_time_s"] = time.perf_counter() - t_start
     table = summary_table(res)
     print(table)
-    (out / "results.json").write_text(json.dumps(_jsonable(res), indent=1))
+    (out / "results.json").write_text(json.dumps(jsonable(res), indent=1))
     cmd = "python -m experiments.fisher_approximation " + " ".join(
         f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
         for k, v in vars(args).items() if k not in ("out", "optima", "data_dir") and v is not None)

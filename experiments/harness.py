@@ -26,7 +26,6 @@ is in ``grid.json``. ``--set OPT.PARAM=VALUE`` values are fixed across the grid.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
@@ -35,13 +34,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments import datasets, models, reporting, training
+from experiments import datasets, loop, models, registry, reporting, tasks
+from experiments.registry import grid_points
 
-__all__ = ["TARGETS", "build_parser", "run", "parse_overrides", "grid_points", "select_best"]
+__all__ = ["TARGETS", "build_parser", "run", "parse_overrides", "select_best"]
 
 logger = logging.getLogger(__name__)
 
-# Preset targets (ours: the SOFIM paper's were not recovered, research/sofim_mbf.md §1.8).
+# Preset targets, ours: the SOFIM paper does not publish its thresholds.
 # Classification: train loss, test loss, test accuracy; autoencoder: train and test loss
 # (per-example sums over pixels, as the K-BFGS paper reports them).
 TARGETS: dict[tuple[str, str], dict[str, float | None]] = {
@@ -77,11 +77,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    keys = list(grid)
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
-
-
 def select_best(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The selection rule: lowest final training loss, non-finite never wins, ties to the earlier trial."""
     def key(i_t):
@@ -97,7 +92,7 @@ def build_parser(kind: str, description: str | None = None) -> argparse.Argument
     if kind == "classification":
         parser.add_argument("--dataset", default="fashion-mnist", choices=CLASSIFY_DATASETS)
         parser.add_argument("--model", default="mlp", choices=sorted(models.CLASSIFIERS))
-        parser.add_argument("--optimizers", default="sofim,sgdm,adam", help="comma-separated keys of training.OPTIMIZERS, or 'all'")
+        parser.add_argument("--optimizers", default="sofim,sgdm,adam", help="comma-separated keys of registry.OPTIMIZERS, or 'all'")
         parser.add_argument("--epochs", type=int, default=10)
         parser.add_argument("--batch-size", type=int, default=128)
     else:
@@ -106,12 +101,12 @@ def build_parser(kind: str, description: str | None = None) -> argparse.Argument
             "--model", default="paper", choices=sorted(models.AUTOENCODERS),
             help="'paper': the papers' autoencoder for the data set; 'small': 784-256-128-64-16 mirrored",
         )
-        parser.add_argument("--optimizers", default="kfac,adam", help="comma-separated keys of training.OPTIMIZERS, or 'all'")
+        parser.add_argument("--optimizers", default="kfac,adam", help="comma-separated keys of registry.OPTIMIZERS, or 'all'")
         parser.add_argument("--epochs", type=int, default=10)
         parser.add_argument("--batch-size", type=int, default=1000)
         parser.add_argument("--l2", type=float, default=0.0, help="coefficient τ of τ/2‖θ‖² (K-BFGS paper: 1e-5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="folder with the data files (default: see experiments/datasets.py)")
+    parser.add_argument("--data-dir", default=None, help="folder with the data files (default: see experiments/datasets/idx.py)")
     parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
     parser.add_argument("--test-subset", type=int, default=None, help="use only the first N test examples")
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum checks of the data files")
@@ -132,25 +127,25 @@ def build_parser(kind: str, description: str | None = None) -> argparse.Argument
 
 def resolve_optimizers(spec: str, parser: argparse.ArgumentParser) -> list[str]:
     if spec.strip() == "all":
-        names = training.available_optimizers()
-        missing = sorted(set(training.OPTIMIZERS) - set(names))
+        names = registry.available_optimizers()
+        missing = sorted(set(registry.OPTIMIZERS) - set(names))
         if missing:
             print(f"not installed here, skipped: {', '.join(missing)}", file=sys.stderr)
         return names
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    unknown = [n for n in names if n not in training.OPTIMIZERS]
+    unknown = [n for n in names if n not in registry.OPTIMIZERS]
     if unknown:
-        parser.error(f"unknown optimizers {unknown}; known: {sorted(training.OPTIMIZERS)}")
-    unavailable = [n for n in names if n not in training.available_optimizers([n])]
+        parser.error(f"unknown optimizers {unknown}; known: {sorted(registry.OPTIMIZERS)}")
+    unavailable = [n for n in names if n not in registry.available_optimizers([n])]
     if unavailable:
         parser.error(
             f"optimizers {unavailable} are registered but not installed here (their modules have not landed); "
-            f"available: {training.available_optimizers()}"
+            f"available: {registry.available_optimizers()}"
         )
     return names
 
 
-def load_task_data(kind: str, args: argparse.Namespace) -> training.Data:
+def load_task_data(kind: str, args: argparse.Namespace) -> tasks.Data:
     ds = datasets.load_arrays(
         args.dataset, data_dir=args.data_dir, verify=not args.no_verify, download=not args.no_download,
         flatten=kind == "autoencoder",
@@ -166,10 +161,10 @@ def load_task_data(kind: str, args: argparse.Namespace) -> training.Data:
         y_train = y_test = None
     elif y_train is None:
         raise SystemExit(f"{args.dataset} has no labels; it is an autoencoder data set")
-    return training.Data(x_train, y_train, x_test, y_test)
+    return tasks.Data(x_train, y_train, x_test, y_test)
 
 
-def _make_model(kind: str, args: argparse.Namespace, data: training.Data):
+def _make_model(kind: str, args: argparse.Namespace, data: tasks.Data):
     if kind == "classification":
         num_classes = int(max(data.y_train.max(), data.y_test.max())) + 1
         num_classes = max(num_classes, datasets.NUM_CLASSES.get(args.dataset, num_classes))
@@ -177,23 +172,23 @@ def _make_model(kind: str, args: argparse.Namespace, data: training.Data):
     return models.make_autoencoder(args.model, args.dataset, input_dim=int(data.x_train.shape[1]))
 
 
-def run(kind: str, argv: Sequence[str] | None = None, description: str | None = None) -> list[training.RunResult]:
+def run(kind: str, argv: Sequence[str] | None = None, description: str | None = None) -> list[loop.RunResult]:
     parser = build_parser(kind, description)
     args = parser.parse_args(argv)
     return run_args(kind, args, parser)
 
 
-def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[training.RunResult]:
+def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[loop.RunResult]:
     names = resolve_optimizers(args.optimizers, parser)
     overrides = parse_overrides(args.set)
-    bad = sorted(set(overrides) - set(training.OPTIMIZERS))
+    bad = sorted(set(overrides) - set(registry.OPTIMIZERS))
     if bad:
         parser.error(f"--set names unknown optimizers {bad}")
     data = load_task_data(kind, args)
     if kind == "classification":
-        task = training.Task("classification")
+        task = tasks.Task("classification")
     else:
-        task = training.Task("autoencoder", reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"), l2=args.l2)
+        task = tasks.Task("autoencoder", reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"), l2=args.l2)
     targets = dict(TARGETS.get((kind, args.dataset), {}))
     for metric, attr in (("train_loss", "target_train_loss"), ("test_loss", "target_test_loss"), ("test_accuracy", "target_test_acc")):
         if getattr(args, attr, None) is not None:
@@ -205,24 +200,24 @@ def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParse
     config["task"] = kind
     config["targets"] = targets
 
-    def train_one(name: str, hparams: Mapping[str, Any], epochs: int, stem: Path) -> training.RunResult:
-        def on_epoch_end(result: training.RunResult) -> None:
+    def train_one(name: str, hparams: Mapping[str, Any], epochs: int, stem: Path) -> loop.RunResult:
+        def on_epoch_end(result: loop.RunResult) -> None:
             reporting.write_run_json(stem.with_suffix(".json"), result, config, versions)
 
-        return training.train(
+        return loop.train(
             _make_model(kind, args, data), name, data, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
             hparams=hparams, progress=not args.no_progress, task=task, model_name=args.model,
             checkpoint=stem.with_suffix(".ckpt"), resume=not args.no_resume, on_epoch_end=on_epoch_end,
         )
 
-    results: list[training.RunResult] = []
+    results: list[loop.RunResult] = []
     grid_log: dict[str, Any] = {}
     for name in names:
         fixed = overrides.get(name, {})
-        if args.grid and training.OPTIMIZERS[name].grid:
+        if args.grid and registry.OPTIMIZERS[name].grid:
             grid_epochs = args.grid_epochs or args.epochs
             trials, runs = [], []
-            for i, point in enumerate(grid_points(training.OPTIMIZERS[name].grid)):
+            for i, point in enumerate(grid_points(registry.OPTIMIZERS[name].grid)):
                 hp = {**point, **fixed}
                 res = train_one(name, hp, grid_epochs, out / "grid" / f"{name}-{i}")
                 last = res.epochs[-1]
@@ -255,7 +250,7 @@ def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParse
     text = f"# {title}\n\n## Final metrics\n\n{final}\n\n## Time to target\n\n{target_table}\n"
     (out / "table.md").write_text(text)
     reporting.write_json(out / "results.json", {"config": config, "versions": versions, "runs": [r.to_json() for r in results]})
-    colors = {n: training.OPTIMIZERS[n].color for n in names}
+    colors = {n: registry.OPTIMIZERS[n].color for n in names}
     reporting.plot_curves(results, out / "curves.png", title, colors=colors, targets=targets)
     print(text)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'} and {out / 'curves.png'}")

@@ -11,7 +11,7 @@ Normalisation in the residual and VGG nets (``norm=``):
 
 * ``"batch"`` (default, as in the papers): ``nn.BatchNorm``; its running
   statistics live in the ``batch_stats`` collection, which
-  :func:`experiments.training.train` carries as mutable state
+  :func:`experiments.loop.train` carries as mutable state
   (``train=True`` in training steps, running averages at evaluation);
 * ``"group"``: ``nn.GroupNorm`` (no state; per-example, so the statistics the
   curvature methods capture are not mixed across the batch);
@@ -194,8 +194,7 @@ class VGG(nn.Module):
     """VGG-style net for 32×32 inputs: 3×3 convolutions (+ norm + ReLU), 2×2 max-pools, one Dense.
 
     ``config="16"`` is VGG-16's convolution stack with batch norm and no
-    dropout (the setup of the MBF group's CIFAR-100 runs, research/sofim_mbf.md
-    §2.5); ``"11"`` is the lighter VGG-11. ``width`` scales every channel count.
+    dropout (the setup of the MBF authors' CIFAR-100 runs); ``"11"`` is the lighter VGG-11. ``width`` scales every channel count.
     """
 
     config: str = "16"

@@ -1,7 +1,7 @@
 """The first-order and quasi-Newton peers the papers compare against, as factories for the experiments.
 
 Each is ``factory(**hparams) -> optax transformation``; the experiments'
-registry (:data:`experiments.training.OPTIMIZERS`) names them, with their
+registry (:data:`experiments.registry.OPTIMIZERS`) names them, with their
 defaults and the extra ``update`` arguments the train loop computes for them:
 
 =======  ======================================  ====================================

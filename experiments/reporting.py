@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from experiments.training import RunResult
+from experiments.loop import RunResult
 
 __all__ = [
     "METRICS",

@@ -1,7 +1,7 @@
 """Small hyperparameter grids on Fashion-MNIST, and how a winner is picked.
 
 The grids are the registry's (``OptimizerSpec.grid`` in
-``experiments/training.py``); ``python -m experiments.classify --grid`` and
+``experiments/registry.py``); ``python -m experiments.classify --grid`` and
 ``python -m experiments.autoencoder --grid`` search them with the same rule and
 then run the winners. This script only searches (classification).
 
@@ -23,10 +23,10 @@ import json
 import math
 from pathlib import Path
 
-from experiments import compare, harness, models, training
+from experiments import compare, harness, loop, models, registry
 
-GRIDS: dict[str, dict[str, list]] = {name: dict(spec.grid) for name, spec in training.OPTIMIZERS.items() if spec.grid}
-grid_points = harness.grid_points
+GRIDS: dict[str, dict[str, list]] = {name: dict(spec.grid) for name, spec in registry.OPTIMIZERS.items() if spec.grid}
+grid_points = registry.grid_points
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for name in [n.strip() for n in args.optimizers.split(",") if n.strip()]:
         trials = []
         for point in grid_points(GRIDS[name]):
-            result = training.train(
+            result = loop.train(
                 models.make_model(args.model), name, data, epochs=args.epochs,
                 batch_size=args.batch_size, seed=args.seed, hparams=point, progress=False,
             )

@@ -2,7 +2,8 @@
 
 import pytest
 
-from experiments import benchmark_mbf, harness
+from experiments import harness
+from experiments.benchmarks import mbf as benchmark_mbf
 
 
 def test_mbf_set_pins_the_named_optimizers_and_keeps_the_other_grids():

@@ -1,4 +1,4 @@
-"""Tests of experiments/datasets.py (IDX reading, lookup order, download, checks)."""
+"""Tests of experiments/datasets/ (IDX reading, lookup order, download, checks)."""
 
 from __future__ import annotations
 

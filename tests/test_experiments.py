@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import benchmark_step_time, compare, datasets, models, training, tune
+from experiments import compare, datasets, loop, models, registry, tune
+from experiments.benchmarks import step_time as benchmark_step_time
 
 
 @pytest.fixture
@@ -50,14 +51,14 @@ def test_compare_rejects_unknown_optimizer(fixture_dir, tmp_path):
 def test_training_reduces_loss_on_fixture(fixture_dir):
     data = compare.load_data(str(fixture_dir), None, flatten=False, verify=False)
     # Memorising 96 random images: a working optimizer drives the training loss down.
-    result = training.train(models.make_model("mlp"), "sofim", data, epochs=15, batch_size=32, progress=False)
+    result = loop.train(models.make_model("mlp"), "sofim", data, epochs=15, batch_size=32, progress=False)
     losses = [e.train_loss for e in result.epochs]
     assert losses[-1] < 0.5 * losses[0]
 
 
 def test_unknown_optimizer_and_model_raise():
     with pytest.raises(ValueError, match="unknown optimizer"):
-        training.make_optimizer("nope")
+        registry.make_optimizer("nope")
     with pytest.raises(ValueError, match="unknown model"):
         models.make_model("nope")
 

@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import sofim_optax
-from experiments import autoencoder, classify, datasets, harness, models, reporting, training
+from experiments import autoencoder, checkpoint, classify, datasets, harness, loop, models, registry, reporting, tasks
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def _data(n_train=48, n_test=16, seed=0, flat=True):
     y = rng.integers(0, 3, n_train + n_test).astype(np.int32)
     if not flat:
         x = x.reshape(-1, 4, 4, 1)
-    return training.Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+    return tasks.Data(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
 
 
 def _assert_trees_close(a, b, **tol):
@@ -69,10 +69,10 @@ def _recorder(learning_rate: float = 0.1) -> optax.GradientTransformationExtraAr
 
 @pytest.fixture
 def recorder_registered(monkeypatch):
-    spec = training.OptimizerSpec(
-        "Recorder", _recorder, {"learning_rate": 0.1}, extra_args=("layer_stats", "previous_batch_stats", "obj_fn")
+    spec = registry.OptimizerSpec(
+        "Recorder", _recorder, {"learning_rate": 0.1}, needs=("layer_stats", "previous_batch_stats", "obj_fn")
     )
-    monkeypatch.setitem(training.OPTIMIZERS, "recorder", spec)
+    monkeypatch.setitem(registry.OPTIMIZERS, "recorder", spec)
     return spec
 
 
@@ -89,44 +89,63 @@ class _TwoLayer(nn.Module):
 
 
 def test_registry_entries_are_consistent():
-    for name, spec in training.OPTIMIZERS.items():
-        assert set(spec.extra_args) <= set(training.EXTRA_ARGS), name
+    for name, spec in registry.OPTIMIZERS.items():
+        assert set(spec.needs) <= set(registry.NEEDS), name
         assert all(isinstance(v, (list, tuple)) and v for v in spec.grid.values()), name
-    available = training.available_optimizers()
+    available = registry.available_optimizers()
     assert {"sofim", "kfac", "sgdm", "adam", "rmsprop", "lbfgs"} <= set(available)
-    assert training.OPTIMIZERS["kbfgs"].extra_args == ("layer_stats", "previous_batch_stats")
-    assert training.OPTIMIZERS["adahessian"].extra_args == ("obj_fn",)
-    colors = [spec.color for spec in training.OPTIMIZERS.values()]
+    assert registry.OPTIMIZERS["kbfgs"].needs == ("layer_stats", "previous_batch_stats")
+    assert registry.OPTIMIZERS["adahessian"].needs == ("obj_fn",)
+    colors = [spec.color for spec in registry.OPTIMIZERS.values()]
     assert None not in colors and len(set(colors)) == len(colors), "every method needs its own plot colour"
 
 
 def test_missing_optimizer_fails_only_when_selected(monkeypatch, fixture_dir, tmp_path):
     monkeypatch.setitem(
-        training.OPTIMIZERS, "ghost", training.OptimizerSpec("Ghost", "sofim_optax:not_landed_yet", {})
+        registry.OPTIMIZERS, "ghost", registry.OptimizerSpec("Ghost", "sofim_optax:not_landed_yet", {})
     )
-    assert "ghost" not in training.available_optimizers()
-    with pytest.raises(training.OptimizerUnavailable, match="sofim_optax.not_landed_yet"):
-        training.make_optimizer("ghost")
+    assert "ghost" not in registry.available_optimizers()
+    with pytest.raises(registry.OptimizerUnavailable, match="sofim_optax.not_landed_yet"):
+        registry.make_optimizer("ghost")
     with pytest.raises(SystemExit):
         classify.main(["--data-dir", str(fixture_dir), "--no-verify", "--optimizers", "ghost", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown optimizer"):
-        training.make_optimizer("nope")
+        registry.make_optimizer("nope")
 
 
-def test_defaults_per_task_and_untuned_defaults_dropped(monkeypatch):
-    spec, _, hp = training.make_optimizer("kfac", "autoencoder")
+def test_defaults_per_task(monkeypatch):
+    spec, _, hp = registry.make_optimizer("kfac", "autoencoder")
     assert hp["fisher"] == "sampled" and hp["damping"] == 10.0
-    _, _, hp = training.make_optimizer("kfac", "classification", damping=0.5)
+    _, _, hp = registry.make_optimizer("kfac", "classification", damping=0.5)
     assert hp["fisher"] == "empirical" and hp["damping"] == 0.5
 
+
+def test_a_default_or_override_the_factory_does_not_take_is_an_error(monkeypatch):
     def factory(learning_rate):
         return optax.sgd(learning_rate)
 
-    monkeypatch.setitem(training.OPTIMIZERS, "narrow", training.OptimizerSpec("N", factory, {"learning_rate": 0.1, "damping": 1.0}))
-    _, _, hp = training.make_optimizer("narrow")
-    assert hp == {"learning_rate": 0.1}  # an untuned default the factory does not take is dropped
-    with pytest.raises(ValueError, match="takes no 'damping'"):
-        training.make_optimizer("narrow", damping=2.0)  # a user override is never dropped
+    monkeypatch.setitem(registry.OPTIMIZERS, "narrow", registry.OptimizerSpec("N", factory, {"learning_rate": 0.1}))
+    _, _, hp = registry.make_optimizer("narrow")
+    assert hp == {"learning_rate": 0.1}
+    with pytest.raises(ValueError, match=r"'narrow'.*override damping=2\.0 is not an argument"):
+        registry.make_optimizer("narrow", damping=2.0)  # a user override is never dropped
+    monkeypatch.setitem(registry.OPTIMIZERS, "narrow", registry.OptimizerSpec(
+        "N", factory, {"learning_rate": 0.1}, task_defaults={"autoencoder": {"damping": 1.0}}))
+    registry.make_optimizer("narrow", "classification")
+    with pytest.raises(ValueError, match=r"'narrow'.*registry default \(autoencoder\) damping=1\.0"):
+        registry.make_optimizer("narrow", "autoencoder")  # neither is a registry default
+
+
+def test_every_registry_default_applies_to_its_factory():
+    for name in registry.available_optimizers():
+        for kind in ("classification", "autoencoder"):
+            registry.make_optimizer(name, kind)  # raises ValueError on a default that does not apply
+
+
+def test_grid_points_vary_the_first_name_slowest():
+    assert registry.grid_points({"a": [1, 2], "b": [3, 4]}) == [
+        {"a": 1, "b": 3}, {"a": 1, "b": 4}, {"a": 2, "b": 3}, {"a": 2, "b": 4}]
+    assert registry.grid_points({}) == [{}]
 
 
 # ---------------------------------------------------------------------------
@@ -142,11 +161,11 @@ def test_extra_arguments_match_independent_references(recorder_registered):
     """previous_batch_stats = the previous batch at the CURRENT params; obj_fn = the current batch's loss."""
     data = _data(n_train=24, n_test=8)
     model = _TwoLayer()
-    res = training.train(model, "recorder", data, epochs=1, batch_size=8, seed=5, progress=False)
+    res = loop.train(model, "recorder", data, epochs=1, batch_size=8, seed=5, progress=False)
     assert res.epochs[0].steps == 3
     # Replay the three steps independently, in float32 as the loop does.
     params = model.init(jax.random.PRNGKey(5), jnp.asarray(data.x_train[:1]))["params"]
-    order = list(training._batches(24, 8, 5, 1))
+    order = list(loop._batches(24, 8, 5, 1))
     history = []
     for idx in order:
         x, y = data.x_train[idx], data.y_train[idx]
@@ -182,10 +201,10 @@ def _last_recorder_state(model, data, order):
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "r.ckpt"
-        training.train(model, "recorder", data, epochs=1, batch_size=8, seed=5, progress=False, checkpoint=ckpt)
+        loop.train(model, "recorder", data, epochs=1, batch_size=8, seed=5, progress=False, checkpoint=ckpt)
         template_params = model.init(jax.random.PRNGKey(5), jnp.asarray(data.x_train[:1]))["params"]
         template = (template_params, {}, _recorder().init(template_params))
-        (_, _, state), meta, extra = training.load_checkpoint(ckpt, template)
+        (_, _, state), meta, extra = checkpoint.load_checkpoint(ckpt, template)
         np.testing.assert_array_equal(extra["prev_idx"], order[-1])
         return state
 
@@ -198,15 +217,15 @@ def test_first_step_gets_no_previous_batch(recorder_registered):
     model = _TwoLayer()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "r.ckpt"
-        training.train(model, "recorder", data, epochs=1, batch_size=8, progress=False, checkpoint=ckpt)
+        loop.train(model, "recorder", data, epochs=1, batch_size=8, progress=False, checkpoint=ckpt)
         p = model.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))["params"]
-        (_, _, state), _, _ = training.load_checkpoint(ckpt, (p, {}, _recorder().init(p)))
+        (_, _, state), _, _ = checkpoint.load_checkpoint(ckpt, (p, {}, _recorder().init(p)))
     assert int(state.count) == 1 and not bool(state.had_prev)
 
 
 def test_value_fn_arguments_for_lbfgs():
     # Full batch: the objective is deterministic, so the line search (which calls value_fn) must descend.
-    res = training.train(_TwoLayer(), "lbfgs", _data(), epochs=4, batch_size=48, progress=False)
+    res = loop.train(_TwoLayer(), "lbfgs", _data(), epochs=4, batch_size=48, progress=False)
     losses = [e.train_loss for e in res.epochs]
     assert all(np.isfinite(losses)) and all(b < a for a, b in zip(losses, losses[1:]))
 
@@ -222,20 +241,20 @@ def test_autoencoder_loss_matches_numpy():
     x = rng.random((5, 7)).astype(np.float32)
     p = 1 / (1 + np.exp(-logits.astype(np.float64)))
     bce = -np.sum(x * np.log(p) + (1 - x) * np.log(1 - p), axis=1)
-    task = training.Task("autoencoder")
+    task = tasks.Task("autoencoder")
     np.testing.assert_allclose(task.data_loss(jnp.asarray(logits), (x,)), bce.mean(), rtol=1e-5)
     np.testing.assert_allclose(task.eval_sums(jnp.asarray(logits), (x,))[0], bce.sum(), rtol=1e-5)
-    gauss = training.Task("autoencoder", reconstruction="gaussian")
+    gauss = tasks.Task("autoencoder", reconstruction="gaussian")
     np.testing.assert_allclose(gauss.data_loss(jnp.asarray(logits), (x,)), (0.5 * ((logits - x) ** 2).sum(1)).mean(), rtol=1e-5)
     with pytest.raises(ValueError):
-        training.Task("regression")
+        tasks.Task("regression")
 
 
 def test_autoencoder_training_with_l2_and_sampled_fisher():
     data = _data(n_train=64, n_test=16)
     model = models.Autoencoder(encoder=(8, 3), output_dim=16)
-    res = training.train(model, "kfac", data, epochs=4, batch_size=16, progress=False,
-                         task=training.Task("autoencoder", l2=1e-3), hparams={"damping": 1.0, "learning_rate": 0.05})
+    res = loop.train(model, "kfac", data, epochs=4, batch_size=16, progress=False,
+                         task=tasks.Task("autoencoder", l2=1e-3), hparams={"damping": 1.0, "learning_rate": 0.05})
     assert res.hparams["fisher"] == "sampled"
     assert res.epochs[0].test_accuracy is None
     losses = [e.train_loss for e in res.epochs]
@@ -247,10 +266,10 @@ def test_l2_term_enters_the_gradient():
     data = _data(n_train=16, n_test=8)
     kw = dict(epochs=1, batch_size=16, progress=False, hparams={"learning_rate": 0.1, "momentum": 0.0})
     ae = models.Autoencoder(encoder=(4,), output_dim=16)
-    task = training.Task("autoencoder", l2=0.5)
-    res = training.train(ae, "sgdm", data, task=task, **kw)
+    task = tasks.Task("autoencoder", l2=0.5)
+    res = loop.train(ae, "sgdm", data, task=task, **kw)
     q0 = ae.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))["params"]
-    idx = next(training._batches(16, 16, 0, 1))
+    idx = next(loop._batches(16, 16, 0, 1))
     x = data.x_train[idx]
 
     def objective(q):
@@ -270,7 +289,7 @@ def test_l2_term_enters_the_gradient():
 def test_batchnorm_state_is_carried():
     data = _data(n_train=32, n_test=8, flat=False)
     model = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=3, norm="batch")
-    res = training.train(model, "kfac", data, epochs=2, batch_size=16, progress=False)
+    res = loop.train(model, "kfac", data, epochs=2, batch_size=16, progress=False)
     init_state = model.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))["batch_stats"]
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), res.model_state["batch_stats"], init_state)
     assert max(jax.tree_util.tree_leaves(moved)) > 0
@@ -291,9 +310,9 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, rec
     data = _data(n_train=48, n_test=16)
     model = _TwoLayer()
     kw = dict(epochs=3, batch_size=16, seed=2, progress=False, hparams=hparams)
-    full = training.train(model, optimizer, data, **kw)
+    full = loop.train(model, optimizer, data, **kw)
 
-    original = training._batches
+    original = loop._batches
     calls = {"n": 0}
 
     def interrupted(n, bs, seed, epoch):
@@ -304,11 +323,11 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, rec
             yield idx
 
     ckpt = tmp_path / "run.ckpt"
-    monkeypatch.setattr(training, "_batches", interrupted)
+    monkeypatch.setattr(loop, "_batches", interrupted)
     with pytest.raises(_Interrupt):
-        training.train(model, optimizer, data, checkpoint=ckpt, **kw)
-    monkeypatch.setattr(training, "_batches", original)
-    resumed = training.train(model, optimizer, data, checkpoint=ckpt, **kw)
+        loop.train(model, optimizer, data, checkpoint=ckpt, **kw)
+    monkeypatch.setattr(loop, "_batches", original)
+    resumed = loop.train(model, optimizer, data, checkpoint=ckpt, **kw)
     assert resumed.resumed_from_epoch == 2
     for a, b in zip(full.epochs, resumed.epochs, strict=True):
         assert (a.epoch, a.train_loss, a.test_loss, a.test_accuracy, a.steps) == (b.epoch, b.train_loss, b.test_loss, b.test_accuracy, b.steps)
@@ -319,19 +338,19 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, rec
 def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     data = _data()
     ckpt = tmp_path / "run.ckpt"
-    training.train(_TwoLayer(), "sgdm", data, epochs=1, batch_size=16, progress=False, checkpoint=ckpt)
-    with pytest.raises(training.CheckpointMismatch, match="different configuration"):
-        training.train(_TwoLayer(), "sgdm", data, epochs=2, batch_size=16, progress=False, checkpoint=ckpt,
+    loop.train(_TwoLayer(), "sgdm", data, epochs=1, batch_size=16, progress=False, checkpoint=ckpt)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="different configuration"):
+        loop.train(_TwoLayer(), "sgdm", data, epochs=2, batch_size=16, progress=False, checkpoint=ckpt,
                        hparams={"learning_rate": 0.2})
     ckpt.write_bytes(b"garbage")
-    with pytest.raises(training.CheckpointMismatch, match="not a readable checkpoint"):
-        training.train(_TwoLayer(), "sgdm", data, epochs=2, batch_size=16, progress=False, checkpoint=ckpt)
+    with pytest.raises(checkpoint.CheckpointMismatch, match="not a readable checkpoint"):
+        loop.train(_TwoLayer(), "sgdm", data, epochs=2, batch_size=16, progress=False, checkpoint=ckpt)
 
 
 def test_typed_prng_keys_survive_a_checkpoint(tmp_path):
     tree = {"key": jax.random.key(3), "w": jnp.arange(3.0)}
-    training.save_checkpoint(tmp_path / "k.ckpt", tree, {"a": 1}, {})
-    restored, meta, _ = training.load_checkpoint(tmp_path / "k.ckpt", {"key": jax.random.key(0), "w": jnp.zeros(3)})
+    checkpoint.save_checkpoint(tmp_path / "k.ckpt", tree, {"a": 1}, {})
+    restored, meta, _ = checkpoint.load_checkpoint(tmp_path / "k.ckpt", {"key": jax.random.key(0), "w": jnp.zeros(3)})
     np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"]))
     assert meta == {"a": 1}
 
@@ -342,8 +361,8 @@ def test_typed_prng_keys_survive_a_checkpoint(tmp_path):
 
 
 def _result(name, values, walls):
-    epochs = [training.EpochMetrics(i + 1, v, v, 1 - v, w, 0.01) for i, (v, w) in enumerate(zip(values, walls))]
-    return training.RunResult(name, name.upper(), {}, 0, 0.0, epochs)
+    epochs = [loop.EpochMetrics(i + 1, v, v, 1 - v, w, 0.01) for i, (v, w) in enumerate(zip(values, walls))]
+    return loop.RunResult(name, name.upper(), {}, 0, 0.0, epochs)
 
 
 def test_time_to_target_and_table():
@@ -385,8 +404,8 @@ def test_classify_cli_writes_everything_and_resumes(fixture_dir, tmp_path, capsy
 
 
 def test_grid_via_the_cli(fixture_dir, tmp_path, monkeypatch):
-    spec = training.OPTIMIZERS["sgdm"]
-    monkeypatch.setitem(training.OPTIMIZERS, "sgdm", training.OptimizerSpec(
+    spec = registry.OPTIMIZERS["sgdm"]
+    monkeypatch.setitem(registry.OPTIMIZERS, "sgdm", registry.OptimizerSpec(
         spec.label, spec.factory, spec.defaults, grid={"learning_rate": [1e-7, 0.05]}))
     out = tmp_path / "g"
     results = classify.main(["--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "16",

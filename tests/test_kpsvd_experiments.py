@@ -1,7 +1,7 @@
 """Smoke and correctness tests of the KPSVD-family experiment scripts on tiny synthetic data.
 
 ``experiments/fisher_approximation.py`` (errors of KFAC/KPSVD/Deflation/KFAC-corrected/Lanczos
-against an explicitly formed Fisher block) and ``experiments/benchmark_kpsvd.py``. No real
+against an explicitly formed Fisher block) and ``experiments/benchmarks/kpsvd.py``. No real
 data: the Fashion-MNIST loader is replaced by a tiny random dataset.
 """
 
@@ -13,8 +13,9 @@ import types
 import numpy as np
 import pytest
 
-from experiments import benchmark_kpsvd, datasets
+from experiments import datasets
 from experiments import fisher_approximation as fa
+from experiments.benchmarks import kpsvd as benchmark_kpsvd
 
 
 

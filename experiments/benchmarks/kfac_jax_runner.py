@@ -3,12 +3,12 @@
 This file runs inside its own pinned virtual environment (kfac-jax 0.0.8 needs
 jax 0.9.x, older than the jax sofim_optax is tested with), so it imports only
 numpy, jax and (lazily, inside the functions that need it) kfac_jax: never
-sofim_optax, flax or anything else in experiments/. ``experiments/benchmark_kfac.py``
+sofim_optax, flax or anything else in experiments/. ``experiments/benchmarks/kfac.py``
 creates that environment, writes the data and the config, runs this script and
 reads its output. The parent imports :func:`batch_indices` from here (it needs
 only numpy), so both sides draw exactly the same minibatches in the same order.
 
-Usage (done for you by benchmark_kfac.py)::
+Usage (done for you by experiments/benchmarks/kfac.py)::
 
     <venv>/bin/python experiments/kfac_jax_runner.py train CONFIG.json DATA.npz OUT.json
     <venv>/bin/python experiments/kfac_jax_runner.py serve CONFIG.json DATA.npz

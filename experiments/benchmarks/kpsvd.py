@@ -2,7 +2,7 @@ r"""KPSVD family on the Fashion-MNIST autoencoder: training loss against steps a
 per-step cost over KFAC's.
 
 Contenders (all ``sofim_optax`` unless noted, same initial parameters, same minibatch order
-from :func:`experiments.kfac_jax_runner.batch_indices`):
+from :func:`experiments.benchmarks.kfac_jax_runner.batch_indices`):
 
 * ``kfac`` — :func:`sofim_optax.kfac` (``inverse="eigh"``), the baseline of the cost ratios;
 * ``kpsvd`` — :func:`sofim_optax.kpsvd` (rank 1, power SVD);
@@ -15,7 +15,7 @@ Problem: the deep autoencoder (``experiments.models.Autoencoder``, encoder width
 ``--encoder``, default 1000-500-250-30) with the sigmoid cross-entropy summed over pixels
 (registered, so the sampled Fisher can be used; ``--fisher``, default ``sampled`` as the paper's
 Fisher sub-batches) plus ``½·1e-5·Σ‖W‖²``, batch ``--batch-size`` (default 1000), built by
-:func:`experiments.benchmark_kfac.autoencoder_problem`. Every second-order method uses momentum
+:func:`experiments.benchmarks.problems.autoencoder_problem`. Every second-order method uses momentum
 0.9, EMA 0.95, ``--stats-period`` (default 1) and ``--inverse-period`` (default 20), the same for
 all, and the library's defaults otherwise (``tol=1e-5``, ``max_iters=100``, ``indefinite="abs"``,
 Lanczos ``krylov_dim=4``).
@@ -40,7 +40,7 @@ Outputs under ``--out``: ``results.json``, ``table.md`` (also printed) and ``cur
 
 Example (a few minutes; the README figures use the defaults)::
 
-    python -m experiments.benchmark_kpsvd --quick --out runs/benchmark_kpsvd_quick
+    python -m experiments.benchmarks.kpsvd --quick --out runs/benchmark_kpsvd_quick
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ import inspect
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -61,23 +60,21 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import datasets
-from experiments.benchmark_kfac import (
+from experiments import datasets, timing
+from experiments.benchmarks.curves import fmt, jsonable, loss_at_time, mean_last, smoothed
+from experiments.benchmarks.kfac_cost import training_step_timer
+from experiments.benchmarks.problems import (
     EMA,
     MOMENTUM,
     Problem,
-    _interleave,
-    _jsonable,
-    _StepRunner,
     autoencoder_problem,
+    layer_widths,
     full_loss,
-    grid_points,
-    make_train_step,
-    mean_last,
+    jitted_step,
     set_hparams,
-    smoothed,
     train_run,
 )
+from experiments.registry import OPTIMIZERS, grid_points
 
 __all__ = ["METHODS", "GRIDS", "QUICK_GRIDS", "make_tx", "train_step_for", "step_times", "tune_and_train", "main"]
 
@@ -94,7 +91,7 @@ COLORS = {"kfac": "tab:red", "kpsvd": "tab:green", "deflation": "tab:purple", "k
           "lanczos": "black", "adam": "tab:orange"}
 _SECOND_ORDER = {"learning_rate": [0.1, 0.3], "damping": [10.0, 100.0]}
 #: Tuning grids. The damping lives on the scale of the Fisher of a loss summed over 784 pixels
-#: (see experiments.benchmark_kfac.GRIDS), hence 10–100.
+#: (see experiments.benchmarks.kfac.GRIDS), hence 10–100.
 GRIDS: dict[str, dict[str, list[float]]] = {
     **{m: _SECOND_ORDER for m in METHODS if m != "adam"},
     "adam": {"learning_rate": [3e-4, 1e-3, 3e-3]},
@@ -103,6 +100,9 @@ QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
     **{m: {"learning_rate": [0.1, 0.3], "damping": [100.0]} for m in METHODS if m != "adam"},
     "adam": {"learning_rate": [1e-3, 3e-3]},
 }
+#: The registry entry of each method (its train step needs what the entry declares).
+REGISTRY_NAMES = {"kfac": "kfac", "kpsvd": "kpsvd", "deflation": "kpsvd_deflation",
+                  "kfac_corrected": "kfac_corrected", "lanczos": "kpsvd_lanczos", "adam": "adam"}
 _ALIASES = {
     "kfac": sofim_optax.kfac,
     "kpsvd": sofim_optax.kpsvd,
@@ -114,7 +114,7 @@ _ALIASES = {
 
 def make_tx(method: str, stats_period: int = 1, inverse_period: int = 20) -> optax.GradientTransformation:
     """The method's alias with ``learning_rate`` (and ``damping``) injected: one compiled step
-    serves every grid point (:func:`experiments.benchmark_kfac.set_hparams`)."""
+    serves every grid point (:func:`experiments.benchmarks.problems.set_hparams`)."""
     if method == "adam":
         return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
     alias = _ALIASES[method]
@@ -136,7 +136,8 @@ def train_step_for(problem: Problem, method: str, fisher: str = "sampled", stats
     key = (id(problem), method, fisher, stats_period, inverse_period, seed)
     if key not in _CACHE:
         tx = make_tx(method, stats_period, inverse_period)
-        _CACHE[key] = (tx, make_train_step(problem, tx, None if method == "adam" else fisher, seed))
+        needs = OPTIMIZERS[REGISTRY_NAMES[method]].needs
+        _CACHE[key] = (tx, jitted_step(problem, tx, needs=needs, fisher=fisher, seed=seed))
     return _CACHE[key]
 
 
@@ -149,12 +150,11 @@ def step_times(problem: Problem, methods: Sequence[str], rounds: int, block_step
     runners: dict[str, Callable[[], float]] = {}
     for m in names:
         tx, step = train_step_for(problem, m, fisher, stats_period, inverse_period)
-        r = _StepRunner(problem, tx, step, **hparams[m])
-        r.advance(inverse_period + 1)  # compile, first refresh, warm up
-        runners[m] = lambda r=r: r.advance(block_steps)
-    samples = _interleave(runners, rounds)
-    times = {m: statistics.median(s) for m, s in samples.items()}
-    return {"times": times, "ratios": {m: t / times["kfac"] for m, t in times.items()}, "samples": samples,
+        timer = training_step_timer(problem, tx, step, warmup_steps=inverse_period + 1, **hparams[m])
+        runners[m] = lambda t=timer: t.seconds_per_step(block_steps)
+    samples = timing.interleaved_rounds(runners, rounds=rounds)
+    times = timing.medians(samples)
+    return {"times": times, "ratios": timing.ratios(times, "kfac"), "samples": samples,
             "rounds": rounds, "block_steps": block_steps}
 
 
@@ -184,18 +184,6 @@ def tune_and_train(problem: Problem, x_train: np.ndarray, args: argparse.Namespa
     return out
 
 
-def loss_at_time(losses: Sequence[float], step_time: float, t: float, window: int) -> float:
-    sm = smoothed(losses, window)
-    times = np.arange(1, len(sm) + 1) * step_time
-    return math.nan if t > times[-1] + 1e-9 else float(np.interp(t, times, sm))
-
-
-def _fmt(x: Any, d: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return "diverged" if not np.isfinite(x) or abs(x) > 1e6 else f"{x:.{d}f}"
-
-
 def report(res: Mapping[str, Any], args: argparse.Namespace) -> str:
     k, steps = args.select_last, args.steps
     timing = res["step_time"]
@@ -209,7 +197,7 @@ def report(res: Mapping[str, Any], args: argparse.Namespace) -> str:
         f"{timing['block_steps']} steps, KFAC first in each round, on a shared (loaded) CPU.\n",
         f"| method | hyperparameters (selected) | ms per step (interleaved median) | × KFAC | "
         f"loss after {steps} steps (mean of last {k}) | loss on {min(args.eval_examples, res['n_train'])} train images, end | "
-        f"loss at {_fmt(t_eq, 1)} s (KFAC-family's earliest end) |",
+        f"loss at {fmt(t_eq, 1)} s (KFAC-family's earliest end) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for m in METHODS:
@@ -220,13 +208,13 @@ def report(res: Mapping[str, Any], args: argparse.Namespace) -> str:
         hp = ", ".join(f"{a}={b:g}" for a, b in r["hparams"].items())
         at_t = loss_at_time(r["losses"], st, t_eq, k) if t_eq else math.nan
         lines.append(f"| {LABELS[m]} | {hp} | {1e3 * st:.0f} | {timing['ratios'][m]:.2f} | "
-                     f"{_fmt(mean_last(r['losses'], k))} | {_fmt(r['final_loss_eval'])} | {_fmt(at_t)} |")
+                     f"{fmt(mean_last(r['losses'], k), 3)} | {fmt(r['final_loss_eval'], 3)} | {fmt(at_t, 3)} |")
     lines += ["", f"Tuning (score = mean minibatch loss over the last {k} of {args.tune_steps} steps; lowest wins):", "",
               "| method | point | score |", "|---|---|---:|"]
     for m, t in res["train"]["tuning"].items():
         for g in t["grid"]:
             mark = " **(selected)**" if g["hparams"] == t["best"] else ""
-            lines.append(f"| {LABELS[m]} | {', '.join(f'{a}={b:g}' for a, b in g['hparams'].items())}{mark} | {_fmt(g['score'])} |")
+            lines.append(f"| {LABELS[m]} | {', '.join(f'{a}={b:g}' for a, b in g['hparams'].items())}{mark} | {fmt(g['score'], 3)} |")
     return "\n".join(lines)
 
 
@@ -256,15 +244,11 @@ def plot(res: Mapping[str, Any], args: argparse.Namespace, path: Path) -> None:
     plt.close(fig)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in text.split(",") if t.strip())
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmark_kpsvd")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--encoder", type=_ints, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
+    p.add_argument("--encoder", type=layer_widths, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
     p.add_argument("--train-examples", type=int, default=None, help="use only the first N training images")
     p.add_argument("--eval-examples", type=int, default=10000, help="images for the end-of-run loss")
     p.add_argument("--batch-size", type=int, default=1000)
@@ -316,15 +300,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     hps = {m: res["train"]["tuning"][m]["best"] for m in args.methods}
     res["step_time"] = step_times(problem, args.methods, args.rounds, args.block_steps, args.fisher,
                                   args.stats_period, args.inverse_period, hps)
-    (out / "results.json").write_text(json.dumps(_jsonable(res), indent=1))  # before reporting, in case it fails
+    (out / "results.json").write_text(json.dumps(jsonable(res), indent=1))  # before reporting, in case it fails
     table = report(res, args)
     say(table)
     res["total_time_s"] = time.perf_counter() - t0
-    cmd = "python -m experiments.benchmark_kpsvd " + " ".join(
+    cmd = "python -m experiments.benchmarks.kpsvd " + " ".join(
         f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
         for k, v in vars(args).items() if k not in ("out", "data_dir", "quick") and v is not None) + (" --quick" if args.quick else "")
     (out / "table.md").write_text(f"# KPSVD family benchmark\n\n`{cmd}`\n\n{table}\n")
-    (out / "results.json").write_text(json.dumps(_jsonable(res), indent=1))
+    (out / "results.json").write_text(json.dumps(jsonable(res), indent=1))
     plot(res, args, out / "curves.png")
     say(f"wrote {out}/results.json, table.md, curves.png in {res['total_time_s'] / 60:.1f} min")
     return res

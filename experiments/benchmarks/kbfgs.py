@@ -1,7 +1,7 @@
 """K-BFGS and K-BFGS(L) against KFAC and Adam on the Fashion-MNIST deep autoencoder.
 
-The setup of Goldfarb, Ren & Bahamou (2020) (their MNIST demo and §4 of
-``shared/research/kpsvd_kbfgs.md``): autoencoder 784-1000-500-250-30-250-500-1000-784
+The setup of Goldfarb, Ren & Bahamou (2020) (their MNIST demo and their autoencoder
+experiments): autoencoder 784-1000-500-250-30-250-500-1000-784
 (:class:`experiments.models.Autoencoder`: ReLU, linear code layer, logits), sigmoid
 cross-entropy summed over pixels and averaged over examples, L2 ``½·1e-5·‖θ‖²`` on all
 weights and biases (in the loss, so every method sees the coupled L2 the authors add to the
@@ -14,8 +14,8 @@ Contenders (all from ``sofim_optax`` except Adam):
 * ``kbfgs``: :func:`sofim_optax.kbfgs` (gradient EMA 0.9, ``lr=0.1, λ=0.3``; the authors'
   MNIST demo uses ``lr=0.3``, which diverged here on the full Fashion-MNIST autoencoder within
   20 steps at λ 0.3 and 1), ``A`` warm-started over one pass of the training set at the initial
-  parameters (not timed, as the authors), two passes per step
-  (:func:`sofim_optax.curvature.two_pass.make_two_pass_train_step`).
+  parameters (not timed, as the authors), two passes per step (the train step of
+  :func:`experiments.step.make_train_step` with the registry's ``previous_batch_stats``).
 * ``kbfgs_l``: :func:`sofim_optax.kbfgs_l` (memory 100), same settings.
 * ``kfac``: the authors' KFAC baseline rebuilt from ``scale_by_kfac``: sampled Fisher
   (Bernoulli targets from the model), factor EMA 0.9, damping ``√λ`` on each factor
@@ -32,8 +32,8 @@ same run. The authors report K-BFGS about 1.6× cheaper per iteration than their
 
 Commands::
 
-    python -m experiments.benchmark_kbfgs --out runs/benchmark_kbfgs              # full size
-    python -m experiments.benchmark_kbfgs --quick --out runs/benchmark_kbfgs_quick  # minutes
+    python -m experiments.benchmarks.kbfgs --out runs/benchmark_kbfgs              # full size
+    python -m experiments.benchmarks.kbfgs --quick --out runs/benchmark_kbfgs_quick  # minutes
 
 Outputs under ``--out``: ``results.json`` and ``curves.png`` (training/test loss against
 epochs and against training wall time).
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,10 +54,11 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import datasets, models
+from experiments import datasets, models, timing
+from experiments.registry import OPTIMIZERS
+from experiments.step import make_train_step
 from sofim_optax.curvature import linen as linen_capture
 from sofim_optax.curvature import losses
-from sofim_optax.curvature.two_pass import make_two_pass_train_step
 from sofim_optax.kbfgs import average_input_factors, batch_input_factors, warm_start
 
 METHODS = ("kbfgs", "kbfgs_l", "kfac", "adam")
@@ -126,15 +126,6 @@ def main(argv=None) -> dict[str, Any]:
         return total / len(xs) + float(l2(p))
 
     # --- the contenders' train steps: step(params, opt_state, x, x_prev, key) ---------------
-    def kbfgs_step(opt):
-        two = make_two_pass_train_step(loss_fn, opt)
-
-        def step(p, s, x, x_prev, key):
-            del key
-            return two(p, s, (x,), None if x_prev is None else (x_prev,))
-
-        return step
-
     def kfac_opt():
         return optax.chain(
             optax.ema(0.9, debias=False),
@@ -143,36 +134,27 @@ def main(argv=None) -> dict[str, Any]:
             optax.scale_by_learning_rate(args.kfac_lr),
         )
 
-    def kfac_step(opt):
-        def step(p, s, x, x_prev, key):
-            del x_prev
-            loss, grads, stats = linen_capture.value_grad_and_stats(loss_fn, p, x, fisher="sampled", rng=key)
-            u, s = opt.update(grads, s, p, layer_stats=stats)
-            return optax.apply_updates(p, u), s, loss
+    def step_of(name, opt):
+        # K-BFGS: the empirical statistics of the real loss; KFAC: the sampled Fisher.
+        fisher = "sampled" if name == "kfac" else "empirical"
+        train_step = make_train_step(loss_fn, opt, needs=OPTIMIZERS[name].needs, fisher=fisher)
 
-        return step
-
-    def adam_step(opt):
         def step(p, s, x, x_prev, key):
-            del x_prev, key
-            loss, grads = jax.value_and_grad(loss_fn)(p, x)
-            u, s = opt.update(grads, s, p)
-            return optax.apply_updates(p, u), s, loss
+            out = train_step(p, s, (x,), None if x_prev is None else (x_prev,), rng=key)
+            return out.params, out.opt_state, out.loss
 
         return step
 
     def make(name):
         if name == "kbfgs":
             opt = sofim_optax.kbfgs(args.kbfgs_lr, damping=args.kbfgs_damping)
-            return opt, kbfgs_step(opt)
-        if name == "kbfgs_l":
+        elif name == "kbfgs_l":
             opt = sofim_optax.kbfgs_l(args.kbfgs_lr, memory=args.memory, damping=args.kbfgs_damping)
-            return opt, kbfgs_step(opt)
-        if name == "kfac":
+        elif name == "kfac":
             opt = kfac_opt()
-            return opt, kfac_step(opt)
-        opt = optax.adam(args.adam_lr)
-        return opt, adam_step(opt)
+        else:
+            opt = optax.adam(args.adam_lr)
+        return opt, step_of(name, opt)
 
     # Warm start of A (one pass over the training set at the initial parameters; not timed).
     factors = None
@@ -222,27 +204,27 @@ def main(argv=None) -> dict[str, Any]:
         p, s, _ = step(params0, s, xs[0], None, jax.random.key(0))
         p, s, _ = step(p, s, xs[1 % len(xs)], xs[0], jax.random.key(1))  # compiled both variants
         carries[name] = (p, s)
-    times: dict[str, list[float]] = {n: [] for n in timed}
-    for r in range(args.rounds):
-        for name in timed:
-            opt, step = steps[name]
-            p, s = carries[name]
-            jax.block_until_ready(p)
-            t0 = time.perf_counter()
-            for i in range(args.block_steps):
-                p, s, _ = step(p, s, xs[i % len(xs)], xs[(i - 1) % len(xs)], jax.random.key(i))
-            jax.block_until_ready(p)
-            times[name].append((time.perf_counter() - t0) / args.block_steps)
-            carries[name] = (p, s)
-    base = statistics.median(times["kfac"]) if "kfac" in times else None
+
+    def advance(step):
+        def one_step(p, s, i):
+            p, s, _ = step(p, s, xs[i % len(xs)], xs[(i - 1) % len(xs)], jax.random.key(i))
+            return p, s, i + 1
+
+        return one_step
+
+    timers = {name: timing.StepTimer(advance(steps[name][1]), (*carries[name], 0), warmup_steps=0) for name in timed}
+    times = timing.interleaved_rounds({n: lambda t=t: t.seconds_per_step(args.block_steps) for n, t in timers.items()},
+                                      rounds=args.rounds)
+    medians = timing.medians(times)
+    base = medians.get("kfac")
     print("\nper-iteration time (median over rounds, interleaved):")
     for name in timed:
-        med = statistics.median(times[name])
+        med = medians[name]
         ratio = med / base if base else float("nan")
         results["step_time"][name] = {"median_s": med, "ratio_to_kfac": ratio, "all_s": times[name]}
         print(f"  {LABELS[name]:10s} {1e3 * med:8.1f} ms   × KFAC {ratio:5.2f}")
     if base and "kbfgs" in times:
-        print(f"KFAC / K-BFGS per-iteration cost: {base / statistics.median(times['kbfgs']):.2f} (authors: ~1.6)")
+        print(f"KFAC / K-BFGS per-iteration cost: {base / medians['kbfgs']:.2f} (authors: ~1.6)")
 
     (out / "results.json").write_text(json.dumps(results, indent=1))
     try:

@@ -34,11 +34,11 @@ Two parts (``--parts step_time,convergence``):
 
 Usage (full size, slow on a 2-core CPU)::
 
-    python -m experiments.benchmark_mbf --out runs/benchmark_mbf
+    python -m experiments.benchmarks.mbf --out runs/benchmark_mbf
 
 Quick run (what the README figures were measured with, see ``--help``)::
 
-    python -m experiments.benchmark_mbf --ae-batch 250 --rounds 5 --train-size 10000 --epochs 3 \\
+    python -m experiments.benchmarks.mbf --ae-batch 250 --rounds 5 --train-size 10000 --epochs 3 \\
         --target 0.80 --out runs/benchmark_mbf_quick
 """
 
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +57,9 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import datasets, harness, models
-from experiments.benchmark_step_time import _time_steps
-from sofim_optax.curvature import linen as curvature_linen
+from experiments import datasets, harness, models, timing
+from experiments.registry import OPTIMIZERS
+from experiments.step import make_train_step
 from sofim_optax.curvature import losses
 
 HUGE = 1 << 30
@@ -119,45 +118,47 @@ def _problem(name: str, args) -> tuple[Any, Callable, tuple]:
     return params, loss, batch
 
 
+def _with_statistics_kept_live(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """``tx`` taking ``layer_stats`` and ignoring them, but keeping them live (adds ``0 ×`` their
+    sum to the gradient) so that XLA does not drop the capture: the capture's cost alone."""
+
+    def update(grads, state, params=None, *, layer_stats, **extra):
+        del extra
+        zero = 0.0 * sum(jnp.sum(v.output_grads) for v in layer_stats.values())
+        return tx.update(jax.tree.map(lambda g: g + zero, grads), state, params)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 def benchmark_step_time(name: str, args) -> dict[str, Any]:
     params, loss, batch = _problem(name, args)
     bs = args.dense_block_size
-    kinds = {
-        "sgdm": (optax.sgd(0.01, momentum=0.9), False),
-        "sgdm + capture": (optax.sgd(0.01, momentum=0.9), True),
-        "mbf plain": (sofim_optax.mbf(1e-3, stats_period=HUGE, inverse_period=HUGE, dense_block_size=bs), True),
-        "mbf stats": (sofim_optax.mbf(1e-3, stats_period=1, inverse_period=HUGE, dense_block_size=bs), True),
-        "mbf full": (sofim_optax.mbf(1e-3, stats_period=1, inverse_period=1, dense_block_size=bs), True),
+    mbf_needs = OPTIMIZERS["mbf"].needs
+    kinds = {  # kind: (optimizer, what its step captures)
+        "sgdm": (optax.sgd(0.01, momentum=0.9), OPTIMIZERS["sgdm"].needs),
+        "sgdm + capture": (_with_statistics_kept_live(optax.sgd(0.01, momentum=0.9)), ("layer_stats",)),
+        "mbf plain": (sofim_optax.mbf(1e-3, stats_period=HUGE, inverse_period=HUGE, dense_block_size=bs), mbf_needs),
+        "mbf stats": (sofim_optax.mbf(1e-3, stats_period=1, inverse_period=HUGE, dense_block_size=bs), mbf_needs),
+        "mbf full": (sofim_optax.mbf(1e-3, stats_period=1, inverse_period=1, dense_block_size=bs), mbf_needs),
     }
-    steps, carries, sizes = {}, {}, {}
-    for kind, (tx, needs_stats) in kinds.items():
+    timers, sizes = {}, {}
+    for kind, (tx, needs) in kinds.items():
+        train_step = make_train_step(loss, tx, needs=needs)
 
-        # The batch is an argument (a closed-over batch would be constant-folded by XLA).
-        def step(p, s, *batch, tx=tx, needs_stats=needs_stats, kind=kind):
-            if needs_stats:
-                _, g, stats = curvature_linen.value_grad_and_stats(loss, p, *batch)
-                if kind.startswith("sgdm"):  # capture cost only; statistics unused but kept live
-                    g = jax.tree.map(lambda x: x + 0.0 * sum(jnp.sum(v.output_grads) for v in stats.values()), g)
-                    u, s = tx.update(g, s, p)
-                else:
-                    u, s = tx.update(g, s, p, layer_stats=stats)
-            else:
-                g = jax.grad(loss)(p, *batch)
-                u, s = tx.update(g, s, p)
-            return (optax.apply_updates(p, u), s) + tuple(batch)
+        # The batch is carried (a closed-over batch would be constant-folded by XLA).
+        def step(p, s, *batch, train_step=train_step):
+            out = train_step(p, s, batch)
+            return (out.params, out.opt_state) + tuple(batch)
 
-        steps[kind] = jax.jit(step, donate_argnums=(1,))
         state = jax.jit(tx.init)(params)
         sizes[kind] = state_bytes(state)
-        t0 = time.perf_counter()
-        _, carries[kind] = _time_steps(steps[kind], (params, state) + tuple(batch), 2)  # compile; step 0's refreshes
-        print(f"  [{name}] {kind}: compiled and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
-    times = {kind: [] for kind in kinds}
-    for r in range(args.rounds):
-        for kind in kinds:
-            t, carries[kind] = _time_steps(steps[kind], carries[kind], args.steps)
-            times[kind].append(t)
-    med = {kind: statistics.median(v) for kind, v in times.items()}
+        # Two warm-up steps: the compilation and step 0's refreshes.
+        timers[kind] = timing.StepTimer(jax.jit(step, donate_argnums=(1,)), (params, state) + tuple(batch),
+                                        warmup_steps=2)
+        print(f"  [{name}] {kind}: compiled and warmed up in {timers[kind].warmup_seconds:.1f} s", flush=True)
+    times = timing.interleaved_rounds({k: lambda t=t: t.seconds_per_step(args.steps) for k, t in timers.items()},
+                                      rounds=args.rounds)
+    med = timing.medians(times)
     base = med["sgdm"]
     plain, stats_t, full = med["mbf plain"], med["mbf stats"], med["mbf full"]
     schedules = {}
@@ -187,15 +188,12 @@ def train_cnn(name: str, hp: dict[str, Any], data, args, seed: int = 0) -> dict[
     state = jax.jit(tx.init)(params)
     loss = lambda v, x, y: losses.softmax_cross_entropy(model.apply(v, x), y)
 
+    train_step = make_train_step(loss, tx, needs=OPTIMIZERS[name].needs)
+
     @jax.jit
     def step(p, s, x, y):
-        if name == "mbf":
-            value, g, stats = curvature_linen.value_grad_and_stats(loss, p, x, y)
-            u, s = tx.update(g, s, p, layer_stats=stats)
-        else:
-            value, g = jax.value_and_grad(loss)(p, x, y)
-            u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, value
+        out = train_step(p, s, (x, y))
+        return out.params, out.opt_state, out.loss
 
     @jax.jit
     def accuracy(p, x, y):

@@ -12,14 +12,12 @@ SGD-momentum's median from the same run. Two things are timed:
 
 Usage::
 
-    python -m experiments.benchmark_step_time --models mlp,cnn --rounds 15
+    python -m experiments.benchmarks.step_time --models mlp,cnn --rounds 15
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import jax
@@ -28,63 +26,55 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import models, training
+from experiments import models, tasks, timing
+from experiments.registry import OPTIMIZERS
+from experiments.step import make_train_step
 
-CONTENDERS: dict[str, Callable[[], optax.GradientTransformation]] = {
-    "sgdm": lambda: optax.sgd(0.05, momentum=0.9),
-    "sofim (global)": lambda: sofim_optax.sofim(0.5, rho=0.5),
-    "sofim (per_tensor)": lambda: sofim_optax.sofim(0.5, rho=0.5, scope="per_tensor"),
-    "sofim (mini_block 1024)": lambda: sofim_optax.sofim(0.5, rho=0.5, scope="mini_block", block_size=1024),
-    "adam": lambda: optax.adam(1e-3),
+#: name: (its registry entry, the optimizer).
+CONTENDERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
+    "sgdm": ("sgdm", lambda: optax.sgd(0.05, momentum=0.9)),
+    "sofim (global)": ("sofim", lambda: sofim_optax.sofim(0.5, rho=0.5)),
+    "sofim (per_tensor)": ("sofim", lambda: sofim_optax.sofim(0.5, rho=0.5, scope="per_tensor")),
+    "sofim (mini_block 1024)": ("sofim", lambda: sofim_optax.sofim(0.5, rho=0.5, scope="mini_block", block_size=1024)),
+    "adam": ("adam", lambda: optax.adam(1e-3)),
 }
 
 
-def _time_steps(step: Callable, carry: tuple, steps: int) -> tuple[float, tuple]:
-    jax.block_until_ready(carry)
-    start = time.perf_counter()
-    for _ in range(steps):
-        carry = step(*carry)
-    jax.block_until_ready(carry)
-    return (time.perf_counter() - start) / steps, carry
-
-
 def benchmark_model(model_name: str, batch_size: int, rounds: int, steps: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Median seconds per step of every contender's train step and update alone, interleaved."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.random((batch_size, 28, 28, 1), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)
     model = models.make_model(model_name)
     params = model.init(jax.random.PRNGKey(seed), x[:1])
-    grads = jax.grad(lambda p: training.cross_entropy_loss(model.apply(p, x), y))(params)
 
-    train_steps, update_steps, carries_train, carries_update = {}, {}, {}, {}
-    for name, make in CONTENDERS.items():
+    def loss_fn(p):
+        return tasks.cross_entropy_loss(model.apply(p, x), y)
+
+    grads = jax.grad(loss_fn)(params)
+
+    timers: dict[tuple[str, str], timing.StepTimer] = {}
+    for name, (entry, make) in CONTENDERS.items():
         tx = make()
+        train_step = make_train_step(loss_fn, tx, needs=OPTIMIZERS[entry].needs)
 
-        def train_step(p, s, tx=tx):
-            loss, g = jax.value_and_grad(lambda q: training.cross_entropy_loss(model.apply(q, x), y))(p)
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
+        def train(p, s, train_step=train_step):
+            out = train_step(p, s, ())
+            return out.params, out.opt_state
 
-        def update_step(p, s, tx=tx):
+        def update_only(p, s, tx=tx):
             u, s = tx.update(grads, s, p)
             return optax.apply_updates(p, u), s
 
-        train_steps[name] = jax.jit(train_step, donate_argnums=())
-        update_steps[name] = jax.jit(update_step)
-        carries_train[name] = (params, tx.init(params))
-        carries_update[name] = (params, tx.init(params))
-        # Compile and warm up.
-        _, carries_train[name] = _time_steps(train_steps[name], carries_train[name], 3)
-        _, carries_update[name] = _time_steps(update_steps[name], carries_update[name], 3)
+        # Compiled and warmed up (3 steps) when made.
+        timers[name, "train step"] = timing.StepTimer(jax.jit(train), (params, tx.init(params)), warmup_steps=3)
+        timers[name, "update only"] = timing.StepTimer(jax.jit(update_only), (params, tx.init(params)), warmup_steps=3)
 
-    times = {name: {"train step": [], "update only": []} for name in CONTENDERS}
-    for _ in range(rounds):
-        for name in CONTENDERS:
-            t, carries_train[name] = _time_steps(train_steps[name], carries_train[name], steps)
-            times[name]["train step"].append(t)
-            t, carries_update[name] = _time_steps(update_steps[name], carries_update[name], steps * 4)
-            times[name]["update only"].append(t)
-    return {name: {kind: statistics.median(v) for kind, v in kinds.items()} for name, kinds in times.items()}
+    blocks = {"train step": steps, "update only": steps * 4}
+    samples = timing.interleaved_rounds(
+        {key: lambda t=t, n=blocks[key[1]]: t.seconds_per_step(n) for key, t in timers.items()}, rounds=rounds)
+    times = timing.medians(samples)
+    return {name: {kind: times[name, kind] for kind in blocks} for name in CONTENDERS}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,9 +8,11 @@
 * ``benchmarks``: the benchmark scripts (``python -m experiments.benchmarks.kfac`` etc.),
   sharing ``timing`` (interleaved per-step timing).
 
-Importing this package imports :mod:`sofim_optax` first, so that its CPU
-runtime work-arounds (``sofim_optax/_cpu_runtime.py``: XLA's CPU scheduler
-flag and single-threaded OpenBLAS) are in place before any script starts JAX.
+Importing this package calls :func:`sofim_optax.configure_cpu_runtime` first, so that
+the CPU runtime settings (``sofim_optax/cpu_runtime.py``: XLA's CPU scheduler flag and
+single-threaded OpenBLAS) are in place before any script starts JAX.
 """
 
-import sofim_optax  # noqa: F401
+import sofim_optax
+
+sofim_optax.configure_cpu_runtime()

@@ -73,7 +73,7 @@ from experiments.benchmarks.curves import jsonable
 from experiments.benchmarks.kfac_jax_runner import batch_indices
 from experiments.benchmarks.problems import autoencoder_problem, jitted_step, layer_widths
 from experiments.registry import OPTIMIZERS
-from sofim_optax import _kronecker as kron
+from sofim_optax import layerwise
 from sofim_optax import linalg
 from sofim_optax.curvature import linen as curvature_linen
 
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for name in names:
                 st = stats[name]
                 has_bias = "bias" in params[name] if name in params else True
-                a = np.asarray(kron.homogeneous_inputs(st.inputs, has_bias, jnp.float32))
+                a = np.asarray(layerwise.homogeneous_inputs(st.inputs, has_bias, jnp.float32))
                 g = np.asarray(st.output_grads, np.float32)
                 if name not in res["layers"]:
                     ia, ig = select_block(a.shape[1], g.shape[1], args.max_block, rng, bias=has_bias)

@@ -61,7 +61,7 @@ AUTOENCODER_DATASETS = ("fashion-mnist", "mnist", "curves", "faces")
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["sofim.rho=0.1", "adam.learning_rate=3e-4"]`` → ``{"sofim": {"rho": 0.1}, ...}``."""
+    """``["sofim.damping=0.1", "adam.learning_rate=3e-4"]`` → ``{"sofim": {"damping": 0.1}, ...}``."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         try:

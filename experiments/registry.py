@@ -143,9 +143,9 @@ _LR_DAMPING = {"learning_rate": [0.01, 0.03, 0.1, 0.3], "damping": [1e-3, 1e-2, 
 # from the K-BFGS, KPSVD, MBF and SOFIM papers, or reasonable choices where a paper gives none.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sofim": OptimizerSpec(
-        "SOFIM", "sofim_optax:sofim", {"learning_rate": 5.0, "rho": 10.0, "b1": 0.9},
+        "SOFIM", "sofim_optax:sofim", {"learning_rate": 5.0, "damping": 10.0, "b1": 0.9},
         tuned=("classification",),
-        grid={"learning_rate": [0.1, 0.5, 1.0, 5.0], "rho": [0.5, 2.0, 10.0]}, color="tab:purple",
+        grid={"learning_rate": [0.1, 0.5, 1.0, 5.0], "damping": [0.5, 2.0, 10.0]}, color="tab:purple",
     ),
     "kfac": OptimizerSpec(
         "KFAC", "sofim_optax:kfac",
@@ -197,11 +197,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "mbf": OptimizerSpec(
         # Classification: probes on the MLP (first 20 000 images, 3 epochs, last-epoch training loss):
         # lr 0.03 / damping 0.1 gave 0.470, 1e-3 / 1e-2 0.358, 3e-3 / 1e-2 0.332 (not a full grid).
-        "MBF", "sofim_optax:mini_block_fisher", {"learning_rate": 3e-3, "damping": 1e-2, "momentum": 0.9},
+        "MBF", "sofim_optax:mini_block_fisher", {"learning_rate": 3e-3, "damping": 1e-2, "gradient_momentum": 0.9},
         needs=("layer_stats",),
         # Amortised refreshes (stats every 10, inverses every 100 steps) diverged within 12 steps on the
         # small autoencoder at lr 0.03; these values trained in notebooks/04 (untuned).
-        task_defaults={"autoencoder": {"learning_rate": 0.01, "damping": 1.0, "momentum": 0.9, "stats_period": 1,
+        task_defaults={"autoencoder": {"learning_rate": 0.01, "damping": 1.0, "gradient_momentum": 0.9, "stats_period": 1,
                                        "inverse_period": 5}},
         grid=_LR_DAMPING, color="tab:brown",
     ),
@@ -211,9 +211,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         grid={"learning_rate": [0.01, 0.05, 0.15, 0.5]}, color="tab:gray",
     ),
     "nystrom_sgd": OptimizerSpec(
-        "Nyström-SGD", "sofim_optax:nystrom_sgd", {"learning_rate": 1.0, "rank": 10, "rho": 1e-3, "update_period": 100},
+        "Nyström-SGD", "sofim_optax:nystrom_sgd", {"learning_rate": 1.0, "rank": 10, "damping": 1e-3, "stats_period": 100},
         needs=("obj_fn",),
-        grid={"learning_rate": [0.1, 0.3, 1.0], "rho": [1e-3, 1e-2, 1e-1]}, color="goldenrod",
+        grid={"learning_rate": [0.1, 0.3, 1.0], "damping": [1e-3, 1e-2, 1e-1]}, color="goldenrod",
     ),
     "lbfgs": OptimizerSpec(
         "L-BFGS", "experiments.peers:lbfgs", {"memory_size": 10, "linesearch": "zoom", "max_linesearch_steps": 15},

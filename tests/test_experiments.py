@@ -20,11 +20,11 @@ def test_compare_runs_both_protocols_and_writes_reports(fixture_dir, tmp_path, c
     results = compare.main([
         "--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "32",
         "--ae-epochs", "2", "--ae-batch-size", "32", "--optimizers", "sofim,adam", "--out", str(out), "--no-progress",
-        "--set", "sofim.rho=0.25",
+        "--set", "sofim.damping=0.25",
     ])
     assert [r.optimizer for r in results["classify"]] == ["sofim", "adam"]
     assert [r.task for r in results["autoencoder"]] == ["autoencoder", "autoencoder"]
-    assert results["classify"][0].hparams["rho"] == 0.25
+    assert results["classify"][0].hparams["damping"] == 0.25
     printed = capsys.readouterr().out
     for label in ("SOFIM", "Adam"):
         assert f"| {label} |" in printed

@@ -59,7 +59,7 @@ from experiments.registry import OPTIMIZERS
 from experiments.step import make_train_step
 from sofim_optax.curvature import linen as linen_capture
 from sofim_optax.curvature import losses
-from sofim_optax.kbfgs import average_input_factors, batch_input_factors, warm_start
+from sofim_optax.kbfgs_warm_start import average_input_factors, batch_input_factors, warm_start
 
 METHODS = ("kbfgs", "kbfgs_l", "kfac", "adam")
 LABELS = {"kbfgs": "K-BFGS", "kbfgs_l": "K-BFGS(L)", "kfac": "KFAC", "adam": "Adam"}

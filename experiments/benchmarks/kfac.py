@@ -46,7 +46,7 @@ damped inverses as kfac-jax does, and with a fixed damping it gives the same ite
 default ``"eigh"`` at a lower cost per step (part 2 times both).
 
 On CPU with jaxlib < 0.11, ``sofim_optax`` decomposes KFAC's factor stacks one matrix at a
-time (``sofim_optax._cpu_runtime.map_stack``): jaxlib 0.10's batched LAPACK kernels can
+time (``sofim_optax.cpu_runtime.map_stack``): jaxlib 0.10's batched LAPACK kernels can
 deadlock XLA's CPU thread pool.
 
 Outputs under ``--out``: ``results.json``, ``table.md`` (the markdown tables also printed)
@@ -175,9 +175,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark (see the module docstring) and returns everything it wrote to JSON."""
     args = _parse(argv)
-    from sofim_optax import _cpu_runtime
+    from sofim_optax import cpu_runtime
 
-    return _main(args, _cpu_runtime._sequential_decompositions())
+    return _main(args, cpu_runtime.sequential_decompositions())
 
 
 def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:

@@ -75,7 +75,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def make_optimizer(name: str, hp: dict[str, Any], dense_block_size: Any = "auto") -> optax.GradientTransformation:
+def make_optimizer(name: str, hp: dict[str, Any], dense_block_size: Any = 64) -> optax.GradientTransformation:
     if name == "sgdm":
         return optax.sgd(hp["learning_rate"], momentum=0.9)
     if name == "adam":
@@ -83,7 +83,7 @@ def make_optimizer(name: str, hp: dict[str, Any], dense_block_size: Any = "auto"
     if name == "mbf":
         return sofim_optax.mbf(
             hp["learning_rate"],
-            momentum=0.9,
+            gradient_momentum=0.9,
             damping=hp.get("damping", 1e-3),
             stats_period=hp.get("stats_period", 10),
             inverse_period=hp.get("inverse_period", 100),
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ae-encoder", default="1000,500,250,30")
     parser.add_argument("--ae-batch", type=int, default=1000)
     parser.add_argument("--cnn-batch", type=int, default=128)
-    parser.add_argument("--dense-block-size", type=lambda s: None if s == "none" else (s if s == "auto" else int(s)),
-                        default="auto", help='MBF dense_block_size: an int, "auto" (64) or "none"')
+    parser.add_argument("--dense-block-size", type=lambda s: None if s == "none" else int(s),
+                        default=64, help='MBF dense_block_size: an int (default 64) or "none"')
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--optimizers", default="sgdm,adam,mbf")

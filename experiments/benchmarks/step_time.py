@@ -33,9 +33,9 @@ from experiments.step import make_train_step
 #: name: (its registry entry, the optimizer).
 CONTENDERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
     "sgdm": ("sgdm", lambda: optax.sgd(0.05, momentum=0.9)),
-    "sofim (global)": ("sofim", lambda: sofim_optax.sofim(0.5, rho=0.5)),
-    "sofim (per_tensor)": ("sofim", lambda: sofim_optax.sofim(0.5, rho=0.5, scope="per_tensor")),
-    "sofim (mini_block 1024)": ("sofim", lambda: sofim_optax.sofim(0.5, rho=0.5, scope="mini_block", block_size=1024)),
+    "sofim (global)": ("sofim", lambda: sofim_optax.sofim(0.5, damping=0.5)),
+    "sofim (per_tensor)": ("sofim", lambda: sofim_optax.sofim(0.5, damping=0.5, scope="per_tensor")),
+    "sofim (mini_block 1024)": ("sofim", lambda: sofim_optax.sofim(0.5, damping=0.5, scope="mini_block", block_size=1024)),
     "adam": ("adam", lambda: optax.adam(1e-3)),
 }
 

@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sofim_optax import aliases
 from sofim_optax import hyperparameters as hp
-from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
+from sofim_optax.hyperparameters import Scalar
 
 __all__ = [
     "ScaleByAdaHessianState",
@@ -348,25 +349,7 @@ def scale_by_adahessian(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@hp.structural("num_probes", "block_size")
-def adahessian(
-    learning_rate: ScalarOrSchedule = 0.15,
-    *,
-    b1: Scalar = 0.9,
-    b2: Scalar = 0.999,
-    eps: Scalar = 1e-4,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
-    hessian_power: Scalar = 1.0,
-    num_probes: int = 1,
-    stats_period: int | jax.Array = 1,
-    spatial_averaging: bool = True,
-    block_size: int = 1,
-    average_absolute: bool = True,
-    seed: int = 0,
-    mu_dtype: Any | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""The AdaHessian optimiser with decoupled weight decay.
+_ADAHESSIAN_DOC = r"""The AdaHessian optimiser with decoupled weight decay.
 
     .. math::
 
@@ -411,20 +394,12 @@ def adahessian(
       Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine
       Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
     """
-    return optax.chain(
-        scale_by_adahessian(
-            b1=b1,
-            b2=b2,
-            eps=eps,
-            hessian_power=hessian_power,
-            num_probes=num_probes,
-            stats_period=stats_period,
-            spatial_averaging=spatial_averaging,
-            block_size=block_size,
-            average_absolute=average_absolute,
-            seed=seed,
-            mu_dtype=mu_dtype,
-        ),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+
+adahessian = aliases.make_alias(
+    scale_by_adahessian,
+    aliases.decay_chain,
+    name="adahessian",
+    doc=_ADAHESSIAN_DOC,
+    alias_arguments=aliases.DECAY_ARGUMENTS,
+    learning_rate_default=0.15,
+)

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from sofim_optax import aliases, layerwise, linalg
 from sofim_optax import hyperparameters as hp
-from sofim_optax import layerwise, linalg
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
@@ -472,25 +472,25 @@ def scale_by_kbfgs(
     )
 
 
-@hp.structural("memory")
-def kbfgs(
-    learning_rate: ScalarOrSchedule,
+def _gradient_ema_chain(
+    scale: optax.GradientTransformationExtraArgs,
     *,
-    gradient_ema: Scalar | None = 0.9,
-    damping: Scalar = 0.3,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any = None,
-    mu1: Scalar = 0.2,
-    ema: Scalar = 0.9,
-    memory: int | None = None,
-    mu2: Scalar | None = None,
-    pair_ema: Scalar = 0.9,
-    hg_init: Scalar = 1.0,
-    skip_threshold: Scalar = 1e-4,
-    lbfgs_method: str = "compact",
-    fallback: optax.GradientTransformation | None = None,
+    learning_rate: ScalarOrSchedule,
+    gradient_ema: Scalar | None,
+    weight_decay: Scalar,
+    weight_decay_mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_a m H_g``, fixed step.
+    """The authors' loop: coupled L2, an EMA of the gradient, ``scale``, the learning rate."""
+    parts = [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
+    if gradient_ema is not None:
+        parts.append(optax.ema(gradient_ema, debias=False))
+    parts += [scale, optax.scale_by_learning_rate(learning_rate)]
+    return optax.chain(*parts)
+
+
+_KBFGS_ALIAS_ARGUMENTS = {"gradient_ema": 0.9, "weight_decay": 0.0, "weight_decay_mask": None}
+
+_KBFGS_DOC = r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_a m H_g``, fixed step.
 
     .. math::
 
@@ -535,46 +535,17 @@ def kbfgs(
       Goldfarb, Ren & Bahamou, `Practical Quasi-Newton Methods for Training Deep Neural
       Networks <https://arxiv.org/abs/2006.08877>`_, NeurIPS 2020.
     """
-    parts = [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
-    if gradient_ema is not None:
-        parts.append(optax.ema(gradient_ema, debias=False))
-    parts.append(
-        scale_by_kbfgs(
-            damping=damping,
-            mu1=mu1,
-            ema=ema,
-            memory=memory,
-            mu2=mu2,
-            pair_ema=pair_ema,
-            hg_init=hg_init,
-            skip_threshold=skip_threshold,
-            lbfgs_method=lbfgs_method,
-            fallback=fallback,
-        )
-    )
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+
+kbfgs = aliases.make_alias(
+    scale_by_kbfgs,
+    _gradient_ema_chain,
+    name="kbfgs",
+    doc=_KBFGS_DOC,
+    alias_arguments=_KBFGS_ALIAS_ARGUMENTS,
+)
 
 
-@hp.structural("memory")
-def kbfgs_l(
-    learning_rate: ScalarOrSchedule,
-    *,
-    memory: int = 100,
-    gradient_ema: Scalar | None = 0.9,
-    damping: Scalar = 0.3,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any = None,
-    mu1: Scalar = 0.2,
-    ema: Scalar = 0.9,
-    mu2: Scalar | None = None,
-    pair_ema: Scalar = 0.9,
-    hg_init: Scalar = 1.0,
-    skip_threshold: Scalar = 1e-4,
-    lbfgs_method: str = "compact",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """K-BFGS(L): :func:`kbfgs` with ``H_g`` an L-BFGS operator of ``memory`` pairs.
+_KBFGS_L_DOC = r"""K-BFGS(L): :func:`kbfgs` with ``H_g`` an L-BFGS operator of ``memory`` pairs.
 
     ``H_a`` stays the dense Hessian-action BFGS matrix, as in the authors' code.
 
@@ -583,19 +554,12 @@ def kbfgs_l(
         the state: under ``optax.inject_hyperparams`` list it in ``static_args``.
       every other argument: as :func:`kbfgs`, keyword-only, same defaults.
     """
-    return kbfgs(
-        learning_rate,
-        memory=memory,
-        gradient_ema=gradient_ema,
-        damping=damping,
-        weight_decay=weight_decay,
-        weight_decay_mask=weight_decay_mask,
-        mu1=mu1,
-        ema=ema,
-        mu2=mu2,
-        pair_ema=pair_ema,
-        hg_init=hg_init,
-        skip_threshold=skip_threshold,
-        lbfgs_method=lbfgs_method,
-        fallback=fallback,
-    )
+
+kbfgs_l = aliases.make_alias(
+    scale_by_kbfgs,
+    _gradient_ema_chain,
+    name="kbfgs_l",
+    doc=_KBFGS_L_DOC,
+    alias_arguments=_KBFGS_ALIAS_ARGUMENTS,
+    overrides={"memory": 100},
+)

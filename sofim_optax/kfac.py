@@ -8,19 +8,45 @@ statistics checks, stacking, fallback, the ``lax.cond`` refreshes) lives in
 
 Every hyperparameter is keyword-only; ``docs/arguments.md`` lists what each name means across
 the methods.
+
+Example, KFAC on a linear least-squares problem with the sampled Fisher by hand:
+
+>>> import jax, jax.numpy as jnp, optax
+>>> from sofim_optax.kfac import kfac
+>>> from sofim_optax.curvature import LayerStats
+>>> params = {"Dense_0": {"kernel": jnp.zeros((3, 1)), "bias": jnp.zeros((1,))}}
+>>> x = jax.random.normal(jax.random.key(0), (64, 3))
+>>> y = x @ jnp.array([[1.0], [2.0], [3.0]]) + 0.5
+>>> opt = kfac(learning_rate=1.0, momentum=None, damping=1e-4)
+>>> state = opt.init(params)
+>>> @jax.jit
+... def step(params, state, key):
+...   def loss_fn(p):  # mean over examples of 0.5 * residual**2
+...     return 0.5 * jnp.mean((x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] - y) ** 2)
+...   loss, grads = jax.value_and_grad(loss_fn)(params)
+...   # Sampled Fisher of a unit-variance Gaussian likelihood: per-example output
+...   # gradients for targets drawn from the model, i.e. standard normal noise here.
+...   g = jax.random.normal(key, (64, 1))
+...   stats = {"Dense_0": LayerStats(inputs=x, output_grads=g, outputs=None)}
+...   updates, state = opt.update(grads, state, params, layer_stats=stats)
+...   return optax.apply_updates(params, updates), state, loss
+>>> for i in range(10):
+...   params, state, loss = step(params, state, jax.random.key(i))
+>>> bool(loss < 1e-6)
+True
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from sofim_optax import aliases, layerwise, linalg
 from sofim_optax import hyperparameters as hp
-from sofim_optax import layerwise, linalg
-from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
+from sofim_optax.hyperparameters import Scalar
 
 __all__ = ["KfacCurvature", "ScaleByKfacState", "scale_by_kfac", "kfac"]
 
@@ -273,22 +299,7 @@ def scale_by_kfac(
     )
 
 
-def kfac(
-    learning_rate: ScalarOrSchedule,
-    *,
-    momentum: Scalar | None = 0.9,
-    damping: Scalar = 1e-3,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any = None,
-    nesterov: bool = False,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    inverse: str = "eigh",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""KFAC with heavy-ball momentum on the preconditioned direction.
+_KFAC_DOC = r"""KFAC with heavy-ball momentum on the preconditioned direction.
 
     .. math::
 
@@ -310,10 +321,9 @@ def kfac(
       momentum: ``μ`` (default ``0.9``); ``None`` for no momentum.
       damping: ``λ`` (default ``1e-3``); see :func:`scale_by_kfac` for its scale.
       weight_decay: decoupled weight decay (default ``0.0``).
-      ema, stats_period, inverse_period, pi_adjusted, inverse, fallback: see
-        :func:`scale_by_kfac`.
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
+      every other argument: as :func:`scale_by_kfac`, keyword-only, same defaults.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.
@@ -321,48 +331,17 @@ def kfac(
       changed at run time), ``optax.MultiSteps`` (the statistics of the last micro-batch before
       each real step are the ones used) and ``optax.apply_if_finite``.
 
-    Examples:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> from sofim_optax.kfac import kfac
-      >>> from sofim_optax.curvature import LayerStats
-      >>> params = {"Dense_0": {"kernel": jnp.zeros((3, 1)), "bias": jnp.zeros((1,))}}
-      >>> x = jax.random.normal(jax.random.key(0), (64, 3))
-      >>> y = x @ jnp.array([[1.0], [2.0], [3.0]]) + 0.5
-      >>> opt = kfac(learning_rate=1.0, momentum=None, damping=1e-4)
-      >>> state = opt.init(params)
-      >>> @jax.jit
-      ... def step(params, state, key):
-      ...   def loss_fn(p):  # mean over examples of 0.5 * residual**2
-      ...     return 0.5 * jnp.mean((x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] - y) ** 2)
-      ...   loss, grads = jax.value_and_grad(loss_fn)(params)
-      ...   # Sampled Fisher of a unit-variance Gaussian likelihood: per-example output
-      ...   # gradients for targets drawn from the model, i.e. standard normal noise here.
-      ...   g = jax.random.normal(key, (64, 1))
-      ...   stats = {"Dense_0": LayerStats(inputs=x, output_grads=g, outputs=None)}
-      ...   updates, state = opt.update(grads, state, params, layer_stats=stats)
-      ...   return optax.apply_updates(params, updates), state, loss
-      >>> for i in range(10):
-      ...   params, state, loss = step(params, state, jax.random.key(i))
-      >>> bool(loss < 1e-6)
-      True
-
     References:
       Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored Approximate
       Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015.
+
+    The module docstring of :mod:`sofim_optax.kfac` has a worked example.
     """
-    return layerwise.momentum_alias(
-        scale_by_kfac(
-            damping=damping,
-            ema=ema,
-            stats_period=stats_period,
-            inverse_period=inverse_period,
-            pi_adjusted=pi_adjusted,
-            inverse=inverse,
-            fallback=fallback,
-        ),
-        learning_rate=learning_rate,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        weight_decay_mask=weight_decay_mask,
-        nesterov=nesterov,
-    )
+
+kfac = aliases.make_alias(
+    scale_by_kfac,
+    aliases.momentum_chain,
+    name="kfac",
+    doc=_KFAC_DOC,
+    alias_arguments=aliases.MOMENTUM_ARGUMENTS,
+)

@@ -73,10 +73,9 @@ from typing import NamedTuple
 import jax
 import optax
 
-from sofim_optax import hyperparameters as hp
+from sofim_optax import aliases, layerwise
 from sofim_optax import kpsvd_curvature as family
-from sofim_optax import layerwise
-from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
+from sofim_optax.hyperparameters import Scalar
 from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
 
 __all__ = [
@@ -107,24 +106,8 @@ class ScaleByKpsvdState(NamedTuple):
     fallback_state: layerwise.FallbackState
 
 
-def _scale_by_member(
-    kind: str, name: str, **hyperparameters
-) -> optax.GradientTransformationExtraArgs:
-    periods = {k: hyperparameters.pop(k) for k in ("stats_period", "inverse_period", "fallback")}
-    hyperparameters.setdefault("krylov_dim", None)
-    hyperparameters.setdefault("indefinite", "abs")
-    cfg = family.FamilyConfig(kind=kind, **hyperparameters)
-    return family.transformation(
-        name,
-        ScaleByKpsvdState,
-        cfg,
-        periods["stats_period"],
-        periods["inverse_period"],
-        periods["fallback"],
-    )
-
-
-def scale_by_kpsvd(
+def _scale_by_family(
+    kind: str,
     *,
     damping: Scalar = 1e-3,
     ema: Scalar = 0.95,
@@ -133,9 +116,35 @@ def scale_by_kpsvd(
     pi_adjusted: bool = True,
     tol: Scalar = 1e-5,
     max_iters: int | jax.Array = 100,
+    krylov_dim: int | None = 4,
+    indefinite: str = "abs",
     fallback: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Precondition each captured layer by the damped inverse of its KPSVD approximation.
+    """The one factory of the family; ``kind`` is one of ``kpsvd_curvature.KINDS``."""
+    cfg = family.FamilyConfig(
+        kind=kind,
+        damping=damping,
+        ema=ema,
+        pi_adjusted=pi_adjusted,
+        tol=tol,
+        max_iters=max_iters,
+        krylov_dim=krylov_dim if kind == "lanczos" else None,
+        indefinite=indefinite,
+    )
+    names = {
+        "kpsvd": "scale_by_kpsvd",
+        "deflation": "scale_by_kpsvd_deflation",
+        "kfac_corrected": "scale_by_kfac_corrected",
+        "lanczos": "scale_by_kpsvd_lanczos",
+    }
+    return family.transformation(
+        names[kind], ScaleByKpsvdState, cfg, stats_period, inverse_period, fallback
+    )
+
+
+_RANK_ONE = {"krylov_dim": None, "indefinite": "abs"}  # unused by rank one
+
+_SCALE_BY_KPSVD_DOC = r"""Precondition each captured layer by the damped inverse of its KPSVD approximation.
 
     KPSVD (Koroko et al. 2022, §3.1) uses the Kronecker product closest to the Fisher block
     in Frobenius norm,
@@ -163,33 +172,15 @@ def scale_by_kpsvd(
       damping, ema, stats_period, inverse_period, pi_adjusted, tol, max_iters, fallback:
         keyword-only, defaults in the signature, described in :mod:`sofim_optax.kpsvd`.
     """
-    return _scale_by_member(
-        "kpsvd",
-        "scale_by_kpsvd",
-        damping=damping,
-        ema=ema,
-        stats_period=stats_period,
-        inverse_period=inverse_period,
-        pi_adjusted=pi_adjusted,
-        tol=tol,
-        max_iters=max_iters,
-        fallback=fallback,
-    )
+scale_by_kpsvd = aliases.specialize(
+    _scale_by_family,
+    name="scale_by_kpsvd",
+    doc=_SCALE_BY_KPSVD_DOC,
+    fixed={"kind": "kpsvd", **{**_RANK_ONE}},
+    static_args=(),
+)
 
-
-def scale_by_kpsvd_deflation(
-    *,
-    damping: Scalar = 1e-3,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
-    indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Precondition each captured layer by the inverse of a rank-two approximation (Deflation).
+_SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank-two Kronecker approximation.
 
     The best approximation of the Fisher block by a sum of two Kronecker products,
     ``min ‖F − R_1 ⊗ S_1 − R_2 ⊗ S_2‖_F``, is the rank-two truncated SVD of ``𝓡(F)``.
@@ -218,34 +209,15 @@ def scale_by_kpsvd_deflation(
         fallback: keyword-only, defaults in the signature, described in
         :mod:`sofim_optax.kpsvd`.
     """
-    return _scale_by_member(
-        "deflation",
-        "scale_by_kpsvd_deflation",
-        damping=damping,
-        ema=ema,
-        stats_period=stats_period,
-        inverse_period=inverse_period,
-        pi_adjusted=pi_adjusted,
-        tol=tol,
-        max_iters=max_iters,
-        indefinite=indefinite,
-        fallback=fallback,
-    )
+scale_by_kpsvd_deflation = aliases.specialize(
+    _scale_by_family,
+    name="scale_by_kpsvd_deflation",
+    doc=_SCALE_BY_KPSVD_DEFLATION_DOC,
+    fixed={"kind": "deflation", **{"krylov_dim": None}},
+    static_args=(),
+)
 
-
-def scale_by_kfac_corrected(
-    *,
-    damping: Scalar = 1e-3,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
-    indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Precondition each captured layer by the inverse of KFAC plus a Kronecker correction.
+_SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus a Kronecker correction.
 
     KFAC's ``A ⊗ G`` (averaged as in :func:`sofim_optax.scale_by_kfac`) is corrected by the
     Kronecker product closest to what it misses of the minibatch Fisher block (Koroko et al.
@@ -272,36 +244,15 @@ def scale_by_kfac_corrected(
         fallback: keyword-only, defaults in the signature, described in
         :mod:`sofim_optax.kpsvd`.
     """
-    return _scale_by_member(
-        "kfac_corrected",
-        "scale_by_kfac_corrected",
-        damping=damping,
-        ema=ema,
-        stats_period=stats_period,
-        inverse_period=inverse_period,
-        pi_adjusted=pi_adjusted,
-        tol=tol,
-        max_iters=max_iters,
-        indefinite=indefinite,
-        fallback=fallback,
-    )
+scale_by_kfac_corrected = aliases.specialize(
+    _scale_by_family,
+    name="scale_by_kfac_corrected",
+    doc=_SCALE_BY_KFAC_CORRECTED_DOC,
+    fixed={"kind": "kfac_corrected", **{"krylov_dim": None}},
+    static_args=(),
+)
 
-
-@hp.structural("krylov_dim")
-def scale_by_kpsvd_lanczos(
-    *,
-    damping: Scalar = 1e-3,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
-    krylov_dim: int = 4,
-    indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Precondition each captured layer by the inverse of a rank-two approximation (Lanczos).
+_SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two Kronecker approximation.
 
     The same target as :func:`scale_by_kpsvd_deflation`, ``min ‖F − R_1 ⊗ S_1 − R_2 ⊗ S_2‖_F``,
     computed by Golub–Kahan–Lanczos bidiagonalisation of ``𝓡(F)`` (Koroko et al. 2022, §3.4;
@@ -324,25 +275,16 @@ def scale_by_kpsvd_lanczos(
         fallback: keyword-only, defaults in the signature, described in
         :mod:`sofim_optax.kpsvd`.
     """
-    return _scale_by_member(
-        "lanczos",
-        "scale_by_kpsvd_lanczos",
-        damping=damping,
-        ema=ema,
-        stats_period=stats_period,
-        inverse_period=inverse_period,
-        pi_adjusted=pi_adjusted,
-        tol=tol,
-        max_iters=max_iters,
-        krylov_dim=krylov_dim,
-        indefinite=indefinite,
-        fallback=fallback,
-    )
+scale_by_kpsvd_lanczos = aliases.specialize(
+    _scale_by_family,
+    name="scale_by_kpsvd_lanczos",
+    doc=_SCALE_BY_KPSVD_LANCZOS_DOC,
+    fixed={"kind": "lanczos", **{}},
+    static_args=("krylov_dim",),
+)
 
 
-# The four aliases: the ``scale_by_*`` above followed by the alias shape of KFAC.
-
-_ALIAS_DOC = """
+_ALIAS_DOC = """{title} with heavy-ball momentum on the preconditioned direction.
 
     ``optax.chain(scale_by_{name}(...), add_decayed_weights(weight_decay, weight_decay_mask),
     trace(momentum, nesterov), scale_by_learning_rate(learning_rate))``, as
@@ -360,109 +302,18 @@ _ALIAS_DOC = """
       every other argument: as :func:`scale_by_{name}`, keyword-only, same defaults.
     """
 
-_ALIAS_ONLY = ("learning_rate", "momentum", "weight_decay", "weight_decay_mask", "nesterov")
 
-
-def _alias(scale_by, learning_rate, hyperparameters) -> optax.GradientTransformationExtraArgs:
-    alias = {k: hyperparameters.pop(k) for k in _ALIAS_ONLY if k in hyperparameters}
-    return layerwise.momentum_alias(
-        scale_by(**hyperparameters), learning_rate=learning_rate, **alias
+def _alias(scale_by, name: str, title: str):
+    return aliases.make_alias(
+        scale_by,
+        aliases.momentum_chain,
+        name=name,
+        doc=_ALIAS_DOC.format(title=title, name=name),
+        alias_arguments=aliases.MOMENTUM_ARGUMENTS,
     )
 
 
-def kpsvd(
-    learning_rate: ScalarOrSchedule,
-    *,
-    momentum: Scalar | None = 0.9,
-    damping: Scalar = 1e-3,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: object = None,
-    nesterov: bool = False,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """KPSVD with heavy-ball momentum on the preconditioned direction."""
-    hyperparameters = dict(locals())
-    return _alias(scale_by_kpsvd, hyperparameters.pop("learning_rate"), hyperparameters)
-
-
-def kpsvd_deflation(
-    learning_rate: ScalarOrSchedule,
-    *,
-    momentum: Scalar | None = 0.9,
-    damping: Scalar = 1e-3,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: object = None,
-    nesterov: bool = False,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
-    indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Deflation with heavy-ball momentum on the preconditioned direction."""
-    hyperparameters = dict(locals())
-    return _alias(scale_by_kpsvd_deflation, hyperparameters.pop("learning_rate"), hyperparameters)
-
-
-def kfac_corrected(
-    learning_rate: ScalarOrSchedule,
-    *,
-    momentum: Scalar | None = 0.9,
-    damping: Scalar = 1e-3,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: object = None,
-    nesterov: bool = False,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
-    indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """KFAC-corrected with heavy-ball momentum on the preconditioned direction."""
-    hyperparameters = dict(locals())
-    return _alias(scale_by_kfac_corrected, hyperparameters.pop("learning_rate"), hyperparameters)
-
-
-@hp.structural("krylov_dim")
-def kpsvd_lanczos(
-    learning_rate: ScalarOrSchedule,
-    *,
-    momentum: Scalar | None = 0.9,
-    damping: Scalar = 1e-3,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: object = None,
-    nesterov: bool = False,
-    ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    pi_adjusted: bool = True,
-    tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
-    krylov_dim: int = 4,
-    indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    """Lanczos with heavy-ball momentum on the preconditioned direction."""
-    hyperparameters = dict(locals())
-    return _alias(scale_by_kpsvd_lanczos, hyperparameters.pop("learning_rate"), hyperparameters)
-
-
-for _alias_fn, _scale_name in (
-    (kpsvd, "kpsvd"),
-    (kpsvd_deflation, "kpsvd_deflation"),
-    (kfac_corrected, "kfac_corrected"),
-    (kpsvd_lanczos, "kpsvd_lanczos"),
-):
-    _alias_fn.__doc__ += _ALIAS_DOC.format(name=_scale_name)
+kpsvd = _alias(scale_by_kpsvd, "kpsvd", "KPSVD")
+kpsvd_deflation = _alias(scale_by_kpsvd_deflation, "kpsvd_deflation", "Deflation")
+kfac_corrected = _alias(scale_by_kfac_corrected, "kfac_corrected", "KFAC-corrected")
+kpsvd_lanczos = _alias(scale_by_kpsvd_lanczos, "kpsvd_lanczos", "Lanczos")

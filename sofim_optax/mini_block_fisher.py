@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sofim_optax import aliases, layerwise, linalg
 from sofim_optax import hyperparameters as hp
-from sofim_optax import layerwise, linalg
 from sofim_optax.diagonal_fisher import scale_by_diagonal_fisher
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE, BlockLayout, batch_blocks
@@ -321,24 +321,30 @@ def _gradient_momentum_first(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@hp.structural("dense_block_size", "batch_chunk")
-def mini_block_fisher(
-    learning_rate: ScalarOrSchedule,
+def _gradient_momentum_chain(
+    scale: optax.GradientTransformationExtraArgs,
     *,
-    gradient_momentum: Scalar | None = 0.9,
-    damping: Scalar = 1e-2,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any = None,
-    nesterov: bool = False,
-    ema: Scalar = 0.9,
-    stats_period: int | jax.Array = 1,
-    inverse_period: int | jax.Array = 20,
-    dense_block_size: int | None = DEFAULT_DENSE_BLOCK_SIZE,
-    inverse: str = "cholesky",
-    batch_chunk: int | None = None,
-    fallback: optax.GradientTransformation | str | None = "diagonal",
+    learning_rate: ScalarOrSchedule,
+    gradient_momentum: Scalar | None,
+    weight_decay: Scalar,
+    weight_decay_mask: Any,
+    nesterov: bool,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Mini-Block Fisher with momentum on the gradient, then preconditioning (the authors' order).
+    """``trace(gradient_momentum)`` (the raw gradient also handed over as ``gradients=``), then
+    ``scale``, decoupled weight decay and the learning rate."""
+    first = (
+        scale
+        if gradient_momentum is None
+        else _gradient_momentum_first(scale, gradient_momentum, nesterov)
+    )
+    return optax.chain(
+        first,
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+_MINI_BLOCK_FISHER_DOC = r"""Mini-Block Fisher: momentum on the gradient, then the preconditioner.
 
     .. math::
 
@@ -373,26 +379,19 @@ def mini_block_fisher(
       Bahamou, Goldfarb & Ren, `A Mini-Block Fisher Method for Deep Neural Networks
       <https://arxiv.org/abs/2202.04124>`_, AISTATS 2023.
     """
-    inner = scale_by_mini_block_fisher(
-        damping=damping,
-        ema=ema,
-        stats_period=stats_period,
-        inverse_period=inverse_period,
-        dense_block_size=dense_block_size,
-        inverse=inverse,
-        batch_chunk=batch_chunk,
-        fallback=fallback,
-    )
-    first = (
-        inner
-        if gradient_momentum is None
-        else _gradient_momentum_first(inner, gradient_momentum, nesterov)
-    )
-    return optax.chain(
-        first,
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+
+mini_block_fisher = aliases.make_alias(
+    scale_by_mini_block_fisher,
+    _gradient_momentum_chain,
+    name="mini_block_fisher",
+    doc=_MINI_BLOCK_FISHER_DOC,
+    alias_arguments={
+        "gradient_momentum": 0.9,
+        "weight_decay": 0.0,
+        "weight_decay_mask": None,
+        "nesterov": False,
+    },
+)
 
 
 #: Short alias of :func:`mini_block_fisher`.

@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from sofim_optax import aliases
 from sofim_optax import hyperparameters as hp
 from sofim_optax.adahessian import _check_static_int, _require_obj_fn
-from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
+from sofim_optax.hyperparameters import Scalar
 
 __all__ = [
     "ScaleByNystromSgdState",
@@ -368,23 +369,7 @@ def scale_by_nystrom_sgd(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@hp.structural("rank", "power_iterations")
-def nystrom_sgd(
-    learning_rate: ScalarOrSchedule = 1.0,
-    *,
-    rank: int = DEFAULT_RANK,
-    damping: Scalar = 1e-3,
-    stats_period: int | jax.Array = 100,
-    momentum: Scalar | None = None,
-    nesterov: bool = False,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
-    test_matrix: str = "gaussian",
-    auto_step: bool = True,
-    power_iterations: int = DEFAULT_POWER_ITERATIONS,
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-    r"""Nyström-SGD (SketchySGD): :func:`scale_by_nystrom_sgd`, weight decay, momentum, learning rate.
+_NYSTROM_SGD_DOC = r"""Nyström-SGD (SketchySGD): the sketch preconditioner, weight decay, momentum.
 
     .. math::
 
@@ -419,19 +404,12 @@ def nystrom_sgd(
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs
       ``params`` and ``obj_fn=``.
     """
-    parts = [
-        scale_by_nystrom_sgd(
-            rank=rank,
-            damping=damping,
-            stats_period=stats_period,
-            test_matrix=test_matrix,
-            auto_step=auto_step,
-            power_iterations=power_iterations,
-            seed=seed,
-        ),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    ]
-    if momentum is not None:
-        parts.append(optax.trace(decay=momentum, nesterov=nesterov))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
+
+nystrom_sgd = aliases.make_alias(
+    scale_by_nystrom_sgd,
+    aliases.momentum_chain,
+    name="nystrom_sgd",
+    doc=_NYSTROM_SGD_DOC,
+    alias_arguments={**aliases.MOMENTUM_ARGUMENTS, "momentum": None},
+    learning_rate_default=1.0,
+)

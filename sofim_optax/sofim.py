@@ -16,15 +16,15 @@ when ``‖m̂‖² ≫ ρ``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from sofim_optax import aliases
 from sofim_optax import hyperparameters as hp
-from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
+from sofim_optax.hyperparameters import Scalar
 
 __all__ = ["ScaleBySofimState", "scale_by_sofim", "sofim", "SOFIM_SCOPES"]
 
@@ -204,19 +204,7 @@ def scale_by_sofim(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-@hp.structural("block_size")
-def sofim(
-    learning_rate: ScalarOrSchedule,
-    *,
-    b1: Scalar = 0.9,
-    damping: Scalar = 0.5,
-    weight_decay: Scalar = 0.0,
-    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
-    scope: str = "global",
-    block_size: int = DEFAULT_MINI_BLOCK_SIZE,
-    mu_dtype: Any | None = None,
-) -> optax.GradientTransformationExtraArgs:
-    r"""The SOFIM optimiser: :func:`scale_by_sofim`, decoupled weight decay, learning rate.
+_SOFIM_DOC = r"""The SOFIM optimiser: :func:`scale_by_sofim`, decoupled weight decay, learning rate.
 
     .. math::
 
@@ -258,10 +246,11 @@ def sofim(
       Sen et al., `SOFIM: Stochastic Optimization Using Regularized Fisher
       Information Matrix <https://arxiv.org/abs/2403.02833>`_, 2024.
     """
-    return optax.chain(
-        scale_by_sofim(
-            b1=b1, damping=damping, scope=scope, block_size=block_size, mu_dtype=mu_dtype
-        ),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
+
+sofim = aliases.make_alias(
+    scale_by_sofim,
+    aliases.decay_chain,
+    name="sofim",
+    doc=_SOFIM_DOC,
+    alias_arguments=aliases.DECAY_ARGUMENTS,
+)

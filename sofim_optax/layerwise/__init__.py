@@ -21,17 +21,16 @@ module                               what it holds
                                      parameters
 :mod:`sofim_optax.layerwise.transformation` :class:`LayerwiseMethod` and
                                      :func:`layerwise_transformation`, the skeleton
-:mod:`sofim_optax.layerwise.aliases` :func:`momentum_alias`, the alias shape of KFAC and the
-                                     KPSVD family
 ==================================== =====================================================
 
 A method is the four functions of a :class:`LayerwiseMethod` (``init``,
 ``update_statistics``, ``refresh``, ``precondition``) handed to
 :func:`layerwise_transformation` with its state class and periods. ``docs/layerwise.md``
-walks through a complete example (a 40-line per-layer diagonal method).
+walks through a complete example (a 40-line per-layer diagonal method). The aliases that
+chain a method with momentum, weight decay and the learning rate are built by
+:mod:`sofim_optax.aliases`.
 """
 
-from sofim_optax.layerwise.aliases import momentum_alias
 from sofim_optax.layerwise.checks import check_layer_stats, missing_stats_message
 from sofim_optax.layerwise.factors import (
     FactorLayout,
@@ -70,5 +69,4 @@ __all__ = [
     "fallback_update",
     "LayerwiseMethod",
     "layerwise_transformation",
-    "momentum_alias",
 ]

@@ -16,22 +16,13 @@ before the first JAX computation (see :mod:`sofim_optax.cpu_runtime`).
 """
 
 from sofim_optax import curvature, hyperparameters, layerwise, linalg
+from sofim_optax import kpsvd as kpsvd_module
 from sofim_optax.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
 from sofim_optax.cpu_runtime import configure_cpu_runtime
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kbfgs import KbfgsCurvature, ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
 from sofim_optax.kfac import KfacCurvature, ScaleByKfacState, kfac, scale_by_kfac
-from sofim_optax.kpsvd import (
-    ScaleByKpsvdState,
-    kfac_corrected,
-    kpsvd,
-    kpsvd_deflation,
-    kpsvd_lanczos,
-    scale_by_kfac_corrected,
-    scale_by_kpsvd,
-    scale_by_kpsvd_deflation,
-    scale_by_kpsvd_lanczos,
-)
+from sofim_optax.kpsvd import *  # noqa: F403  (the family's __all__)
 from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
 from sofim_optax.linalg import damped_kron_solve, sherman_morrison_solve
 from sofim_optax.mini_block_fisher import (
@@ -73,15 +64,7 @@ __all__ = [
     "mbf",
     # The Kronecker-product-SVD family
     "KroneckerSvdCurvature",
-    "ScaleByKpsvdState",
-    "scale_by_kpsvd",
-    "kpsvd",
-    "scale_by_kpsvd_deflation",
-    "kpsvd_deflation",
-    "scale_by_kfac_corrected",
-    "kfac_corrected",
-    "scale_by_kpsvd_lanczos",
-    "kpsvd_lanczos",
+    *kpsvd_module.__all__,
     # K-BFGS
     "KbfgsCurvature",
     "ScaleByKbfgsState",
@@ -96,3 +79,4 @@ __all__ = [
     "scale_by_nystrom_sgd",
     "nystrom_sgd",
 ]
+del kpsvd_module  # only needed to build __all__

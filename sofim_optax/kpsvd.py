@@ -131,18 +131,29 @@ def _scale_by_family(
         krylov_dim=krylov_dim if kind == "lanczos" else None,
         indefinite=indefinite,
     )
-    names = {
-        "kpsvd": "scale_by_kpsvd",
-        "deflation": "scale_by_kpsvd_deflation",
-        "kfac_corrected": "scale_by_kfac_corrected",
-        "lanczos": "scale_by_kpsvd_lanczos",
-    }
     return family.transformation(
-        names[kind], ScaleByKpsvdState, cfg, stats_period, inverse_period, fallback
+        _NAMES[kind], ScaleByKpsvdState, cfg, stats_period, inverse_period, fallback
     )
 
 
-_RANK_ONE = {"krylov_dim": None, "indefinite": "abs"}  # unused by rank one
+_NAMES = {
+    "kpsvd": "scale_by_kpsvd",
+    "deflation": "scale_by_kpsvd_deflation",
+    "kfac_corrected": "scale_by_kfac_corrected",
+    "lanczos": "scale_by_kpsvd_lanczos",
+}
+
+
+def _member(kind: str, doc: str):
+    """The public ``scale_by_*`` of one member: the factory with ``kind`` (and the arguments
+    the member does not use) bound."""
+    unused = {"kpsvd": {"krylov_dim": None, "indefinite": "abs"}, "lanczos": {}}
+    fixed = {"kind": kind, **unused.get(kind, {"krylov_dim": None})}
+    static = ("krylov_dim",) if kind == "lanczos" else ()
+    return aliases.specialize(
+        _scale_by_family, name=_NAMES[kind], doc=doc, fixed=fixed, static_args=static
+    )
+
 
 _SCALE_BY_KPSVD_DOC = r"""Precondition each captured layer by the damped inverse of its KPSVD approximation.
 
@@ -168,17 +179,10 @@ _SCALE_BY_KPSVD_DOC = r"""Precondition each captured layer by the damped inverse
     from eigendecompositions refreshed every ``inverse_period`` steps; the damping applies at
     every step, so a schedule on it through ``optax.inject_hyperparams`` acts at once.
 
-    Args:
-      damping, ema, stats_period, inverse_period, pi_adjusted, tol, max_iters, fallback:
-        keyword-only, defaults in the signature, described in :mod:`sofim_optax.kpsvd`.
+    Every argument is keyword-only, with its default in the signature, and is described in
+    :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kpsvd = aliases.specialize(
-    _scale_by_family,
-    name="scale_by_kpsvd",
-    doc=_SCALE_BY_KPSVD_DOC,
-    fixed={"kind": "kpsvd", **{**_RANK_ONE}},
-    static_args=(),
-)
+scale_by_kpsvd = _member("kpsvd", _SCALE_BY_KPSVD_DOC)
 
 _SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank-two Kronecker approximation.
 
@@ -204,18 +208,10 @@ _SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank
     to ``"kpsvd"``, so the second power SVD finds the first pair again); this follows the
     paper's mathematics.
 
-    Args:
-      damping, ema, stats_period, inverse_period, pi_adjusted, tol, max_iters, indefinite,
-        fallback: keyword-only, defaults in the signature, described in
-        :mod:`sofim_optax.kpsvd`.
+    Every argument is keyword-only, with its default in the signature, and is described in
+    :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kpsvd_deflation = aliases.specialize(
-    _scale_by_family,
-    name="scale_by_kpsvd_deflation",
-    doc=_SCALE_BY_KPSVD_DEFLATION_DOC,
-    fixed={"kind": "deflation", **{"krylov_dim": None}},
-    static_args=(),
-)
+scale_by_kpsvd_deflation = _member("deflation", _SCALE_BY_KPSVD_DEFLATION_DOC)
 
 _SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus a Kronecker correction.
 
@@ -239,18 +235,10 @@ _SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus
     Note: the authors' public ``kfac_cor.py`` does not subtract ``A ⊗ G`` (its ``method`` is
     ``"kpsvd"``) and crashes at its second refresh; this follows the mathematics.
 
-    Args:
-      damping, ema, stats_period, inverse_period, pi_adjusted, tol, max_iters, indefinite,
-        fallback: keyword-only, defaults in the signature, described in
-        :mod:`sofim_optax.kpsvd`.
+    Every argument is keyword-only, with its default in the signature, and is described in
+    :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kfac_corrected = aliases.specialize(
-    _scale_by_family,
-    name="scale_by_kfac_corrected",
-    doc=_SCALE_BY_KFAC_CORRECTED_DOC,
-    fixed={"kind": "kfac_corrected", **{"krylov_dim": None}},
-    static_args=(),
-)
+scale_by_kfac_corrected = _member("kfac_corrected", _SCALE_BY_KFAC_CORRECTED_DOC)
 
 _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two Kronecker approximation.
 
@@ -271,17 +259,9 @@ _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two
       krylov_dim: bidiagonalisation steps per Lanczos pass (default ``4``; the paper's ``2``
         stalls on the second triplet). A Python int: under ``optax.inject_hyperparams`` list
         it in ``static_args``.
-      damping, ema, stats_period, inverse_period, pi_adjusted, tol, max_iters, indefinite,
-        fallback: keyword-only, defaults in the signature, described in
-        :mod:`sofim_optax.kpsvd`.
+      every other argument: keyword-only, described in :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kpsvd_lanczos = aliases.specialize(
-    _scale_by_family,
-    name="scale_by_kpsvd_lanczos",
-    doc=_SCALE_BY_KPSVD_LANCZOS_DOC,
-    fixed={"kind": "lanczos", **{}},
-    static_args=("krylov_dim",),
-)
+scale_by_kpsvd_lanczos = _member("lanczos", _SCALE_BY_KPSVD_LANCZOS_DOC)
 
 
 _ALIAS_DOC = """{title} with heavy-ball momentum on the preconditioned direction.

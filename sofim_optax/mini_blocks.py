@@ -196,13 +196,10 @@ class BlockLayout:
         return cls(blockings, {k: tuple(v) for k, v in entries.items()}, sizes, dims)
 
     def zeros(self, dtype: Any) -> dict[str, jax.Array]:
-        return {k: jnp.zeros((n, self.dims[k], self.dims[k]), dtype) for k, n in self.sizes.items()}
+        return layerwise.stack_zeros(self.sizes, self.dims, dtype)
 
     def eyes(self, dtype: Any) -> dict[str, jax.Array]:
-        return {
-            k: jnp.broadcast_to(jnp.eye(self.dims[k], dtype=dtype), (n, self.dims[k], self.dims[k]))
-            for k, n in self.sizes.items()
-        }
+        return layerwise.stack_eyes(self.sizes, self.dims, dtype)
 
     def assemble(
         self,

@@ -31,42 +31,18 @@ chain a method with momentum, weight decay and the learning rate are built by
 :mod:`sofim_optax.aliases`.
 """
 
-from sofim_optax.layerwise.checks import check_layer_stats, missing_stats_message
-from sofim_optax.layerwise.factors import (
-    FactorLayout,
-    ema_decay,
-    homogeneous_inputs,
-    input_factor,
-    output_factor,
-    stacked_damped_inverse,
-)
-from sofim_optax.layerwise.fallback import FallbackState, fallback_init, fallback_update
-from sofim_optax.layerwise.layers import (
-    Layer,
-    ParamLayout,
-    discover_layers,
-    gradient_matrix,
-    split_matrix,
-)
-from sofim_optax.layerwise.transformation import LayerwiseMethod, layerwise_transformation
+# Each module's __all__ is its public API; the package re-exports all of them.
+from sofim_optax.layerwise import checks, factors, fallback, layers, transformation
+from sofim_optax.layerwise.checks import *  # noqa: F403
+from sofim_optax.layerwise.factors import *  # noqa: F403
+from sofim_optax.layerwise.fallback import *  # noqa: F403
+from sofim_optax.layerwise.layers import *  # noqa: F403
+from sofim_optax.layerwise.transformation import *  # noqa: F403
 
 __all__ = [
-    "Layer",
-    "ParamLayout",
-    "discover_layers",
-    "gradient_matrix",
-    "split_matrix",
-    "check_layer_stats",
-    "missing_stats_message",
-    "homogeneous_inputs",
-    "input_factor",
-    "output_factor",
-    "ema_decay",
-    "FactorLayout",
-    "stacked_damped_inverse",
-    "FallbackState",
-    "fallback_init",
-    "fallback_update",
-    "LayerwiseMethod",
-    "layerwise_transformation",
+    *layers.__all__,
+    *checks.__all__,
+    *factors.__all__,
+    *fallback.__all__,
+    *transformation.__all__,
 ]

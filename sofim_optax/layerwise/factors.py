@@ -29,6 +29,8 @@ __all__ = [
     "output_factor",
     "ema_decay",
     "FactorLayout",
+    "stack_zeros",
+    "stack_eyes",
     "stacked_damped_inverse",
 ]
 
@@ -82,6 +84,19 @@ def ema_decay(k: jax.Array, ema: jax.Array | float, dtype: Any = jnp.float32) ->
     """
     k = jnp.maximum(jnp.asarray(k).astype(dtype), 1.0)
     return jnp.minimum(1.0 - 1.0 / k, jnp.asarray(ema).astype(dtype))
+
+
+def stack_zeros(sizes: Mapping[str, int], dims: Mapping[str, int], dtype: Any) -> dict:
+    """``{key: zeros (sizes[key], dims[key], dims[key])}``: empty stacks of square blocks."""
+    return {k: jnp.zeros((n, dims[k], dims[k]), dtype) for k, n in sizes.items()}
+
+
+def stack_eyes(sizes: Mapping[str, int], dims: Mapping[str, int], dtype: Any) -> dict:
+    """``{key: identities (sizes[key], dims[key], dims[key])}``."""
+    return {
+        k: jnp.broadcast_to(jnp.eye(dims[k], dtype=dtype), (n, dims[k], dims[k]))
+        for k, n in sizes.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,13 +153,10 @@ class FactorLayout:
         return cls(tuple(roles), tuple(slots), dict(sizes), dict(dims))
 
     def zeros(self, dtype: Any) -> dict[str, jax.Array]:
-        return {k: jnp.zeros((n, self.dims[k], self.dims[k]), dtype) for k, n in self.sizes.items()}
+        return stack_zeros(self.sizes, self.dims, dtype)
 
     def eyes(self, dtype: Any) -> dict[str, jax.Array]:
-        return {
-            k: jnp.broadcast_to(jnp.eye(self.dims[k], dtype=dtype), (n, self.dims[k], self.dims[k]))
-            for k, n in self.sizes.items()
-        }
+        return stack_eyes(self.sizes, self.dims, dtype)
 
     def vectors(self, dtype: Any, fill: float = 0.0) -> dict[str, jax.Array]:
         """One length-``d`` vector per factor (e.g. eigenvalues), shape ``(n_d, d)``."""

@@ -10,48 +10,11 @@ shape. All functions are jittable and differentiable. One family per file:
 * ``kron_sum.py``: the damped solve with a sum of two Kronecker products.
 """
 
-from sofim_optax.linalg._solves import (
-    DAMPING_FLOOR,
-    PI_RANGE,
-    damped_inverse,
-    damped_kron_solve,
-    damped_kron_solve_eigh,
-    factored_damping,
-    sherman_morrison_solve,
-)
-from sofim_optax.linalg.bfgs import bfgs_inverse_update, double_damping, lbfgs_inverse_matvec
-from sofim_optax.linalg.kron_sum import (
-    INDEFINITE_MODES,
-    generalized_eigh,
-    kron_sum_apply,
-    kron_sum_factors,
-    kron_sum_solve,
-)
-from sofim_optax.linalg.kronecker_svd import (
-    nearest_kronecker,
-    rearrange,
-    rearranged_matvec,
-    rearranged_rmatvec,
-)
+# Each module's __all__ is its public API; the package re-exports all of them.
+from sofim_optax.linalg import _solves, bfgs, kron_sum, kronecker_svd
+from sofim_optax.linalg._solves import *  # noqa: F403
+from sofim_optax.linalg.bfgs import *  # noqa: F403
+from sofim_optax.linalg.kron_sum import *  # noqa: F403
+from sofim_optax.linalg.kronecker_svd import *  # noqa: F403
 
-__all__ = [
-    "sherman_morrison_solve",
-    "DAMPING_FLOOR",
-    "PI_RANGE",
-    "factored_damping",
-    "damped_kron_solve",
-    "damped_kron_solve_eigh",
-    "damped_inverse",
-    "bfgs_inverse_update",
-    "double_damping",
-    "lbfgs_inverse_matvec",
-    "nearest_kronecker",
-    "rearrange",
-    "rearranged_matvec",
-    "rearranged_rmatvec",
-    "generalized_eigh",
-    "kron_sum_factors",
-    "kron_sum_apply",
-    "kron_sum_solve",
-    "INDEFINITE_MODES",
-]
+__all__ = [*_solves.__all__, *bfgs.__all__, *kronecker_svd.__all__, *kron_sum.__all__]

@@ -3,7 +3,8 @@
 Usage::
 
     python -m experiments.autoencoder --dataset mnist --optimizers kfac,kpsvd,kbfgs,mbf,adam --epochs 20
-    python -m experiments.autoencoder --dataset fashion-mnist --model small --train-subset 10000 --optimizers all
+    python -m experiments.autoencoder --dataset fashion-mnist --model small --train-subset 10000 \
+        --optimizers all
     python -m experiments.autoencoder --dataset curves --batch-size 256 --l2 1e-5
 
 Models (``--model paper``): MNIST / Fashion-MNIST 784-1000-500-250-30,

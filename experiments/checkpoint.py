@@ -39,7 +39,9 @@ def _leaf_to_numpy(leaf: Any) -> np.ndarray:
 
 
 def _leaf_from_numpy(value: np.ndarray, template: Any) -> Any:
-    if isinstance(template, jax.Array) and jax.dtypes.issubdtype(template.dtype, jax.dtypes.prng_key):
+    if isinstance(template, jax.Array) and jax.dtypes.issubdtype(
+        template.dtype, jax.dtypes.prng_key
+    ):
         return jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(template))
     if isinstance(template, (jax.Array, np.ndarray)):
         return jnp.asarray(value, dtype=template.dtype)
@@ -48,7 +50,9 @@ def _leaf_from_numpy(value: np.ndarray, template: Any) -> Any:
     return jnp.asarray(value)
 
 
-def save_checkpoint(path: Path, tree: Any, meta: Mapping[str, Any], extra: Mapping[str, np.ndarray]) -> None:
+def save_checkpoint(
+    path: Path, tree: Any, meta: Mapping[str, Any], extra: Mapping[str, np.ndarray]
+) -> None:
     """Atomically writes ``tree``'s leaves, the JSON ``meta`` and ``extra`` arrays (flax msgpack)."""
     from flax import serialization
 
@@ -78,14 +82,20 @@ def load_checkpoint(path: Path, template: Any) -> tuple[Any, dict[str, Any], dic
         meta = json.loads(payload["meta"])
         stored = payload["leaves"]
     except Exception as err:  # msgpack raises several types for a damaged file
-        raise CheckpointMismatch(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointMismatch(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
+        ) from err
     leaves, treedef = jax.tree_util.tree_flatten(template)
     if len(stored) != len(leaves):
-        raise CheckpointMismatch(f"{path}: holds {len(stored)} arrays, this run's state has {len(leaves)}")
+        raise CheckpointMismatch(
+            f"{path}: holds {len(stored)} arrays, this run's state has {len(leaves)}"
+        )
     restored = []
     for i, leaf in enumerate(leaves):
         value = np.asarray(stored[str(i)])
         if value.shape != np.shape(_leaf_to_numpy(leaf)):
-            raise CheckpointMismatch(f"{path}: array {i} has shape {value.shape}, expected {np.shape(leaf)}")
+            raise CheckpointMismatch(
+                f"{path}: array {i} has shape {value.shape}, expected {np.shape(leaf)}"
+            )
         restored.append(_leaf_from_numpy(value, leaf))
     return jax.tree_util.tree_unflatten(treedef, restored), meta, dict(payload.get("extra", {}))

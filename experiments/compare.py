@@ -22,9 +22,13 @@ written, resuming, grids and targets):
 
 ``<out>/summary.md`` gathers both tables. The defaults keep the quick job
 to minutes per method on a laptop CPU; the Kronecker methods cost several
-times SGD's step. For the full run:
-``python -m experiments.compare --train-subset 0 --epochs 10 --ae-train-subset 0 --ae-epochs 30``. The defaults of methods marked
-"tuned: no" in the tables are untuned values from the papers' notes.
+times SGD's step. For the full run::
+
+    python -m experiments.compare --train-subset 0 --epochs 10 \
+        --ae-train-subset 0 --ae-epochs 30
+
+The defaults of methods marked "tuned: no" in the tables are untuned values
+from the papers' notes.
 """
 
 from __future__ import annotations
@@ -36,9 +40,6 @@ from pathlib import Path
 
 from experiments import harness, loop, tasks
 
-# Kept for older imports.
-parse_overrides = harness.parse_overrides
-
 
 def software_versions() -> dict[str, str]:
     from experiments import reporting
@@ -46,7 +47,9 @@ def software_versions() -> dict[str, str]:
     return reporting.software_versions()
 
 
-def load_data(data_dir: str | None, train_subset: int | None, flatten: bool, verify: bool = True) -> tasks.Data:
+def load_data(
+    data_dir: str | None, train_subset: int | None, flatten: bool, verify: bool = True
+) -> tasks.Data:
     """Fashion-MNIST as float32 images in [0, 1] and int32 labels: ``(x_train, y_train, x_test, y_test)``."""
     from experiments import datasets
 
@@ -58,14 +61,24 @@ def load_data(data_dir: str | None, train_subset: int | None, flatten: bool, ver
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[loop.RunResult]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizers", default="all", help="comma-separated keys of registry.OPTIMIZERS, or 'all' (installed ones)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--optimizers",
+        default="all",
+        help="comma-separated keys of registry.OPTIMIZERS, or 'all' (installed ones)",
+    )
     parser.add_argument("--tasks", default="classify,autoencoder")
     parser.add_argument("--model", default="mlp", help="classifier for the classify protocol")
     parser.add_argument("--epochs", type=int, default=5, help="epochs of the classify protocol")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--train-subset", type=int, default=20000,
-                        help="classify protocol: first N training images (0: all 60000)")
+    parser.add_argument(
+        "--train-subset",
+        type=int,
+        default=20000,
+        help="classify protocol: first N training images (0: all 60000)",
+    )
     parser.add_argument("--ae-model", default="small")
     parser.add_argument("--ae-epochs", type=int, default=10)
     parser.add_argument("--ae-batch-size", type=int, default=500)
@@ -74,7 +87,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[loop.RunResult]]:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-verify", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="OPT.PARAM=VALUE")
-    parser.add_argument("--grid", action="store_true", help="search the small grids first (see experiments/harness.py)")
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="search the small grids first (see experiments/harness.py)",
+    )
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -95,20 +112,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[loop.RunResult]]:
     out = Path(args.out)
     results: dict[str, list[loop.RunResult]] = {}
     if "classify" in tasks:
-        argv_c = common + ["--dataset", "fashion-mnist", "--model", args.model, "--epochs", str(args.epochs),
-                           "--batch-size", str(args.batch_size), "--out", str(out / "classify")]
+        argv_c = common + [
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            args.model,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--out",
+            str(out / "classify"),
+        ]
         if args.train_subset:
             argv_c += ["--train-subset", str(args.train_subset)]
             # The quick job's targets (the full-data ones are in experiments.harness.TARGETS).
-            argv_c += ["--target-train-loss", "0.40", "--target-test-loss", "0.45", "--target-test-acc", "0.84"]
+            argv_c += [
+                "--target-train-loss",
+                "0.40",
+                "--target-test-loss",
+                "0.45",
+                "--target-test-acc",
+                "0.84",
+            ]
         results["classify"] = harness.run("classification", argv_c, description=__doc__)
     if "autoencoder" in tasks:
-        argv_a = common + ["--dataset", "fashion-mnist", "--model", args.ae_model, "--epochs", str(args.ae_epochs),
-                           "--batch-size", str(args.ae_batch_size), "--out", str(out / "autoencoder")]
+        argv_a = common + [
+            "--dataset",
+            "fashion-mnist",
+            "--model",
+            args.ae_model,
+            "--epochs",
+            str(args.ae_epochs),
+            "--batch-size",
+            str(args.ae_batch_size),
+            "--out",
+            str(out / "autoencoder"),
+        ]
         if args.ae_train_subset:
             argv_a += ["--train-subset", str(args.ae_train_subset)]
         results["autoencoder"] = harness.run("autoencoder", argv_a, description=__doc__)
-    parts = [f"# Quick Fashion-MNIST comparison\n\nCommand: `python -m experiments.compare {' '.join(argv or sys.argv[1:])}`\n"]
+    parts = [
+        "# Quick Fashion-MNIST comparison\n\n"
+        f"Command: `python -m experiments.compare {' '.join(argv or sys.argv[1:])}`\n"
+    ]
     for task in tasks:
         table = (out / task / "table.md").read_text()
         parts.append(table.replace("# ", f"## {task}: ", 1).replace("\n## ", "\n### "))

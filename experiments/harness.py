@@ -1,4 +1,4 @@
-"""The shared command line of ``experiments.classify``, ``experiments.autoencoder`` and ``experiments.compare``.
+"""The shared command line of ``experiments.classify``, ``.autoencoder`` and ``.compare``.
 
 One invocation trains one model on one data set with each optimizer of
 ``--optimizers`` (``all`` = every registered optimizer installed here) and
@@ -45,13 +45,20 @@ logger = logging.getLogger(__name__)
 # Classification: train loss, test loss, test accuracy; autoencoder: train and test loss
 # (per-example sums over pixels, as the K-BFGS paper reports them).
 TARGETS: dict[tuple[str, str], dict[str, float | None]] = {
-    ("classification", "fashion-mnist"): {"train_loss": 0.30, "test_loss": 0.36, "test_accuracy": 0.87},
+    ("classification", "fashion-mnist"): {
+        "train_loss": 0.30,
+        "test_loss": 0.36,
+        "test_accuracy": 0.87,
+    },
     ("classification", "mnist"): {"train_loss": 0.05, "test_loss": 0.08, "test_accuracy": 0.975},
     ("classification", "cifar10"): {"train_loss": 0.5, "test_loss": 0.7, "test_accuracy": 0.75},
     ("classification", "cifar100"): {"train_loss": 1.5, "test_loss": 2.0, "test_accuracy": 0.5},
     ("classification", "svhn"): {"train_loss": 0.3, "test_loss": 0.35, "test_accuracy": 0.9},
     ("autoencoder", "fashion-mnist"): {"train_loss": 250.0, "test_loss": 252.0},
-    ("autoencoder", "mnist"): {"train_loss": 70.0, "test_loss": 70.0},  # K-BFGS demo: ~60 after 10 epochs
+    ("autoencoder", "mnist"): {
+        "train_loss": 70.0,
+        "test_loss": 70.0,
+    },  # K-BFGS demo: ~60 after 10 epochs
     ("autoencoder", "curves"): {"train_loss": None, "test_loss": None},
     ("autoencoder", "faces"): {"train_loss": None, "test_loss": None},
 }
@@ -79,48 +86,97 @@ def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def select_best(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     """The selection rule: lowest final training loss, non-finite never wins, ties to the earlier trial."""
+
     def key(i_t):
         i, t = i_t
         loss = t["train_loss"]
-        return (0 if loss is not None and math.isfinite(loss) else 1, loss if loss is not None and math.isfinite(loss) else 0.0, i)
+        return (
+            0 if loss is not None and math.isfinite(loss) else 1,
+            loss if loss is not None and math.isfinite(loss) else 0.0,
+            i,
+        )
 
     return min(enumerate(trials), key=key)[1]
 
 
 def build_parser(kind: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     if kind == "classification":
         parser.add_argument("--dataset", default="fashion-mnist", choices=CLASSIFY_DATASETS)
         parser.add_argument("--model", default="mlp", choices=sorted(models.CLASSIFIERS))
-        parser.add_argument("--optimizers", default="sofim,sgdm,adam", help="comma-separated keys of registry.OPTIMIZERS, or 'all'")
+        parser.add_argument(
+            "--optimizers",
+            default="sofim,sgdm,adam",
+            help="comma-separated keys of registry.OPTIMIZERS, or 'all'",
+        )
         parser.add_argument("--epochs", type=int, default=10)
         parser.add_argument("--batch-size", type=int, default=128)
     else:
         parser.add_argument("--dataset", default="fashion-mnist", choices=AUTOENCODER_DATASETS)
         parser.add_argument(
-            "--model", default="paper", choices=sorted(models.AUTOENCODERS),
+            "--model",
+            default="paper",
+            choices=sorted(models.AUTOENCODERS),
             help="'paper': the papers' autoencoder for the data set; 'small': 784-256-128-64-16 mirrored",
         )
-        parser.add_argument("--optimizers", default="kfac,adam", help="comma-separated keys of registry.OPTIMIZERS, or 'all'")
+        parser.add_argument(
+            "--optimizers",
+            default="kfac,adam",
+            help="comma-separated keys of registry.OPTIMIZERS, or 'all'",
+        )
         parser.add_argument("--epochs", type=int, default=10)
         parser.add_argument("--batch-size", type=int, default=1000)
-        parser.add_argument("--l2", type=float, default=0.0, help="coefficient τ of τ/2‖θ‖² (K-BFGS paper: 1e-5)")
+        parser.add_argument(
+            "--l2", type=float, default=0.0, help="coefficient τ of τ/2‖θ‖² (K-BFGS paper: 1e-5)"
+        )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="folder with the data files (default: see experiments/datasets/idx.py)")
-    parser.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
-    parser.add_argument("--test-subset", type=int, default=None, help="use only the first N test examples")
-    parser.add_argument("--no-verify", action="store_true", help="skip the checksum checks of the data files")
-    parser.add_argument("--no-download", action="store_true", help="never download missing data files")
-    parser.add_argument("--set", action="append", default=[], metavar="OPT.PARAM=VALUE", help="override a hyperparameter")
-    parser.add_argument("--grid", action="store_true", help="search each optimizer's small grid first (selection rule above)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the data files (default: see experiments/datasets/idx.py)",
+    )
+    parser.add_argument(
+        "--train-subset", type=int, default=None, help="use only the first N training examples"
+    )
+    parser.add_argument(
+        "--test-subset", type=int, default=None, help="use only the first N test examples"
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the checksum checks of the data files"
+    )
+    parser.add_argument(
+        "--no-download", action="store_true", help="never download missing data files"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPT.PARAM=VALUE",
+        help="override a hyperparameter",
+    )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="search each optimizer's small grid first (selection rule above)",
+    )
     parser.add_argument("--grid-epochs", type=int, default=None)
     parser.add_argument("--target-train-loss", type=float, default=None)
     parser.add_argument("--target-test-loss", type=float, default=None)
     if kind == "classification":
-        parser.add_argument("--target-test-acc", type=float, default=None, help="a fraction, e.g. 0.87")
-    parser.add_argument("--baseline", default=None, help="optimizer whose times the target table divides by")
-    parser.add_argument("--out", default=f"runs/{'classify' if kind == 'classification' else 'autoencoder'}")
-    parser.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
+        parser.add_argument(
+            "--target-test-acc", type=float, default=None, help="a fraction, e.g. 0.87"
+        )
+    parser.add_argument(
+        "--baseline", default=None, help="optimizer whose times the target table divides by"
+    )
+    parser.add_argument(
+        "--out", default=f"runs/{'classify' if kind == 'classification' else 'autoencoder'}"
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="ignore existing checkpoints in --out"
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -139,15 +195,18 @@ def resolve_optimizers(spec: str, parser: argparse.ArgumentParser) -> list[str]:
     unavailable = [n for n in names if n not in registry.available_optimizers([n])]
     if unavailable:
         parser.error(
-            f"optimizers {unavailable} are registered but not installed here (their modules have not landed); "
-            f"available: {registry.available_optimizers()}"
+            f"optimizers {unavailable} are registered but not installed here "
+            f"(their modules have not landed); available: {registry.available_optimizers()}"
         )
     return names
 
 
 def load_task_data(kind: str, args: argparse.Namespace) -> tasks.Data:
     ds = datasets.load_arrays(
-        args.dataset, data_dir=args.data_dir, verify=not args.no_verify, download=not args.no_download,
+        args.dataset,
+        data_dir=args.data_dir,
+        verify=not args.no_verify,
+        download=not args.no_download,
         flatten=kind == "autoencoder",
     )
     x_train, y_train, x_test, y_test = ds
@@ -172,13 +231,17 @@ def _make_model(kind: str, args: argparse.Namespace, data: tasks.Data):
     return models.make_autoencoder(args.model, args.dataset, input_dim=int(data.x_train.shape[1]))
 
 
-def run(kind: str, argv: Sequence[str] | None = None, description: str | None = None) -> list[loop.RunResult]:
+def run(
+    kind: str, argv: Sequence[str] | None = None, description: str | None = None
+) -> list[loop.RunResult]:
     parser = build_parser(kind, description)
     args = parser.parse_args(argv)
     return run_args(kind, args, parser)
 
 
-def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[loop.RunResult]:
+def run_args(
+    kind: str, args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> list[loop.RunResult]:
     names = resolve_optimizers(args.optimizers, parser)
     overrides = parse_overrides(args.set)
     bad = sorted(set(overrides) - set(registry.OPTIMIZERS))
@@ -188,9 +251,17 @@ def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParse
     if kind == "classification":
         task = tasks.Task("classification")
     else:
-        task = tasks.Task("autoencoder", reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"), l2=args.l2)
+        task = tasks.Task(
+            "autoencoder",
+            reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"),
+            l2=args.l2,
+        )
     targets = dict(TARGETS.get((kind, args.dataset), {}))
-    for metric, attr in (("train_loss", "target_train_loss"), ("test_loss", "target_test_loss"), ("test_accuracy", "target_test_acc")):
+    for metric, attr in (
+        ("train_loss", "target_train_loss"),
+        ("test_loss", "target_test_loss"),
+        ("test_accuracy", "target_test_acc"),
+    ):
         if getattr(args, attr, None) is not None:
             targets[metric] = getattr(args, attr)
     out = Path(args.out)
@@ -205,9 +276,19 @@ def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParse
             reporting.write_run_json(stem.with_suffix(".json"), result, config, versions)
 
         return loop.train(
-            _make_model(kind, args, data), name, data, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-            hparams=hparams, progress=not args.no_progress, task=task, model_name=args.model,
-            checkpoint=stem.with_suffix(".ckpt"), resume=not args.no_resume, on_epoch_end=on_epoch_end,
+            _make_model(kind, args, data),
+            name,
+            data,
+            epochs=epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            hparams=hparams,
+            progress=not args.no_progress,
+            task=task,
+            model_name=args.model,
+            checkpoint=stem.with_suffix(".ckpt"),
+            resume=not args.no_resume,
+            on_epoch_end=on_epoch_end,
         )
 
     results: list[loop.RunResult] = []
@@ -221,10 +302,21 @@ def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParse
                 hp = {**point, **fixed}
                 res = train_one(name, hp, grid_epochs, out / "grid" / f"{name}-{i}")
                 last = res.epochs[-1]
-                trials.append({"hparams": hp, "train_loss": last.train_loss, "test_loss": last.test_loss,
-                               "test_accuracy": last.test_accuracy, "epochs": last.epoch})
+                trials.append(
+                    {
+                        "hparams": hp,
+                        "train_loss": last.train_loss,
+                        "test_loss": last.test_loss,
+                        "test_accuracy": last.test_accuracy,
+                        "epochs": last.epoch,
+                    }
+                )
                 runs.append(res)
-                print(f"grid {name} {hp}: train loss {last.train_loss:.4g}", file=sys.stderr, flush=True)
+                print(
+                    f"grid {name} {hp}: train loss {last.train_loss:.4g}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             best = select_best(trials)
             grid_log[name] = {"best": best, "trials": trials}
             if grid_epochs == args.epochs:
@@ -237,19 +329,30 @@ def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParse
             result = train_one(name, fixed, args.epochs, out / name)
         if result.epochs:
             last = result.epochs[-1]
-            acc = "" if last.test_accuracy is None else f", test acc {100 * last.test_accuracy:.2f}%"
-            print(f"{result.label}: train loss {last.train_loss:.4f}, test loss {last.test_loss:.4f}{acc}", file=sys.stderr)
+            acc = (
+                "" if last.test_accuracy is None else f", test acc {100 * last.test_accuracy:.2f}%"
+            )
+            print(
+                f"{result.label}: train loss {last.train_loss:.4f}, test loss {last.test_loss:.4f}{acc}",
+                file=sys.stderr,
+            )
         results.append(result)
 
     if grid_log:
-        reporting.write_json(out / "grid.json", {"config": config, "selection_rule": SELECTION_RULE, "results": grid_log})
+        reporting.write_json(
+            out / "grid.json",
+            {"config": config, "selection_rule": SELECTION_RULE, "results": grid_log},
+        )
     title = f"{args.dataset}, {args.model} ({kind}), batch {args.batch_size}, seed {args.seed}"
     baseline = args.baseline or ("sgdm" if kind == "classification" else "adam")
     final = reporting.format_final_table(results)
     target_table = reporting.format_target_table(results, targets, baseline=baseline)
     text = f"# {title}\n\n## Final metrics\n\n{final}\n\n## Time to target\n\n{target_table}\n"
     (out / "table.md").write_text(text)
-    reporting.write_json(out / "results.json", {"config": config, "versions": versions, "runs": [r.to_json() for r in results]})
+    reporting.write_json(
+        out / "results.json",
+        {"config": config, "versions": versions, "runs": [r.to_json() for r in results]},
+    )
     colors = {n: registry.OPTIMIZERS[n].color for n in names}
     reporting.plot_curves(results, out / "curves.png", title, colors=colors, targets=targets)
     print(text)
@@ -258,7 +361,8 @@ def run_args(kind: str, args: argparse.Namespace, parser: argparse.ArgumentParse
 
 
 SELECTION_RULE = (
-    "each grid point trains from the same seed on the same batches for grid_epochs epochs; the winner has the "
-    "lowest training loss in its last epoch (mean over the epoch's minibatches); non-finite runs never win; "
-    "ties go to the earlier point; the test set is not used"
+    "each grid point trains from the same seed on the same batches for grid_epochs epochs; "
+    "the winner has the lowest training loss in its last epoch (mean over the epoch's "
+    "minibatches); non-finite runs never win; ties go to the earlier point; "
+    "the test set is not used"
 )

@@ -82,7 +82,11 @@ class RunResult:
     model_state: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("params", "model_state")}
+        return {
+            f.name: _plain(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in ("params", "model_state")
+        }
 
 
 def _plain(value: Any) -> Any:
@@ -100,14 +104,15 @@ def _batches(num_examples: int, batch_size: int, seed: int, epoch: int):
         yield order[start : start + batch_size]
 
 
-
 def _split_variables(variables: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     variables = dict(variables)
     params = variables.pop("params")
     return params, variables
 
 
-def _call_model(model: nn.Module, params: Any, model_state: Mapping[str, Any], x: jax.Array, train: bool):
+def _call_model(
+    model: nn.Module, params: Any, model_state: Mapping[str, Any], x: jax.Array, train: bool
+):
     """Applies the model; returns (outputs, new model state)."""
     variables = {"params": params, **model_state}
     kwargs = {"train": train} if _takes_train(model) else {}
@@ -201,13 +206,19 @@ def train(
 
     # The step's inputs are (model state, batch): the statistics passes see the same state.
     step_fn = make_train_step(
-        objective_and_state, tx, needs=spec.needs, fisher=used.get("fisher", "empirical"),
-        fisher_batch_size=used.get("fisher_batch_size"), has_aux=True,
+        objective_and_state,
+        tx,
+        needs=spec.needs,
+        fisher=used.get("fisher", "empirical"),
+        fisher_batch_size=used.get("fisher_batch_size"),
+        has_aux=True,
     )
 
     def train_step(p, state, opt_state, batch, prev_batch, step):
         previous = None if prev_batch is None else (state, prev_batch)
-        out = step_fn(p, opt_state, (state, batch), previous, rng=jax.random.fold_in(base_key, step))
+        out = step_fn(
+            p, opt_state, (state, batch), previous, rng=jax.random.fold_in(base_key, step)
+        )
         loss, new_state = out.aux
         return out.params, new_state, out.opt_state, loss
 
@@ -219,7 +230,9 @@ def train(
     def evaluate(p, state):
         total_loss, correct = 0.0, 0
         for start in range(0, len(x_test), eval_batch_size):
-            loss, hits = eval_batch(p, state, batch_of(x_test, y_test, slice(start, start + eval_batch_size)))
+            loss, hits = eval_batch(
+                p, state, batch_of(x_test, y_test, slice(start, start + eval_batch_size))
+            )
             total_loss += float(loss)
             correct += int(hits)
         acc = correct / len(x_test) if task.kind == "classification" else None
@@ -239,23 +252,43 @@ def train(
         example = batch_of(x_train, y_train, slice(0, batch_size))
         t0 = time.perf_counter()
         step0 = jnp.asarray(0, jnp.int32)
-        compiled["first"] = jitted.lower(params, model_state, opt_state, example, None, step0).compile()
+        compiled["first"] = jitted.lower(
+            params, model_state, opt_state, example, None, step0
+        ).compile()
         if needs_previous_batch:
-            compiled["next"] = jitted.lower(params, model_state, opt_state, example, example, step0).compile()
+            compiled["next"] = jitted.lower(
+                params, model_state, opt_state, example, example, step0
+            ).compile()
         return time.perf_counter() - t0
 
     result = RunResult(
-        optimizer, spec.label, used, seed, 0.0, [], task=task.kind, model=model_name,
-        batch_size=batch_size, tuned="defaults" if task.kind in spec.tuned and not hparams else "no",
+        optimizer,
+        spec.label,
+        used,
+        seed,
+        0.0,
+        [],
+        task=task.kind,
+        model=model_name,
+        batch_size=batch_size,
+        tuned="defaults" if task.kind in spec.tuned and not hparams else "no",
     )
     config = {
-        "optimizer": optimizer, "hparams": used, "seed": seed, "batch_size": batch_size, "task": dataclasses.asdict(task),
-        "model": model_name or type(model).__name__, "n_train": len(x_train), "n_test": len(x_test),
+        "optimizer": optimizer,
+        "hparams": used,
+        "seed": seed,
+        "batch_size": batch_size,
+        "task": dataclasses.asdict(task),
+        "model": model_name or type(model).__name__,
+        "n_train": len(x_train),
+        "n_test": len(x_test),
     }
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
     start_epoch, global_step, wall, prev_idx = 1, 0, 0.0, None
     if ckpt_path is not None and resume and ckpt_path.exists():
-        (params, model_state, opt_state), meta, extra_arrays = load_checkpoint(ckpt_path, (params, model_state, opt_state))
+        (params, model_state, opt_state), meta, extra_arrays = load_checkpoint(
+            ckpt_path, (params, model_state, opt_state)
+        )
         if meta.get("fingerprint") != fingerprint(config):
             raise CheckpointMismatch(
                 f"{ckpt_path}: written by a different configuration ({meta.get('config')}); "
@@ -284,10 +317,14 @@ def train(
             batch = batch_of(x_train, y_train, idx)
             step = jnp.asarray(global_step, jnp.int32)
             if prev_idx is None:
-                params, model_state, opt_state, loss = compiled_first(params, model_state, opt_state, batch, None, step)
+                params, model_state, opt_state, loss = compiled_first(
+                    params, model_state, opt_state, batch, None, step
+                )
             else:
                 prev = batch_of(x_train, y_train, prev_idx)
-                params, model_state, opt_state, loss = compiled_next(params, model_state, opt_state, batch, prev, step)
+                params, model_state, opt_state, loss = compiled_next(
+                    params, model_state, opt_state, batch, prev, step
+                )
             if needs_previous_batch:
                 prev_idx = idx
             global_step += 1
@@ -300,13 +337,25 @@ def train(
         train_loss = float(jnp.mean(jnp.stack(losses)))
         test_loss, test_acc = evaluate(params, model_state)
         result.epochs.append(
-            EpochMetrics(epoch, train_loss, test_loss, test_acc, wall, epoch_time / max(1, len(losses)), global_step)
+            EpochMetrics(
+                epoch,
+                train_loss,
+                test_loss,
+                test_acc,
+                wall,
+                epoch_time / max(1, len(losses)),
+                global_step,
+            )
         )
         diverged = not math.isfinite(train_loss)
         if ckpt_path is not None and not diverged:
             meta = {
-                "config": config, "fingerprint": fingerprint(config), "epoch": epoch, "step": global_step,
-                "wall": wall, "history": [dataclasses.asdict(e) for e in result.epochs],
+                "config": config,
+                "fingerprint": fingerprint(config),
+                "epoch": epoch,
+                "step": global_step,
+                "wall": wall,
+                "history": [dataclasses.asdict(e) for e in result.epochs],
             }
             extras = {"prev_idx": prev_idx} if prev_idx is not None else {}
             save_checkpoint(ckpt_path, (params, model_state, opt_state), meta, extras)

@@ -57,7 +57,10 @@ def _as_image(x: jnp.ndarray) -> jnp.ndarray:
 
 
 class MLP(nn.Module):
-    """A ReLU multilayer perceptron: ``Dense(h) -> relu`` for each hidden width, then ``Dense(num_classes)``."""
+    """A ReLU multilayer perceptron.
+
+    ``Dense(h) -> relu`` for each hidden width, then ``Dense(num_classes)``.
+    """
 
     hidden: Sequence[int] = (256, 128)
     num_classes: int = 10
@@ -141,7 +144,9 @@ class _BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        conv = partial(nn.Conv, use_bias=self.norm == "none", kernel_init=nn.initializers.he_normal())
+        conv = partial(
+            nn.Conv, use_bias=self.norm == "none", kernel_init=nn.initializers.he_normal()
+        )
         y = conv(self.features, (3, 3), strides=(self.strides, self.strides), padding="SAME")(x)
         y = nn.relu(_norm(self.norm, train)(y))
         y = conv(self.features, (3, 3), padding="SAME")(y)
@@ -173,8 +178,13 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = _as_image(x)
-        x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=self.norm == "none",
-                    kernel_init=nn.initializers.he_normal())(x)
+        x = nn.Conv(
+            self.widths[0],
+            (3, 3),
+            padding="SAME",
+            use_bias=self.norm == "none",
+            kernel_init=nn.initializers.he_normal(),
+        )(x)
         x = nn.relu(_norm(self.norm, train)(x))
         for i, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(blocks):
@@ -194,7 +204,8 @@ class VGG(nn.Module):
     """VGG-style net for 32×32 inputs: 3×3 convolutions (+ norm + ReLU), 2×2 max-pools, one Dense.
 
     ``config="16"`` is VGG-16's convolution stack with batch norm and no
-    dropout (the setup of the MBF authors' CIFAR-100 runs); ``"11"`` is the lighter VGG-11. ``width`` scales every channel count.
+    dropout (the setup of the MBF authors' CIFAR-100 runs); ``"11"`` is the
+    lighter VGG-11. ``width`` scales every channel count.
     """
 
     config: str = "16"
@@ -210,7 +221,9 @@ class VGG(nn.Module):
                 if x.shape[1] >= 2:
                     x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
-            x = nn.Conv(max(1, int(item * self.width)), (3, 3), padding="SAME", use_bias=self.norm == "none")(x)
+            x = nn.Conv(
+                max(1, int(item * self.width)), (3, 3), padding="SAME", use_bias=self.norm == "none"
+            )(x)
             x = nn.relu(_norm(self.norm, train)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes)(x)
@@ -247,7 +260,11 @@ def make_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 
 def make_autoencoder(name: str, dataset: str, input_dim: int | None = None) -> Autoencoder:
-    """``"paper"``: the papers' autoencoder for ``dataset``; ``"small"``: 256-128-64-16 mirrored (quick runs)."""
+    """An autoencoder by name.
+
+    ``"paper"``: the papers' autoencoder for ``dataset``; ``"small"``:
+    256-128-64-16 mirrored (quick runs).
+    """
     if name == "small":
         return Autoencoder(encoder=(256, 128, 64, 16), output_dim=input_dim or 784)
     if name != "paper":
@@ -255,7 +272,11 @@ def make_autoencoder(name: str, dataset: str, input_dim: int | None = None) -> A
     try:
         encoder, out = AUTOENCODER_SIZES[dataset]
     except KeyError:
-        raise ValueError(f"no paper autoencoder for {dataset!r}; known: {sorted(AUTOENCODER_SIZES)}") from None
+        raise ValueError(
+            f"no paper autoencoder for {dataset!r}; known: {sorted(AUTOENCODER_SIZES)}"
+        ) from None
     if input_dim is not None and input_dim != out:
-        raise ValueError(f"the {dataset} autoencoder expects {out} inputs, the data have {input_dim}")
+        raise ValueError(
+            f"the {dataset} autoencoder expects {out} inputs, the data have {input_dim}"
+        )
     return Autoencoder(encoder=encoder, output_dim=out)

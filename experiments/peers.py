@@ -24,8 +24,9 @@ line search evaluates with its gradient at trial points (up to
 different functions; the loop builds it inside the jitted step as a closure
 over the batch.
 
-Shampoo (``precondition-opt``, ``distributed_shampoo``) cannot run here: the only PyPI release, ``precondition-opt`` 0.3.0 (pure Python,
-no declared dependencies; it imports ``chex``, ``flax``, ``optax``), calls
+Shampoo (``precondition-opt``, ``distributed_shampoo``) cannot run here: the
+only PyPI release, ``precondition-opt`` 0.3.0 (pure Python, no declared
+dependencies; it imports ``chex``, ``flax``, ``optax``), calls
 ``jax.tree_map``, ``jax.tree_flatten``/``jax.tree_unflatten`` and
 ``jax.experimental.pjit.with_sharding_constraint``, all removed from JAX well
 before the 0.10.2 we support; ``distributed_shampoo(...).init`` fails with
@@ -43,11 +44,12 @@ from typing import Any
 import jax
 import optax
 
-
 __all__ = ["sgdm", "adam", "rmsprop", "lbfgs", "shampoo", "shampoo_unavailable_reason"]
 
 
-def _with_l2(weight_decay: float, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def _with_l2(
+    weight_decay: float, tx: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
     """L2 regularisation added to the gradient before ``tx`` (PyTorch's ``weight_decay``)."""
     if weight_decay:
         return optax.chain(optax.add_decayed_weights(weight_decay), tx)
@@ -84,7 +86,10 @@ def rmsprop(
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
     """RMSprop (optax: ε inside the square root, ``decay`` 0.9); ``weight_decay`` is L2."""
-    return _with_l2(weight_decay, optax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum, centered=centered))
+    return _with_l2(
+        weight_decay,
+        optax.rmsprop(learning_rate, decay=decay, eps=eps, momentum=momentum, centered=centered),
+    )
 
 
 def lbfgs(
@@ -107,14 +112,18 @@ def lbfgs(
     if linesearch == "zoom":
         ls = optax.scale_by_zoom_linesearch(max_linesearch_steps=max_linesearch_steps)
     elif linesearch == "backtracking":
-        ls = optax.scale_by_backtracking_linesearch(max_backtracking_steps=max_linesearch_steps, store_grad=True)
+        ls = optax.scale_by_backtracking_linesearch(
+            max_backtracking_steps=max_linesearch_steps, store_grad=True
+        )
     elif linesearch is None:
         if learning_rate is None:
             raise ValueError("lbfgs without a line search needs a learning_rate")
         ls = None
     else:
         raise ValueError(f"linesearch must be 'zoom', 'backtracking' or None, got {linesearch!r}")
-    return optax.lbfgs(learning_rate, memory_size=memory_size, scale_init_precond=scale_init_precond, linesearch=ls)
+    return optax.lbfgs(
+        learning_rate, memory_size=memory_size, scale_init_precond=scale_init_precond, linesearch=ls
+    )
 
 
 def shampoo_unavailable_reason() -> str | None:

@@ -130,9 +130,21 @@ class OptimizerSpec:
 
 # The KPSVD family: KFAC's tuned values, and the factors (a power SVD / Lanczos
 # each) refreshed every 10 steps to amortise them (Koroko et al.'s driver: 100).
-_KPSVD_DEFAULTS = {"learning_rate": 0.03, "damping": 0.1, "momentum": 0.9, "stats_period": 10, "inverse_period": 20}
-_KPSVD_AE_DEFAULTS = {"learning_rate": 0.1, "damping": 10.0, "momentum": 0.9, "stats_period": 5, "inverse_period": 5,
-                      "fisher": "sampled"}
+_KPSVD_DEFAULTS = {
+    "learning_rate": 0.03,
+    "damping": 0.1,
+    "momentum": 0.9,
+    "stats_period": 10,
+    "inverse_period": 20,
+}
+_KPSVD_AE_DEFAULTS = {
+    "learning_rate": 0.1,
+    "damping": 10.0,
+    "momentum": 0.9,
+    "stats_period": 5,
+    "inverse_period": 5,
+    "fisher": "sampled",
+}
 _LR_DAMPING = {"learning_rate": [0.01, 0.03, 0.1, 0.3], "damping": [1e-3, 1e-2, 1e-1, 1.0]}
 
 # Defaults: SOFIM, KFAC, SGD-m and Adam were tuned on the Fashion-MNIST MLP at
@@ -143,102 +155,164 @@ _LR_DAMPING = {"learning_rate": [0.01, 0.03, 0.1, 0.3], "damping": [1e-3, 1e-2, 
 # from the K-BFGS, KPSVD, MBF and SOFIM papers, or reasonable choices where a paper gives none.
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sofim": OptimizerSpec(
-        "SOFIM", "sofim_optax:sofim", {"learning_rate": 5.0, "damping": 10.0, "b1": 0.9},
+        "SOFIM",
+        "sofim_optax:sofim",
+        {"learning_rate": 5.0, "damping": 10.0, "b1": 0.9},
         tuned=("classification",),
-        grid={"learning_rate": [0.1, 0.5, 1.0, 5.0], "damping": [0.5, 2.0, 10.0]}, color="tab:purple",
+        grid={"learning_rate": [0.1, 0.5, 1.0, 5.0], "damping": [0.5, 2.0, 10.0]},
+        color="tab:purple",
     ),
     "kfac": OptimizerSpec(
-        "KFAC", "sofim_optax:kfac",
+        "KFAC",
+        "sofim_optax:kfac",
         {"learning_rate": 0.03, "damping": 0.1, "momentum": 0.9, "inverse_period": 20},
         needs=("layer_stats",),
-        task_defaults={"autoencoder": {"learning_rate": 0.1, "damping": 10.0, "momentum": 0.9, "inverse_period": 5, "fisher": "sampled"}},
+        task_defaults={
+            "autoencoder": {
+                "learning_rate": 0.1,
+                "damping": 10.0,
+                "momentum": 0.9,
+                "inverse_period": 5,
+                "fisher": "sampled",
+            }
+        },
         tuned=("classification",),
         loop_defaults={"fisher": "empirical"},
-        grid=_LR_DAMPING, color="tab:red",
+        grid=_LR_DAMPING,
+        color="tab:red",
     ),
     "kpsvd": OptimizerSpec(
-        "KPSVD", "sofim_optax:kpsvd", _KPSVD_DEFAULTS,
+        "KPSVD",
+        "sofim_optax:kpsvd",
+        _KPSVD_DEFAULTS,
         needs=("layer_stats",),
         task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING, color="tab:green",
+        grid=_LR_DAMPING,
+        color="tab:green",
     ),
     "kpsvd_deflation": OptimizerSpec(
-        "Deflation", "sofim_optax:kpsvd_deflation", _KPSVD_DEFAULTS,
+        "Deflation",
+        "sofim_optax:kpsvd_deflation",
+        _KPSVD_DEFAULTS,
         needs=("layer_stats",),
         task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING, color="tab:pink",
+        grid=_LR_DAMPING,
+        color="tab:pink",
     ),
     "kfac_corrected": OptimizerSpec(
-        "KFAC-corrected", "sofim_optax:kfac_corrected", _KPSVD_DEFAULTS,
+        "KFAC-corrected",
+        "sofim_optax:kfac_corrected",
+        _KPSVD_DEFAULTS,
         needs=("layer_stats",),
         task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING, color="tab:blue",
+        grid=_LR_DAMPING,
+        color="tab:blue",
     ),
     "kpsvd_lanczos": OptimizerSpec(
-        "Lanczos", "sofim_optax:kpsvd_lanczos", _KPSVD_DEFAULTS,
+        "Lanczos",
+        "sofim_optax:kpsvd_lanczos",
+        _KPSVD_DEFAULTS,
         needs=("layer_stats",),
         task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING, color="black",
+        grid=_LR_DAMPING,
+        color="black",
     ),
     "kbfgs": OptimizerSpec(
-        "K-BFGS", "sofim_optax:kbfgs", {"learning_rate": 0.1, "damping": 0.3},
+        "K-BFGS",
+        "sofim_optax:kbfgs",
+        {"learning_rate": 0.1, "damping": 0.3},
         needs=("layer_stats", "previous_batch_stats"),
         # The authors' MNIST demo uses lr 0.3; on the full Fashion-MNIST autoencoder (batch 1000)
         # lr 0.3 diverged within 20 steps at damping 0.3 and 1, lr 0.1 trained (README, K-BFGS).
         task_defaults={"autoencoder": {"learning_rate": 0.1, "damping": 0.3}},
-        grid={"learning_rate": [0.03, 0.1, 0.3, 1.0], "damping": [0.03, 0.3, 3.0]}, color="tab:olive",
+        grid={"learning_rate": [0.03, 0.1, 0.3, 1.0], "damping": [0.03, 0.3, 3.0]},
+        color="tab:olive",
     ),
     "kbfgs_l": OptimizerSpec(
-        "K-BFGS(L)", "sofim_optax:kbfgs_l", {"learning_rate": 0.1, "damping": 0.3},
+        "K-BFGS(L)",
+        "sofim_optax:kbfgs_l",
+        {"learning_rate": 0.1, "damping": 0.3},
         needs=("layer_stats", "previous_batch_stats"),
         task_defaults={"autoencoder": {"learning_rate": 0.1, "damping": 0.3}},  # as K-BFGS
-        grid={"learning_rate": [0.03, 0.1, 0.3, 1.0], "damping": [0.03, 0.3, 3.0]}, color="tab:cyan",
+        grid={"learning_rate": [0.03, 0.1, 0.3, 1.0], "damping": [0.03, 0.3, 3.0]},
+        color="tab:cyan",
     ),
     "mbf": OptimizerSpec(
         # Classification: probes on the MLP (first 20 000 images, 3 epochs, last-epoch training loss):
         # lr 0.03 / damping 0.1 gave 0.470, 1e-3 / 1e-2 0.358, 3e-3 / 1e-2 0.332 (not a full grid).
-        "MBF", "sofim_optax:mini_block_fisher", {"learning_rate": 3e-3, "damping": 1e-2, "gradient_momentum": 0.9},
+        "MBF",
+        "sofim_optax:mini_block_fisher",
+        {"learning_rate": 3e-3, "damping": 1e-2, "gradient_momentum": 0.9},
         needs=("layer_stats",),
         # Amortised refreshes (stats every 10, inverses every 100 steps) diverged within 12 steps on the
         # small autoencoder at lr 0.03; these values trained in notebooks/04 (untuned).
-        task_defaults={"autoencoder": {"learning_rate": 0.01, "damping": 1.0, "gradient_momentum": 0.9, "stats_period": 1,
-                                       "inverse_period": 5}},
-        grid=_LR_DAMPING, color="tab:brown",
+        task_defaults={
+            "autoencoder": {
+                "learning_rate": 0.01,
+                "damping": 1.0,
+                "gradient_momentum": 0.9,
+                "stats_period": 1,
+                "inverse_period": 5,
+            }
+        },
+        grid=_LR_DAMPING,
+        color="tab:brown",
     ),
     "adahessian": OptimizerSpec(
-        "AdaHessian", "sofim_optax:adahessian", {"learning_rate": 0.15, "hessian_power": 1.0},  # Yao et al.'s CIFAR value
+        "AdaHessian",
+        "sofim_optax:adahessian",
+        {"learning_rate": 0.15, "hessian_power": 1.0},  # Yao et al.'s CIFAR value
         needs=("obj_fn",),
-        grid={"learning_rate": [0.01, 0.05, 0.15, 0.5]}, color="tab:gray",
+        grid={"learning_rate": [0.01, 0.05, 0.15, 0.5]},
+        color="tab:gray",
     ),
     "nystrom_sgd": OptimizerSpec(
-        "Nyström-SGD", "sofim_optax:nystrom_sgd", {"learning_rate": 1.0, "rank": 10, "damping": 1e-3, "stats_period": 100},
+        "Nyström-SGD",
+        "sofim_optax:nystrom_sgd",
+        {"learning_rate": 1.0, "rank": 10, "damping": 1e-3, "stats_period": 100},
         needs=("obj_fn",),
-        grid={"learning_rate": [0.1, 0.3, 1.0], "damping": [1e-3, 1e-2, 1e-1]}, color="goldenrod",
+        grid={"learning_rate": [0.1, 0.3, 1.0], "damping": [1e-3, 1e-2, 1e-1]},
+        color="goldenrod",
     ),
     "lbfgs": OptimizerSpec(
-        "L-BFGS", "experiments.peers:lbfgs", {"memory_size": 10, "linesearch": "zoom", "max_linesearch_steps": 15},
+        "L-BFGS",
+        "experiments.peers:lbfgs",
+        {"memory_size": 10, "linesearch": "zoom", "max_linesearch_steps": 15},
         needs=("value_fn",),
-        grid={"memory_size": [5, 10, 20]}, color="darkviolet",
+        grid={"memory_size": [5, 10, 20]},
+        color="darkviolet",
     ),
     "shampoo": OptimizerSpec(
-        "Shampoo", "experiments.peers:shampoo", {"learning_rate": 0.01},
-        grid={"learning_rate": [0.003, 0.01, 0.03, 0.1]}, color="darkgreen",
+        "Shampoo",
+        "experiments.peers:shampoo",
+        {"learning_rate": 0.01},
+        grid={"learning_rate": [0.003, 0.01, 0.03, 0.1]},
+        color="darkgreen",
     ),
     "sgdm": OptimizerSpec(
-        "SGD-momentum", "experiments.peers:sgdm", {"learning_rate": 0.05, "momentum": 0.9},
+        "SGD-momentum",
+        "experiments.peers:sgdm",
+        {"learning_rate": 0.05, "momentum": 0.9},
         task_defaults={"autoencoder": {"learning_rate": 1e-3, "momentum": 0.9}},
         tuned=("classification",),
-        grid={"learning_rate": [0.01, 0.03, 0.05, 0.1, 0.2]}, color="teal",
+        grid={"learning_rate": [0.01, 0.03, 0.05, 0.1, 0.2]},
+        color="teal",
     ),
     "adam": OptimizerSpec(
-        "Adam", optax.adam, {"learning_rate": 1e-3},
+        "Adam",
+        optax.adam,
+        {"learning_rate": 1e-3},
         task_defaults={"autoencoder": {"learning_rate": 3e-3}},
         tuned=("classification", "autoencoder"),
-        grid={"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2]}, color="tab:orange",
+        grid={"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2]},
+        color="tab:orange",
     ),
     "rmsprop": OptimizerSpec(
-        "RMSprop", "experiments.peers:rmsprop", {"learning_rate": 1e-3},
-        grid={"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3]}, color="navy",
+        "RMSprop",
+        "experiments.peers:rmsprop",
+        {"learning_rate": 1e-3},
+        grid={"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3]},
+        color="navy",
     ),
 }
 

@@ -52,7 +52,11 @@ METRICS: dict[str, tuple[str, bool]] = {
 
 
 def task_metrics(task_kind: str) -> list[str]:
-    return ["train_loss", "test_loss", "test_accuracy"] if task_kind == "classification" else ["train_loss", "test_loss"]
+    return (
+        ["train_loss", "test_loss", "test_accuracy"]
+        if task_kind == "classification"
+        else ["train_loss", "test_loss"]
+    )
 
 
 def software_versions() -> dict[str, str]:
@@ -94,8 +98,18 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def write_run_json(path: Path, result: RunResult, config: Mapping[str, Any], versions: Mapping[str, str]) -> None:
-    write_json(path, {"config": dict(config), "seed": result.seed, "versions": dict(versions), "run": result.to_json()})
+def write_run_json(
+    path: Path, result: RunResult, config: Mapping[str, Any], versions: Mapping[str, str]
+) -> None:
+    write_json(
+        path,
+        {
+            "config": dict(config),
+            "seed": result.seed,
+            "versions": dict(versions),
+            "run": result.to_json(),
+        },
+    )
 
 
 def time_to_target(result: RunResult, metric: str, target: float) -> tuple[int, float] | None:
@@ -111,7 +125,9 @@ def time_to_target(result: RunResult, metric: str, target: float) -> tuple[int, 
 
 
 def _fmt_hparams(hparams: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items())
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items()
+    )
 
 
 def format_final_table(results: Sequence[RunResult]) -> str:
@@ -140,14 +156,17 @@ def format_final_table(results: Sequence[RunResult]) -> str:
     return "\n".join(rows)
 
 
-def format_target_table(results: Sequence[RunResult], targets: Mapping[str, float], baseline: str | None = None) -> str:
+def format_target_table(
+    results: Sequence[RunResult], targets: Mapping[str, float], baseline: str | None = None
+) -> str:
     """Epochs and training seconds to each target; with ``baseline``, each time over the baseline's."""
     names = [m for m in targets if targets[m] is not None]
     if not names:
         return "(no targets set)"
     base = next((r for r in results if r.optimizer == baseline), None)
     header = "| optimizer |" + "".join(
-        f" {METRICS[m][0].split(' (')[0]} {'≥' if METRICS[m][1] else '≤'} {targets[m]:g}: epochs / s |" for m in names
+        f" {METRICS[m][0].split(' (')[0]} {'≥' if METRICS[m][1] else '≤'} {targets[m]:g}: epochs / s |"
+        for m in names
     )
     rule = "|---|" + "---:|" * len(names)
     rows = [header, rule]
@@ -203,15 +222,21 @@ def plot_curves(
         scale = "linear" if higher else "log"
         axes[0, j].set(xlabel="epoch", ylabel=ylabel, yscale=scale)
         # Log time axis: per-step costs differ by up to ~100x between methods.
-        axes[1, j].set(xlabel="training wall time (s, log scale)", ylabel=ylabel, yscale=scale, xscale="log")
+        axes[1, j].set(
+            xlabel="training wall time (s, log scale)", ylabel=ylabel, yscale=scale, xscale="log"
+        )
         target = (targets or {}).get(m)
         if target is not None:
             for ax in axes[:, j]:
-                ax.axhline(100 * target if m == "test_accuracy" else target, color="gray", ls="--", lw=0.8)
+                ax.axhline(
+                    100 * target if m == "test_accuracy" else target, color="gray", ls="--", lw=0.8
+                )
         for ax in axes[:, j]:
             ax.grid(True, alpha=0.3, which="both")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize="small")  # outside the axes: 15 methods hide curves
+    fig.legend(
+        handles, labels, loc="center right", fontsize="small"
+    )  # outside the axes: 15 methods hide curves
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

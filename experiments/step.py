@@ -82,8 +82,13 @@ def make_train_step(
 
     def capture(params, inputs, rng):
         return curvature_linen.value_grad_and_stats(
-            loss_fn, params, *inputs, has_aux=has_aux, fisher=fisher,
-            rng=rng if fisher == "sampled" else None, fisher_batch_size=fisher_batch_size,
+            loss_fn,
+            params,
+            *inputs,
+            has_aux=has_aux,
+            fisher=fisher,
+            rng=rng if fisher == "sampled" else None,
+            fisher_batch_size=fisher_batch_size,
         )
 
     def objective(params, inputs):
@@ -104,9 +109,12 @@ def make_train_step(
                 extra["previous_batch_stats"] = None
             else:
                 previous_rng = None if rng is None else jax.random.fold_in(rng, 1)
-                extra["previous_batch_stats"] = capture(params, tuple(previous_inputs), previous_rng)[2]
+                extra["previous_batch_stats"] = capture(
+                    params, tuple(previous_inputs), previous_rng
+                )[2]
         loss, aux = value if has_aux else (value, None)
         if needs & {"obj_fn", "value_fn"}:
+
             def obj_fn(other_params):
                 return objective(other_params, inputs)
 

@@ -39,9 +39,13 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in ("classification", "autoencoder"):
-            raise ValueError(f"task kind must be 'classification' or 'autoencoder', got {self.kind!r}")
+            raise ValueError(
+                f"task kind must be 'classification' or 'autoencoder', got {self.kind!r}"
+            )
         if self.reconstruction not in ("bernoulli", "gaussian"):
-            raise ValueError(f"reconstruction must be 'bernoulli' or 'gaussian', got {self.reconstruction!r}")
+            raise ValueError(
+                f"reconstruction must be 'bernoulli' or 'gaussian', got {self.reconstruction!r}"
+            )
 
     def data_loss(self, outputs: jax.Array, batch: tuple) -> jax.Array:
         """Batch-mean loss; uses :mod:`sofim_optax.curvature.losses` so a sampled Fisher can be drawn."""
@@ -57,7 +61,9 @@ class Task:
         """(sum of per-example losses, number of correct predictions or 0)."""
         if self.kind == "classification":
             labels = batch[1]
-            per = optax.softmax_cross_entropy_with_integer_labels(outputs.astype(jnp.float32), labels)
+            per = optax.softmax_cross_entropy_with_integer_labels(
+                outputs.astype(jnp.float32), labels
+            )
             return jnp.sum(per), jnp.sum(jnp.argmax(outputs, -1) == labels)
         target = batch[0].reshape(batch[0].shape[0], -1)
         z = outputs.astype(jnp.float32)

@@ -26,10 +26,14 @@ class StepTimer:
       warmup_seconds: how long the warm-up calls took.
     """
 
-    def __init__(self, step: Callable[..., Sequence[Any]], carry: Sequence[Any], *, warmup_steps: int = 1):
+    def __init__(
+        self, step: Callable[..., Sequence[Any]], carry: Sequence[Any], *, warmup_steps: int = 1
+    ):
         self.step = step
         self.carry = tuple(carry)
-        self.warmup_seconds = self.seconds_per_step(warmup_steps) * warmup_steps if warmup_steps else 0.0
+        self.warmup_seconds = (
+            self.seconds_per_step(warmup_steps) * warmup_steps if warmup_steps else 0.0
+        )
 
     def seconds_per_step(self, steps: int) -> float:
         """Runs ``steps`` calls and returns the wall seconds per call (device work included)."""
@@ -47,7 +51,9 @@ def call_timer(fn: Callable[..., Any], args: Sequence[Any], *, warmup_steps: int
     return StepTimer(lambda _last: (fn(*args),), (None,), warmup_steps=warmup_steps)
 
 
-def interleaved_rounds(contenders: Mapping[str, Callable[[], float]], *, rounds: int) -> dict[str, list[float]]:
+def interleaved_rounds(
+    contenders: Mapping[str, Callable[[], float]], *, rounds: int
+) -> dict[str, list[float]]:
     """Calls every contender once per round, in order, ``rounds`` times; returns the samples."""
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):

@@ -25,12 +25,16 @@ from pathlib import Path
 
 from experiments import compare, harness, loop, models, registry
 
-GRIDS: dict[str, dict[str, list]] = {name: dict(spec.grid) for name, spec in registry.OPTIMIZERS.items() if spec.grid}
+GRIDS: dict[str, dict[str, list]] = {
+    name: dict(spec.grid) for name, spec in registry.OPTIMIZERS.items() if spec.grid
+}
 grid_points = registry.grid_points
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="mlp", choices=sorted(models.CLASSIFIERS))
     parser.add_argument("--optimizers", default="sofim,sgdm,adam")
     parser.add_argument("--epochs", type=int, default=3)
@@ -38,30 +42,48 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--train-subset", type=int, default=None)
-    parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 checks of the data files")
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the SHA-256 checks of the data files"
+    )
     parser.add_argument("--out", default="runs/tune")
     args = parser.parse_args(argv)
 
-    data = compare.load_data(args.data_dir, args.train_subset, flatten=False, verify=not args.no_verify)
+    data = compare.load_data(
+        args.data_dir, args.train_subset, flatten=False, verify=not args.no_verify
+    )
     best: dict[str, dict] = {}
     for name in [n.strip() for n in args.optimizers.split(",") if n.strip()]:
         trials = []
         for point in grid_points(GRIDS[name]):
             result = loop.train(
-                models.make_model(args.model), name, data, epochs=args.epochs,
-                batch_size=args.batch_size, seed=args.seed, hparams=point, progress=False,
+                models.make_model(args.model),
+                name,
+                data,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                hparams=point,
+                progress=False,
             )
             last = result.epochs[-1]
             loss = last.train_loss if math.isfinite(last.train_loss) else math.inf
-            trials.append({"hparams": point, "train_loss": loss, "test_accuracy": last.test_accuracy})
-            print(f"{name} {point}: train loss {loss:.4f}, test acc {100 * last.test_accuracy:.2f}%", flush=True)
+            trials.append(
+                {"hparams": point, "train_loss": loss, "test_accuracy": last.test_accuracy}
+            )
+            print(
+                f"{name} {point}: train loss {loss:.4f}, test acc {100 * last.test_accuracy:.2f}%",
+                flush=True,
+            )
         winner = harness.select_best(trials)
         best[name] = {"best": winner, "trials": trials}
         print(f"==> {name}: {winner['hparams']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"tune_{args.model}.json").write_text(
-        json.dumps({"config": vars(args), "selection_rule": harness.SELECTION_RULE, "results": best}, indent=2)
+        json.dumps(
+            {"config": vars(args), "selection_rule": harness.SELECTION_RULE, "results": best},
+            indent=2,
+        )
     )
     return best
 

@@ -67,7 +67,9 @@ LABELS = {"kbfgs": "K-BFGS", "kbfgs_l": "K-BFGS(L)", "kfac": "KFAC", "adam": "Ad
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small model/data/epochs (a few minutes on CPU)")
+    p.add_argument(
+        "--quick", action="store_true", help="small model/data/epochs (a few minutes on CPU)"
+    )
     p.add_argument("--encoder", default=None, help="encoder widths, e.g. 1000,500,250,30")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--test-size", type=int, default=None)
@@ -83,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adam-lr", type=float, default=1e-3)
     p.add_argument("--no-warm-start", action="store_true")
     p.add_argument("--rounds", type=int, default=None, help="timing rounds")
-    p.add_argument("--block-steps", type=int, default=20, help="steps per timed block (multiple of 20)")
+    p.add_argument(
+        "--block-steps", type=int, default=20, help="steps per timed block (multiple of 20)"
+    )
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/benchmark_kbfgs")
@@ -100,7 +104,9 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = datasets.to_float_arrays(datasets.load_fashion_mnist(args.data_dir, download=False), flatten=True)
+    data = datasets.to_float_arrays(
+        datasets.load_fashion_mnist(args.data_dir, download=False), flatten=True
+    )
     x_train = jnp.asarray(data.x_train[: args.train_size])
     x_test = jnp.asarray(data.x_test[: args.test_size])
     encoder = tuple(int(w) for w in args.encoder.split(","))
@@ -129,8 +135,13 @@ def main(argv=None) -> dict[str, Any]:
     def kfac_opt():
         return optax.chain(
             optax.ema(0.9, debias=False),
-            sofim_optax.scale_by_kfac(damping=args.kfac_damping, ema=0.9, inverse_period=20,
-                                      pi_adjusted=False, inverse="cholesky"),
+            sofim_optax.scale_by_kfac(
+                damping=args.kfac_damping,
+                ema=0.9,
+                inverse_period=20,
+                pi_adjusted=False,
+                inverse="cholesky",
+            ),
             optax.scale_by_learning_rate(args.kfac_lr),
         )
 
@@ -159,8 +170,14 @@ def main(argv=None) -> dict[str, Any]:
     # Warm start of A (one pass over the training set at the initial parameters; not timed).
     factors = None
     if not args.no_warm_start:
-        stats_fn = jax.jit(lambda p, x: batch_input_factors(p, linen_capture.value_grad_and_stats(loss_fn, p, x)[2]))
-        factors = average_input_factors(stats_fn(params0, x_train[i : i + bs]) for i in range(0, steps_per_epoch * bs, bs))
+        stats_fn = jax.jit(
+            lambda p, x: batch_input_factors(
+                p, linen_capture.value_grad_and_stats(loss_fn, p, x)[2]
+            )
+        )
+        factors = average_input_factors(
+            stats_fn(params0, x_train[i : i + bs]) for i in range(0, steps_per_epoch * bs, bs)
+        )
 
     methods = [m for m in args.methods.split(",") if m]
     results: dict[str, Any] = {"args": vars(args), "curves": {}, "step_time": {}}
@@ -175,7 +192,12 @@ def main(argv=None) -> dict[str, Any]:
         if name.startswith("kbfgs") and factors is not None:
             state = warm_start(state, params0, factors)
         key = jax.random.key(args.seed + 1)
-        curve = {"epoch": [0], "time": [0.0], "train": [objective(params, x_train)], "test": [objective(params, x_test)]}
+        curve = {
+            "epoch": [0],
+            "time": [0.0],
+            "train": [objective(params, x_train)],
+            "test": [objective(params, x_test)],
+        }
         elapsed, prev = 0.0, None
         for epoch in range(args.epochs):
             t0 = time.perf_counter()
@@ -190,8 +212,11 @@ def main(argv=None) -> dict[str, Any]:
             curve["time"].append(elapsed)
             curve["train"].append(objective(params, x_train))
             curve["test"].append(objective(params, x_test))
-            print(f"{LABELS[name]:10s} epoch {epoch + 1:3d}  time {elapsed:7.1f}s  train {curve['train'][-1]:8.3f}  "
-                  f"test {curve['test'][-1]:8.3f}", flush=True)
+            print(
+                f"{LABELS[name]:10s} epoch {epoch + 1:3d}  time {elapsed:7.1f}s  "
+                f"train {curve['train'][-1]:8.3f}  test {curve['test'][-1]:8.3f}",
+                flush=True,
+            )
         results["curves"][name] = curve
 
     # --- per-iteration cost, interleaved rounds, KFAC as the baseline ---------------------
@@ -212,9 +237,14 @@ def main(argv=None) -> dict[str, Any]:
 
         return one_step
 
-    timers = {name: timing.StepTimer(advance(steps[name][1]), (*carries[name], 0), warmup_steps=0) for name in timed}
-    times = timing.interleaved_rounds({n: lambda t=t: t.seconds_per_step(args.block_steps) for n, t in timers.items()},
-                                      rounds=args.rounds)
+    timers = {
+        name: timing.StepTimer(advance(steps[name][1]), (*carries[name], 0), warmup_steps=0)
+        for name in timed
+    }
+    times = timing.interleaved_rounds(
+        {n: lambda t=t: t.seconds_per_step(args.block_steps) for n, t in timers.items()},
+        rounds=args.rounds,
+    )
     medians = timing.medians(times)
     base = medians.get("kfac")
     print("\nper-iteration time (median over rounds, interleaved):")
@@ -244,7 +274,9 @@ def main(argv=None) -> dict[str, Any]:
             ax.set_ylabel("loss (sum over pixels + L2)")
             ax.set_yscale("log")
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"Fashion-MNIST autoencoder {encoder}, {len(x_train)} train images, batch {bs}")
+        fig.suptitle(
+            f"Fashion-MNIST autoencoder {encoder}, {len(x_train)} train images, batch {bs}"
+        )
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=120)
     except Exception as err:  # noqa: BLE001 - plotting is optional

@@ -86,7 +86,6 @@ from experiments.benchmarks.kfac_cost import (
     step_times,
     train_step_for,
 )
-from experiments.benchmarks.kfac_report import comparison_markdown, plot_curves, targets_summary
 from experiments.benchmarks.kfac_jax_env import (
     KfacJaxServer,
     default_kfac_jax_venv,
@@ -95,6 +94,7 @@ from experiments.benchmarks.kfac_jax_env import (
     run_kfac_jax_train,
     runner_config,
 )
+from experiments.benchmarks.kfac_report import comparison_markdown, plot_curves, targets_summary
 from experiments.benchmarks.problems import (
     INVERSE_PERIOD,
     MOMENTUM,
@@ -136,26 +136,58 @@ KFAC_FAMILY = ("kfac_sampled", "kfac_empirical", "kfac_jax_fixed", "kfac_jax_ada
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/benchmark_kfac")
-    p.add_argument("--parts", default="capture,step_time,kfac_jax", help="comma-separated subset of capture,step_time,kfac_jax")
-    p.add_argument("--quick", action="store_true", help="smoke run: few rounds, steps and grid points")
-    p.add_argument("--small-grids", action="store_true", help="tune on the quick grids (QUICK_GRIDS) at full length")
+    p.add_argument(
+        "--parts",
+        default="capture,step_time,kfac_jax",
+        help="comma-separated subset of capture,step_time,kfac_jax",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: few rounds, steps and grid points"
+    )
+    p.add_argument(
+        "--small-grids",
+        action="store_true",
+        help="tune on the quick grids (QUICK_GRIDS) at full length",
+    )
     p.add_argument("--no-kfac-jax", action="store_true", help="leave kfac-jax out (no venv needed)")
     p.add_argument("--kfac-jax-venv", default=str(default_kfac_jax_venv()))
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's lookup)")
+    p.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's lookup)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--capture-rounds", type=int, default=5)
     p.add_argument("--step-rounds", type=int, default=3)
-    p.add_argument("--block-steps", type=int, default=INVERSE_PERIOD, help="steps per timed block (a multiple of 20)")
-    p.add_argument("--steps", type=int, default=120, help="training steps of the final runs (60 per epoch)")
+    p.add_argument(
+        "--block-steps",
+        type=int,
+        default=INVERSE_PERIOD,
+        help="steps per timed block (a multiple of 20)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=120, help="training steps of the final runs (60 per epoch)"
+    )
     p.add_argument("--tune-steps", type=int, default=25, help="training steps of each tuning run")
-    p.add_argument("--select-last", type=int, default=10, help="K: losses are averaged over the last K steps")
-    p.add_argument("--our-inverse", default="cholesky", choices=("eigh", "cholesky"),
-                   help="inverse of our KFAC in the training comparison (same iterates, different cost)")
-    p.add_argument("--no-empirical", action="store_true", help="skip our KFAC with the empirical Fisher")
-    p.add_argument("--tune-empirical", action="store_true",
-                   help="tune our empirical-Fisher KFAC on its own grid (default: reuse the sampled one's point)")
+    p.add_argument(
+        "--select-last", type=int, default=10, help="K: losses are averaged over the last K steps"
+    )
+    p.add_argument(
+        "--our-inverse",
+        default="cholesky",
+        choices=("eigh", "cholesky"),
+        help="inverse of our KFAC in the training comparison (same iterates, different cost)",
+    )
+    p.add_argument(
+        "--no-empirical", action="store_true", help="skip our KFAC with the empirical Fisher"
+    )
+    p.add_argument(
+        "--tune-empirical",
+        action="store_true",
+        help="tune our empirical-Fisher KFAC on its own grid (default: reuse the sampled one's point)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.capture_rounds = min(args.capture_rounds, 1)
@@ -184,15 +216,22 @@ def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "versions": {"jax": jax.__version__, "optax": optax.__version__, "sofim_optax": sofim_optax.__version__},
+        "versions": {
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "sofim_optax": sofim_optax.__version__,
+        },
         "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs",
         "args": {k: v for k, v in vars(args).items()},
         "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS")},
         "sequential_factor_decompositions": workaround,
     }
-    md: list[str] = [f"jax {jax.__version__} on {results['device']}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
-                     f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')!r}; "
-                     f"KFAC factor stacks decomposed {'one matrix at a time (jaxlib<0.11 CPU work-around)' if workaround else 'batched'}"]
+    decomposed = "one matrix at a time (jaxlib<0.11 CPU work-around)" if workaround else "batched"
+    md: list[str] = [
+        f"jax {jax.__version__} on {results['device']}; XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')!r}; "
+        f"KFAC factor stacks decomposed {decomposed}"
+    ]
 
     def say(text: str) -> None:
         print(text, flush=True)
@@ -211,7 +250,9 @@ def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:
         ae = None
         x_train = None
         if "kfac_jax" in args.parts or ("step_time" in args.parts and use_kfac_jax):
-            ds = datasets.to_float_arrays(datasets.load_fashion_mnist(args.data_dir, download=False), flatten=True)
+            ds = datasets.to_float_arrays(
+                datasets.load_fashion_mnist(args.data_dir, download=False), flatten=True
+            )
             x_train = ds.x_train
         if x_train is not None:
             ae = autoencoder_problem(1000, x=x_train, seed=args.seed)
@@ -223,8 +264,15 @@ def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:
             t_part = time.perf_counter()
             say("\n## Capture cost")
             cap = {}
-            for problem, batch in ((ae or autoencoder_problem(1000, seed=args.seed), 1000), (cnn_problem(128, args.seed), 128)):
-                r = capture_cost(problem, rounds=args.capture_rounds, calls=3 if problem.name == "autoencoder" else 10)
+            for problem, batch in (
+                (ae or autoencoder_problem(1000, seed=args.seed), 1000),
+                (cnn_problem(128, args.seed), 128),
+            ):
+                r = capture_cost(
+                    problem,
+                    rounds=args.capture_rounds,
+                    calls=3 if problem.name == "autoencoder" else 10,
+                )
                 r["batch"] = batch
                 cap[problem.name] = r
             results["capture"] = cap
@@ -244,29 +292,58 @@ def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:
             server = None
             if python is not None and ae is not None:
                 serve_runs = [
-                    {"name": "kfac-jax fixed", "mode": "fixed", "learning_rate": 1e-3, "momentum": MOMENTUM, "damping": 100.0},
+                    {
+                        "name": "kfac-jax fixed",
+                        "mode": "fixed",
+                        "learning_rate": 1e-3,
+                        "momentum": MOMENTUM,
+                        "damping": 100.0,
+                    },
                     {"name": "kfac-jax adaptive", "mode": "adaptive", "damping": 100.0},
-                    {"name": SGD_OLD_JAX, "mode": "sgdm", "learning_rate": 1e-4, "momentum": MOMENTUM},
+                    {
+                        "name": SGD_OLD_JAX,
+                        "mode": "sgdm",
+                        "learning_rate": 1e-4,
+                        "momentum": MOMENTUM,
+                    },
                 ]
-                server = KfacJaxServer(python, workdir, data_npz,
-                                       runner_config(serve_runs, batch_size=1000, seed=args.seed, warmup_steps=INVERSE_PERIOD + 1))
+                server = KfacJaxServer(
+                    python,
+                    workdir,
+                    data_npz,
+                    runner_config(
+                        serve_runs, batch_size=1000, seed=args.seed, warmup_steps=INVERSE_PERIOD + 1
+                    ),
+                )
                 for run in serve_runs:
                     external[run["name"]] = lambda steps, n=run["name"]: server.time_steps(n, steps)
             try:
-                r = step_times(problem, rounds=args.step_rounds, block_steps=args.block_steps, contenders=names,
-                               external=external)
+                r = step_times(
+                    problem,
+                    rounds=args.step_rounds,
+                    block_steps=args.block_steps,
+                    contenders=names,
+                    external=external,
+                )
             finally:
                 if server is not None:
                     server.close()
             r["batch"] = 1000
             step_res["autoencoder"] = r
-            r = step_times(cnn_problem(128, args.seed), rounds=args.step_rounds, block_steps=args.block_steps,
-                           contenders=[n for n in names if n != "Adam"])
+            r = step_times(
+                cnn_problem(128, args.seed),
+                rounds=args.step_rounds,
+                block_steps=args.block_steps,
+                contenders=[n for n in names if n != "Adam"],
+            )
             r["batch"] = 128
             step_res["SmallCNN"] = r
             results["step_time"] = step_res
             table = step_table(step_res)
-            md += ["\n## Per-step time (amortised over whole inverse periods; median of interleaved rounds)\n", table]
+            md += [
+                "\n## Per-step time (amortised over whole inverse periods; median of interleaved rounds)\n",
+                table,
+            ]
             say(table)
             part_times["step_time"] = time.perf_counter() - t_part
 
@@ -274,8 +351,17 @@ def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:
         if "kfac_jax" in args.parts:
             t_part = time.perf_counter()
             assert ae is not None and x_train is not None
-            cmp_res = compare_with_kfac_jax(args, ae, x_train, python, workdir, data_npz, grids,
-                                            step_res.get("autoencoder"), say)
+            cmp_res = compare_with_kfac_jax(
+                args,
+                ae,
+                x_train,
+                python,
+                workdir,
+                data_npz,
+                grids,
+                step_res.get("autoencoder"),
+                say,
+            )
             results["kfac_jax"] = cmp_res
             md += cmp_res.pop("_markdown")
             plot_curves(cmp_res, out / "curves.png")
@@ -290,15 +376,28 @@ def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:
     results["total_time_s"] = time.perf_counter() - t_start
     (out / "results.json").write_text(json.dumps(jsonable(results), indent=1))
     (out / "table.md").write_text("\n".join(md) + "\n")
-    say(f"\nwrote {out / 'results.json'}, {out / 'table.md'}" + (f", {out / 'curves.png'}" if "kfac_jax" in args.parts else "")
+    say(
+        f"\nwrote {out / 'results.json'}, {out / 'table.md'}"
+        + (f", {out / 'curves.png'}" if "kfac_jax" in args.parts else "")
         + f" in {results['total_time_s'] / 60:.1f} min ("
-        + ", ".join(f"{k} {v / 60:.1f}" for k, v in part_times.items()) + ")")
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in part_times.items())
+        + ")"
+    )
     return results
 
 
-def _our_runs(method: str, problem: Problem, x_train: np.ndarray, points: Sequence[Mapping[str, float]], steps: int,
-              seed: int, inverse: str, say: Callable[[str], None], eval_x: np.ndarray | None = None,
-              k: int = 10) -> list[dict[str, Any]]:
+def _our_runs(
+    method: str,
+    problem: Problem,
+    x_train: np.ndarray,
+    points: Sequence[Mapping[str, float]],
+    steps: int,
+    seed: int,
+    inverse: str,
+    say: Callable[[str], None],
+    eval_x: np.ndarray | None = None,
+    k: int = 10,
+) -> list[dict[str, Any]]:
     """Runs our contender ``method`` once per hyperparameter point, sharing one compiled step."""
     if method.startswith("kfac"):
         tx, step = train_step_for(problem, inverse, method.split("_")[1])
@@ -312,12 +411,17 @@ def _our_runs(method: str, problem: Problem, x_train: np.ndarray, points: Sequen
         if eval_x is not None:
             r["final_full_loss"] = full_loss(problem, r["params"], eval_x)
         r.pop("params")
-        say(f"  {method} {hp}: last-{k} mean {mean_last(r['losses'], k):.2f}, {1e3 * r['mean_step_time']:.0f} ms/step")
+        say(
+            f"  {method} {hp}: last-{k} mean {mean_last(r['losses'], k):.2f}, "
+            f"{1e3 * r['mean_step_time']:.0f} ms/step"
+        )
         runs.append(r)
     return runs
 
 
-def _kfac_jax_points(method: str, points: Sequence[Mapping[str, float]], steps: int) -> list[dict[str, Any]]:
+def _kfac_jax_points(
+    method: str, points: Sequence[Mapping[str, float]], steps: int
+) -> list[dict[str, Any]]:
     mode = method.split("_")[-1]
     runs = []
     for i, hp in enumerate(points):
@@ -328,16 +432,29 @@ def _kfac_jax_points(method: str, points: Sequence[Mapping[str, float]], steps: 
     return runs
 
 
-def compare_with_kfac_jax(args, ae: Problem, x_train: np.ndarray, python: Path | None, workdir: Path, data_npz: Path,
-                          grids: Mapping[str, Mapping[str, Sequence[float]]], step_res: Mapping[str, Any] | None,
-                          say: Callable[[str], None]) -> dict[str, Any]:
+def compare_with_kfac_jax(
+    args,
+    ae: Problem,
+    x_train: np.ndarray,
+    python: Path | None,
+    workdir: Path,
+    data_npz: Path,
+    grids: Mapping[str, Mapping[str, Sequence[float]]],
+    step_res: Mapping[str, Any] | None,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     k = args.select_last
     methods = ["kfac_sampled"] + ([] if args.no_empirical else ["kfac_empirical"])
     if python is not None:
         methods += ["kfac_jax_fixed", "kfac_jax_adaptive"]
     ref_methods = ["sgdm", "adam"]
     eval_x = x_train[:10000]
-    res: dict[str, Any] = {"methods": {}, "select_last": k, "steps": args.steps, "tune_steps": args.tune_steps}
+    res: dict[str, Any] = {
+        "methods": {},
+        "select_last": k,
+        "steps": args.steps,
+        "tune_steps": args.tune_steps,
+    }
 
     # Per-step times for the wall-time axis (medians of part 2 when it ran).
     step_time_of: dict[str, float] = {}
@@ -351,7 +468,10 @@ def compare_with_kfac_jax(args, ae: Problem, x_train: np.ndarray, python: Path |
         step_time_of["adam"] = t.get("Adam")
 
     # ---- tuning
-    say(f"\n## Tuning ({args.tune_steps} steps per point; selection: lowest mean loss over the last {k} steps)")
+    say(
+        f"\n## Tuning ({args.tune_steps} steps per point; "
+        f"selection: lowest mean loss over the last {k} steps)"
+    )
     tuned: dict[str, dict[str, Any]] = {}
     for method in methods + ref_methods:
         grid = grids[method]
@@ -359,23 +479,46 @@ def compare_with_kfac_jax(args, ae: Problem, x_train: np.ndarray, python: Path |
             grid = grids["kfac_sampled"]
         if grid is None:
             src = "kfac_sampled"
-            tuned[method] = {"grid": [], "best": tuned[src]["best"], "best_score": None, "reused_from": src,
-                             "mean_step_time": tuned[src]["mean_step_time"]}
+            tuned[method] = {
+                "grid": [],
+                "best": tuned[src]["best"],
+                "best_score": None,
+                "reused_from": src,
+                "mean_step_time": tuned[src]["mean_step_time"],
+            }
             say(f"  -> {method}: reuses {src}'s {tuned[src]['best']} (not tuned separately)")
             continue
         points = grid_points(grid)
         if method.startswith("kfac_jax"):
-            out = run_kfac_jax_train(python, workdir, data_npz,
-                                     runner_config(_kfac_jax_points(method, points, args.tune_steps), batch_size=1000,
-                                                   seed=args.seed, eval=False), f"tune_{method}", say)
-            runs = [{"hparams": hp, "losses": r["losses"], "mean_step_time": r["mean_step_time"]} for hp, r in zip(points, out["runs"])]
+            out = run_kfac_jax_train(
+                python,
+                workdir,
+                data_npz,
+                runner_config(
+                    _kfac_jax_points(method, points, args.tune_steps),
+                    batch_size=1000,
+                    seed=args.seed,
+                    eval=False,
+                ),
+                f"tune_{method}",
+                say,
+            )
+            runs = [
+                {"hparams": hp, "losses": r["losses"], "mean_step_time": r["mean_step_time"]}
+                for hp, r in zip(points, out["runs"])
+            ]
         else:
-            runs = _our_runs(method, ae, x_train, points, args.tune_steps, args.seed, args.our_inverse, say, k=k)
+            runs = _our_runs(
+                method, ae, x_train, points, args.tune_steps, args.seed, args.our_inverse, say, k=k
+            )
         scores = [mean_last(r["losses"], k) for r in runs]
         best = int(np.argmin(scores))
-        tuned[method] = {"grid": [{"hparams": r["hparams"], "score": s} for r, s in zip(runs, scores)],
-                         "best": runs[best]["hparams"], "best_score": scores[best],
-                         "mean_step_time": float(np.median([r["mean_step_time"] for r in runs]))}
+        tuned[method] = {
+            "grid": [{"hparams": r["hparams"], "score": s} for r, s in zip(runs, scores)],
+            "best": runs[best]["hparams"],
+            "best_score": scores[best],
+            "mean_step_time": float(np.median([r["mean_step_time"] for r in runs])),
+        }
         say(f"  -> {method}: {runs[best]['hparams']} (score {scores[best]:.2f})")
     res["tuning"] = tuned
 
@@ -384,29 +527,60 @@ def compare_with_kfac_jax(args, ae: Problem, x_train: np.ndarray, python: Path |
     for method in methods:
         hp = tuned[method]["best"]
         if method.startswith("kfac_jax"):
-            out = run_kfac_jax_train(python, workdir, data_npz,
-                                     runner_config(_kfac_jax_points(method, [hp], args.steps), batch_size=1000, seed=args.seed),
-                                     f"final_{method}", say)
+            out = run_kfac_jax_train(
+                python,
+                workdir,
+                data_npz,
+                runner_config(
+                    _kfac_jax_points(method, [hp], args.steps), batch_size=1000, seed=args.seed
+                ),
+                f"final_{method}",
+                say,
+            )
             r = out["runs"][0]
-            r = {"hparams": hp, "losses": r["losses"], "time_log": r["time_log"], "mean_step_time": r["mean_step_time"],
-                 "first_step_time": r["first_step_time"], "final_full_loss": r["final_full_loss"], "library": out["library"],
-                 "jax": out["jax"]}
+            r = {
+                "hparams": hp,
+                "losses": r["losses"],
+                "time_log": r["time_log"],
+                "mean_step_time": r["mean_step_time"],
+                "first_step_time": r["first_step_time"],
+                "final_full_loss": r["final_full_loss"],
+                "library": out["library"],
+                "jax": out["jax"],
+            }
         else:
-            r = _our_runs(method, ae, x_train, [hp], args.steps, args.seed, args.our_inverse, say, eval_x, k=k)[0]
+            r = _our_runs(
+                method, ae, x_train, [hp], args.steps, args.seed, args.our_inverse, say, eval_x, k=k
+            )[0]
         res["methods"][method] = r
     # References get as many steps as fit in the fastest KFAC-family run's time (at most 4×).
     kfac_times = [step_time_of.get(m) or res["methods"][m]["mean_step_time"] for m in methods]
     for method in ref_methods:
         own = step_time_of.get(method) or tuned[method]["mean_step_time"]
-        n_ref = int(min(4 * args.steps, max(args.steps, math.ceil(args.steps * min(kfac_times) / own) + k)))
-        r = _our_runs(method, ae, x_train, [tuned[method]["best"]], n_ref, args.seed, args.our_inverse, say, eval_x, k=k)[0]
+        n_ref = int(
+            min(4 * args.steps, max(args.steps, math.ceil(args.steps * min(kfac_times) / own) + k))
+        )
+        r = _our_runs(
+            method,
+            ae,
+            x_train,
+            [tuned[method]["best"]],
+            n_ref,
+            args.seed,
+            args.our_inverse,
+            say,
+            eval_x,
+            k=k,
+        )[0]
         res["methods"][method] = r
 
     # Wall-time axes: steps × interleaved median per-step time (this run's own mean when absent).
     for method, r in res["methods"].items():
         t = step_time_of.get(method)
         r["step_time"] = t if t else r["mean_step_time"]
-        r["step_time_source"] = "interleaved median (part 2)" if t else "this run's mean (sequential)"
+        r["step_time_source"] = (
+            "interleaved median (part 2)" if t else "this run's mean (sequential)"
+        )
 
     md = comparison_markdown(res, methods, ref_methods, k, say)
     res["_markdown"] = md

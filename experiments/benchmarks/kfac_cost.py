@@ -34,12 +34,23 @@ from experiments.registry import OPTIMIZERS
 from sofim_optax.curvature import linen as curvature_linen
 
 __all__ = [
-    "capture_cost", "kfac_tx", "first_order_tx", "train_step_for", "training_step_timer",
-    "STEP_CONTENDERS", "SGD_OLD_JAX", "step_contenders", "step_times", "capture_table", "step_table",
+    "capture_cost",
+    "kfac_tx",
+    "first_order_tx",
+    "train_step_for",
+    "training_step_timer",
+    "STEP_CONTENDERS",
+    "SGD_OLD_JAX",
+    "step_contenders",
+    "step_times",
+    "capture_table",
+    "step_table",
 ]
 
 
-def capture_cost(problem: Problem, rounds: int = 5, calls: int = 5, seed: int = 0) -> dict[str, Any]:
+def capture_cost(
+    problem: Problem, rounds: int = 5, calls: int = 5, seed: int = 0
+) -> dict[str, Any]:
     """Median seconds per call of jitted ``value_and_grad`` and ``value_grad_and_stats``.
 
     Returns ``{"times": {name: median seconds}, "ratios": {name: median / value_and_grad's},
@@ -53,23 +64,36 @@ def capture_cost(problem: Problem, rounds: int = 5, calls: int = 5, seed: int = 
             lambda p, k, *b: curvature_linen.value_grad_and_stats(problem.loss_fn, p, *b)
         ),
         "value_grad_and_stats (sampled)": jax.jit(
-            lambda p, k, *b: curvature_linen.value_grad_and_stats(problem.loss_fn, p, *b, fisher="sampled", rng=k)
+            lambda p, k, *b: curvature_linen.value_grad_and_stats(
+                problem.loss_fn, p, *b, fisher="sampled", rng=k
+            )
         ),
     }
     args = (problem.params, key, *problem.batch)
     timers = {n: timing.call_timer(f, args) for n, f in fns.items()}  # compiled and warmed up
     samples = timing.interleaved_rounds(
-        {n: lambda t=t: t.seconds_per_step(calls) for n, t in timers.items()}, rounds=rounds)
+        {n: lambda t=t: t.seconds_per_step(calls) for n, t in timers.items()}, rounds=rounds
+    )
     times = timing.medians(samples)
     return {"times": times, "ratios": timing.ratios(times, "value_and_grad"), "samples": samples}
 
 
-def kfac_tx(inverse: str = "eigh", inverse_period: int = INVERSE_PERIOD) -> optax.GradientTransformationExtraArgs:
+def kfac_tx(
+    inverse: str = "eigh", inverse_period: int = INVERSE_PERIOD
+) -> optax.GradientTransformationExtraArgs:
     """``sofim_optax.kfac`` with ``learning_rate`` and ``damping`` injected (changeable without
     recompiling, see :func:`set_hparams`), momentum 0.9, EMA 0.95."""
     return optax.inject_hyperparams(
-        sofim_optax.kfac, static_args=("inverse", "inverse_period", "stats_period", "ema", "pi_adjusted")
-    )(learning_rate=0.1, momentum=MOMENTUM, damping=10.0, ema=EMA, inverse_period=inverse_period, inverse=inverse)
+        sofim_optax.kfac,
+        static_args=("inverse", "inverse_period", "stats_period", "ema", "pi_adjusted"),
+    )(
+        learning_rate=0.1,
+        momentum=MOMENTUM,
+        damping=10.0,
+        ema=EMA,
+        inverse_period=inverse_period,
+        inverse=inverse,
+    )
 
 
 def first_order_tx(name: str) -> optax.GradientTransformation:
@@ -83,8 +107,13 @@ def first_order_tx(name: str) -> optax.GradientTransformation:
 _STEP_CACHE: dict[tuple, tuple[optax.GradientTransformation, Callable]] = {}
 
 
-def train_step_for(problem: Problem, optimizer: str, fisher: str | None = None,
-                   inverse_period: int = INVERSE_PERIOD, seed: int = 0) -> tuple[optax.GradientTransformation, Callable]:
+def train_step_for(
+    problem: Problem,
+    optimizer: str,
+    fisher: str | None = None,
+    inverse_period: int = INVERSE_PERIOD,
+    seed: int = 0,
+) -> tuple[optax.GradientTransformation, Callable]:
     """``(tx, jitted step)`` for ``optimizer`` in ``"sgdm"``, ``"adam"`` (``fisher=None``) or a KFAC
     inverse ``"eigh"``/``"cholesky"`` (``fisher`` ``"empirical"``/``"sampled"``), with injected
     hyperparameters. Cached, so the timing and training parts share one compilation."""
@@ -99,8 +128,14 @@ def train_step_for(problem: Problem, optimizer: str, fisher: str | None = None,
     return _STEP_CACHE[key]
 
 
-def training_step_timer(problem: Problem, tx: optax.GradientTransformation, step: Callable, *,
-                        warmup_steps: int, **hparams: float) -> timing.StepTimer:
+def training_step_timer(
+    problem: Problem,
+    tx: optax.GradientTransformation,
+    step: Callable,
+    *,
+    warmup_steps: int,
+    **hparams: float,
+) -> timing.StepTimer:
     """A :class:`~experiments.timing.StepTimer` of ``step`` training on the problem's fixed batch
     from its initial parameters, with ``hparams`` injected; warmed up for ``warmup_steps``."""
     params = copy_tree(problem.params)
@@ -158,7 +193,9 @@ def step_times(
     adds contenders timed elsewhere (``f(steps) -> seconds per step``, e.g. kfac-jax's server).
     """
     if block_steps % inverse_period:
-        raise ValueError(f"block_steps={block_steps} must be a multiple of inverse_period={inverse_period}")
+        raise ValueError(
+            f"block_steps={block_steps} must be a multiple of inverse_period={inverse_period}"
+        )
     names = list(contenders) if contenders is not None else list(STEP_CONTENDERS)
     if names[0] != "SGD-momentum":
         names = ["SGD-momentum"] + [n for n in names if n != "SGD-momentum"]
@@ -166,28 +203,47 @@ def step_times(
     for name in names:
         fisher, optimizer = STEP_CONTENDERS[name]
         tx, step = train_step_for(problem, optimizer, fisher, inverse_period)
-        hparams = {"learning_rate": 1e-4} if fisher is None else {"learning_rate": 1e-3, "damping": damping}
+        hparams = (
+            {"learning_rate": 1e-4}
+            if fisher is None
+            else {"learning_rate": 1e-3, "damping": damping}
+        )
         timer = training_step_timer(problem, tx, step, warmup_steps=inverse_period + 1, **hparams)
         runners[name] = lambda t=timer: t.seconds_per_step(block_steps)
     for name, f in (external or {}).items():
         runners[name] = lambda f=f: f(block_steps)
     samples = timing.interleaved_rounds(runners, rounds=rounds)
     times = timing.medians(samples)
-    return {"times": times, "ratios": timing.ratios(times, "SGD-momentum"), "samples": samples,
-            "block_steps": block_steps, "rounds": rounds}
+    return {
+        "times": times,
+        "ratios": timing.ratios(times, "SGD-momentum"),
+        "samples": samples,
+        "block_steps": block_steps,
+        "rounds": rounds,
+    }
 
 
 def capture_table(results: Mapping[str, Any]) -> str:
-    lines = ["| model | batch | function | ms per call | ratio to value_and_grad |", "|---|---:|---|---:|---:|"]
+    lines = [
+        "| model | batch | function | ms per call | ratio to value_and_grad |",
+        "|---|---:|---|---:|---:|",
+    ]
     for model, r in results.items():
         for name, t in r["times"].items():
-            lines.append(f"| {model} | {r['batch']} | `{name}` | {1e3 * t:.1f} | {r['ratios'][name]:.2f} |")
+            lines.append(
+                f"| {model} | {r['batch']} | `{name}` | {1e3 * t:.1f} | {r['ratios'][name]:.2f} |"
+            )
     return "\n".join(lines)
 
 
 def step_table(results: Mapping[str, Any]) -> str:
-    lines = ["| model | batch | train step | ms per step (amortised) | ratio to SGD-momentum |", "|---|---:|---|---:|---:|"]
+    lines = [
+        "| model | batch | train step | ms per step (amortised) | ratio to SGD-momentum |",
+        "|---|---:|---|---:|---:|",
+    ]
     for model, r in results.items():
         for name, t in r["times"].items():
-            lines.append(f"| {model} | {r['batch']} | {name} | {1e3 * t:.0f} | {r['ratios'][name]:.2f} |")
+            lines.append(
+                f"| {model} | {r['batch']} | {name} | {1e3 * t:.0f} | {r['ratios'][name]:.2f} |"
+            )
     return "\n".join(lines)

@@ -22,8 +22,16 @@ import numpy as np
 from experiments.benchmarks.problems import EMA, INVERSE_PERIOD, L2_REG
 
 __all__ = [
-    "RUNNER", "KFAC_JAX_PINS", "default_kfac_jax_venv", "venv_python", "kfac_jax_venv_ready",
-    "ensure_kfac_jax_venv", "runner_env", "export_npz", "runner_config", "run_kfac_jax_train",
+    "RUNNER",
+    "KFAC_JAX_PINS",
+    "default_kfac_jax_venv",
+    "venv_python",
+    "kfac_jax_venv_ready",
+    "ensure_kfac_jax_venv",
+    "runner_env",
+    "export_npz",
+    "runner_config",
+    "run_kfac_jax_train",
     "KfacJaxServer",
 ]
 
@@ -58,7 +66,9 @@ def ensure_kfac_jax_venv(venv: Path, log: Callable[[str], None] = print) -> Path
     log(f"creating the kfac-jax environment at {venv} ({' '.join(KFAC_JAX_PINS)}) ...")
     venv.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv_python(venv)), "-m", "pip", "install", "--quiet", *KFAC_JAX_PINS], check=True)
+    subprocess.run(
+        [str(venv_python(venv)), "-m", "pip", "install", "--quiet", *KFAC_JAX_PINS], check=True
+    )
     if not kfac_jax_venv_ready(venv):
         raise RuntimeError(f"{venv} was created but does not import kfac_jax")
     return venv_python(venv)
@@ -66,7 +76,9 @@ def ensure_kfac_jax_venv(venv: Path, log: Callable[[str], None] = print) -> Path
 
 def runner_env() -> dict[str, str]:
     """The runner's environment: ours, minus the variables that point at our own venv."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")
+    }
     # Same LAPACK threading as in this process (sofim_optax defaults it to 1 at import).
     if "OPENBLAS_NUM_THREADS" in os.environ:
         env["OPENBLAS_NUM_THREADS"] = os.environ["OPENBLAS_NUM_THREADS"]
@@ -83,8 +95,16 @@ def export_npz(path: Path, x_train: np.ndarray, params: Mapping[str, Any]) -> No
     np.savez(path, **arrays)
 
 
-def runner_config(runs: Sequence[Mapping[str, Any]], *, batch_size: int, seed: int, log_every: int = 10,
-                  eval_examples: int = 10000, eval: bool = True, warmup_steps: int | None = None) -> dict[str, Any]:
+def runner_config(
+    runs: Sequence[Mapping[str, Any]],
+    *,
+    batch_size: int,
+    seed: int,
+    log_every: int = 10,
+    eval_examples: int = 10000,
+    eval: bool = True,
+    warmup_steps: int | None = None,
+) -> dict[str, Any]:
     cfg = {
         "batch_size": batch_size,
         "l2_reg": L2_REG,
@@ -102,12 +122,23 @@ def runner_config(runs: Sequence[Mapping[str, Any]], *, batch_size: int, seed: i
     return cfg
 
 
-def run_kfac_jax_train(python: Path, workdir: Path, data: Path, config: Mapping[str, Any], tag: str,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_kfac_jax_train(
+    python: Path,
+    workdir: Path,
+    data: Path,
+    config: Mapping[str, Any],
+    tag: str,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     cfg_path, out_path = workdir / f"{tag}_config.json", workdir / f"{tag}_out.json"
     cfg_path.write_text(json.dumps(config))
-    proc = subprocess.Popen([str(python), str(RUNNER), "train", str(cfg_path), str(data), str(out_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=runner_env())
+    proc = subprocess.Popen(
+        [str(python), str(RUNNER), "train", str(cfg_path), str(data), str(out_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=runner_env(),
+    )
     assert proc.stdout is not None
     for line in proc.stdout:
         log(f"  kfac-jax: {line.strip()}")
@@ -124,9 +155,14 @@ class KfacJaxServer:
         cfg_path = workdir / "serve_config.json"
         cfg_path.write_text(json.dumps(config))
         self.stderr = open(workdir / "serve_stderr.txt", "w")
-        self.proc = subprocess.Popen([str(python), str(RUNNER), "serve", str(cfg_path), str(data)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                     text=True, env=runner_env())
+        self.proc = subprocess.Popen(
+            [str(python), str(RUNNER), "serve", str(cfg_path), str(data)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=runner_env(),
+        )
         self.ready = self._read()
         if not self.ready.get("ready"):
             raise RuntimeError(f"kfac-jax server did not start: {self.ready}")

@@ -90,7 +90,9 @@ def forward(params, x):
 
 def data_loss(logits, x):
     """Sigmoid cross-entropy summed over pixels, averaged over examples."""
-    per_example = jnp.sum(jnp.maximum(logits, 0) - logits * x + jnp.log1p(jnp.exp(-jnp.abs(logits))), axis=-1)
+    per_example = jnp.sum(
+        jnp.maximum(logits, 0) - logits * x + jnp.log1p(jnp.exp(-jnp.abs(logits))), axis=-1
+    )
     return jnp.mean(per_example)
 
 
@@ -173,7 +175,7 @@ class Contender:
             cache[key] = kfac_jax.Optimizer(**kwargs)
         self.optimizer = cache[key]
         self.rng, init_rng = jax.random.split(self.rng)
-        first = self.x_train[:config["batch_size"]]
+        first = self.x_train[: config["batch_size"]]
         self.state = self.optimizer.init(params0, init_rng, jnp.asarray(first))
         if adaptive:
             self.state.damping = jnp.asarray(run["damping"], self.state.damping.dtype)
@@ -189,11 +191,18 @@ class Contender:
         """One training step; returns the minibatch loss (a device scalar, not synced)."""
         batch = jnp.asarray(self.x_train[next(self.batches)])
         if self.mode == "sgdm":
-            self.params, self.state, loss = self._sgdm_step(self.params, self.state, batch, *self.hyper)
+            self.params, self.state, loss = self._sgdm_step(
+                self.params, self.state, batch, *self.hyper
+            )
         else:
             self.rng, step_rng = jax.random.split(self.rng)
             self.params, self.state, stats = self.optimizer.step(
-                self.params, self.state, step_rng, batch=batch, global_step_int=self.step_index, **self.step_kwargs
+                self.params,
+                self.state,
+                step_rng,
+                batch=batch,
+                global_step_int=self.step_index,
+                **self.step_kwargs,
             )
             loss = stats["loss"]
         self.step_index += 1
@@ -232,7 +241,9 @@ def train(config_path: str, data_path: str, out_path: str) -> None:
         t0 = time.perf_counter()
         losses = [contender.step()]
         contender.block()
-        first_step_time = time.perf_counter() - t0  # includes compilation on the first run of a mode
+        first_step_time = (
+            time.perf_counter() - t0
+        )  # includes compilation on the first run of a mode
         times = [(1, 0.0)]
         wall = 0.0
         t_block = time.perf_counter()
@@ -252,11 +263,21 @@ def train(config_path: str, data_path: str, out_path: str) -> None:
                 "mean_step_time": wall / max(1, steps - 1),
                 "losses": losses,
                 "time_log": times,
-                "final_full_loss": full_loss(contender.params, eval_x, config["l2_reg"]) if config.get("eval", True) else None,
+                "final_full_loss": full_loss(contender.params, eval_x, config["l2_reg"])
+                if config.get("eval", True)
+                else None,
             }
         )
-        print(json.dumps({"done": run["name"], "mean_step_time": results[-1]["mean_step_time"],
-                          "last_loss": losses[-1]}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "done": run["name"],
+                    "mean_step_time": results[-1]["mean_step_time"],
+                    "last_loss": losses[-1],
+                }
+            ),
+            flush=True,
+        )
     with open(out_path, "w") as f:
         json.dump({"library": library_version(), "jax": jax.__version__, "runs": results}, f)
 
@@ -277,8 +298,17 @@ def serve(config_path: str, data_path: str) -> None:
         c.block()
         compile_times[run["name"]] = time.perf_counter() - t0
         contenders[run["name"]] = c
-    print(json.dumps({"ready": True, "library": library_version(), "jax": jax.__version__,
-                      "warmup_times": compile_times}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ready": True,
+                "library": library_version(),
+                "jax": jax.__version__,
+                "warmup_times": compile_times,
+            }
+        ),
+        flush=True,
+    )
     for line in sys.stdin:
         line = line.strip()
         if not line:

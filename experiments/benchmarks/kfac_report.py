@@ -31,7 +31,9 @@ def targets_summary(results: Mapping[str, Any], our_inverse: str) -> list[str]:
     for model, r in results.get("step_time", {}).items():
         for name, ratio in r["ratios"].items():
             if name.startswith("KFAC"):
-                lines.append(f"| KFAC step ≤ 2× SGD-momentum ({model}, {name}) | {ratio:.2f}× | {yes(ratio <= 2.0)} |")
+                lines.append(
+                    f"| KFAC step ≤ 2× SGD-momentum ({model}, {name}) | {ratio:.2f}× | {yes(ratio <= 2.0)} |"
+                )
     ae = results.get("step_time", {}).get("autoencoder", {}).get("times", {})
     for fisher in ("sampled", "empirical"):
         ours = ae.get(f"KFAC ({our_inverse}, {fisher})")
@@ -42,8 +44,10 @@ def targets_summary(results: Mapping[str, Any], our_inverse: str) -> list[str]:
                 if ae.get(SGD_OLD_JAX) and ae.get("SGD-momentum"):
                     own = (ours / ae["SGD-momentum"]) / (ae[other] / ae[SGD_OLD_JAX])
                     norm = f" (each over its own jax's SGD-momentum: {own:.2f}×)"
-                lines.append(f"| per-step time below kfac-jax (ours {our_inverse}/{fisher} vs {other}) | "
-                             f"{ratio:.2f}×{norm} | {yes(ratio < 1.0)} |")
+                lines.append(
+                    f"| per-step time below kfac-jax (ours {our_inverse}/{fisher} vs {other}) | "
+                    f"{ratio:.2f}×{norm} | {yes(ratio < 1.0)} |"
+                )
     cmp = results.get("kfac_jax")
     if cmp and cmp.get("equal_time_s"):
         t = cmp["equal_time_s"]
@@ -53,8 +57,10 @@ def targets_summary(results: Mapping[str, Any], our_inverse: str) -> list[str]:
                 if ours in m and other in m:
                     a, b = m[ours]["loss_at_equal_time"], m[other]["loss_at_equal_time"]
                     ok = np.isfinite(a) and (not np.isfinite(b) or a <= b)
-                    lines.append(f"| training loss at {t:.0f} s ≤ kfac-jax ({LABELS[ours]} vs {LABELS[other]}) | "
-                                 f"{fmt(a)} vs {fmt(b)} | {yes(ok)} |")
+                    lines.append(
+                        f"| training loss at {t:.0f} s ≤ kfac-jax ({LABELS[ours]} vs {LABELS[other]}) | "
+                        f"{fmt(a)} vs {fmt(b)} | {yes(ok)} |"
+                    )
     return lines if len(lines) > 3 else []
 
 
@@ -64,9 +70,13 @@ def comparison_markdown(res, methods, ref_methods, k, say) -> list[str]:
     kfac_end = [res["methods"][m]["step_time"] * steps for m in methods]
     t_eq = min(kfac_end) if kfac_end else None
     res["equal_time_s"] = t_eq
-    header = ("| method | hyperparameters (tuned) | ms per step (interleaved median) | ms per step (this run) | "
-              f"loss after {steps} steps (mean of last {k}) | loss on 10k train images, end of run | "
-              f"loss at {t_eq:.0f} s |" if t_eq else "")
+    header = (
+        "| method | hyperparameters (tuned) | ms per step (interleaved median) | ms per step (this run) | "
+        f"loss after {steps} steps (mean of last {k}) | loss on 10k train images, end of run | "
+        f"loss at {t_eq:.0f} s |"
+        if t_eq
+        else ""
+    )
     lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
     for m in methods + ref_methods:
         r = res["methods"][m]
@@ -76,18 +86,31 @@ def comparison_markdown(res, methods, ref_methods, k, say) -> list[str]:
         r["loss_at_steps"] = at_steps
         r["loss_at_equal_time"] = at_time
         label = LABELS[m] + (f" ({len(r['losses'])} steps)" if len(r["losses"]) != steps else "")
-        interleaved = f"{1e3 * r['step_time']:.0f}" if r["step_time_source"].startswith("interleaved") else "n/a"
-        lines.append(f"| {label} | {hp} | {interleaved} | {1e3 * r['mean_step_time']:.0f} | {fmt(at_steps)} | "
-                     f"{fmt(r.get('final_full_loss'))} | {fmt(at_time)} |")
+        interleaved = (
+            f"{1e3 * r['step_time']:.0f}"
+            if r["step_time_source"].startswith("interleaved")
+            else "n/a"
+        )
+        lines.append(
+            f"| {label} | {hp} | {interleaved} | {1e3 * r['mean_step_time']:.0f} | {fmt(at_steps)} | "
+            f"{fmt(r.get('final_full_loss'))} | {fmt(at_time)} |"
+        )
     table = "\n".join(lines)
     md.append(table)
     say(table)
-    tune_lines = ["\n### Tuning grids (score = mean minibatch loss over the last "
-                  f"{k} of {res['tune_steps']} steps)\n", "| method | point | score |", "|---|---|---:|"]
+    tune_lines = [
+        "\n### Tuning grids (score = mean minibatch loss over the last "
+        f"{k} of {res['tune_steps']} steps)\n",
+        "| method | point | score |",
+        "|---|---|---:|",
+    ]
     for m, t in res["tuning"].items():
         for g in t["grid"]:
             mark = " **(chosen)**" if g["hparams"] == t["best"] else ""
-            tune_lines.append(f"| {LABELS[m]} | {', '.join(f'{a}={b:g}' for a, b in g['hparams'].items())}{mark} | {fmt(g['score'])} |")
+            tune_lines.append(
+                f"| {LABELS[m]} | {', '.join(f'{a}={b:g}' for a, b in g['hparams'].items())}{mark} "
+                f"| {fmt(g['score'])} |"
+            )
     md += tune_lines
     say("\n".join(tune_lines))
     return md
@@ -116,7 +139,9 @@ def plot_curves(res: Mapping[str, Any], path: Path) -> None:
         axes[1].axvline(res["equal_time_s"], color="gray", lw=0.8)
         axes[1].set_xlim(0, 1.5 * res["equal_time_s"])
     axes[0].legend(fontsize=8)
-    fig.suptitle("Deep autoencoder on Fashion-MNIST, batch 1000: sofim_optax KFAC vs kfac-jax 0.0.8")
+    fig.suptitle(
+        "Deep autoencoder on Fashion-MNIST, batch 1000: sofim_optax KFAC vs kfac-jax 0.0.8"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -68,15 +68,24 @@ from experiments.benchmarks.problems import (
     MOMENTUM,
     Problem,
     autoencoder_problem,
-    layer_widths,
     full_loss,
     jitted_step,
+    layer_widths,
     set_hparams,
     train_run,
 )
 from experiments.registry import OPTIMIZERS, grid_points
 
-__all__ = ["METHODS", "GRIDS", "QUICK_GRIDS", "make_tx", "train_step_for", "step_times", "tune_and_train", "main"]
+__all__ = [
+    "METHODS",
+    "GRIDS",
+    "QUICK_GRIDS",
+    "make_tx",
+    "train_step_for",
+    "step_times",
+    "tune_and_train",
+    "main",
+]
 
 METHODS = ("kfac", "kpsvd", "deflation", "kfac_corrected", "lanczos", "adam")
 LABELS = {
@@ -87,8 +96,14 @@ LABELS = {
     "lanczos": "Lanczos",
     "adam": "Adam",
 }
-COLORS = {"kfac": "tab:red", "kpsvd": "tab:green", "deflation": "tab:purple", "kfac_corrected": "tab:blue",
-          "lanczos": "black", "adam": "tab:orange"}
+COLORS = {
+    "kfac": "tab:red",
+    "kpsvd": "tab:green",
+    "deflation": "tab:purple",
+    "kfac_corrected": "tab:blue",
+    "lanczos": "black",
+    "adam": "tab:orange",
+}
 _SECOND_ORDER = {"learning_rate": [0.1, 0.3], "damping": [10.0, 100.0]}
 #: Tuning grids. The damping lives on the scale of the Fisher of a loss summed over 784 pixels
 #: (see experiments.benchmarks.kfac.GRIDS), hence 10–100.
@@ -101,8 +116,14 @@ QUICK_GRIDS: dict[str, dict[str, list[float]]] = {
     "adam": {"learning_rate": [1e-3, 3e-3]},
 }
 #: The registry entry of each method (its train step needs what the entry declares).
-REGISTRY_NAMES = {"kfac": "kfac", "kpsvd": "kpsvd", "deflation": "kpsvd_deflation",
-                  "kfac_corrected": "kfac_corrected", "lanczos": "kpsvd_lanczos", "adam": "adam"}
+REGISTRY_NAMES = {
+    "kfac": "kfac",
+    "kpsvd": "kpsvd",
+    "deflation": "kpsvd_deflation",
+    "kfac_corrected": "kfac_corrected",
+    "lanczos": "kpsvd_lanczos",
+    "adam": "adam",
+}
 _ALIASES = {
     "kfac": sofim_optax.kfac,
     "kpsvd": sofim_optax.kpsvd,
@@ -112,26 +133,51 @@ _ALIASES = {
 }
 
 
-def make_tx(method: str, stats_period: int = 1, inverse_period: int = 20) -> optax.GradientTransformation:
+def make_tx(
+    method: str, stats_period: int = 1, inverse_period: int = 20
+) -> optax.GradientTransformation:
     """The method's alias with ``learning_rate`` (and ``damping``) injected: one compiled step
     serves every grid point (:func:`experiments.benchmarks.problems.set_hparams`)."""
     if method == "adam":
         return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
     alias = _ALIASES[method]
-    kwargs = dict(learning_rate=0.1, momentum=MOMENTUM, damping=100.0, ema=EMA, stats_period=stats_period,
-                  inverse_period=inverse_period)
-    static = ("ema", "stats_period", "inverse_period", "pi_adjusted", "max_iters", "krylov_dim", "indefinite", "inverse")
+    kwargs = dict(
+        learning_rate=0.1,
+        momentum=MOMENTUM,
+        damping=100.0,
+        ema=EMA,
+        stats_period=stats_period,
+        inverse_period=inverse_period,
+    )
+    static = (
+        "ema",
+        "stats_period",
+        "inverse_period",
+        "pi_adjusted",
+        "max_iters",
+        "krylov_dim",
+        "indefinite",
+        "inverse",
+    )
     if method == "kfac":
         kwargs["inverse"] = "eigh"
     params = inspect.signature(alias).parameters
-    return optax.inject_hyperparams(alias, static_args=tuple(a for a in static if a in params))(**kwargs)
+    return optax.inject_hyperparams(alias, static_args=tuple(a for a in static if a in params))(
+        **kwargs
+    )
 
 
 _CACHE: dict[tuple, tuple[optax.GradientTransformation, Callable]] = {}
 
 
-def train_step_for(problem: Problem, method: str, fisher: str = "sampled", stats_period: int = 1,
-                   inverse_period: int = 20, seed: int = 0) -> tuple[optax.GradientTransformation, Callable]:
+def train_step_for(
+    problem: Problem,
+    method: str,
+    fisher: str = "sampled",
+    stats_period: int = 1,
+    inverse_period: int = 20,
+    seed: int = 0,
+) -> tuple[optax.GradientTransformation, Callable]:
     """``(tx, jitted step)``, cached so that timing, tuning and training share one compilation."""
     key = (id(problem), method, fisher, stats_period, inverse_period, seed)
     if key not in _CACHE:
@@ -141,46 +187,89 @@ def train_step_for(problem: Problem, method: str, fisher: str = "sampled", stats
     return _CACHE[key]
 
 
-def step_times(problem: Problem, methods: Sequence[str], rounds: int, block_steps: int, fisher: str,
-               stats_period: int, inverse_period: int, hparams: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+def step_times(
+    problem: Problem,
+    methods: Sequence[str],
+    rounds: int,
+    block_steps: int,
+    fisher: str,
+    stats_period: int,
+    inverse_period: int,
+    hparams: Mapping[str, Mapping[str, float]],
+) -> dict[str, Any]:
     """Median seconds per step of every method in interleaved rounds (KFAC first), and ratios to KFAC's."""
     if block_steps % inverse_period:
-        raise ValueError(f"block_steps={block_steps} must be a multiple of inverse_period={inverse_period}")
+        raise ValueError(
+            f"block_steps={block_steps} must be a multiple of inverse_period={inverse_period}"
+        )
     names = ["kfac"] + [m for m in methods if m != "kfac"]
     runners: dict[str, Callable[[], float]] = {}
     for m in names:
         tx, step = train_step_for(problem, m, fisher, stats_period, inverse_period)
-        timer = training_step_timer(problem, tx, step, warmup_steps=inverse_period + 1, **hparams[m])
+        timer = training_step_timer(
+            problem, tx, step, warmup_steps=inverse_period + 1, **hparams[m]
+        )
         runners[m] = lambda t=timer: t.seconds_per_step(block_steps)
     samples = timing.interleaved_rounds(runners, rounds=rounds)
     times = timing.medians(samples)
-    return {"times": times, "ratios": timing.ratios(times, "kfac"), "samples": samples,
-            "rounds": rounds, "block_steps": block_steps}
+    return {
+        "times": times,
+        "ratios": timing.ratios(times, "kfac"),
+        "samples": samples,
+        "rounds": rounds,
+        "block_steps": block_steps,
+    }
 
 
-def tune_and_train(problem: Problem, x_train: np.ndarray, args: argparse.Namespace, grids: Mapping[str, Any],
-                   say: Callable[[str], None]) -> dict[str, Any]:
+def tune_and_train(
+    problem: Problem,
+    x_train: np.ndarray,
+    args: argparse.Namespace,
+    grids: Mapping[str, Any],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     k = args.select_last
     out: dict[str, Any] = {"tuning": {}, "runs": {}}
     for m in args.methods:
-        tx, step = train_step_for(problem, m, args.fisher, args.stats_period, args.inverse_period, args.seed)
+        tx, step = train_step_for(
+            problem, m, args.fisher, args.stats_period, args.inverse_period, args.seed
+        )
         state0 = tx.init(problem.params)
         scores = []
         points = grid_points(grids[m])
         for hp in points:
-            r = train_run(step, problem.params, set_hparams(state0, **hp), x_train, args.tune_steps,
-                          args.batch_size, args.seed)
+            r = train_run(
+                step,
+                problem.params,
+                set_hparams(state0, **hp),
+                x_train,
+                args.tune_steps,
+                args.batch_size,
+                args.seed,
+            )
             scores.append(mean_last(r["losses"], k))
             say(f"  tune {m} {hp}: mean of last {k} = {scores[-1]:.3f}")
         best = int(np.argmin(scores))
-        out["tuning"][m] = {"grid": [{"hparams": p, "score": s} for p, s in zip(points, scores)], "best": points[best]}
-        r = train_run(step, problem.params, set_hparams(state0, **points[best]), x_train, args.steps,
-                      args.batch_size, args.seed)
+        out["tuning"][m] = {
+            "grid": [{"hparams": p, "score": s} for p, s in zip(points, scores)],
+            "best": points[best],
+        }
+        r = train_run(
+            step,
+            problem.params,
+            set_hparams(state0, **points[best]),
+            x_train,
+            args.steps,
+            args.batch_size,
+            args.seed,
+        )
         r["final_loss_eval"] = full_loss(problem, r.pop("params"), x_train[: args.eval_examples])
         r["hparams"] = points[best]
         out["runs"][m] = r
-        say(f"-> {m} {points[best]}: last-{k} mean {mean_last(r['losses'], k):.3f}, "
-            f"{1e3 * r['mean_step_time']:.0f} ms/step (sequential)")
+        say(
+            f"-> {m} {points[best]}: last-{k} mean {mean_last(r['losses'], k):.3f}, "
+            f"{1e3 * r['mean_step_time']:.0f} ms/step (sequential)"
+        )
     return out
 
 
@@ -188,15 +277,21 @@ def report(res: Mapping[str, Any], args: argparse.Namespace) -> str:
     k, steps = args.select_last, args.steps
     timing = res["step_time"]
     runs = res["train"]["runs"]
-    t_eq = min(timing["times"][m] * steps for m in runs if m != "adam") if any(m != "adam" for m in runs) else None
+    t_eq = (
+        min(timing["times"][m] * steps for m in runs if m != "adam")
+        if any(m != "adam" for m in runs)
+        else None
+    )
     lines = [
         f"Autoencoder {'-'.join(map(str, [784, *args.encoder]))}-…-784 on Fashion-MNIST "
         f"({res['n_train']} training images), batch {args.batch_size}, {args.fisher} Fisher, "
-        f"stats_period {args.stats_period}, inverse_period {args.inverse_period}; {steps} steps after tuning "
-        f"{args.tune_steps} steps per grid point. Step times: median of {timing['rounds']} interleaved rounds of "
+        f"stats_period {args.stats_period}, inverse_period {args.inverse_period}; "
+        f"{steps} steps after tuning {args.tune_steps} steps per grid point. "
+        f"Step times: median of {timing['rounds']} interleaved rounds of "
         f"{timing['block_steps']} steps, KFAC first in each round, on a shared (loaded) CPU.\n",
         f"| method | hyperparameters (selected) | ms per step (interleaved median) | × KFAC | "
-        f"loss after {steps} steps (mean of last {k}) | loss on {min(args.eval_examples, res['n_train'])} train images, end | "
+        f"loss after {steps} steps (mean of last {k}) | "
+        f"loss on {min(args.eval_examples, res['n_train'])} train images, end | "
         f"loss at {fmt(t_eq, 1)} s (KFAC-family's earliest end) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -207,14 +302,24 @@ def report(res: Mapping[str, Any], args: argparse.Namespace) -> str:
         st = timing["times"][m]
         hp = ", ".join(f"{a}={b:g}" for a, b in r["hparams"].items())
         at_t = loss_at_time(r["losses"], st, t_eq, k) if t_eq else math.nan
-        lines.append(f"| {LABELS[m]} | {hp} | {1e3 * st:.0f} | {timing['ratios'][m]:.2f} | "
-                     f"{fmt(mean_last(r['losses'], k), 3)} | {fmt(r['final_loss_eval'], 3)} | {fmt(at_t, 3)} |")
-    lines += ["", f"Tuning (score = mean minibatch loss over the last {k} of {args.tune_steps} steps; lowest wins):", "",
-              "| method | point | score |", "|---|---|---:|"]
+        lines.append(
+            f"| {LABELS[m]} | {hp} | {1e3 * st:.0f} | {timing['ratios'][m]:.2f} | "
+            f"{fmt(mean_last(r['losses'], k), 3)} | {fmt(r['final_loss_eval'], 3)} | {fmt(at_t, 3)} |"
+        )
+    lines += [
+        "",
+        f"Tuning (score = mean minibatch loss over the last {k} of {args.tune_steps} steps; lowest wins):",
+        "",
+        "| method | point | score |",
+        "|---|---|---:|",
+    ]
     for m, t in res["train"]["tuning"].items():
         for g in t["grid"]:
             mark = " **(selected)**" if g["hparams"] == t["best"] else ""
-            lines.append(f"| {LABELS[m]} | {', '.join(f'{a}={b:g}' for a, b in g['hparams'].items())}{mark} | {fmt(g['score'], 3)} |")
+            lines.append(
+                f"| {LABELS[m]} | {', '.join(f'{a}={b:g}' for a, b in g['hparams'].items())}{mark} "
+                f"| {fmt(g['score'], 3)} |"
+            )
     return "\n".join(lines)
 
 
@@ -231,34 +336,59 @@ def plot(res: Mapping[str, Any], args: argparse.Namespace, path: Path) -> None:
         steps = np.arange(1, len(sm) + 1)
         style = "--" if m == "adam" else "-"
         axes[0].plot(steps, sm, style, color=COLORS[m], label=LABELS[m])
-        axes[1].plot(steps * res["step_time"]["times"][m], sm, style, color=COLORS[m], label=LABELS[m])
+        axes[1].plot(
+            steps * res["step_time"]["times"][m], sm, style, color=COLORS[m], label=LABELS[m]
+        )
     for ax, xl in zip(axes, ("step", "wall time (s) = steps × interleaved median step time")):
         ax.set_xlabel(xl)
         ax.set_ylabel(f"training loss (mean of last {k} minibatches)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Autoencoder {args.encoder} on Fashion-MNIST, batch {args.batch_size} (CPU, shared/loaded)", fontsize=10)
+    fig.suptitle(
+        f"Autoencoder {args.encoder} on Fashion-MNIST, batch {args.batch_size} (CPU, shared/loaded)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="runs/benchmark_kpsvd")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--encoder", type=layer_widths, default=(1000, 500, 250, 30), help="encoder widths, e.g. 256,64,16")
-    p.add_argument("--train-examples", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--eval-examples", type=int, default=10000, help="images for the end-of-run loss")
+    p.add_argument(
+        "--encoder",
+        type=layer_widths,
+        default=(1000, 500, 250, 30),
+        help="encoder widths, e.g. 256,64,16",
+    )
+    p.add_argument(
+        "--train-examples", type=int, default=None, help="use only the first N training images"
+    )
+    p.add_argument(
+        "--eval-examples", type=int, default=10000, help="images for the end-of-run loss"
+    )
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated subset of " + ",".join(METHODS),
+    )
     p.add_argument("--fisher", choices=("sampled", "empirical"), default="sampled")
     p.add_argument("--steps", type=int, default=300, help="training steps of the final runs")
     p.add_argument("--tune-steps", type=int, default=50)
     p.add_argument("--select-last", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    p.add_argument("--block-steps", type=int, default=20, help="steps per timed block (multiple of --inverse-period)")
+    p.add_argument(
+        "--block-steps",
+        type=int,
+        default=20,
+        help="steps per timed block (multiple of --inverse-period)",
+    )
     p.add_argument("--stats-period", type=int, default=1)
     p.add_argument("--inverse-period", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="smaller grids (QUICK_GRIDS)")
@@ -284,29 +414,55 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    ds = datasets.to_float_arrays(datasets.load_fashion_mnist(args.data_dir, download=False), flatten=True)
+    ds = datasets.to_float_arrays(
+        datasets.load_fashion_mnist(args.data_dir, download=False), flatten=True
+    )
     x_train = ds.x_train[: args.train_examples] if args.train_examples else ds.x_train
     problem = autoencoder_problem(args.batch_size, encoder=args.encoder, x=x_train, seed=args.seed)
     grids = QUICK_GRIDS if args.quick else GRIDS
     res: dict[str, Any] = {
         "args": vars(args) | {"encoder": list(args.encoder)},
-        "versions": {"jax": jax.__version__, "optax": optax.__version__, "sofim_optax": sofim_optax.__version__},
-        "device": f"{jax.default_backend()}, {os.cpu_count()} CPUs (shared with other jobs: timings under load)",
-        "grids": grids, "n_train": len(x_train),
+        "versions": {
+            "jax": jax.__version__,
+            "optax": optax.__version__,
+            "sofim_optax": sofim_optax.__version__,
+        },
+        "device": (
+            f"{jax.default_backend()}, {os.cpu_count()} CPUs "
+            "(shared with other jobs: timings under load)"
+        ),
+        "grids": grids,
+        "n_train": len(x_train),
     }
     say(f"## Tuning and training ({res['device']})")
     res["train"] = tune_and_train(problem, x_train, args, grids, say)
     say("## Per-step time (interleaved rounds)")
     hps = {m: res["train"]["tuning"][m]["best"] for m in args.methods}
-    res["step_time"] = step_times(problem, args.methods, args.rounds, args.block_steps, args.fisher,
-                                  args.stats_period, args.inverse_period, hps)
-    (out / "results.json").write_text(json.dumps(jsonable(res), indent=1))  # before reporting, in case it fails
+    res["step_time"] = step_times(
+        problem,
+        args.methods,
+        args.rounds,
+        args.block_steps,
+        args.fisher,
+        args.stats_period,
+        args.inverse_period,
+        hps,
+    )
+    (out / "results.json").write_text(
+        json.dumps(jsonable(res), indent=1)
+    )  # before reporting, in case it fails
     table = report(res, args)
     say(table)
     res["total_time_s"] = time.perf_counter() - t0
-    cmd = "python -m experiments.benchmarks.kpsvd " + " ".join(
-        f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
-        for k, v in vars(args).items() if k not in ("out", "data_dir", "quick") and v is not None) + (" --quick" if args.quick else "")
+    cmd = (
+        "python -m experiments.benchmarks.kpsvd "
+        + " ".join(
+            f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+            for k, v in vars(args).items()
+            if k not in ("out", "data_dir", "quick") and v is not None
+        )
+        + (" --quick" if args.quick else "")
+    )
     (out / "table.md").write_text(f"# KPSVD family benchmark\n\n`{cmd}`\n\n{table}\n")
     (out / "results.json").write_text(json.dumps(jsonable(res), indent=1))
     plot(res, args, out / "curves.png")

@@ -71,11 +71,15 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     # A first quick run (10 000 images, 3 epochs) with lr (0.003, 0.01, 0.03) x damping (1e-3, 1e-2)
     # reached 0.80 only with lr 0.003 / damping 1e-2; damping 1e-3 (and lr 0.01 with 1e-2) killed the
     # network (test accuracy 0.10). Hence this grid, shifted to smaller lr and larger damping.
-    "mbf": [{"learning_rate": lr, "damping": d} for lr in (0.001, 0.003, 0.01) for d in (1e-2, 1e-1)],
+    "mbf": [
+        {"learning_rate": lr, "damping": d} for lr in (0.001, 0.003, 0.01) for d in (1e-2, 1e-1)
+    ],
 }
 
 
-def make_optimizer(name: str, hp: dict[str, Any], dense_block_size: Any = 64) -> optax.GradientTransformation:
+def make_optimizer(
+    name: str, hp: dict[str, Any], dense_block_size: Any = 64
+) -> optax.GradientTransformation:
     if name == "sgdm":
         return optax.sgd(hp["learning_rate"], momentum=0.9)
     if name == "adam":
@@ -118,7 +122,9 @@ def _problem(name: str, args) -> tuple[Any, Callable, tuple]:
     return params, loss, batch
 
 
-def _with_statistics_kept_live(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def _with_statistics_kept_live(
+    tx: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
     """``tx`` taking ``layer_stats`` and ignoring them, but keeping them live (adds ``0 ×`` their
     sum to the gradient) so that XLA does not drop the capture: the capture's cost alone."""
 
@@ -136,10 +142,22 @@ def benchmark_step_time(name: str, args) -> dict[str, Any]:
     mbf_needs = OPTIMIZERS["mbf"].needs
     kinds = {  # kind: (optimizer, what its step captures)
         "sgdm": (optax.sgd(0.01, momentum=0.9), OPTIMIZERS["sgdm"].needs),
-        "sgdm + capture": (_with_statistics_kept_live(optax.sgd(0.01, momentum=0.9)), ("layer_stats",)),
-        "mbf plain": (sofim_optax.mbf(1e-3, stats_period=HUGE, inverse_period=HUGE, dense_block_size=bs), mbf_needs),
-        "mbf stats": (sofim_optax.mbf(1e-3, stats_period=1, inverse_period=HUGE, dense_block_size=bs), mbf_needs),
-        "mbf full": (sofim_optax.mbf(1e-3, stats_period=1, inverse_period=1, dense_block_size=bs), mbf_needs),
+        "sgdm + capture": (
+            _with_statistics_kept_live(optax.sgd(0.01, momentum=0.9)),
+            ("layer_stats",),
+        ),
+        "mbf plain": (
+            sofim_optax.mbf(1e-3, stats_period=HUGE, inverse_period=HUGE, dense_block_size=bs),
+            mbf_needs,
+        ),
+        "mbf stats": (
+            sofim_optax.mbf(1e-3, stats_period=1, inverse_period=HUGE, dense_block_size=bs),
+            mbf_needs,
+        ),
+        "mbf full": (
+            sofim_optax.mbf(1e-3, stats_period=1, inverse_period=1, dense_block_size=bs),
+            mbf_needs,
+        ),
     }
     timers, sizes = {}, {}
     for kind, (tx, needs) in kinds.items():
@@ -153,11 +171,17 @@ def benchmark_step_time(name: str, args) -> dict[str, Any]:
         state = jax.jit(tx.init)(params)
         sizes[kind] = state_bytes(state)
         # Two warm-up steps: the compilation and step 0's refreshes.
-        timers[kind] = timing.StepTimer(jax.jit(step, donate_argnums=(1,)), (params, state) + tuple(batch),
-                                        warmup_steps=2)
-        print(f"  [{name}] {kind}: compiled and warmed up in {timers[kind].warmup_seconds:.1f} s", flush=True)
-    times = timing.interleaved_rounds({k: lambda t=t: t.seconds_per_step(args.steps) for k, t in timers.items()},
-                                      rounds=args.rounds)
+        timers[kind] = timing.StepTimer(
+            jax.jit(step, donate_argnums=(1,)), (params, state) + tuple(batch), warmup_steps=2
+        )
+        print(
+            f"  [{name}] {kind}: compiled and warmed up in {timers[kind].warmup_seconds:.1f} s",
+            flush=True,
+        )
+    times = timing.interleaved_rounds(
+        {k: lambda t=t: t.seconds_per_step(args.steps) for k, t in timers.items()},
+        rounds=args.rounds,
+    )
     med = timing.medians(times)
     base = med["sgdm"]
     plain, stats_t, full = med["mbf plain"], med["mbf stats"], med["mbf full"]
@@ -227,8 +251,15 @@ def train_cnn(name: str, hp: dict[str, Any], data, args, seed: int = 0) -> dict[
             hit_epoch, hit_time = epoch, wall
         if diverged:
             break
-    return {"optimizer": name, "hp": hp, "curve": curve, "epochs_to_target": hit_epoch, "wall_to_target_s": hit_time,
-            "final_acc": curve[-1]["test_acc"], "diverged": diverged}
+    return {
+        "optimizer": name,
+        "hp": hp,
+        "curve": curve,
+        "epochs_to_target": hit_epoch,
+        "wall_to_target_s": hit_time,
+        "final_acc": curve[-1]["test_acc"],
+        "diverged": diverged,
+    }
 
 
 def grids_with_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -246,15 +277,23 @@ def grids_with_overrides(overrides: dict[str, dict[str, Any]]) -> dict[str, list
 def convergence(args) -> dict[str, Any]:
     ds = datasets.to_float_arrays(datasets.load_fashion_mnist(download=False))
     n = args.train_size or len(ds.x_train)
-    data = (jnp.asarray(ds.x_train[:n]), jnp.asarray(ds.y_train[:n]), jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+    data = (
+        jnp.asarray(ds.x_train[:n]),
+        jnp.asarray(ds.y_train[:n]),
+        jnp.asarray(ds.x_test),
+        jnp.asarray(ds.y_test),
+    )
     grids = grids_with_overrides(harness.parse_overrides(args.set))
     results = {}
     for name in args.optimizers.split(","):
         runs = []
         for hp in grids[name]:
             r = train_cnn(name, hp, data, args)
-            print(f"  {name} {hp}: epochs to {args.target:.2f}: {r['epochs_to_target']}, "
-                  f"final acc {r['final_acc']:.4f}, train time {r['curve'][-1]['wall_s']:.1f} s", flush=True)
+            print(
+                f"  {name} {hp}: epochs to {args.target:.2f}: {r['epochs_to_target']}, "
+                f"final acc {r['final_acc']:.4f}, train time {r['curve'][-1]['wall_s']:.1f} s",
+                flush=True,
+            )
             runs.append(r)
         key = lambda r: (r["epochs_to_target"] is None, r["epochs_to_target"] or 0, -r["final_acc"])
         results[name] = {"selected": min(runs, key=key), "grid": runs}
@@ -265,27 +304,43 @@ def convergence(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--parts", default="step_time,convergence")
     parser.add_argument("--models", default="autoencoder,cnn", help="step_time models")
     parser.add_argument("--ae-encoder", default="1000,500,250,30")
     parser.add_argument("--ae-batch", type=int, default=1000)
     parser.add_argument("--cnn-batch", type=int, default=128)
-    parser.add_argument("--dense-block-size", type=lambda s: None if s == "none" else int(s),
-                        default=64, help='MBF dense_block_size: an int (default 64) or "none"')
+    parser.add_argument(
+        "--dense-block-size",
+        type=lambda s: None if s == "none" else int(s),
+        default=64,
+        help='MBF dense_block_size: an int (default 64) or "none"',
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")
     parser.add_argument("--optimizers", default="sgdm,adam,mbf")
-    parser.add_argument("--train-size", type=int, default=0, help="training images used (0: all 60000)")
+    parser.add_argument(
+        "--train-size", type=int, default=0, help="training images used (0: all 60000)"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--target", type=float, default=0.88, help="test accuracy target")
-    parser.add_argument("--set", action="append", default=[], metavar="OPT.PARAM=VALUE",
-                        help="train OPT at this one point instead of its grid (repeatable), "
-                             "e.g. --set mbf.learning_rate=0.001 --set mbf.damping=0.01")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPT.PARAM=VALUE",
+        help="train OPT at this one point instead of its grid (repeatable), "
+        "e.g. --set mbf.learning_rate=0.001 --set mbf.damping=0.01",
+    )
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    print(f"jax {jax.__version__} on {jax.default_backend()}; dense_block_size={args.dense_block_size}", flush=True)
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()}; dense_block_size={args.dense_block_size}",
+        flush=True,
+    )
     out: dict[str, Any] = {"args": vars(args)}
     if "step_time" in parts:
         out["step_time"] = []
@@ -303,20 +358,29 @@ def main(argv: list[str] | None = None) -> None:
         for r in out["step_time"]:
             for kind, ms in r["medians_ms"].items():
                 print(f"| {r['model']} | {kind} | {ms:.1f} | {r['ratios'][kind]:.2f} |")
-        print("\n| model | parameters (MB) | SGD-m state (MB) | MBF state (MB) | MBF / SGD-m state |")
+        print(
+            "\n| model | parameters (MB) | SGD-m state (MB) | MBF state (MB) | MBF / SGD-m state |"
+        )
         print("|---|---:|---:|---:|---:|")
         for r in out["step_time"]:
             s = r["state_bytes"]
-            print(f"| {r['model']} | {r['param_bytes'] / 2**20:.1f} | {s['sgdm'] / 2**20:.1f} | {s['mbf'] / 2**20:.1f} | "
-                  f"{s['mbf'] / s['sgdm']:.1f} |")
+            print(
+                f"| {r['model']} | {r['param_bytes'] / 2**20:.1f} | {s['sgdm'] / 2**20:.1f} "
+                f"| {s['mbf'] / 2**20:.1f} | {s['mbf'] / s['sgdm']:.1f} |"
+            )
     if "convergence" in parts:
         out["convergence"] = convergence(args)
-        print(f"\n| optimizer | selected hyperparameters | epochs to {args.target:.2f} | train time to target (s) | final test acc |")
+        print(
+            f"\n| optimizer | selected hyperparameters | epochs to {args.target:.2f} "
+            "| train time to target (s) | final test acc |"
+        )
         print("|---|---|---:|---:|---:|")
         for name, r in out["convergence"].items():
             s = r["selected"]
             wall = "—" if s["wall_to_target_s"] is None else f"{s['wall_to_target_s']:.1f}"
-            print(f"| {name} | {s['hp']} | {s['epochs_to_target'] or '—'} | {wall} | {s['final_acc']:.4f} |")
+            print(
+                f"| {name} | {s['hp']} | {s['epochs_to_target'] or '—'} | {wall} | {s['final_acc']:.4f} |"
+            )
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(out, indent=1, default=str))

@@ -27,9 +27,19 @@ from experiments.step import make_train_step
 from sofim_optax.curvature import losses
 
 __all__ = [
-    "L2_REG", "MOMENTUM", "INVERSE_PERIOD", "EMA",
-    "Problem", "autoencoder_problem", "cnn_problem", "jitted_step", "set_hparams", "copy_tree",
-    "train_run", "full_loss", "layer_widths",
+    "L2_REG",
+    "MOMENTUM",
+    "INVERSE_PERIOD",
+    "EMA",
+    "Problem",
+    "autoencoder_problem",
+    "cnn_problem",
+    "jitted_step",
+    "set_hparams",
+    "copy_tree",
+    "train_run",
+    "full_loss",
+    "layer_widths",
 ]
 
 L2_REG = 1e-5
@@ -41,7 +51,15 @@ EMA = 0.95
 class Problem:
     """A model, its loss and a batch: ``loss_fn(params, *batch)``, params the inner Flax dict."""
 
-    def __init__(self, name: str, model: nn.Module, loss: Callable, batch: tuple, l2_reg: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        loss: Callable,
+        batch: tuple,
+        l2_reg: float = 0.0,
+        seed: int = 0,
+    ):
         self.name = name
         self.model = model
         self.batch = tuple(jnp.asarray(b) for b in batch)
@@ -53,31 +71,57 @@ class Problem:
         logits = self.model.apply({"params": params}, x)
         value = self._loss(logits, x, *rest)
         if self.l2_reg:
-            kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if "kernel" in jax.tree_util.keystr(path)]
+            kernels = [
+                leaf
+                for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                if "kernel" in jax.tree_util.keystr(path)
+            ]
             value = value + 0.5 * self.l2_reg * sum(jnp.sum(jnp.square(k)) for k in kernels)
         return value
 
 
 def autoencoder_problem(
-    batch_size: int = 1000, encoder: Sequence[int] = (1000, 500, 250, 30), x: np.ndarray | None = None,
-    l2_reg: float = L2_REG, seed: int = 0,
+    batch_size: int = 1000,
+    encoder: Sequence[int] = (1000, 500, 250, 30),
+    x: np.ndarray | None = None,
+    l2_reg: float = L2_REG,
+    seed: int = 0,
 ) -> Problem:
     """The deep autoencoder with the sigmoid cross-entropy summed over pixels (registered for
     the sampled Fisher) plus ``½·l2_reg·Σ‖W‖²``; ``x`` defaults to uniform random pixels."""
     if x is None:
         x = np.random.default_rng(seed).random((batch_size, 784), dtype=np.float32)
     model = models.Autoencoder(encoder=tuple(encoder), output_dim=x.shape[1])
-    return Problem("autoencoder", model, lambda logits, x: losses.sigmoid_binary_cross_entropy(logits, x), (x[:batch_size],), l2_reg, seed)
+    return Problem(
+        "autoencoder",
+        model,
+        lambda logits, x: losses.sigmoid_binary_cross_entropy(logits, x),
+        (x[:batch_size],),
+        l2_reg,
+        seed,
+    )
 
 
-def cnn_problem(batch_size: int = 128, seed: int = 0, channels: Sequence[int] = (32, 64), hidden: int = 128,
-                side: int = 28) -> Problem:
+def cnn_problem(
+    batch_size: int = 128,
+    seed: int = 0,
+    channels: Sequence[int] = (32, 64),
+    hidden: int = 128,
+    side: int = 28,
+) -> Problem:
     """``SmallCNN`` on random ``side×side`` images with softmax cross-entropy (registered)."""
     rng = np.random.default_rng(seed)
     x = rng.random((batch_size, side, side, 1), dtype=np.float32)
     y = rng.integers(0, 10, batch_size).astype(np.int32)
     model = models.SmallCNN(channels=tuple(channels), hidden=hidden)
-    return Problem("SmallCNN", model, lambda logits, x, y: losses.softmax_cross_entropy(logits, y), (x, y), 0.0, seed)
+    return Problem(
+        "SmallCNN",
+        model,
+        lambda logits, x, y: losses.softmax_cross_entropy(logits, y),
+        (x, y),
+        0.0,
+        seed,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -85,8 +129,14 @@ def cnn_problem(batch_size: int = 128, seed: int = 0, channels: Sequence[int] = 
 # --------------------------------------------------------------------------------------
 
 
-def jitted_step(problem: Problem, tx: optax.GradientTransformation, *, needs: Sequence[str],
-                fisher: str = "empirical", seed: int = 0) -> Callable:
+def jitted_step(
+    problem: Problem,
+    tx: optax.GradientTransformation,
+    *,
+    needs: Sequence[str],
+    fisher: str = "empirical",
+    seed: int = 0,
+) -> Callable:
     """The jitted ``step(params, opt_state, step_index, *batch) -> (params, opt_state, loss)``.
 
     ``needs`` are the optimizer's (``OPTIMIZERS[name].needs``); with ``fisher="sampled"`` the
@@ -117,7 +167,13 @@ def copy_tree(tree: Any) -> Any:
 
 
 def train_run(
-    step: Callable, params0: Any, opt_state0: Any, x_train: np.ndarray, steps: int, batch_size: int, seed: int,
+    step: Callable,
+    params0: Any,
+    opt_state0: Any,
+    x_train: np.ndarray,
+    steps: int,
+    batch_size: int,
+    seed: int,
     log_every: int = 10,
 ) -> dict[str, Any]:
     """Trains with ``step`` on minibatches of ``x_train`` drawn by :func:`batch_indices`.

@@ -34,13 +34,21 @@ from experiments.step import make_train_step
 CONTENDERS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
     "sgdm": ("sgdm", lambda: optax.sgd(0.05, momentum=0.9)),
     "sofim (global)": ("sofim", lambda: sofim_optax.sofim(0.5, damping=0.5)),
-    "sofim (per_tensor)": ("sofim", lambda: sofim_optax.sofim(0.5, damping=0.5, scope="per_tensor")),
-    "sofim (mini_block 1024)": ("sofim", lambda: sofim_optax.sofim(0.5, damping=0.5, scope="mini_block", block_size=1024)),
+    "sofim (per_tensor)": (
+        "sofim",
+        lambda: sofim_optax.sofim(0.5, damping=0.5, scope="per_tensor"),
+    ),
+    "sofim (mini_block 1024)": (
+        "sofim",
+        lambda: sofim_optax.sofim(0.5, damping=0.5, scope="mini_block", block_size=1024),
+    ),
     "adam": ("adam", lambda: optax.adam(1e-3)),
 }
 
 
-def benchmark_model(model_name: str, batch_size: int, rounds: int, steps: int, seed: int = 0) -> dict[str, dict[str, float]]:
+def benchmark_model(
+    model_name: str, batch_size: int, rounds: int, steps: int, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Median seconds per step of every contender's train step and update alone, interleaved."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.random((batch_size, 28, 28, 1), dtype=np.float32))
@@ -67,34 +75,52 @@ def benchmark_model(model_name: str, batch_size: int, rounds: int, steps: int, s
             return optax.apply_updates(p, u), s
 
         # Compiled and warmed up (3 steps) when made.
-        timers[name, "train step"] = timing.StepTimer(jax.jit(train), (params, tx.init(params)), warmup_steps=3)
-        timers[name, "update only"] = timing.StepTimer(jax.jit(update_only), (params, tx.init(params)), warmup_steps=3)
+        timers[name, "train step"] = timing.StepTimer(
+            jax.jit(train), (params, tx.init(params)), warmup_steps=3
+        )
+        timers[name, "update only"] = timing.StepTimer(
+            jax.jit(update_only), (params, tx.init(params)), warmup_steps=3
+        )
 
     blocks = {"train step": steps, "update only": steps * 4}
     samples = timing.interleaved_rounds(
-        {key: lambda t=t, n=blocks[key[1]]: t.seconds_per_step(n) for key, t in timers.items()}, rounds=rounds)
+        {key: lambda t=t, n=blocks[key[1]]: t.seconds_per_step(n) for key, t in timers.items()},
+        rounds=rounds,
+    )
     times = timing.medians(samples)
     return {name: {kind: times[name, kind] for kind in blocks} for name in CONTENDERS}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed block (update-only blocks use 4x)")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="steps per timed block (update-only blocks use 4x)"
+    )
     args = parser.parse_args(argv)
 
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); batch {args.batch_size}; "
-          f"median of {args.rounds} interleaved rounds")
-    print("| model | optimizer | train step (ms) | ratio to SGD-m | update only (ms) | ratio to SGD-m |")
+    print(
+        f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}); "
+        f"batch {args.batch_size}; median of {args.rounds} interleaved rounds"
+    )
+    print(
+        "| model | optimizer | train step (ms) | ratio to SGD-m | update only (ms) | ratio to SGD-m |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
         res = benchmark_model(model_name, args.batch_size, args.rounds, args.steps)
         base = res["sgdm"]
         for name, r in res.items():
-            print(f"| {model_name} | {name} | {1e3 * r['train step']:.3f} | {r['train step'] / base['train step']:.3f} | "
-                  f"{1e3 * r['update only']:.4f} | {r['update only'] / base['update only']:.3f} |", flush=True)
+            print(
+                f"| {model_name} | {name} | {1e3 * r['train step']:.3f} "
+                f"| {r['train step'] / base['train step']:.3f} "
+                f"| {1e3 * r['update only']:.4f} | {r['update only'] / base['update only']:.3f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,14 @@
 """Data sets of the experiments: Fashion-MNIST and MNIST (IDX), CIFAR-10/100, SVHN, CURVES, FACES.
 
 :func:`load_arrays` is the entry point of the CLIs. The IDX sets are described in
-:mod:`experiments.datasets.idx`; the others (upstream URLs, published checksums, formats) in
-:mod:`experiments.datasets.remote`. Every set has a fixture
-generator writing small files in the real format (``write_fixture_*``), and a
-corrupt, truncated or wrong-format file raises :class:`DatasetFormatError`
-naming it.
+:mod:`experiments.datasets.idx`; the others (upstream URLs, published checksums, formats)
+in :mod:`experiments.datasets.remote`. Every set has a fixture generator writing small
+files in the real format (``write_fixture_*``), and a corrupt, truncated or wrong-format
+file raises :class:`DatasetFormatError` naming it.
 
 Modules: :mod:`~experiments.datasets.download` (the one download-and-verify path, the cache
-folder, the error types), :mod:`~experiments.datasets.idx` (Fashion-MNIST, MNIST),
+folder, the error types), :mod:`~experiments.datasets.idx_format` (reading and writing IDX
+files), :mod:`~experiments.datasets.idx` (Fashion-MNIST, MNIST),
 :mod:`~experiments.datasets.remote` (CIFAR-10/100, SVHN, CURVES, FACES),
 :mod:`~experiments.datasets.fixtures`.
 """
@@ -40,14 +40,12 @@ from experiments.datasets.idx import (
     SYSTEM_DATA_DIRS,
     Dataset,
     FloatDataset,
-    encode_idx,
     load_fashion_mnist,
     load_mnist,
-    read_idx,
     to_float_arrays,
     write_fixture_idx,
-    write_idx,
 )
+from experiments.datasets.idx_format import encode_idx, read_idx, write_idx
 from experiments.datasets.remote import (
     FACES_TEST,
     FACES_TRAIN,
@@ -62,13 +60,42 @@ from experiments.datasets.remote import (
 )
 
 __all__ = [
-    "DatasetFormatError", "DatasetDownloadError", "Dataset", "FloatDataset", "ENV_VAR",
-    "IDX_FILES", "FASHION_MNIST_SHA256", "MNIST_SHA256", "SYSTEM_DATA_DIRS", "FASHION_MNIST_URL",
-    "MNIST_URL", "RemoteFile", "REMOTE_FILES", "IDX_GZ_MD5", "FACES_TRAIN", "FACES_TEST",
-    "read_idx", "encode_idx", "write_idx", "load_fashion_mnist", "load_mnist", "load_cifar",
-    "load_svhn", "load_curves", "load_faces", "locate_files", "default_cache_dir", "to_float_arrays",
-    "write_fixture_idx", "write_fixture_cifar", "write_fixture_svhn", "write_fixture_curves",
-    "write_fixture_faces", "NUM_CLASSES", "RECONSTRUCTION", "load_arrays",
+    "DatasetFormatError",
+    "DatasetDownloadError",
+    "Dataset",
+    "FloatDataset",
+    "ENV_VAR",
+    "IDX_FILES",
+    "FASHION_MNIST_SHA256",
+    "MNIST_SHA256",
+    "SYSTEM_DATA_DIRS",
+    "FASHION_MNIST_URL",
+    "MNIST_URL",
+    "RemoteFile",
+    "REMOTE_FILES",
+    "IDX_GZ_MD5",
+    "FACES_TRAIN",
+    "FACES_TEST",
+    "read_idx",
+    "encode_idx",
+    "write_idx",
+    "load_fashion_mnist",
+    "load_mnist",
+    "load_cifar",
+    "load_svhn",
+    "load_curves",
+    "load_faces",
+    "locate_files",
+    "default_cache_dir",
+    "to_float_arrays",
+    "write_fixture_idx",
+    "write_fixture_cifar",
+    "write_fixture_svhn",
+    "write_fixture_curves",
+    "write_fixture_faces",
+    "NUM_CLASSES",
+    "RECONSTRUCTION",
+    "load_arrays",
 ]
 
 _EXTRA_LOADERS = {
@@ -79,9 +106,20 @@ _EXTRA_LOADERS = {
     "faces": lambda **kw: load_faces(kw.pop("data_dir"), **kw),
 }
 
-NUM_CLASSES: dict[str, int] = {"fashion-mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+NUM_CLASSES: dict[str, int] = {
+    "fashion-mnist": 10,
+    "mnist": 10,
+    "cifar10": 10,
+    "cifar100": 100,
+    "svhn": 10,
+}
 # Autoencoder loss per data set: Bernoulli (sigmoid cross-entropy) or Gaussian (squared error).
-RECONSTRUCTION: dict[str, str] = {"fashion-mnist": "bernoulli", "mnist": "bernoulli", "curves": "bernoulli", "faces": "gaussian"}
+RECONSTRUCTION: dict[str, str] = {
+    "fashion-mnist": "bernoulli",
+    "mnist": "bernoulli",
+    "curves": "bernoulli",
+    "faces": "gaussian",
+}
 
 
 def load_arrays(
@@ -98,10 +136,16 @@ def load_arrays(
     ``flatten``. CURVES and FACES are always flat (784 and 625 values).
     """
     if name == "fashion-mnist":
-        return to_float_arrays(load_fashion_mnist(data_dir, verify=verify, download=download), flatten=flatten)
+        return to_float_arrays(
+            load_fashion_mnist(data_dir, verify=verify, download=download), flatten=flatten
+        )
     if name == "mnist":
-        return to_float_arrays(load_mnist(data_dir, verify=verify, download=download), flatten=flatten)
+        return to_float_arrays(
+            load_mnist(data_dir, verify=verify, download=download), flatten=flatten
+        )
     loaders = _EXTRA_LOADERS
     if name not in loaders:
-        raise ValueError(f"unknown data set {name!r}; known: {sorted(['fashion-mnist', 'mnist', *loaders])}")
+        raise ValueError(
+            f"unknown data set {name!r}; known: {sorted(['fashion-mnist', 'mnist', *loaders])}"
+        )
     return loaders[name](data_dir=data_dir, verify=verify, download=download, flatten=flatten)

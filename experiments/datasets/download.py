@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 __all__ = [
-    "ENV_VAR", "PathLike", "DatasetFormatError", "DatasetDownloadError", "default_cache_dir",
-    "file_digest", "download_verified",
+    "ENV_VAR",
+    "PathLike",
+    "DatasetFormatError",
+    "DatasetDownloadError",
+    "default_cache_dir",
+    "file_digest",
+    "download_verified",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -44,7 +49,6 @@ def default_cache_dir(set_name: str) -> Path:
     return base / "sofim_optax" / set_name
 
 
-
 def file_digest(path: Path, algorithm: str) -> str:
     """The hex digest of ``path`` with ``algorithm`` (``hashlib`` name), read in chunks."""
     digest = hashlib.new(algorithm)
@@ -54,9 +58,9 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-
-def download_verified(url: str, dest: Path, *, check: Optional[Callable[[Path, str], None]],
-                      help_text: str) -> None:
+def download_verified(
+    url: str, dest: Path, *, check: Optional[Callable[[Path, str], None]], help_text: str
+) -> None:
     """Downloads ``url`` to ``dest`` atomically, checked before the rename.
 
     Args:

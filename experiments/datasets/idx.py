@@ -1,9 +1,7 @@
-"""Fashion-MNIST and MNIST: the IDX format, where the files are looked up, the loaders.
+"""Fashion-MNIST and MNIST: where the IDX files are looked up, how they are checked, the loaders.
 
-
-IDX sets.
-
-The IDX loaders use only numpy and the standard library.  The four files of each set
+The file format itself (reading, parsing, writing) is in
+:mod:`experiments.datasets.idx_format`. The four files of each set
 (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
 ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, gzip-compressed with a
 ``.gz`` suffix or plain) are looked up, in this order:
@@ -24,15 +22,12 @@ does not depend on how (or whether) a file was gzip-compressed.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import logging
 import os
-import struct
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -43,11 +38,22 @@ from experiments.datasets.download import (
     default_cache_dir,
     download_verified,
 )
+from experiments.datasets.idx_format import parse_idx, read_payload, write_idx
 
 __all__ = [
-    "Dataset", "FloatDataset", "IDX_FILES", "FASHION_MNIST_SHA256", "MNIST_SHA256",
-    "SYSTEM_DATA_DIRS", "FASHION_MNIST_URL", "MNIST_URL", "read_idx", "encode_idx", "write_idx",
-    "load_fashion_mnist", "load_mnist", "write_fixture_idx", "to_float_arrays",
+    "Dataset",
+    "FloatDataset",
+    "IDX_FILES",
+    "FASHION_MNIST_SHA256",
+    "MNIST_SHA256",
+    "SYSTEM_DATA_DIRS",
+    "FASHION_MNIST_URL",
+    "MNIST_URL",
+    "load_idx_set",
+    "load_fashion_mnist",
+    "load_mnist",
+    "write_fixture_idx",
+    "to_float_arrays",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,19 +97,6 @@ SYSTEM_DATA_DIRS: dict[str, tuple[Path, ...]] = {
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 
-# IDX type code -> big-endian numpy dtype.
-_IDX_DTYPES: dict[int, np.dtype] = {
-    0x08: np.dtype("u1"),
-    0x09: np.dtype("i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-_IDX_CODES: dict[str, int] = {dt.newbyteorder("=").str: code for code, dt in _IDX_DTYPES.items()}
-
-_GZIP_MAGIC = b"\x1f\x8b"
-
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
@@ -139,119 +132,6 @@ class FloatDataset(NamedTuple):
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-
-
-# ---------------------------------------------------------------------------
-# IDX reading and writing
-# ---------------------------------------------------------------------------
-
-
-def _read_payload(path: Path, label: Optional[str] = None) -> bytes:
-    """Return the IDX bytes of ``path``, gunzipping when it is gzip data.
-
-    A file is treated as gzip when its name ends in ``.gz`` or it starts with
-    the gzip magic bytes.  ``label`` is the name used in error messages
-    (defaults to ``path``).
-    """
-    label = str(path) if label is None else label
-    raw = path.read_bytes()
-    if path.name.endswith(".gz") or raw[:2] == _GZIP_MAGIC:
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DatasetFormatError(
-                f"{label}: broken gzip stream ({type(exc).__name__}: {exc})"
-            ) from exc
-    return raw
-
-
-def _parse_idx(payload: bytes, label: str) -> np.ndarray:
-    """Parse decompressed IDX bytes into a native-endian numpy array."""
-    if len(payload) < 4:
-        raise DatasetFormatError(
-            f"{label}: not an IDX file (only {len(payload)} bytes, header needs at least 4)"
-        )
-    if payload[0] != 0 or payload[1] != 0:
-        raise DatasetFormatError(
-            f"{label}: not an IDX file (bad magic {payload[:4].hex()}; "
-            "the first two bytes must be zero)"
-        )
-    code, ndim = payload[2], payload[3]
-    if code not in _IDX_DTYPES:
-        raise DatasetFormatError(
-            f"{label}: unknown IDX dtype code 0x{code:02X} "
-            f"(known: {', '.join(f'0x{c:02X}' for c in _IDX_DTYPES)})"
-        )
-    header_len = 4 + 4 * ndim
-    if len(payload) < header_len:
-        raise DatasetFormatError(
-            f"{label}: truncated IDX header ({len(payload)} bytes, "
-            f"{ndim} dimensions need {header_len})"
-        )
-    dims = struct.unpack(f">{ndim}I", payload[4:header_len])
-    dtype = _IDX_DTYPES[code]
-    count = 1
-    for d in dims:
-        count *= d
-    expected = count * dtype.itemsize
-    actual = len(payload) - header_len
-    if actual != expected:
-        what = "truncated" if actual < expected else "has extra trailing bytes"
-        raise DatasetFormatError(
-            f"{label}: IDX data {what}: header dims {tuple(dims)} of {dtype.name} "
-            f"need {expected} data bytes, found {actual}"
-        )
-    array = np.frombuffer(payload, dtype=dtype, count=count, offset=header_len)
-    # Copy into a native-endian array that owns (and may write) its memory.
-    return array.astype(dtype.newbyteorder("="), copy=True).reshape(dims)
-
-
-def read_idx(path: PathLike) -> np.ndarray:
-    """Read an IDX file (gzip-compressed or plain) into a numpy array.
-
-    Args:
-        path: the file; compression is detected from a ``.gz`` suffix or the
-            gzip magic bytes.
-
-    Returns:
-        A native-endian array with the dtype and shape given in the header.
-
-    Raises:
-        DatasetFormatError: bad magic, unknown dtype code, data length not
-            matching the header, or a broken gzip stream.  The message names
-            the file.
-    """
-    path = Path(path)
-    return _parse_idx(_read_payload(path), str(path))
-
-
-def encode_idx(array: np.ndarray) -> bytes:
-    """Encode an array as uncompressed IDX bytes.
-
-    Supported dtypes: uint8, int8, int16, int32, float32, float64.
-    """
-    array = np.asarray(array)
-    native = array.dtype.newbyteorder("=").str
-    if native not in _IDX_CODES:
-        raise TypeError(f"dtype {array.dtype} has no IDX type code")
-    if array.ndim > 255:
-        raise ValueError("IDX supports at most 255 dimensions")
-    code = _IDX_CODES[native]
-    header = struct.pack(f">BBBB{array.ndim}I", 0, 0, code, array.ndim, *array.shape)
-    return header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
-
-
-def write_idx(path: PathLike, array: np.ndarray) -> str:
-    """Write ``array`` as an IDX file, gzip-compressed when ``path`` ends in ``.gz``.
-
-    Returns:
-        The SHA-256 hex digest of the uncompressed IDX payload.
-    """
-    path = Path(path)
-    payload = encode_idx(array)
-    data = gzip.compress(payload, mtime=0) if path.name.endswith(".gz") else payload
-    path.write_bytes(data)
-    return hashlib.sha256(payload).hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -302,23 +182,22 @@ def _help_text(set_name: str) -> str:
     return text + "."
 
 
-
 def _download(url: str, dest: Path, expected_sha: Optional[str], set_name: str) -> None:
     """Downloads one IDX file, checking its gzip stream, IDX structure and checksum first."""
 
     def check(tmp: Path, label: str) -> None:
-        payload = _read_payload(tmp, label=label)
+        payload = read_payload(tmp, label=label)
         _check_sha(payload, expected_sha, label)
-        _parse_idx(payload, label)
+        parse_idx(payload, label)
 
     download_verified(url, dest, check=check, help_text=_help_text(set_name))
 
 
 def _load_file(path: Path, expected_sha: Optional[str]) -> np.ndarray:
     """Read one file once: decompress, hash the payload, parse the same bytes."""
-    payload = _read_payload(path)
+    payload = read_payload(path)
     _check_sha(payload, expected_sha, str(path))
-    return _parse_idx(payload, str(path))
+    return parse_idx(payload, str(path))
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, img_path: Path, lbl_path: Path) -> None:
@@ -354,8 +233,7 @@ def _read_dir(
         unknown = [name for name in IDX_FILES if checksums.get(name) is None]
         if unknown:
             logger.warning(
-                "No SHA-256 recorded for %s file(s) %s; skipping checksum verification "
-                "for them.",
+                "No SHA-256 recorded for %s file(s) %s; skipping checksum verification for them.",
                 set_name,
                 ", ".join(unknown),
             )
@@ -390,17 +268,49 @@ def _normalise_checksums(
     return out
 
 
-def _load(
+# Upstream URL and built-in checksum table of each IDX set.
+_IDX_SETS: dict[str, tuple[str, Mapping[str, Optional[str]]]] = {
+    "fashion-mnist": (FASHION_MNIST_URL, FASHION_MNIST_SHA256),
+    "mnist": (MNIST_URL, MNIST_SHA256),
+}
+
+
+def load_idx_set(
     set_name: str,
-    url_base: str,
-    builtin_checksums: Mapping[str, Optional[str]],
-    data_dir: Optional[PathLike],
-    download: bool,
-    cache_dir: Optional[PathLike],
-    verify: bool,
-    checksums: Optional[Mapping[str, Optional[str]]],
+    data_dir: Optional[PathLike] = None,
+    *,
+    download: bool = True,
+    cache_dir: Optional[PathLike] = None,
+    verify: bool = True,
+    checksums: Optional[Mapping[str, Optional[str]]] = None,
 ) -> Dataset:
-    """Shared lookup / download / read logic of the public loaders."""
+    """Load the IDX set ``set_name`` (``"fashion-mnist"`` or ``"mnist"``).
+
+    Args:
+        set_name: which set; it also names the environment subfolder and the
+            cache folder (``$XDG_CACHE_HOME/sofim_optax/<set_name>`` or
+            ``~/.cache/sofim_optax/<set_name>``).
+        data_dir: folder holding the four IDX files; when given, nothing else
+            is searched and missing files raise FileNotFoundError.
+        download: allow downloading missing files into the cache folder.
+        cache_dir: cache folder, instead of the default above.
+        verify: check the SHA-256 of each decompressed payload.
+        checksums: expected SHA-256 per base file name (``None`` uses the
+            built-in table; a ``None`` value skips that file).
+
+    Returns:
+        A :class:`Dataset`.
+
+    Raises:
+        ValueError: ``set_name`` is not an IDX set.
+        FileNotFoundError: ``data_dir`` lacks the files, or nothing was found
+            and ``download=False``.
+        DatasetFormatError: a file is corrupt or fails its checksum.
+        DatasetDownloadError: a download failed.
+    """
+    if set_name not in _IDX_SETS:
+        raise ValueError(f"unknown IDX set {set_name!r}; known: {sorted(_IDX_SETS)}")
+    url_base, builtin_checksums = _IDX_SETS[set_name]
     table = _normalise_checksums(checksums, builtin_checksums)
 
     # 1. Explicit directory: no fallback.
@@ -448,72 +358,27 @@ def _load(
     return _read_dir(files, cache, table, verify, set_name, delete_bad=True)
 
 
-def load_fashion_mnist(
-    data_dir: Optional[PathLike] = None,
-    *,
-    download: bool = True,
-    cache_dir: Optional[PathLike] = None,
-    verify: bool = True,
-    checksums: Optional[Mapping[str, Optional[str]]] = None,
-) -> Dataset:
+def load_fashion_mnist(data_dir: Optional[PathLike] = None, **options: Any) -> Dataset:
     """Load Fashion-MNIST (60000 train / 10000 test images, 28x28 uint8).
 
-    Args:
-        data_dir: folder holding the four IDX files; when given, nothing else
-            is searched and missing files raise FileNotFoundError.
-        download: allow downloading missing files into the cache folder.
-        cache_dir: cache folder (default ``$XDG_CACHE_HOME/sofim_optax/fashion-mnist``
-            or ``~/.cache/sofim_optax/fashion-mnist``).
-        verify: check the SHA-256 of each decompressed payload.
-        checksums: expected SHA-256 per base file name (``None`` uses the
-            built-in table; a ``None`` value skips that file).
-
-    Returns:
-        A :class:`Dataset`.
-
-    Raises:
-        FileNotFoundError: ``data_dir`` lacks the files, or nothing was found
-            and ``download=False``.
-        DatasetFormatError: a file is corrupt or fails its checksum.
-        DatasetDownloadError: a download failed.
+    ``load_idx_set("fashion-mnist", data_dir, **options)``: the keyword options
+    (``download``, ``cache_dir``, ``verify``, ``checksums``), the lookup order
+    and the errors are those of :func:`load_idx_set`. The system folder is
+    ``/usr/share/datasets/fashion-mnist`` (Debian package
+    ``dataset-fashion-mnist``).
     """
-    return _load(
-        "fashion-mnist",
-        FASHION_MNIST_URL,
-        FASHION_MNIST_SHA256,
-        data_dir,
-        download,
-        cache_dir,
-        verify,
-        checksums,
-    )
+    return load_idx_set("fashion-mnist", data_dir, **options)
 
 
-def load_mnist(
-    data_dir: Optional[PathLike] = None,
-    *,
-    download: bool = True,
-    cache_dir: Optional[PathLike] = None,
-    verify: bool = True,
-    checksums: Optional[Mapping[str, Optional[str]]] = None,
-) -> Dataset:
-    """Load MNIST; same lookup order and arguments as :func:`load_fashion_mnist`.
+def load_mnist(data_dir: Optional[PathLike] = None, **options: Any) -> Dataset:
+    """Load MNIST; ``load_idx_set("mnist", data_dir, **options)`` (see :func:`load_idx_set`).
 
     The environment folder is ``$SOFIM_OPTAX_DATA/mnist`` (then
     ``$SOFIM_OPTAX_DATA``), there is no system folder, and the cache is
     ``.../sofim_optax/mnist``.  No MNIST checksums are recorded yet, so unless
     ``checksums`` is given verification is skipped with a logged warning.
     """
-    return _load(
-        "mnist",
-        MNIST_URL,
-        MNIST_SHA256,
-        data_dir,
-        download,
-        cache_dir,
-        verify,
-        checksums,
-    )
+    return load_idx_set("mnist", data_dir, **options)
 
 
 # ---------------------------------------------------------------------------

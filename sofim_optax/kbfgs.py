@@ -32,6 +32,7 @@ from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
     "KbfgsCurvature",
+    "layouts",
     "ScaleByKbfgsState",
     "scale_by_kbfgs",
     "kbfgs",
@@ -42,25 +43,32 @@ _NAME = "scale_by_kbfgs"
 
 
 class KbfgsCurvature(NamedTuple):
-    """K-BFGS's curvature state: per-layer tuples (layers in path order) and flag vectors.
+    """K-BFGS's curvature state: arrays stacked by size, like KFAC's factors.
 
     Every candidate layer (a node with a ``kernel`` of ``ndim >= 2``) gets an entry, whether it
     is captured or not; ``d_a = d_in (+1 for the bias)``, ``d_g = d_out``, ``M = memory``.
+    Input-side arrays of all layers with the same ``d_a`` share one stack under the key
+    ``"d{d_a}"``, output-side arrays of all layers with the same ``d_g`` one under
+    ``"d{d_g}"``, layers in path order (:func:`layouts` gives the two
+    :class:`sofim_optax.layerwise.FactorLayout` that say where each layer's entry is; a model
+    whose layers all differ in size has one entry per stack). Per-layer flags are vectors over
+    the layers in path order.
 
     Attributes:
-      A: ``(d_a, d_a)`` each, the EMA of ``mean ā āᵀ`` (undamped).
-      Ha: ``(d_a, d_a)`` each, ``H_a ≈ (A + √λ I)⁻¹``, kept by Hessian-action BFGS.
-      Hg: ``(d_g, d_g)`` each, the damped-BFGS ``H_g`` (K-BFGS); ``()`` for K-BFGS(L).
-      S, Y: ``(M, d_g)`` each, the L-BFGS ring buffers (K-BFGS(L)); ``()`` for K-BFGS.
-      valid: ``(M,)`` bool each, which ring slots hold a pair (K-BFGS(L)); ``()`` otherwise.
+      A: ``{"d{d_a}": (n, d_a, d_a)}``, the EMA of ``mean ā āᵀ`` (undamped).
+      Ha: like ``A``: ``H_a ≈ (A + √λ I)⁻¹``, kept by Hessian-action BFGS.
+      a_mean: ``{"d{d_a}": (n, d_a)}``, ``mean ā`` of the current minibatch (last coordinate 1
+        for the bias), for the Hessian-action update of ``H_a``.
+      Hg: ``{"d{d_g}": (n, d_g, d_g)}``, the damped-BFGS ``H_g`` (K-BFGS); ``{}`` for K-BFGS(L).
+      S, Y: ``{"d{d_g}": (n, M, d_g)}``, the L-BFGS ring buffers (K-BFGS(L)); ``{}`` for K-BFGS.
+      valid: ``(n_layers, M)`` bool, which ring slots hold a pair (K-BFGS(L); ``M = 0``
+        otherwise).
       head: ``(n_layers,)`` int32, the ring slot the next pair goes to (= the oldest pair once
         the ring is full).
-      s_ema, y_ema: ``(d_g,)`` each, the EMA of the pairs (before damping).
-      prev_outputs_mean, prev_grads_mean: ``(d_g,)`` each, ``s̄`` and ``ḡ`` (mean
+      s_ema, y_ema: ``{"d{d_g}": (n, d_g)}``, the EMA of the pairs (before damping).
+      prev_outputs_mean, prev_grads_mean: ``{"d{d_g}": (n, d_g)}``, ``s̄`` and ``ḡ`` (mean
         pre-activation and mean per-example pre-activation gradient) of the last minibatch at
         the parameters it was drawn at.
-      a_mean: ``(d_a,)`` each, ``mean ā`` of the current minibatch (last coordinate 1 for the
-        bias), for the Hessian-action update of ``H_a``.
       has_prev: ``(n_layers,)`` bool, ``prev_*`` hold the previous step's means.
       started: ``(n_layers,)`` bool, the layer's first step (exact ``H_a``) is done.
       warm: ``(n_layers,)`` bool, ``A`` was warm-started
@@ -69,23 +77,34 @@ class KbfgsCurvature(NamedTuple):
         for K-BFGS(L)) and of ``H_a`` so far (diagnostics; skipped updates are not counted).
     """
 
-    A: tuple
-    Ha: tuple
-    Hg: tuple
-    S: tuple
-    Y: tuple
-    valid: tuple
+    A: dict[str, jax.Array]
+    Ha: dict[str, jax.Array]
+    a_mean: dict[str, jax.Array]
+    Hg: dict[str, jax.Array]
+    S: dict[str, jax.Array]
+    Y: dict[str, jax.Array]
+    valid: jax.Array
     head: jax.Array
-    s_ema: tuple
-    y_ema: tuple
-    prev_outputs_mean: tuple
-    prev_grads_mean: tuple
-    a_mean: tuple
+    s_ema: dict[str, jax.Array]
+    y_ema: dict[str, jax.Array]
+    prev_outputs_mean: dict[str, jax.Array]
+    prev_grads_mean: dict[str, jax.Array]
     has_prev: jax.Array
     started: jax.Array
     warm: jax.Array
     hg_updates: jax.Array
     ha_updates: jax.Array
+
+
+def layouts(
+    layers: tuple[layerwise.Layer, ...],
+) -> tuple[layerwise.FactorLayout, layerwise.FactorLayout]:
+    """``(input side, output side)``: where each layer's entry lives in the stacks of
+    :class:`KbfgsCurvature` (role ``"a"`` by ``d_a``, role ``"g"`` by ``d_g``)."""
+    return (
+        layerwise.FactorLayout.build(layers, ("a",), lambda layer, role: layer.d_a),
+        layerwise.FactorLayout.build(layers, ("g",), lambda layer, role: layer.d_g),
+    )
 
 
 class ScaleByKbfgsState(NamedTuple):
@@ -186,38 +205,39 @@ def _kbfgs_method(
     def mu2_value(dtype):
         return sqrt_damping(dtype) if mu2 is None else jnp.asarray(mu2).astype(dtype)
 
-    def hg_matvec(curv, i, v):
+    def hg_matvec(curv, lg, i, v):
+        """``H_g v`` for layer ``i``: the dense matrix, or the L-BFGS product of its ring."""
         if lbfgs:
             head = curv.head[i]
             return linalg.lbfgs_inverse_matvec(
-                _chronological(curv.S[i], head),
-                _chronological(curv.Y[i], head),
+                _chronological(lg.get(curv.S, i, "g"), head),
+                _chronological(lg.get(curv.Y, i, "g"), head),
                 _chronological(curv.valid[i], head),
                 v,
                 jnp.asarray(hg_init).astype(v.dtype),
                 lbfgs_method,
             )
-        return curv.Hg[i] @ v
+        return lg.get(curv.Hg, i, "g") @ v
 
     def init(param_layout, dtype):
-        layers = param_layout.layers
-        n = len(layers)
-        eye = lambda d: jnp.eye(d, dtype=dtype)
-        vec = lambda d: jnp.zeros((d,), dtype)
-        m = memory or 0
+        la, lg = layouts(param_layout.layers)
+        n, m = len(param_layout.layers), memory or 0
+        rings = {k: jnp.zeros((c, m, lg.dims[k]), dtype) for k, c in lg.sizes.items()}
         return KbfgsCurvature(
-            A=tuple(jnp.zeros((l.d_a, l.d_a), dtype) for l in layers),
-            Ha=tuple(eye(l.d_a) for l in layers),
-            Hg=() if lbfgs else tuple(jnp.asarray(hg_init, dtype) * eye(l.d_g) for l in layers),
-            S=tuple(jnp.zeros((m, l.d_g), dtype) for l in layers) if lbfgs else (),
-            Y=tuple(jnp.zeros((m, l.d_g), dtype) for l in layers) if lbfgs else (),
-            valid=tuple(jnp.zeros((m,), bool) for l in layers) if lbfgs else (),
+            A=la.zeros(dtype),
+            Ha=la.eyes(dtype),
+            a_mean=la.vectors(dtype),
+            Hg={}
+            if lbfgs
+            else jax.tree.map(lambda e: jnp.asarray(hg_init, dtype) * e, lg.eyes(dtype)),
+            S=rings if lbfgs else {},
+            Y=dict(rings) if lbfgs else {},
+            valid=jnp.zeros((n, m), bool),
             head=jnp.zeros((n,), jnp.int32),
-            s_ema=tuple(vec(l.d_g) for l in layers),
-            y_ema=tuple(vec(l.d_g) for l in layers),
-            prev_outputs_mean=tuple(vec(l.d_g) for l in layers),
-            prev_grads_mean=tuple(vec(l.d_g) for l in layers),
-            a_mean=tuple(vec(l.d_a) for l in layers),
+            s_ema=lg.vectors(dtype),
+            y_ema=lg.vectors(dtype),
+            prev_outputs_mean=lg.vectors(dtype),
+            prev_grads_mean=lg.vectors(dtype),
             has_prev=jnp.zeros((n,), bool),
             started=jnp.zeros((n,), bool),
             warm=jnp.zeros((n,), bool),
@@ -225,122 +245,121 @@ def _kbfgs_method(
             ha_updates=jnp.zeros((n,), jnp.int32),
         )
 
-    def update_hg(curv, i, layer, prev_stats, dtype):
-        """The (s, y) pair of the previous minibatch and the H_g update (K-BFGS or K-BFGS(L))."""
+    def update_hg(curv, lg, i, layer, prev_stats, dtype):
+        """The (s, y) pair of the previous minibatch and the H_g update (K-BFGS or K-BFGS(L)).
+
+        Returns ``({field: new value of layer i}, accepted)``."""
+        get = lambda field: lg.get(field, i, "g")
         out_new, g_new = _means(layer, prev_stats, dtype)
-        s_new = curv.prev_outputs_mean[i] - out_new
-        y_new = curv.prev_grads_mean[i] - g_new
-        g_ref = curv.prev_grads_mean[i]
+        s_new = get(curv.prev_outputs_mean) - out_new
+        y_new = get(curv.prev_grads_mean) - g_new
+        g_ref = get(curv.prev_grads_mean)
         usable = curv.has_prev[i] & jnp.all(jnp.isfinite(s_new)) & jnp.all(jnp.isfinite(y_new))
-        s_ema = jnp.where(usable, pair_ema * curv.s_ema[i] + (1 - pair_ema) * s_new, curv.s_ema[i])
-        y_ema = jnp.where(usable, pair_ema * curv.y_ema[i] + (1 - pair_ema) * y_new, curv.y_ema[i])
-        s, y = linalg.double_damping(s_ema, y_ema, hg_matvec(curv, i, y_ema), mu1, mu2_value(dtype))
+        s_ema = jnp.where(
+            usable, pair_ema * get(curv.s_ema) + (1 - pair_ema) * s_new, get(curv.s_ema)
+        )
+        y_ema = jnp.where(
+            usable, pair_ema * get(curv.y_ema) + (1 - pair_ema) * y_new, get(curv.y_ema)
+        )
+        s, y = linalg.double_damping(
+            s_ema, y_ema, hg_matvec(curv, lg, i, y_ema), mu1, mu2_value(dtype)
+        )
+        new = {"s_ema": s_ema, "y_ema": y_ema}
         if lbfgs:
             ok = usable & _skip_ok(s, y, g_ref, skip_threshold)
             ok &= jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(y))
             head = curv.head[i]
-            S = jnp.where(ok, curv.S[i].at[head].set(s), curv.S[i])
-            Y = jnp.where(ok, curv.Y[i].at[head].set(y), curv.Y[i])
-            valid = jnp.where(ok, curv.valid[i].at[head].set(True), curv.valid[i])
-            new_head = jnp.where(ok, (head + 1) % memory, head)
-            return dict(S=S, Y=Y, valid=valid, head=new_head, s_ema=s_ema, y_ema=y_ema, ok=ok)
-        Hg, ok = _guarded_bfgs(curv.Hg[i], s, y, g_ref, skip_threshold)
-        ok &= usable
-        Hg = jnp.where(usable, Hg, curv.Hg[i])
-        return dict(Hg=Hg, s_ema=s_ema, y_ema=y_ema, ok=ok)
+            new["S"] = jnp.where(ok, get(curv.S).at[head].set(s), get(curv.S))
+            new["Y"] = jnp.where(ok, get(curv.Y).at[head].set(y), get(curv.Y))
+            new["valid"] = jnp.where(ok, curv.valid[i].at[head].set(True), curv.valid[i])
+            new["head"] = jnp.where(ok, (head + 1) % memory, head)
+            return new, ok
+        Hg, ok = _guarded_bfgs(get(curv.Hg), s, y, g_ref, skip_threshold)
+        new["Hg"] = jnp.where(usable, Hg, get(curv.Hg))
+        return new, ok & usable
 
     def update_statistics(
         curv: KbfgsCurvature, param_layout, stats, previous_batch_stats=None, **extra
     ):
         del extra
         layers = param_layout.layers
+        la, lg = layouts(layers)
         _check_outputs(param_layout, {layers[i].path: st for i, st in stats.items()}, "layer_stats")
         prev_active: tuple[int, ...] = ()
         if previous_batch_stats is not None:
             prev_active = layerwise.check_layer_stats(param_layout, previous_batch_stats, _NAME)
             _check_outputs(param_layout, previous_batch_stats, "previous_batch_stats")
-        dtype = curv.A[0].dtype if curv.A else jnp.float32
-        A, Ha, Hg, S, Y, valid = (
-            list(x) for x in (curv.A, curv.Ha, curv.Hg, curv.S, curv.Y, curv.valid)
-        )
-        s_ema, y_ema = list(curv.s_ema), list(curv.y_ema)
-        prev_out, prev_g, a_mean = (
-            list(curv.prev_outputs_mean),
-            list(curv.prev_grads_mean),
-            list(curv.a_mean),
-        )
-        head, hg_updates = curv.head, curv.hg_updates
-        has_prev, started = curv.has_prev, curv.started
+        dtype = next(iter(curv.A.values())).dtype if curv.A else jnp.float32
         sqrt_l = sqrt_damping(dtype)
+        out_side: dict[str, dict] = {}  # field -> {(layer, "g"): value}
+        in_side: dict[str, dict] = {}  # field -> {(layer, "a"): value}
+        valid, head, hg_updates = curv.valid, curv.head, curv.hg_updates
         # 1) H_g from the previous minibatch, re-evaluated at the current parameters.
         for i in prev_active:
-            r = update_hg(curv, i, layers[i], previous_batch_stats[layers[i].path], dtype)
-            s_ema[i], y_ema[i] = r["s_ema"], r["y_ema"]
+            new, ok = update_hg(curv, lg, i, layers[i], previous_batch_stats[layers[i].path], dtype)
             if lbfgs:
-                S[i], Y[i], valid[i] = r["S"], r["Y"], r["valid"]
-                head = head.at[i].set(r["head"])
-            else:
-                Hg[i] = r["Hg"]
-            hg_updates = hg_updates.at[i].add(r["ok"].astype(jnp.int32))
+                valid = valid.at[i].set(new.pop("valid"))
+                head = head.at[i].set(new.pop("head"))
+            for field, value in new.items():
+                out_side.setdefault(field, {})[(i, "g")] = value
+            hg_updates = hg_updates.at[i].add(ok.astype(jnp.int32))
         # 2) This minibatch: remember its means, update A, exact H_a on the first step.
         for i, st in stats.items():
             layer = layers[i]
-            prev_out[i], prev_g[i] = _means(layer, st, dtype)
-            a_mean[i] = _input_mean(layer, st.inputs, dtype)
-            a_hat = layerwise.input_factor(st.inputs, layer.has_bias, dtype)
-            first = ~started[i]
-            keep_warm = first & curv.warm[i]
+            out_mean, grad_mean = _means(layer, st, dtype)
+            out_side.setdefault("prev_outputs_mean", {})[(i, "g")] = out_mean
+            out_side.setdefault("prev_grads_mean", {})[(i, "g")] = grad_mean
+            in_side.setdefault("a_mean", {})[(i, "a")] = _input_mean(layer, st.inputs, dtype)
+            old_a = la.get(curv.A, i, "a")
+            first = ~curv.started[i]
             decay = jnp.where(first, 0.0, jnp.asarray(ema).astype(dtype))
-            A[i] = jnp.where(keep_warm, A[i], decay * A[i] + (1 - decay) * a_hat)
+            a_hat = layerwise.input_factor(st.inputs, layer.has_bias, dtype)
+            a_new = jnp.where(first & curv.warm[i], old_a, decay * old_a + (1 - decay) * a_hat)
+            in_side.setdefault("A", {})[(i, "a")] = a_new
 
             def exact(a):  # eigendecomposition: finite for any finite A, one LAPACK call
                 return linalg.damped_inverse(a, sqrt_l, "eigh").astype(a.dtype)
 
-            Ha[i] = lax.cond(first, exact, lambda a: Ha[i], A[i])
+            old_ha = la.get(curv.Ha, i, "a")
+            in_side.setdefault("Ha", {})[(i, "a")] = lax.cond(
+                first, exact, lambda a, old=old_ha: old, a_new
+            )
         active = jnp.asarray(sorted(stats), jnp.int32)
-        mask = jnp.zeros_like(has_prev).at[active].set(True)
+        mask = jnp.zeros_like(curv.has_prev).at[active].set(True)
+        stacks = {f: lg.set(getattr(curv, f), v) for f, v in out_side.items()}
+        stacks.update({f: la.set(getattr(curv, f), v) for f, v in in_side.items()})
         return curv._replace(
-            A=tuple(A),
-            Ha=tuple(Ha),
-            Hg=tuple(Hg),
-            S=tuple(S),
-            Y=tuple(Y),
-            valid=tuple(valid),
+            **stacks,
+            valid=valid,
             head=head,
-            s_ema=tuple(s_ema),
-            y_ema=tuple(y_ema),
-            prev_outputs_mean=tuple(prev_out),
-            prev_grads_mean=tuple(prev_g),
-            a_mean=tuple(a_mean),
             has_prev=mask,
-            started=started | mask,
+            started=curv.started | mask,
             hg_updates=hg_updates,
         )
 
-    def refresh(curv, param_layout, **extra):
-        del param_layout, extra
-        return curv
-
     def precondition(curv: KbfgsCurvature, param_layout, grads, **extra):
-        del extra, param_layout
-        out = {}
-        Ha = list(curv.Ha)
+        """``Δ = H_a V H_g``, then the Hessian-action BFGS update of ``H_a`` (which the
+        authors make after the direction, so it belongs to this step)."""
+        del extra
+        la, lg = layouts(param_layout.layers)
+        out, new_ha = {}, {}
         ha_updates = curv.ha_updates
         for i, v in grads.items():
-            dtype = v.dtype
-            left = curv.Ha[i] @ v  # (d_a, d_g)
+            ha, a_mean = la.get(curv.Ha, i, "a"), la.get(curv.a_mean, i, "a")
+            left = ha @ v  # (d_a, d_g)
             if lbfgs:
-                out[i] = hg_matvec(curv, i, left.T).T
+                out[i] = hg_matvec(curv, lg, i, left.T).T
             else:
-                out[i] = left @ curv.Hg[i]
+                out[i] = left @ lg.get(curv.Hg, i, "g")
             # Hessian-action BFGS on H_a towards (A + √λ I)⁻¹, after the direction.
-            s_a = curv.Ha[i] @ curv.a_mean[i]
-            y_a = curv.A[i] @ s_a + sqrt_damping(dtype) * s_a
-            Ha[i], ok = _guarded_bfgs(curv.Ha[i], s_a, y_a, curv.a_mean[i], skip_threshold)
+            s_a = ha @ a_mean
+            y_a = la.get(curv.A, i, "a") @ s_a + sqrt_damping(v.dtype) * s_a
+            new_ha[(i, "a")], ok = _guarded_bfgs(ha, s_a, y_a, a_mean, skip_threshold)
             ha_updates = ha_updates.at[i].add(ok.astype(jnp.int32))
-        return out, curv._replace(Ha=tuple(Ha), ha_updates=ha_updates)
+        return out, curv._replace(Ha=la.set(curv.Ha, new_ha), ha_updates=ha_updates)
 
-    return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
+    # Nothing is decomposed on a period: H_a and H_g are kept by BFGS updates every step.
+    return layerwise.LayerwiseMethod(init, update_statistics, None, precondition)
 
 
 @hp.structural("memory")
@@ -460,6 +479,7 @@ def scale_by_kbfgs(
     if isinstance(mu1, (int, float)) and not 0.0 < mu1 < 1.0:
         raise ValueError(f"{_NAME}: mu1 must be in (0, 1), got {mu1!r}")
     hp.check_choice(_NAME, "lbfgs_method", lbfgs_method, ("compact", "two_loop"))
+    # K-BFGS's pairs compare consecutive minibatches, so every statistic is used every step.
     return layerwise.layerwise_transformation(
         name=_NAME,
         method=_kbfgs_method(

@@ -15,8 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sofim_optax import hyperparameters as hp
 from sofim_optax import layerwise
-from sofim_optax.kbfgs import ScaleByKbfgsState
+from sofim_optax.kbfgs import ScaleByKbfgsState, layouts
 
 __all__ = ["batch_input_factors", "warm_start", "average_input_factors"]
 
@@ -33,7 +34,7 @@ def batch_input_factors(params: Any, layer_stats: Mapping[str, Any]) -> dict[str
     for i in active:
         layer = layout.layers[i]
         x = jnp.asarray(layer_stats[layer.path].inputs)
-        dtype = jnp.promote_types(x.dtype, jnp.float32)
+        dtype = hp.accumulation_dtype(x)
         out[layer.path] = layerwise.input_factor(x, layer.has_bias, dtype)
     return out
 
@@ -60,17 +61,20 @@ def warm_start(opt_state: Any, params: Any, input_factors: Mapping[str, jax.Arra
                 f"warm_start: layer {path!r} needs A of shape {(d, d)}, got {tuple(jnp.shape(a))}"
             )
 
+    la, _ = layouts(layout.layers)
+
     def fix(node):
         if not isinstance(node, ScaleByKbfgsState):
             return node
         curv = node.curvature
-        A = list(curv.A)
+        dtype = next(iter(curv.A.values())).dtype
+        values = {
+            (layout.index(p), "a"): jnp.asarray(a).astype(dtype) for p, a in input_factors.items()
+        }
         warm = curv.warm
-        for path, a in input_factors.items():
-            i = layout.index(path)
-            A[i] = jnp.asarray(a).astype(A[i].dtype)
-            warm = warm.at[i].set(True)
-        return node._replace(curvature=curv._replace(A=tuple(A), warm=warm))
+        for path in input_factors:
+            warm = warm.at[layout.index(path)].set(True)
+        return node._replace(curvature=curv._replace(A=la.set(curv.A, values), warm=warm))
 
     return jax.tree.map(fix, opt_state, is_leaf=lambda x: isinstance(x, ScaleByKbfgsState))
 

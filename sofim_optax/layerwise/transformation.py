@@ -47,16 +47,19 @@ class LayerwiseMethod:
         curvature`` with ``stats = {layer index: LayerStats}`` for the captured layers (run when
         ``count % stats_period == 0``, under ``lax.cond``).
       refresh: ``refresh(curvature, param_layout, **extra) -> curvature`` (eigendecompositions
-        or inverses; run when ``count % inverse_period == 0``, after the statistics).
+        or inverses; run when ``count % inverse_period == 0``, after the statistics), or
+        ``None`` for a method that decomposes nothing on a period (K-BFGS keeps its matrices
+        by BFGS updates instead).
       precondition: ``precondition(curvature, param_layout, grads, **extra) ->
         (preconditioned, curvature)`` with ``grads = {layer index: V}`` (gradient matrices
         ``(d_a, d_g)`` in the accumulation dtype) and ``preconditioned`` keyed alike; it runs
-        every step and may update the curvature (e.g. to remember the last direction).
+        every step and returns the curvature too, for updates that belong after the direction
+        (K-BFGS's Hessian-action update of ``H_a``); most methods return it unchanged.
     """
 
     init: Callable[..., Any]
     update_statistics: Callable[..., Any]
-    refresh: Callable[..., Any]
+    refresh: Callable[..., Any] | None
     precondition: Callable[..., dict[int, jax.Array]]
 
 
@@ -154,9 +157,10 @@ def layerwise_transformation(
                 lambda c: method.update_statistics(c, layout, stats, **extra),
                 curvature,
             )
-            curvature = _every(
-                inverse_period, count, lambda c: method.refresh(c, layout, **extra), curvature
-            )
+            if method.refresh is not None:
+                curvature = _every(
+                    inverse_period, count, lambda c: method.refresh(c, layout, **extra), curvature
+                )
 
         new_leaves = list(leaves)
         if active:

@@ -1,0 +1,657 @@
+"""optax conformance of every public optimizer, in one suite (in the manner of optax's
+``common_test``).
+
+Every alias and every ``scale_by_*`` of ``sofim_optax`` (plus
+``sofim_optax.diagonal_fisher.scale_by_diagonal_fisher``) is listed in ``REGISTRY`` with the
+hyperparameters it runs with here (small periods, so that three steps include a refresh) and
+the extra ``update`` arguments it needs (``layer_stats``, ``previous_batch_stats``,
+``obj_fn``). All of them are fed from one tiny ``flax.linen`` model (a 2×2 convolution and a
+dense layer, both with a bias) along a short trajectory of three minibatches. For each
+optimizer the suite checks:
+
+* every argument after ``learning_rate`` is keyword-only (for every factory found in
+  ``sofim_optax.__all__``, so that a new factory cannot escape the suite);
+* ``jax.jit`` of ``init``/``update`` equals eager execution, extra arguments the method does
+  not use are ignored, and the second and third steps do not retrace;
+* ``chain(scale_by_*, scale(-lr))`` equals the alias, the alias's documented composition
+  (momentum, weight decay) equals the explicit optax chain, and, where the direction is
+  linear in the gradient, ``chain(scale(2), scale_by_*, scale(-1/2))`` is minus ``scale_by_*``;
+* ``optax.inject_hyperparams(f, static_args=f.static_args)`` under ``jit`` equals ``f``; a
+  changed learning rate (aliases) and a changed damping take effect;
+* ``optax.MultiSteps(every_k_schedule=2)`` forwards the extra arguments and updates only
+  every second step, with the mean gradient;
+* ``optax.apply_if_finite``: a NaN/±inf gradient leaves the parameters and the state unchanged;
+* a learning-rate schedule (``optax.linear_schedule``) scales the direction step by step;
+* float32, bfloat16 and float64 (under ``jax.enable_x64``) parameters: updates come back in
+  the parameter dtype and are finite over three steps including a refresh, the state is
+  arrays only, finite, with a structure, shapes and dtypes that do not change across steps,
+  plus per-method state invariants (``Case.check_state``).
+
+Method-specific semantics and the maths against dense references live in the per-method
+test files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sofim_optax
+from sofim_optax.adahessian import ScaleByAdaHessianState
+from sofim_optax.diagonal_fisher import DiagonalFisherState, scale_by_diagonal_fisher
+from sofim_optax.kbfgs import ScaleByKbfgsState
+from sofim_optax.kfac import ScaleByKfacState
+from sofim_optax.kpsvd import ScaleByKpsvdState
+from sofim_optax.mini_block_fisher import ScaleByMiniBlockFisherState
+from sofim_optax.nystrom_sgd import ScaleByNystromSgdState
+from sofim_optax.sofim import ScaleBySofimState
+
+nn = pytest.importorskip("flax.linen")
+linen_capture = pytest.importorskip("sofim_optax.curvature.linen")
+
+LR = 0.1
+STEPS = 3
+N_EXAMPLES = 6
+N_CLASSES = 3
+
+
+# ----------------------------------------------------------------------------------------
+# The tiny model and its three minibatches.
+# ----------------------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+    """Conv 2×2 (1 -> 2 channels, bias) on 3×3 images, a LayerNorm (not captured: the
+    methods' fallbacks), then Dense (8 -> 3, bias): 41 weights."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm()(nn.relu(nn.Conv(2, (2, 2), padding="VALID")(x)))
+        return nn.Dense(N_CLASSES)(x.reshape(x.shape[0], -1))
+
+
+MODEL = TinyNet()
+N_PARAMS = 2 * 2 * 1 * 2 + 2 + 2 + 2 + 8 * N_CLASSES + N_CLASSES
+
+
+def loss_fn(variables, x, y):
+    logits = MODEL.apply(variables, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+    return jnp.mean(loss)
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    return [
+        (rng.standard_normal((N_EXAMPLES, 3, 3, 1)).astype(np.float32),
+         np.arange(N_EXAMPLES) % N_CLASSES)
+        for _ in range(STEPS)
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def trajectory_f32():
+    """Parameters, gradients and extra inputs of three steps along a plain-SGD trajectory.
+
+    Step ``t`` sees the parameters ``θ_t`` (``θ_{t+1} = θ_t - 0.3 ∇``), the gradient and the
+    statistics of minibatch ``t`` at ``θ_t``, and the statistics of minibatch ``t - 1`` at
+    ``θ_t`` (K-BFGS's ``previous_batch_stats``; at step 0 those of minibatch 2, which K-BFGS
+    ignores: it has no previous minibatch yet). Computed once, in one compiled program.
+    """
+    batches = [tuple(jnp.asarray(a) for a in b) for b in _batches()]
+
+    @jax.jit
+    def run(batches):
+        variables = MODEL.init(jax.random.key(0), batches[0][0])
+        out = []
+        for t in range(STEPS):
+            _, grads, stats = linen_capture.value_grad_and_stats(loss_fn, variables, *batches[t])
+            _, _, prev = linen_capture.value_grad_and_stats(loss_fn, variables, *batches[t - 1])
+            out.append((variables, grads, {"layer_stats": stats, "previous_batch_stats": prev,
+                                           "batch": batches[t]}))
+            variables = jax.tree.map(lambda p, g: p - 0.3 * g, variables, grads)
+        return out
+
+    return jax.device_get(run(batches))
+
+
+def trajectory(dtype=jnp.float32):
+    """``trajectory_f32`` cast to ``dtype`` (floating arrays only), made on the host."""
+
+    def cast(x):
+        x = np.asarray(x)
+        return jnp.asarray(x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x)
+
+    return [jax.tree.map(cast, step) for step in trajectory_f32()]
+
+
+# ----------------------------------------------------------------------------------------
+# The registry: what each optimizer runs with and what it needs.
+# ----------------------------------------------------------------------------------------
+
+
+def _find(state, cls):
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls))
+             if isinstance(s, cls)]
+    assert found, f"no {cls.__name__} in the state"
+    return found[0]
+
+
+def _kfac_state(state, steps):
+    inner = _find(state, ScaleByKfacState)
+    assert inner.count.dtype == jnp.int32 and int(inner.count) == steps
+    assert all(f.dtype == jnp.float32 for f in inner.curvature.factors.values())
+
+
+def _kpsvd_state(state, steps):
+    inner = _find(state, ScaleByKpsvdState)
+    assert inner.count.dtype == jnp.int32 and int(inner.count) == steps
+    assert all(f.dtype == jnp.float32 for f in inner.curvature.factors.values())
+    assert int(np.asarray(inner.curvature.solver_iterations)[:, 0].min()) >= 1
+
+
+def _mbf_state(state, steps):
+    inner = _find(state, ScaleByMiniBlockFisherState)
+    assert inner.count.dtype == jnp.int32 and int(inner.count) == steps
+    assert all(f.dtype == jnp.float32 for f in inner.curvature.blocks.values())
+    assert all(f.dtype == jnp.float32 for f in inner.curvature.inverses.values())
+
+
+def _kbfgs_state(state, steps):
+    inner = _find(state, ScaleByKbfgsState)
+    assert inner.count.dtype == jnp.int32 and int(inner.count) == steps
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((inner.curvature.A, inner.curvature.Ha)))
+    assert int(inner.curvature.hg_updates.sum()) > 0  # the trajectory gives real (s, y) pairs
+
+
+def _sofim_state(state, steps):
+    inner = _find(state, ScaleBySofimState)
+    assert int(inner.count) == steps
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(inner.mu))
+
+
+def _adahessian_state(state, steps):
+    inner = _find(state, ScaleByAdaHessianState)
+    assert inner.count.dtype == jnp.int32 and int(inner.count) == steps
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((inner.mu, inner.nu)))
+
+
+def _nystrom_state(state, steps):
+    inner = _find(state, ScaleByNystromSgdState)
+    assert inner.count.dtype == jnp.int32 and int(inner.count) == steps
+    assert inner.eigvecs.dtype == jnp.float32 and inner.eigvecs.shape == (N_PARAMS, 3)
+
+
+def _diagonal_fisher_state(state, steps):
+    inner = _find(state, DiagonalFisherState)
+    assert int(inner.count) == steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One public optimizer.
+
+    Attributes:
+      factory: the public factory.
+      kwargs: hyperparameters after ``learning_rate`` (small periods: a refresh within 3 steps).
+      needs: the extra ``update`` arguments it needs.
+      check_state: per-method invariants of the state after some steps (float32/bfloat16).
+      scale_by: aliases only: the ``scale_by_*`` factory the alias is built on.
+      plain: aliases only: the alias arguments that reduce it to
+        ``chain(scale_by(**kwargs), scale_by_learning_rate(lr))`` (momentum off).
+      composed: aliases only: ``(alias arguments, explicit chain of the parts after scale_by,
+        as a function of the scale_by_* transformation)`` for its documented composition.
+      linear: scale_by_* only: the first step's direction is linear in the gradient.
+      damping_shrinks: a much larger damping gives a much smaller step.
+      dtype_kwargs: extra hyperparameters of the dtype runs (an optax fallback for the
+        uncovered LayerNorm, where the method takes one).
+    """
+
+    factory: Callable[..., optax.GradientTransformationExtraArgs]
+    kwargs: dict[str, Any]
+    needs: tuple[str, ...]
+    check_state: Callable[[Any, int], None]
+    scale_by: Callable[..., optax.GradientTransformationExtraArgs] | None = None
+    plain: dict[str, Any] = dataclasses.field(default_factory=dict)
+    composed: tuple[dict[str, Any], Callable[[Any], tuple]] | None = None
+    linear: bool = False
+    damping_shrinks: bool = False
+    dtype_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_alias(self) -> bool:
+        return self.scale_by is not None
+
+    def make(self, learning_rate=LR, **overrides):
+        kwargs = {**self.kwargs, **overrides}
+        if self.is_alias:
+            return self.factory(learning_rate, **kwargs)
+        return self.factory(**kwargs)
+
+    @property
+    def static_args(self) -> tuple[str, ...]:
+        return tuple(getattr(self.factory, "static_args", ()))
+
+
+STATS = ("layer_stats",)
+TWO_PASS = ("layer_stats", "previous_batch_stats")
+OBJ = ("obj_fn",)
+
+
+def _momentum_after(momentum):
+    """The composition of KFAC, the KPSVD family and Nyström-SGD: decay, then momentum."""
+    kwargs = {"momentum": momentum, "weight_decay": 1e-2}
+    return kwargs, lambda inner: (inner, optax.add_decayed_weights(1e-2), optax.trace(momentum))
+
+
+def _gradient_ema_first(inner):
+    """K-BFGS: decay and an EMA of the gradients before the preconditioner."""
+    return (optax.add_decayed_weights(1e-2), optax.ema(0.5, debias=False), inner)
+
+
+def _decay_after(inner):
+    return (inner, optax.add_decayed_weights(1e-2))
+
+
+def _scale_cases():
+    so = sofim_optax
+    kf = {"damping": 1e-2, "inverse_period": 2}
+    kp = {"damping": 1e-2, "inverse_period": 2, "max_iters": 20}
+    mb = {"damping": 1e-2, "inverse_period": 2, "dense_block_size": 3}
+    kb = {"damping": 0.1}
+    ah = {"stats_period": 2, "num_probes": 2}
+    ny = {"rank": 3, "stats_period": 2, "damping": 0.1}
+    sf = {"damping": 0.5, "scope": "mini_block", "block_size": 4}
+    return {
+        # name: (scale_by factory, kwargs, needs, state check, linear, damping shrinks)
+        "sofim": (so.scale_by_sofim, sf, (), _sofim_state, False, True),
+        "kfac": (so.scale_by_kfac, kf, STATS, _kfac_state, True, True),
+        "mini_block_fisher": (so.scale_by_mini_block_fisher, mb, STATS, _mbf_state, True, True),
+        "kpsvd": (so.scale_by_kpsvd, kp, STATS, _kpsvd_state, True, False),
+        "kpsvd_deflation": (so.scale_by_kpsvd_deflation, kp, STATS, _kpsvd_state, True, False),
+        "kfac_corrected": (so.scale_by_kfac_corrected, kp, STATS, _kpsvd_state, True, False),
+        "kpsvd_lanczos": (so.scale_by_kpsvd_lanczos, kp, STATS, _kpsvd_state, True, False),
+        "kbfgs": (so.scale_by_kbfgs, kb, TWO_PASS, _kbfgs_state, True, False),
+        "adahessian": (so.scale_by_adahessian, ah, OBJ, _adahessian_state, True, False),
+        "nystrom_sgd": (so.scale_by_nystrom_sgd, ny, OBJ, _nystrom_state, True, False),
+    }
+
+
+def _dtype_kwargs(factory):
+    """An optax fallback where the factory takes one (MBF's default is its diagonal Fisher)."""
+    parameter = inspect.signature(factory).parameters.get("fallback")
+    if parameter is None or parameter.default is not None:
+        return {}
+    return {"fallback": optax.scale_by_rms()}
+
+
+def _build_registry() -> dict[str, Case]:
+    so = sofim_optax
+    scales = _scale_cases()
+    registry = {}
+    for name, (make, kwargs, needs, check, linear, shrinks) in scales.items():
+        registry[f"scale_by_{name}"] = Case(make, kwargs, needs, check, linear=linear,
+                                            damping_shrinks=shrinks,
+                                            dtype_kwargs=_dtype_kwargs(make))
+    registry["scale_by_diagonal_fisher"] = Case(
+        scale_by_diagonal_fisher, {"stats_period": 2}, (), _diagonal_fisher_state,
+        damping_shrinks=True,
+    )
+    aliases = {
+        # alias name: (factory, scale_by name, extra kwargs, plain, composed)
+        "sofim": (so.sofim, "sofim", {}, {}, ({"weight_decay": 1e-2}, _decay_after)),
+        "kfac": (so.kfac, "kfac", {}, {"momentum": None}, _momentum_after(0.5)),
+        "mini_block_fisher": (so.mini_block_fisher, "mini_block_fisher", {},
+                              {"gradient_momentum": None},
+                              # (with gradient momentum: tests/test_mini_block_fisher.py)
+                              ({"gradient_momentum": None, "weight_decay": 1e-2}, _decay_after)),
+        "kpsvd": (so.kpsvd, "kpsvd", {}, {"momentum": None}, _momentum_after(0.5)),
+        "kpsvd_deflation": (so.kpsvd_deflation, "kpsvd_deflation", {}, {"momentum": None},
+                            _momentum_after(0.5)),
+        "kfac_corrected": (so.kfac_corrected, "kfac_corrected", {}, {"momentum": None},
+                           _momentum_after(0.5)),
+        "kpsvd_lanczos": (so.kpsvd_lanczos, "kpsvd_lanczos", {}, {"momentum": None},
+                          _momentum_after(0.5)),
+        "kbfgs": (so.kbfgs, "kbfgs", {}, {"gradient_ema": None},
+                  ({"gradient_ema": 0.5, "weight_decay": 1e-2}, _gradient_ema_first)),
+        # K-BFGS(L) is K-BFGS with a memory.
+        "kbfgs_l": (so.kbfgs_l, "kbfgs", {"memory": 2}, {"gradient_ema": None},
+                    ({"gradient_ema": 0.5, "weight_decay": 1e-2}, _gradient_ema_first)),
+        "adahessian": (so.adahessian, "adahessian", {}, {},
+                       ({"weight_decay": 1e-2}, _decay_after)),
+        "nystrom_sgd": (so.nystrom_sgd, "nystrom_sgd", {}, {}, _momentum_after(0.5)),
+    }
+    for name, (factory, base, extra, plain, composed) in aliases.items():
+        make, kwargs, needs, check, _, shrinks = scales[base]
+        registry[name] = Case(factory, {**kwargs, **extra}, needs, check, scale_by=make,
+                              plain=plain, composed=composed, damping_shrinks=shrinks,
+                              dtype_kwargs=_dtype_kwargs(factory))
+    return registry
+
+
+REGISTRY = _build_registry()
+ALIASES = sorted(k for k, c in REGISTRY.items() if c.is_alias)
+SCALE_BYS = sorted(k for k, c in REGISTRY.items() if not c.is_alias)
+ALL = sorted(REGISTRY)
+# Public names that are the same object as a registry entry (not run twice).
+SAME_AS = {"mbf": "mini_block_fisher"}
+
+
+def extra_args(case: Case, inputs: dict[str, Any], everything: bool = False) -> dict[str, Any]:
+    """The keyword arguments of ``update`` for ``case`` (all of them with ``everything``)."""
+    available = {
+        "layer_stats": inputs["layer_stats"],
+        "previous_batch_stats": inputs["previous_batch_stats"],
+        "obj_fn": functools.partial(lambda batch, p: loss_fn(p, *batch), inputs["batch"]),
+    }
+    if everything:  # and one the method has never heard of
+        return {**available, "unrelated": 3}
+    return {k: available[k] for k in case.needs}
+
+
+def jitted_update(opt, case: Case, everything: bool = False):
+    """``opt.update`` under ``jit`` with the extra arguments built inside from arrays; the
+    returned function's ``traces`` list grows by one at every trace."""
+    traces = []
+
+    @jax.jit
+    def update(grads, state, params, inputs):
+        traces.append(1)
+        return opt.update(grads, state, params, **extra_args(case, inputs, everything))
+
+    update.traces = traces
+    return update
+
+
+def run(opt, case: Case, steps, state=None, update=None):
+    """Steps ``opt`` along the trajectory; returns the updates of each step and the state."""
+    update = update or jitted_update(opt, case)
+    state = jax.jit(opt.init)(steps[0][0]) if state is None else state
+    outs = []
+    for params, grads, inputs in steps:
+        u, state = update(grads, state, params, inputs)
+        outs.append(u)
+    return outs, state
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6, err_msg=""):
+    assert jax.tree.structure(a) == jax.tree.structure(b), err_msg
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
+                                   rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def assert_zero(tree, err_msg=""):
+    assert all(float(np.abs(np.asarray(x, np.float64)).max()) == 0.0
+               for x in jax.tree.leaves(tree)), err_msg
+
+
+def assert_finite(tree, err_msg=""):
+    assert all(np.all(np.isfinite(np.asarray(x, np.float64)))
+               for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)), err_msg
+
+
+def layers(updates):
+    """The layers the curvature methods precondition (not the LayerNorm, a fallback)."""
+    return {k: updates["params"][k] for k in ("Conv_0", "Dense_0")}
+
+
+def tree_norm(tree) -> float:
+    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
+                             for x in jax.tree.leaves(tree))))
+
+
+# ----------------------------------------------------------------------------------------
+# Signatures.
+# ----------------------------------------------------------------------------------------
+
+
+def _public_factories():
+    out = {}
+    for name in sofim_optax.__all__:
+        obj = getattr(sofim_optax, name)
+        if inspect.isfunction(obj) and "GradientTransformation" in str(
+            inspect.signature(obj).return_annotation
+        ):
+            out[name] = obj
+    return out
+
+
+def test_every_public_factory_is_in_the_registry_and_keyword_only():
+    factories = _public_factories()
+    assert len(factories) >= 21  # 11 aliases (with mbf) and 10 scale_by_*
+    factories["scale_by_diagonal_fisher"] = scale_by_diagonal_fisher
+    assert sofim_optax.mbf is sofim_optax.mini_block_fisher
+    for name, factory in factories.items():
+        case = REGISTRY[SAME_AS.get(name, name)]
+        assert case.factory is factory, name
+        assert name.startswith("scale_by_") != case.is_alias, name
+        params = list(inspect.signature(factory).parameters.values())
+        if case.is_alias:
+            assert params[0].name == "learning_rate", name
+            assert params[0].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+            params = params[1:]
+        assert params, name
+        for p in params:
+            assert p.kind == inspect.Parameter.KEYWORD_ONLY, f"{name}: {p.name} is not keyword-only"
+        # Every static argument names a real argument.
+        assert set(case.static_args) <= {p.name for p in params}, name
+
+
+# ----------------------------------------------------------------------------------------
+# jit, chain, inject_hyperparams, MultiSteps, apply_if_finite, schedules.
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_jit_equals_eager_no_retrace_and_stable_state(name):
+    """Three jitted steps (with every extra argument, used or not) against eager ``init`` and
+    ``update`` (with only the needed ones); one trace; updates in float32, finite; the state
+    arrays only, finite, with the same structure, shapes and dtypes after a refresh."""
+    case = REGISTRY[name]
+    steps = trajectory()
+    opt = case.make(**case.dtype_kwargs)
+    update = jitted_update(opt, case, everything=True)
+    state0 = jax.jit(opt.init)(steps[0][0])
+    jitted, state = run(opt, case, steps, state=state0, update=update)
+    assert len(update.traces) == 1, f"{name}: retraced"
+
+    params, grads, inputs = steps[0]
+    eager_state = opt.init(params)
+    eager_u, eager_state = opt.update(grads, eager_state, params, **extra_args(case, inputs))
+    assert_trees_close(eager_u, jitted[0], err_msg=name)
+    jax.tree.map(lambda a, b: a.dtype == b.dtype or pytest.fail(f"{name}: {a} {b}"),
+                 eager_state, state0)
+
+    for u in jitted:
+        for a, p in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
+            assert a.dtype == p.dtype == jnp.float32, name
+        assert_finite(u, name)
+        assert tree_norm(u) > 0, name
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state)), name
+    assert jax.tree.structure(state0) == jax.tree.structure(state), name
+    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(name),
+                 state0, state)
+    assert_finite(state, name)
+    case.check_state(state, STEPS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_chain_equals_alias(name):
+    """scale_by_*: ``chain(scale_by(**kw), scale(-lr))`` equals the alias (with the alias's
+    momentum off) and, if linear, ``chain(scale(2), scale_by, scale(-1/2))`` is minus
+    ``scale_by`` at the first step. Aliases: their documented composition (momentum, weight
+    decay) equals the explicit optax chain."""
+    case = REGISTRY[name]
+    steps = trajectory()
+    if case.is_alias:
+        alias_kwargs, parts = case.composed
+        got, _ = run(case.make(**alias_kwargs), case, steps)
+        inner = case.scale_by(**case.kwargs)
+        want, _ = run(optax.chain(*parts(inner), optax.scale(-LR)), case, steps)
+        for t, (u, w) in enumerate(zip(got, want)):
+            assert_trees_close(u, w, rtol=1e-5, atol=1e-7, err_msg=f"{name} step {t}")
+        return
+    direction, _ = run(case.make(), case, steps)
+    chained, _ = run(optax.chain(case.make(), optax.scale(-LR)), case, steps)
+    aliases = [REGISTRY[a] for a in ALIASES
+               if REGISTRY[a].scale_by is case.factory and REGISTRY[a].kwargs == case.kwargs]
+    assert aliases or name == "scale_by_diagonal_fisher", name
+    for alias in aliases:
+        got, _ = run(alias.make(**alias.plain), case, steps)
+        for t, (u, w) in enumerate(zip(got, chained)):
+            assert_trees_close(u, w, rtol=1e-5, atol=1e-7, err_msg=f"{name} step {t}")
+    for t, (u, d) in enumerate(zip(chained, direction)):
+        assert_trees_close(u, jax.tree.map(lambda x: -LR * x, d), err_msg=f"{name} step {t}")
+    if case.linear:
+        scaled = optax.chain(optax.scale(2.0), case.make(), optax.scale(-0.5))
+        (first, *_), _ = run(scaled, case, steps[:1])
+        # (on the preconditioned layers: MBF's diagonal fallback is not linear)
+        assert_trees_close(layers(first), jax.tree.map(lambda x: -x, layers(direction[0])),
+                           err_msg=name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_inject_hyperparams(name):
+    """Injected under jit equals the factory; a doubled learning rate doubles the step of an
+    alias; a damping changed at run time equals continuing with a factory of that damping."""
+    case = REGISTRY[name]
+    steps = trajectory()
+    kwargs = {**case.kwargs, **case.plain}
+    if case.is_alias:
+        kwargs["learning_rate"] = LR
+    injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**kwargs)
+    update = jitted_update(injected, case)
+    state = jax.jit(injected.init)(steps[0][0])
+    got = []
+    for t, (params, grads, inputs) in enumerate(steps):
+        if t == STEPS - 1 and case.is_alias:
+            state.hyperparams["learning_rate"] = jnp.asarray(2 * LR, jnp.float32)
+        u, state = update(grads, state, params, inputs)
+        got.append(u)
+    assert len(update.traces) == 1, f"{name}: retraced"
+    plain = case.make(**case.plain)
+    want, _ = run(plain, case, steps)
+    if case.is_alias:
+        want[-1] = jax.tree.map(lambda x: 2 * x, want[-1])
+    for t, (u, w) in enumerate(zip(got, want)):
+        assert_trees_close(u, w, rtol=1e-5, atol=1e-7, err_msg=f"{name} step {t}")
+
+    if "damping" not in inspect.signature(case.factory).parameters:
+        return
+    # A damping changed before the third step (a refresh with the periods of 2) equals
+    # continuing from the same state with a factory built with the new damping, and really
+    # changes the step.
+    state = jax.jit(injected.init)(steps[0][0])
+    for params, grads, inputs in steps[:-1]:
+        _, state = update(grads, state, params, inputs)
+    damping = 100.0 * float(case.kwargs.get("damping", 1.0))
+    state.hyperparams["damping"] = jnp.asarray(damping, state.hyperparams["damping"].dtype)
+    params, grads, inputs = steps[-1]
+    got, _ = update(grads, state, params, inputs)
+    new = case.make(**case.plain, damping=damping)
+    want, _ = jitted_update(new, case)(grads, state.inner_state, params, inputs)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
+    same, _ = jitted_update(plain, case)(grads, state.inner_state, params, inputs)
+    assert not np.allclose(_flat(got), _flat(same)), name
+    if case.damping_shrinks:
+        assert tree_norm(layers(got)) < 0.2 * tree_norm(layers(same)), name
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_multisteps_forwards_extra_args(name):
+    case = REGISTRY[name]
+    steps = trajectory()
+    ms = optax.MultiSteps(case.make(), every_k_schedule=2)
+    (u0, u1), _ = run(ms, case, steps[:2])
+    assert_zero(u0, name)
+    params, _, inputs = steps[1]
+    mean = jax.tree.map(lambda a, b: (a + b) / 2, steps[0][1], steps[1][1])
+    want, _ = run(case.make(), case, [(params, mean, inputs)])
+    assert_trees_close(u1, want[0], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_apply_if_finite_skips_nonfinite_gradients(name):
+    case = REGISTRY[name]
+    steps = trajectory()
+    opt = optax.apply_if_finite(case.make(), max_consecutive_errors=5)
+    update = jitted_update(opt, case)
+    state = jax.jit(opt.init)(steps[0][0])
+    u, state = update(steps[0][1], state, steps[0][0], steps[0][2])
+    params = optax.apply_updates(steps[1][0], u)
+    for n_bad, bad in enumerate([np.nan, np.inf, -np.inf], start=1):
+        grads = jax.tree.map(lambda x: x, steps[1][1])
+        kernel = grads["params"]["Dense_0"]["kernel"]
+        grads["params"]["Dense_0"]["kernel"] = kernel.at[0, 0].set(bad)
+        u, new_state = update(grads, state, params, steps[1][2])
+        assert_zero(u, name)
+        new_params = optax.apply_updates(params, u)
+        jax.tree.map(np.testing.assert_array_equal, new_params, params)
+        jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
+        assert int(new_state.notfinite_count) == n_bad, name
+        state = new_state
+    assert len(update.traces) == 1, name
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_schedule_learning_rate(name):
+    """``alias(schedule)`` (momentum off) is ``-schedule(t)`` times ``scale_by_*`` at step t."""
+    case = REGISTRY[name]
+    steps = trajectory()
+    schedule = optax.linear_schedule(1.0, 0.0, transition_steps=2)
+    got, _ = run(case.make(schedule, **case.plain), case, steps)
+    direction, _ = run(case.scale_by(**case.kwargs), case, steps)
+    for t, (u, d) in enumerate(zip(got, direction)):
+        assert_trees_close(u, jax.tree.map(lambda x: -schedule(t) * x, d), atol=1e-7,
+                           err_msg=f"{name} step {t}")
+    assert tree_norm(got[0]) > 0 and tree_norm(got[1]) > 0, name
+    assert_zero(got[2], name)
+
+
+# ----------------------------------------------------------------------------------------
+# dtypes.
+# ----------------------------------------------------------------------------------------
+
+
+def _check_dtype_run(name, dtype):
+    case = REGISTRY[name]
+    steps = trajectory(dtype)
+    opt = case.make(**case.dtype_kwargs)
+    state0 = jax.jit(opt.init)(steps[0][0])
+    updates, state = run(opt, case, steps, state=state0)
+    for u in updates:
+        for a, p in zip(jax.tree.leaves(u), jax.tree.leaves(steps[0][0])):
+            assert a.dtype == p.dtype == dtype, name
+        assert_finite(u, name)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state)), name
+    assert jax.tree.structure(state0) == jax.tree.structure(state), name
+    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(name),
+                 state0, state)
+    assert_finite(state, name)
+    return case, state
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bfloat16_params(name):
+    case, state = _check_dtype_run(name, jnp.bfloat16)
+    case.check_state(state, STEPS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float64_params(name, x64):
+    _check_dtype_run(name, jnp.float64)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from sofim_optax import hyperparameters as hp
 from sofim_optax import layerwise
-from sofim_optax.kbfgs import ScaleByKbfgsState, layouts
+from sofim_optax.kbfgs import ScaleByKbfgsState
+from sofim_optax.kbfgs_curvature import layouts
 
 __all__ = ["batch_input_factors", "warm_start", "average_input_factors"]
 

@@ -19,7 +19,8 @@ import pytest
 
 from sofim_optax.curvature import LayerStats
 from sofim_optax import layerwise
-from sofim_optax.kbfgs import ScaleByKbfgsState, kbfgs, kbfgs_l, layouts, scale_by_kbfgs
+from sofim_optax.kbfgs import ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
+from sofim_optax.kbfgs_curvature import layouts
 from sofim_optax.kbfgs_warm_start import average_input_factors, batch_input_factors, warm_start
 
 

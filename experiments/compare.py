@@ -33,7 +33,6 @@ from the papers' notes.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,9 +60,7 @@ def load_data(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[loop.RunResult]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.script_parser(__doc__)
     parser.add_argument(
         "--optimizers",
         default="all",

@@ -68,7 +68,7 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import datasets
+from experiments import datasets, harness, reporting
 from experiments.benchmarks.curves import jsonable
 from experiments.benchmarks.kfac_jax_runner import batch_indices
 from experiments.benchmarks.problems import autoencoder_problem, jitted_step, layer_widths
@@ -309,9 +309,7 @@ def plot(res: Mapping[str, Any], path: Path) -> None:
         f"{res['args']['fisher']} Fisher, fit={res['args']['fit']})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    reporting.save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -320,9 +318,7 @@ def plot(res: Mapping[str, Any], path: Path) -> None:
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = harness.script_parser(__doc__)
     p.add_argument("--out", default="runs/fisher_approximation")
     p.add_argument(
         "--data-dir", default=None, help="Fashion-MNIST folder (default: the loader's lookup)"

@@ -99,10 +99,15 @@ def select_best(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
     return min(enumerate(trials), key=key)[1]
 
 
-def build_parser(kind: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def script_parser(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser that prints a script's docstring (its usage) as it is written."""
+    return argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def build_parser(kind: str, description: str | None = None) -> argparse.ArgumentParser:
+    parser = script_parser(description)
     if kind == "classification":
         parser.add_argument("--dataset", default="fashion-mnist", choices=CLASSIFY_DATASETS)
         parser.add_argument("--model", default="mlp", choices=sorted(models.CLASSIFIERS))

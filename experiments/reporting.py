@@ -238,7 +238,14 @@ def plot_curves(
         handles, labels, loc="center right", fontsize="small"
     )  # outside the axes: 15 methods hide curves
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 1 - legend_width / width, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path, rect=(0, 0, 1 - legend_width / width, 1))
+
+
+def save_figure(fig: Any, path: Path, rect: tuple[float, ...] | None = None) -> None:
+    """Lays out ``fig`` (within ``rect``), writes it to ``path`` at 110 dpi and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=rect)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

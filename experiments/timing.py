@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["StepTimer", "call_timer", "interleaved_rounds", "medians", "ratios"]
+__all__ = ["StepTimer", "call_timer", "interleaved_rounds", "medians", "ratios", "compare"]
 
 
 class StepTimer:
@@ -70,3 +70,18 @@ def medians(samples: Mapping[str, Sequence[float]]) -> dict[str, float]:
 def ratios(times: Mapping[str, float], baseline: str) -> dict[str, float]:
     """Each time divided by the baseline's."""
     return {name: t / times[baseline] for name, t in times.items()}
+
+
+def compare(
+    contenders: Mapping[str, Callable[[], float]], *, rounds: int, baseline: str
+) -> dict[str, Any]:
+    """Interleaved rounds of every contender, their medians and the ratios to ``baseline``:
+    ``{"times", "ratios", "samples", "rounds"}``."""
+    samples = interleaved_rounds(contenders, rounds=rounds)
+    times = medians(samples)
+    return {
+        "times": times,
+        "ratios": ratios(times, baseline),
+        "samples": samples,
+        "rounds": rounds,
+    }

@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -32,9 +31,7 @@ grid_points = registry.grid_points
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.script_parser(__doc__)
     parser.add_argument("--model", default="mlp", choices=sorted(models.CLASSIFIERS))
     parser.add_argument("--optimizers", default="sofim,sgdm,adam")
     parser.add_argument("--epochs", type=int, default=3)

@@ -73,7 +73,7 @@ import jax
 import optax
 
 import sofim_optax
-from experiments import datasets
+from experiments import datasets, harness
 from experiments.benchmarks.curves import jsonable
 from experiments.benchmarks.kfac_cost import (
     SGD_OLD_JAX,
@@ -109,9 +109,7 @@ __all__ = ["GRIDS", "QUICK_GRIDS", "KFAC_FAMILY", "compare_with_kfac_jax", "main
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = harness.script_parser(__doc__)
     p.add_argument("--out", default="runs/benchmark_kfac")
     p.add_argument(
         "--parts",

@@ -212,14 +212,9 @@ def step_times(
         runners[name] = lambda t=timer: t.seconds_per_step(block_steps)
     for name, f in (external or {}).items():
         runners[name] = lambda f=f: f(block_steps)
-    samples = timing.interleaved_rounds(runners, rounds=rounds)
-    times = timing.medians(samples)
     return {
-        "times": times,
-        "ratios": timing.ratios(times, "SGD-momentum"),
-        "samples": samples,
+        **timing.compare(runners, rounds=rounds, baseline="SGD-momentum"),
         "block_steps": block_steps,
-        "rounds": rounds,
     }
 
 

@@ -60,7 +60,7 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import datasets, timing
+from experiments import datasets, harness, reporting, timing
 from experiments.benchmarks.curves import fmt, jsonable, loss_at_time, mean_last, smoothed
 from experiments.benchmarks.kfac_cost import training_step_timer
 from experiments.benchmarks.problems import (
@@ -210,13 +210,8 @@ def step_times(
             problem, tx, step, warmup_steps=inverse_period + 1, **hparams[m]
         )
         runners[m] = lambda t=timer: t.seconds_per_step(block_steps)
-    samples = timing.interleaved_rounds(runners, rounds=rounds)
-    times = timing.medians(samples)
     return {
-        "times": times,
-        "ratios": timing.ratios(times, "kfac"),
-        "samples": samples,
-        "rounds": rounds,
+        **timing.compare(runners, rounds=rounds, baseline="kfac"),
         "block_steps": block_steps,
     }
 
@@ -349,15 +344,11 @@ def plot(res: Mapping[str, Any], args: argparse.Namespace, path: Path) -> None:
         f"Autoencoder {args.encoder} on Fashion-MNIST, batch {args.batch_size} (CPU, shared/loaded)",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    reporting.save_figure(fig, path)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = harness.script_parser(__doc__)
     p.add_argument("--out", default="runs/benchmark_kpsvd")
     p.add_argument("--data-dir", default=None)
     p.add_argument(

@@ -44,7 +44,6 @@ Quick run (what the README figures were measured with, see ``--help``)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -304,9 +303,7 @@ def convergence(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.script_parser(__doc__)
     parser.add_argument("--parts", default="step_time,convergence")
     parser.add_argument("--models", default="autoencoder,cnn", help="step_time models")
     parser.add_argument("--ae-encoder", default="1000,500,250,30")

@@ -17,7 +17,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import jax
@@ -26,7 +25,7 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import models, tasks, timing
+from experiments import harness, models, tasks, timing
 from experiments.registry import OPTIMIZERS
 from experiments.step import make_train_step
 
@@ -92,9 +91,7 @@ def benchmark_model(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = harness.script_parser(__doc__)
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)

@@ -1,4 +1,5 @@
-"""Nyström-SGD (``sofim_optax.nystrom_sgd``) against dense float64 references, plus optax conformance.
+"""Nyström-SGD (``sofim_optax.nystrom_sgd``) against dense float64 references (the
+common optax checks: ``tests/test_conformance.py``).
 
 Quadratics ``½ xᵀAx − bᵀx`` over a small parameter pytree have the known Hessian ``A``.
 """
@@ -12,7 +13,6 @@ import optax
 import pytest
 
 from sofim_optax.nystrom_sgd import (
-    ScaleByNystromSgdState,
     nystrom_sgd,
     nystrom_sketch,
     nystrom_solve,
@@ -192,99 +192,6 @@ def _problem(dtype=jnp.float32):
         )
 
     return params, obj
-
-
-def test_jit_chain_inject_hyperparams_and_schedule():
-    params, obj = _problem()
-    g = jax.grad(obj)(params)
-    tx = scale_by_nystrom_sgd(rank=3, damping=0.1)
-    chained = optax.chain(optax.scale(2.0), scale_by_nystrom_sgd(rank=3, damping=0.1), optax.scale(-0.5))
-    inject = optax.inject_hyperparams(nystrom_sgd, static_args=nystrom_sgd.static_args)(
-        learning_rate=0.1, damping=0.1
-    )
-    sched = nystrom_sgd(optax.linear_schedule(1.0, 0.0, transition_steps=2), rank=3, stats_period=100)
-
-    @jax.jit
-    def run(g):
-        a = tx.update(g, tx.init(params), params, obj_fn=obj)[0]
-        b = chained.update(g, chained.init(params), params, obj_fn=obj)[0]
-        s = inject.init(params)
-        u1, s = inject.update(g, s, params, obj_fn=obj)
-        s.hyperparams["learning_rate"] = jnp.asarray(0.2, jnp.float32)
-        u2, s = inject.update(g, s, params, obj_fn=obj)
-        s2, norms = sched.init(params), []
-        for _ in range(3):
-            u, s2 = sched.update(g, s2, params, obj_fn=obj)
-            norms.append(optax.tree.norm(u))
-        return a, b, u1, u2, norms
-
-    a, b, u1, u2, norms = run(g)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(y, -np.asarray(x), rtol=1e-5, atol=1e-7)  # linear in g
-    for x, y in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
-        np.testing.assert_allclose(y, 2 * np.asarray(x), rtol=1e-5, atol=1e-7)
-    norms = [float(n) for n in norms]
-    assert norms[0] > 0 and norms[1] == pytest.approx(norms[0] / 2, rel=1e-4) and norms[2] == 0.0
-
-
-def test_multisteps_forwards_obj_fn():
-    params, obj = _problem()
-    rng = np.random.default_rng(2)
-    g1, g2 = ({k: arr(rng.standard_normal(v.shape)) for k, v in params.items()} for _ in range(2))
-    ms = optax.MultiSteps(nystrom_sgd(0.1, rank=3), every_k_schedule=2)
-    ref = nystrom_sgd(0.1, rank=3)
-
-    @jax.jit
-    def run(g1, g2):
-        s = ms.init(params)
-        u1, s = ms.update(g1, s, params, obj_fn=obj)
-        u2, s = ms.update(g2, s, params, obj_fn=obj)
-        mean = jax.tree.map(lambda a, b: (a + b) / 2, g1, g2)
-        return u1, u2, ref.update(mean, ref.init(params), params, obj_fn=obj)[0]
-
-    u1, u2, want = run(g1, g2)
-    assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(u1))
-    for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dtypes_and_state_stability(dtype):
-    params, obj = _problem(dtype)
-    opt = nystrom_sgd(0.1, rank=3, stats_period=2, momentum=0.9)
-    state0 = jax.jit(opt.init)(params)
-    step = jax.jit(lambda p, s: opt.update(jax.grad(obj)(p), s, p, obj_fn=obj))
-    state, p = state0, params
-    for _ in range(3):
-        u, state = step(p, state)
-        p = optax.apply_updates(p, u)
-        for a, q in zip(jax.tree.leaves(u), jax.tree.leaves(params)):
-            assert a.dtype == q.dtype
-            assert np.all(np.isfinite(np.asarray(a, np.float32)))
-    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
-    assert jax.tree.structure(state0) == jax.tree.structure(state)
-    jax.tree.map(lambda a, b: (a.shape, a.dtype) == (b.shape, b.dtype) or pytest.fail(f"{a} {b}"), state0, state)
-    inner = state[0]
-    assert isinstance(inner, ScaleByNystromSgdState) and inner.count.dtype == jnp.int32
-    assert inner.eigvecs.dtype == jnp.float32 and inner.eigvecs.shape == (15, 3)
-
-
-def test_apply_if_finite_skips_nonfinite_gradients():
-    params, obj = _problem()
-    opt = optax.apply_if_finite(nystrom_sgd(0.1, rank=3), max_consecutive_errors=3)
-    state = jax.jit(opt.init)(params)
-    step = jax.jit(lambda g, s: opt.update(g, s, params, obj_fn=obj))
-    _, state = step(jax.grad(obj)(params), state)
-    for n_bad, bad in enumerate([np.nan, np.inf, -np.inf], start=1):
-        grads = jax.grad(obj)(params)
-        w = np.array(grads["w"])
-        w[0, 0] = bad
-        grads["w"] = arr(w)
-        u, new_state = step(grads, state)
-        assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(u))
-        jax.tree.map(np.testing.assert_array_equal, new_state.inner_state, state.inner_state)
-        assert int(new_state.notfinite_count) == n_bad
-        state = new_state
 
 
 def test_beats_sgd_on_ill_conditioned_quadratic():

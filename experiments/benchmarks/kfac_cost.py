@@ -27,6 +27,7 @@ from experiments.benchmarks.problems import (
     MOMENTUM,
     Problem,
     copy_tree,
+    injected,
     jitted_step,
     set_hparams,
 )
@@ -83,16 +84,9 @@ def kfac_tx(
 ) -> optax.GradientTransformationExtraArgs:
     """``sofim_optax.kfac`` with ``learning_rate`` and ``damping`` injected (changeable without
     recompiling, see :func:`set_hparams`), momentum 0.9, EMA 0.95."""
-    return optax.inject_hyperparams(
-        sofim_optax.kfac,
-        static_args=("inverse", "inverse_period", "stats_period", "ema", "pi_adjusted"),
-    )(
-        learning_rate=0.1,
-        momentum=MOMENTUM,
-        damping=10.0,
-        ema=EMA,
-        inverse_period=inverse_period,
-        inverse=inverse,
+    hyperparameters = dict(learning_rate=0.1, momentum=MOMENTUM, damping=10.0, ema=EMA)
+    return injected(
+        sofim_optax.kfac, **hyperparameters, inverse_period=inverse_period, inverse=inverse
     )
 
 

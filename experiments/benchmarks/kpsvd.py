@@ -46,7 +46,6 @@ Example (a few minutes; the README figures use the defaults)::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -69,6 +68,7 @@ from experiments.benchmarks.problems import (
     Problem,
     autoencoder_problem,
     full_loss,
+    injected,
     jitted_step,
     layer_widths,
     set_hparams,
@@ -140,30 +140,14 @@ def make_tx(
     serves every grid point (:func:`experiments.benchmarks.problems.set_hparams`)."""
     if method == "adam":
         return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
-    alias = _ALIASES[method]
-    kwargs = dict(
-        learning_rate=0.1,
-        momentum=MOMENTUM,
-        damping=100.0,
-        ema=EMA,
+    hyperparameters = dict(learning_rate=0.1, momentum=MOMENTUM, damping=100.0, ema=EMA)
+    if method == "kfac":
+        hyperparameters["inverse"] = "eigh"
+    return injected(
+        _ALIASES[method],
+        **hyperparameters,
         stats_period=stats_period,
         inverse_period=inverse_period,
-    )
-    static = (
-        "ema",
-        "stats_period",
-        "inverse_period",
-        "pi_adjusted",
-        "max_iters",
-        "krylov_dim",
-        "indefinite",
-        "inverse",
-    )
-    if method == "kfac":
-        kwargs["inverse"] = "eigh"
-    params = inspect.signature(alias).parameters
-    return optax.inject_hyperparams(alias, static_args=tuple(a for a in static if a in params))(
-        **kwargs
     )
 
 

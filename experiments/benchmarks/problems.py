@@ -11,6 +11,7 @@ with ``optax.inject_hyperparams`` so that one compiled step serves a whole grid
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "autoencoder_problem",
     "cnn_problem",
     "jitted_step",
+    "injected",
     "set_hparams",
     "copy_tree",
     "train_run",
@@ -151,6 +153,18 @@ def jitted_step(
         return out.params, out.opt_state, out.loss
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+#: The hyperparameters a benchmark changes between grid points without recompiling.
+INJECTED = ("learning_rate", "damping", "momentum")
+
+
+def injected(alias: Callable[..., Any], **hyperparameters: Any) -> Any:
+    """``optax.inject_hyperparams(alias)(**hyperparameters)`` with every argument outside
+    :data:`INJECTED` static, so that one compiled step serves a whole grid
+    (:func:`set_hparams` changes the injected ones)."""
+    static = [k for k in inspect.signature(alias).parameters if k not in INJECTED]
+    return optax.inject_hyperparams(alias, static_args=tuple(static))(**hyperparameters)
 
 
 def set_hparams(state: Any, **values: float) -> Any:

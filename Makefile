@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: compare test benchmark tune clean
+.PHONY: compare test test-slow lint benchmark tune clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,17 @@ $(STAMP): pyproject.toml
 compare: $(STAMP)
 	$(BIN)/python -m experiments.compare --out runs/compare
 
+# The fast suite; the few real convergence runs and the notebook executions are marked
+# `slow` and run by `make test-slow` (CI runs both).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check sofim_optax experiments tests
+	$(BIN)/ruff format --check sofim_optax experiments tests
 
 benchmark: $(STAMP)
 	$(BIN)/python -m experiments.benchmarks.step_time --models mlp,cnn

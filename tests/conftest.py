@@ -9,8 +9,23 @@ import sofim_optax
 
 sofim_optax.configure_cpu_runtime()  # before the first JAX computation
 
+import os  # noqa: E402
+import pathlib  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same programs (the same optimizer on the same tiny model, in several
+# tests and in both xdist workers). JAX's persistent compilation cache lets every program be
+# compiled once per run; it changes no result. Set SOFIM_OPTAX_TEST_JAX_CACHE to "" to turn
+# it off.
+_CACHE = os.environ.get(
+    "SOFIM_OPTAX_TEST_JAX_CACHE", str(pathlib.Path(__file__).resolve().parents[1] / ".jax_cache")
+)
+if _CACHE:
+    jax.config.update("jax_compilation_cache_dir", _CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from sofim_optax.adahessian import (
 )
 
 
-
 def arr(x, dtype=jnp.float32):
     return jnp.asarray(np.asarray(x).astype(dtype))
 
@@ -74,7 +73,9 @@ def test_hutchinson_converges_to_true_diagonal_and_is_exact_for_diagonal_hessian
             jax.random.split(k1, seeds * max_probes)
         )
         # The num_probes path itself.
-        multi = jax.vmap(lambda k: flat(hutchinson_hessian_diagonal(obj, params, k, 256)))(jax.random.split(k2, seeds))
+        multi = jax.vmap(lambda k: flat(hutchinson_hessian_diagonal(obj, params, k, 256)))(
+            jax.random.split(k2, seeds)
+        )
         exact = hutchinson_hessian_diagonal(separable_obj(curv), point, k3, 3)
         return single.reshape(seeds, max_probes, d), multi, exact
 
@@ -112,7 +113,9 @@ def ref_average(d, spatial, block, absolute):
     return d
 
 
-def ref_adahessian(curv, grads_seq, params, b1, b2, eps, k, period, spatial, block, absolute, lr, wd):
+def ref_adahessian(
+    curv, grads_seq, params, b1, b2, eps, k, period, spatial, block, absolute, lr, wd
+):
     m = {n: np.zeros_like(v) for n, v in params.items()}
     v = {n: np.zeros_like(x) for n, x in params.items()}
     p = {n: np.array(x, np.float64) for n, x in params.items()}
@@ -150,8 +153,18 @@ def test_matches_numpy_reference(x64):
     b1, b2, eps, lr, wd = 0.8, 0.9, 1e-3, 0.05, 0.1
     obj = separable_obj(curv)
     txs = [
-        adahessian(lr, b1=b1, b2=b2, eps=eps, weight_decay=wd, hessian_power=k, stats_period=per,
-                   spatial_averaging=sp, block_size=bl, average_absolute=ab)
+        adahessian(
+            lr,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=wd,
+            hessian_power=k,
+            stats_period=per,
+            spatial_averaging=sp,
+            block_size=bl,
+            average_absolute=ab,
+        )
         for k, per, sp, bl, ab in CONFIGS
     ]
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *grads_seq)
@@ -160,6 +173,7 @@ def test_matches_numpy_reference(x64):
     def run(params, stacked):
         results = []
         for tx in txs:
+
             def body(carry, g, tx=tx):
                 p, s = carry
                 u, s = tx.update(g, s, p, obj_fn=obj)
@@ -175,7 +189,9 @@ def test_matches_numpy_reference(x64):
         ref = ref_adahessian(curv, grads_seq, params, b1, b2, eps, k, per, sp, bl, ab, lr, wd)
         for t, (_, rp) in enumerate(ref):
             for n in SHAPES:
-                np.testing.assert_allclose(ps[n][t], rp[n], rtol=1e-10, err_msg=f"{cfg} params {t} {n}")
+                np.testing.assert_allclose(
+                    ps[n][t], rp[n], rtol=1e-10, err_msg=f"{cfg} params {t} {n}"
+                )
         assert int(state.count) == 5 and int(state.hessian_count) == -(-5 // per)
 
 
@@ -193,7 +209,10 @@ def test_key_advances_only_on_refresh_and_seed_matters():
     params = rand_tree(0, {"w": (4, 3)})
     c = rand_tree(1, {"w": (4, 3)})["w"]
     obj = lambda p: jnp.sum(c * p["w"]) ** 2  # Hessian 2 c cᵀ: not diagonal, probes matter
-    tx, tx_other = scale_by_adahessian(stats_period=2, seed=0), scale_by_adahessian(stats_period=2, seed=1)
+    tx, tx_other = (
+        scale_by_adahessian(stats_period=2, seed=0),
+        scale_by_adahessian(stats_period=2, seed=1),
+    )
 
     @jax.jit
     def run(params):
@@ -266,7 +285,9 @@ def test_inject_hyperparams_needs_the_static_args():
     # ... and with every shape-defining argument at its default, through the factory's own list.
     assert adahessian.static_args == ("num_probes", "block_size")
     jax.eval_shape(
-        optax.inject_hyperparams(adahessian, static_args=adahessian.static_args)(learning_rate=0.1).init,
+        optax.inject_hyperparams(adahessian, static_args=adahessian.static_args)(
+            learning_rate=0.1
+        ).init,
         params,
     )
     # Without it, the error says what to do.
@@ -291,7 +312,9 @@ def test_converges_on_ill_conditioned_quadratic():
         (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
         return obj(p)
 
-    losses = jax.jit(lambda: [run(adahessian(0.3, b2=0.9)), run(optax.sgd(0.19))])()  # sgd lr < 2/10
+    losses = jax.jit(
+        lambda: [run(adahessian(0.3, b2=0.9)), run(optax.sgd(0.19))]
+    )()  # sgd lr < 2/10
     ada, sgd = (float(x) for x in losses)
     start = float(obj(params))
     assert ada < 1e-3 * start, (ada, start)

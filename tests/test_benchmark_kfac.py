@@ -8,7 +8,6 @@ imports ``kfac_jax`` (0.0.8 with jax 0.9.0, as ``experiments.benchmarks.kfac`` c
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 import jax
@@ -30,7 +29,11 @@ def tiny_ae():
 
 def test_capture_cost_reports_ratios_to_value_and_grad(tiny_ae):
     r = kfac_cost.capture_cost(tiny_ae, rounds=2, calls=2)
-    assert set(r["times"]) == {"value_and_grad", "value_grad_and_stats (empirical)", "value_grad_and_stats (sampled)"}
+    assert set(r["times"]) == {
+        "value_and_grad",
+        "value_grad_and_stats (empirical)",
+        "value_grad_and_stats (sampled)",
+    }
     assert r["ratios"]["value_and_grad"] == 1.0
     assert all(t > 0 and math.isfinite(t) for t in r["times"].values())
     assert all(len(s) == 2 for s in r["samples"].values())
@@ -41,19 +44,30 @@ def test_capture_cost_reports_ratios_to_value_and_grad(tiny_ae):
 def test_step_times_interleaves_against_sgd_and_checks_the_block(tiny_ae):
     calls = []
     external = {"fake": lambda steps: calls.append(steps) or 1e-3}
-    r = kfac_cost.step_times(tiny_ae, rounds=2, block_steps=4, inverse_period=2,
-                      contenders=["KFAC (eigh, sampled)", "SGD-momentum"], external=external)
+    r = kfac_cost.step_times(
+        tiny_ae,
+        rounds=2,
+        block_steps=4,
+        inverse_period=2,
+        contenders=["KFAC (eigh, sampled)", "SGD-momentum"],
+        external=external,
+    )
     assert list(r["times"]) == ["SGD-momentum", "KFAC (eigh, sampled)", "fake"]  # baseline first
     assert r["ratios"]["SGD-momentum"] == 1.0 and calls == [4, 4]
     assert all(math.isfinite(v) and v > 0 for v in r["ratios"].values())
     with pytest.raises(ValueError, match="multiple of inverse_period"):
-        kfac_cost.step_times(tiny_ae, rounds=1, block_steps=3, inverse_period=2, contenders=["SGD-momentum"])
+        kfac_cost.step_times(
+            tiny_ae, rounds=1, block_steps=3, inverse_period=2, contenders=["SGD-momentum"]
+        )
 
 
 def test_cnn_problem_capture_runs():
     cnn = problems.cnn_problem(4, channels=(2, 4), hidden=8, side=8)
-    stats = jax.eval_shape(lambda p, *b: kfac_cost.curvature_linen.value_grad_and_stats(cnn.loss_fn, p, *b)[2],
-                           cnn.params, *cnn.batch)
+    stats = jax.eval_shape(
+        lambda p, *b: kfac_cost.curvature_linen.value_grad_and_stats(cnn.loss_fn, p, *b)[2],
+        cnn.params,
+        *cnn.batch,
+    )
     assert sorted(stats) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
 
 
@@ -76,14 +90,20 @@ def test_export_npz_roundtrip_and_runner_matches_flax_model(tiny_ae, tmp_path):
 
 
 def test_runner_config_is_json_and_complete():
-    runs = kfac._kfac_jax_points("kfac_jax_fixed", [{"learning_rate": 0.1, "damping": 10.0}], steps=5)
+    runs = kfac._kfac_jax_points(
+        "kfac_jax_fixed", [{"learning_rate": 0.1, "damping": 10.0}], steps=5
+    )
     runs += kfac._kfac_jax_points("kfac_jax_adaptive", [{"damping": 100.0}], steps=5)
-    cfg = json.loads(json.dumps(kfac_jax_env.runner_config(runs, batch_size=16, seed=3, warmup_steps=4)))
+    cfg = json.loads(
+        json.dumps(kfac_jax_env.runner_config(runs, batch_size=16, seed=3, warmup_steps=4))
+    )
     assert cfg["batch_size"] == 16 and cfg["seed"] == 3 and cfg["warmup_steps"] == 4
     assert cfg["inverse_period"] == problems.INVERSE_PERIOD and cfg["l2_reg"] == problems.L2_REG
     assert cfg["estimation_mode"] == "fisher_gradients"
     assert [r["mode"] for r in cfg["runs"]] == ["fixed", "adaptive"]
-    assert cfg["runs"][0]["learning_rate"] == 0.1 and cfg["runs"][0]["momentum"] == problems.MOMENTUM
+    assert (
+        cfg["runs"][0]["learning_rate"] == 0.1 and cfg["runs"][0]["momentum"] == problems.MOMENTUM
+    )
     assert "learning_rate" not in cfg["runs"][1]
 
 
@@ -100,19 +120,27 @@ def test_batch_indices_is_a_fresh_permutation_per_epoch():
 def test_train_run_and_curve_helpers(tiny_ae):
     x = np.asarray(tiny_ae.batch[0])
     big = np.concatenate([x, x[::-1]])
-    tx, step = kfac_cost.train_step_for(tiny_ae, "eigh", "sampled", inverse_period=2)  # compiled in the test above
+    tx, step = kfac_cost.train_step_for(
+        tiny_ae, "eigh", "sampled", inverse_period=2
+    )  # compiled in the test above
     state = problems.set_hparams(tx.init(tiny_ae.params), learning_rate=0.05, damping=1.0)
     assert float(state.hyperparams["damping"]) == 1.0
-    r = problems.train_run(step, tiny_ae.params, state, big, steps=7, batch_size=32, seed=0, log_every=3)
+    r = problems.train_run(
+        step, tiny_ae.params, state, big, steps=7, batch_size=32, seed=0, log_every=3
+    )
     assert len(r["losses"]) == 7 and all(np.isfinite(r["losses"]))
     assert [s for s, _ in r["time_log"]] == [1, 3, 6, 7]
-    assert curves.mean_last([1.0, 2.0, 3.0], 2) == 2.5 and curves.mean_last([1.0, float("nan")], 2) == math.inf
+    assert (
+        curves.mean_last([1.0, 2.0, 3.0], 2) == 2.5
+        and curves.mean_last([1.0, float("nan")], 2) == math.inf
+    )
     np.testing.assert_allclose(curves.smoothed([1.0, 3.0, 5.0, 7.0], 2), [1.0, 2.0, 4.0, 6.0])
     run = {"losses": [4.0, 2.0, 2.0, 2.0], "step_time": 0.5}
     assert curves.loss_at_time(run["losses"], run["step_time"], 1.0, 1) == 2.0
     assert math.isnan(curves.loss_at_time(run["losses"], run["step_time"], 3.0, 1))
     assert problems.full_loss(tiny_ae, tiny_ae.params, big, chunk=48) == pytest.approx(
-        float(tiny_ae.loss_fn(tiny_ae.params, jnp.asarray(big))), rel=1e-5)
+        float(tiny_ae.loss_fn(tiny_ae.params, jnp.asarray(big))), rel=1e-5
+    )
 
 
 def test_cli_parsing():
@@ -139,22 +167,41 @@ def test_kfac_jax_runner_train_and_serve(tiny_ae, tmp_path):
     data = tmp_path / "data.npz"
     kfac_jax_env.export_npz(data, x, tiny_ae.params)
     runs = [
-        {"name": "f", "mode": "fixed", "learning_rate": 0.01, "momentum": 0.9, "damping": 1.0, "steps": 4},
+        {
+            "name": "f",
+            "mode": "fixed",
+            "learning_rate": 0.01,
+            "momentum": 0.9,
+            "damping": 1.0,
+            "steps": 4,
+        },
         {"name": "a", "mode": "adaptive", "damping": 1.0, "steps": 4},
         {"name": "s", "mode": "sgdm", "learning_rate": 1e-3, "momentum": 0.9, "steps": 4},
     ]
-    out = kfac_jax_env.run_kfac_jax_train(python, tmp_path, data,
-                                kfac_jax_env.runner_config(runs, batch_size=16, seed=0, log_every=2, eval_examples=32), "t",
-                                log=lambda s: None)
+    out = kfac_jax_env.run_kfac_jax_train(
+        python,
+        tmp_path,
+        data,
+        kfac_jax_env.runner_config(runs, batch_size=16, seed=0, log_every=2, eval_examples=32),
+        "t",
+        log=lambda s: None,
+    )
     assert out["library"] == "kfac-jax 0.0.8"
     assert [len(r["losses"]) for r in out["runs"]] == [4, 4, 4]
     assert all(np.isfinite(r["final_full_loss"]) for r in out["runs"])
     # The first loss is the same for every run: same initial parameters, same first batch.
     first = {r["losses"][0] for r in out["runs"]}
     assert max(first) - min(first) < 1e-3
-    ours = float(tiny_ae.loss_fn(tiny_ae.params, jnp.asarray(x[next(runner.batch_indices(48, 16, 0))])))
+    ours = float(
+        tiny_ae.loss_fn(tiny_ae.params, jnp.asarray(x[next(runner.batch_indices(48, 16, 0))]))
+    )
     assert abs(out["runs"][0]["losses"][0] - ours) < 1e-3 * abs(ours)
-    server = kfac_jax_env.KfacJaxServer(python, tmp_path, data, kfac_jax_env.runner_config(runs, batch_size=16, seed=0, warmup_steps=2))
+    server = kfac_jax_env.KfacJaxServer(
+        python,
+        tmp_path,
+        data,
+        kfac_jax_env.runner_config(runs, batch_size=16, seed=0, warmup_steps=2),
+    )
     try:
         assert server.time_steps("f", 2) > 0 and server.time_steps("a", 2) > 0
     finally:

@@ -7,7 +7,9 @@ from experiments.benchmarks import mbf as benchmark_mbf
 
 
 def test_mbf_set_pins_the_named_optimizers_and_keeps_the_other_grids():
-    overrides = harness.parse_overrides(["sgdm.learning_rate=0.1", "mbf.learning_rate=0.001", "mbf.damping=0.01"])
+    overrides = harness.parse_overrides(
+        ["sgdm.learning_rate=0.1", "mbf.learning_rate=0.001", "mbf.damping=0.01"]
+    )
     grids = benchmark_mbf.grids_with_overrides(overrides)
     assert grids["sgdm"] == [{"learning_rate": 0.1}]
     assert grids["mbf"] == [{"learning_rate": 0.001, "damping": 0.01}]

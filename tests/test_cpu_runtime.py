@@ -14,9 +14,15 @@ FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
 def run_python(code: str, **env_overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS", "SOFIM_OPTAX_NO_CPU_WORKAROUNDS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS", "SOFIM_OPTAX_NO_CPU_WORKAROUNDS")
+    }
     env.update(env_overrides)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 REPORT = (
@@ -41,12 +47,22 @@ def test_configure_sets_scheduler_flag_and_single_threaded_openblas():
 
 
 def test_existing_flags_are_kept_and_user_choices_respected():
-    out = run_python(REPORT.format(call=CONFIGURE), XLA_FLAGS="--xla_cpu_use_xnnpack=true", OPENBLAS_NUM_THREADS="2")
+    out = run_python(
+        REPORT.format(call=CONFIGURE),
+        XLA_FLAGS="--xla_cpu_use_xnnpack=true",
+        OPENBLAS_NUM_THREADS="2",
+    )
     flags, threads = out.stdout.strip().splitlines()
     assert "--xla_cpu_use_xnnpack=true" in flags and FLAG in flags
     assert threads == "'2'"
-    out = run_python(REPORT.format(call=CONFIGURE), XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true")
-    assert out.stdout.strip().splitlines()[0] == "'--xla_cpu_enable_concurrency_optimized_scheduler=true'"
+    out = run_python(
+        REPORT.format(call=CONFIGURE),
+        XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    )
+    assert (
+        out.stdout.strip().splitlines()[0]
+        == "'--xla_cpu_enable_concurrency_optimized_scheduler=true'"
+    )
     # Calling it twice adds nothing more.
     out = run_python(REPORT.format(call=CONFIGURE + CONFIGURE))
     assert out.stdout.strip().splitlines()[0].count(FLAG) == 1
@@ -139,7 +155,9 @@ def test_map_stack_matches_vmap_and_is_sequential_on_old_cpu_jaxlib(monkeypatch)
     expected = jax.vmap(fn)(stack, shifts)
     np.testing.assert_allclose(cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)
     jaxpr = str(jax.make_jaxpr(lambda a, s: cpu_runtime.map_stack(fn, a, s))(stack, shifts))
-    old_cpu = jax.default_backend() == "cpu" and tuple(int(v) for v in jaxlib.version.__version__.split(".")[:2]) < (0, 11)
+    old_cpu = jax.default_backend() == "cpu" and tuple(
+        int(v) for v in jaxlib.version.__version__.split(".")[:2]
+    ) < (0, 11)
     assert ("scan" in jaxpr) == old_cpu  # lax.map lowers to a scan
     monkeypatch.setenv("SOFIM_OPTAX_NO_CPU_WORKAROUNDS", "1")
     jaxpr = str(jax.make_jaxpr(lambda a, s: cpu_runtime.map_stack(fn, a, s))(stack, shifts))

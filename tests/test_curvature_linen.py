@@ -28,7 +28,11 @@ F64 = jnp.float64
 
 #: ``jax.jit`` with cheaper XLA:CPU compilation (these graphs are tiny and run once).
 fast_jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    jax.jit,
+    compiler_options={
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+    },
 )
 
 
@@ -103,7 +107,9 @@ def np_patches(x, kernel_size, strides, padding, kernel_dilation, input_dilation
                         continue
                     if r % input_dilation[0] or q % input_dilation[1]:
                         continue
-                    patches[:, i, j, a, b, :] = x[:, r // input_dilation[0], q // input_dilation[1], :]
+                    patches[:, i, j, a, b, :] = x[
+                        :, r // input_dilation[0], q // input_dilation[1], :
+                    ]
     return patches.reshape(n, out[0] * out[1], -1)
 
 
@@ -123,7 +129,9 @@ def per_example_output_grads(forward, example_loss, x, y):
     zeros = {k: jnp.zeros_like(out) for k, (_, out) in taps.items()}
 
     def one(xn, yn):
-        return jax.grad(lambda p: example_loss(forward(xn[None], perts=p), jax.tree.map(lambda a: a[None], yn)))(zeros)
+        return jax.grad(
+            lambda p: example_loss(forward(xn[None], perts=p), jax.tree.map(lambda a: a[None], yn))
+        )(zeros)
 
     return {k: v[:, 0] for k, v in jax.vmap(one)(x, y).items()}
 
@@ -182,7 +190,9 @@ def assert_stats_match(stats, taps, ref_grads, kernels, biases, geometries, n):
             expected_inputs = rows(x, n)
         np.testing.assert_allclose(st.inputs, expected_inputs, rtol=1e-12, atol=1e-12, err_msg=key)
         np.testing.assert_allclose(st.outputs, rows(out, n), rtol=1e-12, atol=1e-12, err_msg=key)
-        np.testing.assert_allclose(st.output_grads, rows(ref_grads[key], n), rtol=1e-9, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(
+            st.output_grads, rows(ref_grads[key], n), rtol=1e-9, atol=1e-12, err_msg=key
+        )
         kernel = kernels[key]
         pred = st.inputs @ jnp.reshape(kernel, (-1, kernel.shape[-1]))
         if biases.get(key) is not None:
@@ -223,10 +233,18 @@ class Stage(nn.Module):
 class CNN(nn.Module):
     @nn.compact
     def __call__(self, x, perts=None, taps=None):  # x: (N, 9, 8, 2)
-        x = tap(nn.Conv(3, (3, 3), strides=2, padding="SAME", param_dtype=F64), "Conv_0", x, perts, taps)
+        x = tap(
+            nn.Conv(3, (3, 3), strides=2, padding="SAME", param_dtype=F64), "Conv_0", x, perts, taps
+        )
         x = Stage()(nn.relu(x), perts, taps)  # (N, 3, 2, 4)
         conv = nn.Conv(
-            2, (2, 3), padding=((1, 0), (2, 1)), input_dilation=(2, 1), use_bias=False, param_dtype=F64, name="explicit"
+            2,
+            (2, 3),
+            padding=((1, 0), (2, 1)),
+            input_dilation=(2, 1),
+            use_bias=False,
+            param_dtype=F64,
+            name="explicit",
         )
         x = jnp.tanh(tap(conv, "explicit", x, perts, taps))  # (N, 5, 3, 2)
         x = x.reshape(x.shape[0], -1)
@@ -234,12 +252,26 @@ class CNN(nn.Module):
 
 
 CNN_GEOMETRY = {
-    "Conv_0": dict(kernel_size=(3, 3), strides=(2, 2), padding="SAME", kernel_dilation=(1, 1), input_dilation=(1, 1)),
+    "Conv_0": dict(
+        kernel_size=(3, 3),
+        strides=(2, 2),
+        padding="SAME",
+        kernel_dilation=(1, 1),
+        input_dilation=(1, 1),
+    ),
     "Stage_0/dil": dict(
-        kernel_size=(2, 2), strides=(1, 1), padding="VALID", kernel_dilation=(2, 2), input_dilation=(1, 1)
+        kernel_size=(2, 2),
+        strides=(1, 1),
+        padding="VALID",
+        kernel_dilation=(2, 2),
+        input_dilation=(1, 1),
     ),
     "explicit": dict(
-        kernel_size=(2, 3), strides=(1, 1), padding=[(1, 0), (2, 1)], kernel_dilation=(1, 1), input_dilation=(2, 1)
+        kernel_size=(2, 3),
+        strides=(1, 1),
+        padding=[(1, 0), (2, 1)],
+        kernel_dilation=(1, 1),
+        input_dilation=(2, 1),
     ),
 }
 
@@ -255,8 +287,16 @@ class CNN1D(nn.Module):
 
 
 CNN1D_GEOMETRY = {
-    "causal": dict(kernel_size=(3,), strides=(1,), padding="CAUSAL", kernel_dilation=(2,), input_dilation=(1,)),
-    "circ": dict(kernel_size=(3,), strides=(2,), padding="CIRCULAR", kernel_dilation=(1,), input_dilation=(1,)),
+    "causal": dict(
+        kernel_size=(3,), strides=(1,), padding="CAUSAL", kernel_dilation=(2,), input_dilation=(1,)
+    ),
+    "circ": dict(
+        kernel_size=(3,),
+        strides=(2,),
+        padding="CIRCULAR",
+        kernel_dilation=(1,),
+        input_dilation=(1,),
+    ),
 }
 
 
@@ -275,9 +315,19 @@ def _data(kind, n=4, seed=0):
     if kind == "mlp":
         return MLP(), {}, jnp.asarray(rng.normal(size=(n, 4))), jnp.asarray(rng.integers(0, 3, n))
     if kind == "cnn":
-        return CNN(), CNN_GEOMETRY, jnp.asarray(rng.normal(size=(n, 9, 8, 2))), jnp.asarray(rng.integers(0, 3, n))
+        return (
+            CNN(),
+            CNN_GEOMETRY,
+            jnp.asarray(rng.normal(size=(n, 9, 8, 2))),
+            jnp.asarray(rng.integers(0, 3, n)),
+        )
     if kind == "cnn1d":
-        return CNN1D(), CNN1D_GEOMETRY, jnp.asarray(rng.normal(size=(n, 7, 2))), jnp.asarray(rng.integers(0, 3, n))
+        return (
+            CNN1D(),
+            CNN1D_GEOMETRY,
+            jnp.asarray(rng.normal(size=(n, 7, 2))),
+            jnp.asarray(rng.integers(0, 3, n)),
+        )
     tokens = jnp.asarray(rng.integers(0, 7, (n, 3)))
     return Seq(), {}, tokens, jnp.asarray(rng.integers(0, 6, (n, 3)))
 
@@ -286,7 +336,9 @@ def _params(model, x, seed=1):
     return random_params(jax.eval_shape(model.init, jax.random.key(0), x), seed)
 
 
-def capture_and_references(model, params, x, y, loss_fn, example_loss=losses.softmax_cross_entropy, **kwargs):
+def capture_and_references(
+    model, params, x, y, loss_fn, example_loss=losses.softmax_cross_entropy, **kwargs
+):
     """One jitted computation: capture, jax.value_and_grad, taps, per-example grads."""
 
     @fast_jit
@@ -298,12 +350,19 @@ def capture_and_references(model, params, x, y, loss_fn, example_loss=losses.sof
         def forward(xb, perts=None, taps=None):
             return model.apply(variables, xb, perts, taps)
 
-        return captured, reference, taps_of(forward, x), per_example_output_grads(forward, example_loss, x, y)
+        return (
+            captured,
+            reference,
+            taps_of(forward, x),
+            per_example_output_grads(forward, example_loss, x, y),
+        )
 
     return run(params, x, y)
 
 
-def check_against_references(captured, reference, taps, ref_grads, params, geometries, n, has_aux=False):
+def check_against_references(
+    captured, reference, taps, ref_grads, params, geometries, n, has_aux=False
+):
     value, grads, stats = captured
     ref_value, ref_grads_params = reference
     if has_aux:
@@ -311,7 +370,11 @@ def check_against_references(captured, reference, taps, ref_grads, params, geome
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-14), aux, ref_aux)
     np.testing.assert_allclose(value, ref_value, rtol=1e-14)
     assert jax.tree.structure(grads) == jax.tree.structure(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads_params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
+        grads,
+        ref_grads_params,
+    )
     tree = params["params"] if "params" in params else params
     kernels = kernel_paths(tree)
     biases = {k: bias_at(tree, k) for k in kernels}
@@ -348,9 +411,13 @@ def test_has_aux_and_sum_reduction_and_bare_params():
     captured, reference, taps, ref_grads = capture_and_references(
         model, params, x, y, loss_fn, has_aux=True, loss_reduction="sum"
     )
-    check_against_references(captured, reference, taps, ref_grads, params, {}, x.shape[0], has_aux=True)
+    check_against_references(
+        captured, reference, taps, ref_grads, params, {}, x.shape[0], has_aux=True
+    )
     # The keys are the kernel paths of the bare tree.
-    assert set(captured[2]) == set(kernel_paths(params)) == {"Block_0/Dense_0", "enc/Dense_0", "head"}
+    assert (
+        set(captured[2]) == set(kernel_paths(params)) == {"Block_0/Dense_0", "enc/Dense_0", "head"}
+    )
 
 
 def test_mean_reduction_scales_by_batch_size():
@@ -373,8 +440,12 @@ def test_mean_reduction_scales_by_batch_size():
 
     mean_stats, sum_stats, raw = all_stats(params)
     for key in mean_stats:
-        np.testing.assert_allclose(mean_stats[key].output_grads, sum_stats[key].output_grads, rtol=1e-12)
-        np.testing.assert_allclose(mean_stats[key].output_grads, x.shape[0] * raw[key].output_grads, rtol=1e-12)
+        np.testing.assert_allclose(
+            mean_stats[key].output_grads, sum_stats[key].output_grads, rtol=1e-12
+        )
+        np.testing.assert_allclose(
+            mean_stats[key].output_grads, x.shape[0] * raw[key].output_grads, rtol=1e-12
+        )
 
 
 def test_eager_equals_jit():
@@ -387,9 +458,13 @@ def test_eager_equals_jit():
 
     eager = cl.value_grad_and_stats(loss_fn, params, x)
     jitted = fast_jit(lambda p, xb: cl.value_grad_and_stats(loss_fn, p, xb))(params, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), eager, jitted)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), eager, jitted
+    )
     assert list(eager[2]) == [""]  # a root-level layer has the empty key
-    np.testing.assert_allclose(eager[2][""].output_grads, eager[2][""].outputs - 1.0, rtol=1e-12)  # N dL/ds
+    np.testing.assert_allclose(
+        eager[2][""].output_grads, eager[2][""].outputs - 1.0, rtol=1e-12
+    )  # N dL/ds
 
 
 def test_bfloat16_model_gives_float32_stats_and_param_dtype_grads():
@@ -421,7 +496,9 @@ def test_layers_of_other_kinds_and_subclasses():
     class Other(nn.Dense):  # overrides __call__ without Dense.__call__: not captured
         @nn.compact
         def __call__(self, x):
-            k = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), F64)
+            k = self.param(
+                "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), F64
+            )
             return x @ k
 
     class Net(nn.Module):
@@ -462,7 +539,9 @@ def test_setup_defined_submodules_use_attribute_names():
     model = Outer()
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 3)))
     params = _params(model, x)
-    stats = jax.eval_shape(lambda p: cl.value_grad_and_stats(lambda q: jnp.sum(model.apply(q, x)), p)[2], params)
+    stats = jax.eval_shape(
+        lambda p: cl.value_grad_and_stats(lambda q: jnp.sum(model.apply(q, x)), p)[2], params
+    )
     assert set(stats) == set(kernel_paths(params["params"])) == {"inner/proj", "conv"}
     assert stats["inner/proj"].inputs.shape == (2, 4, 3)  # Dense on (N, L, d): (N, T, d)
     assert stats["conv"].inputs.shape == (2, 3, 6)
@@ -485,9 +564,17 @@ def test_shared_layer_raises_naming_it():
 @pytest.mark.parametrize(
     "layer, match",
     [
-        (lambda: nn.Conv(4, (3, 3), feature_group_count=2, name="grouped"), "'grouped'.*feature_group_count=2"),
+        (
+            lambda: nn.Conv(4, (3, 3), feature_group_count=2, name="grouped"),
+            "'grouped'.*feature_group_count=2",
+        ),
         (lambda: nn.Conv(4, (3, 3), mask=jnp.ones((3, 3, 2, 4)), name="masked"), "'masked'.*mask"),
-        (lambda: nn.Conv(4, (3, 3), conv_general_dilated=jax.lax.conv_general_dilated, name="custom"), "'custom'.*custom"),
+        (
+            lambda: nn.Conv(
+                4, (3, 3), conv_general_dilated=jax.lax.conv_general_dilated, name="custom"
+            ),
+            "'custom'.*custom",
+        ),
     ],
 )
 def test_refused_conv_options_raise_naming_the_layer(layer, match):

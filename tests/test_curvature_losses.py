@@ -41,7 +41,11 @@ def test_softmax_cross_entropy_int_and_one_hot_labels():
     @fast_jit
     def run(logits, labels, one_hot):
         ref = optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum(axis=1).mean()
-        return ref, losses.softmax_cross_entropy(logits, labels), losses.softmax_cross_entropy(logits, one_hot)
+        return (
+            ref,
+            losses.softmax_cross_entropy(logits, labels),
+            losses.softmax_cross_entropy(logits, one_hot),
+        )
 
     ref, from_int, from_one_hot = run(logits, labels, one_hot)
     np.testing.assert_allclose(from_int, ref, rtol=1e-12)
@@ -105,7 +109,9 @@ LIKELIHOODS = {
 }
 
 
-@pytest.mark.parametrize("likelihood, fisher_batch_size", [("categorical", 3), ("bernoulli", None), ("gaussian", 3)])
+@pytest.mark.parametrize(
+    "likelihood, fisher_batch_size", [("categorical", 3), ("bernoulli", None), ("gaussian", 3)]
+)
 def test_sampled_fisher_matches_explicitly_sampled_targets(likelihood, fisher_batch_size):
     helper, sampler, make_targets = LIKELIHOODS[likelihood]
     model = MLP()
@@ -132,11 +138,18 @@ def test_sampled_fisher_matches_explicitly_sampled_targets(likelihood, fisher_ba
 
         preds = forward(x[:m])
         sampled = sampler(jax.random.fold_in(key, 0), preds)
-        return captured, real, taps_of(forward, x[:m]), per_example_output_grads(forward, helper, x[:m], sampled)
+        return (
+            captured,
+            real,
+            taps_of(forward, x[:m]),
+            per_example_output_grads(forward, helper, x[:m], sampled),
+        )
 
     (value, grads, stats), (ref_value, ref_grads), taps, ref = run(params, x, y, key)
     np.testing.assert_allclose(value, ref_value, rtol=1e-14)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads
+    )
     assert set(stats) == {"Block_0/Dense_0", "enc/Dense_0", "head"}
     for k, st in stats.items():
         assert st.inputs.shape[0] == st.outputs.shape[0] == st.output_grads.shape[0] == m
@@ -158,7 +171,9 @@ def test_sampled_fisher_with_two_registered_losses():
 
     def joint_loss(z, targets):
         labels, values = targets
-        return losses.softmax_cross_entropy(z[:, :3], labels) + losses.squared_error(z[:, 3:], values)
+        return losses.softmax_cross_entropy(z[:, :3], labels) + losses.squared_error(
+            z[:, 3:], values
+        )
 
     model = TwoHeads()
     rng = np.random.default_rng(3)
@@ -170,7 +185,12 @@ def test_sampled_fisher_with_two_registered_losses():
     @fast_jit
     def run(params, x, y, key):
         _, _, stats = cl.value_grad_and_stats(
-            lambda p, xb, yb: joint_loss(model.apply(p, xb), yb), params, x, y, fisher="sampled", rng=key
+            lambda p, xb, yb: joint_loss(model.apply(p, xb), yb),
+            params,
+            x,
+            y,
+            fisher="sampled",
+            rng=key,
         )
 
         def forward(xb, perts=None, taps=None):
@@ -194,7 +214,9 @@ def test_fisher_batch_size_slices_empirical_stats():
 
     @fast_jit
     def run(p):
-        return cl.value_grad_and_stats(loss_fn, p)[2], cl.value_grad_and_stats(loss_fn, p, fisher_batch_size=2)[2]
+        return cl.value_grad_and_stats(loss_fn, p)[2], cl.value_grad_and_stats(
+            loss_fn, p, fisher_batch_size=2
+        )[2]
 
     full, sliced = run(params)
     for k in full:
@@ -217,11 +239,15 @@ def test_sampled_without_rng_or_registration_raises():
     layer, params, x = _tiny()
     with pytest.raises(ValueError, match="rng"):
         cl.value_grad_and_stats(
-            lambda p: losses.softmax_cross_entropy(layer.apply(p, x), jnp.zeros(4, int)), params, fisher="sampled"
+            lambda p: losses.softmax_cross_entropy(layer.apply(p, x), jnp.zeros(4, int)),
+            params,
+            fisher="sampled",
         )
     with pytest.raises(CaptureError, match="losses"):
         cl.value_grad_and_stats(
-            lambda p: optax.softmax_cross_entropy_with_integer_labels(layer.apply(p, x), jnp.zeros(4, int)).mean(),
+            lambda p: optax.softmax_cross_entropy_with_integer_labels(
+                layer.apply(p, x), jnp.zeros(4, int)
+            ).mean(),
             params,
             fisher="sampled",
             rng=jax.random.key(0),

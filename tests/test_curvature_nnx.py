@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_curvature_linen import (
-    fast_jit,
     assert_stats_match,
+    fast_jit,
     kernel_paths,
     np_patches,
     per_example_output_grads,
     random_params,
-    taps_of,
     tap,
+    taps_of,
 )
 
 from sofim_optax.curvature import CaptureError, losses
@@ -47,7 +47,11 @@ def build(make, seed=1):
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params = random_params(params, seed)
     rest = jax.tree.map(
-        lambda s: jax.random.key(0) if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key) else jnp.ones(s.shape, s.dtype),
+        lambda s: (
+            jax.random.key(0)
+            if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key)
+            else jnp.ones(s.shape, s.dtype)
+        ),
         rest,
     )
     return nnx.merge(graphdef, params, rest)
@@ -81,7 +85,12 @@ class MLP(nnx.Module):
     def __init__(self, rngs):
         self.encoder = Encoder(rngs)
         self.norm = nnx.LayerNorm(5, param_dtype=F64, rngs=rngs)  # parameters without statistics
-        self.layers = nnx.List([nnx.Linear(5, 4, param_dtype=F64, rngs=rngs), nnx.Linear(4, 3, param_dtype=F64, rngs=rngs)])
+        self.layers = nnx.List(
+            [
+                nnx.Linear(5, 4, param_dtype=F64, rngs=rngs),
+                nnx.Linear(4, 3, param_dtype=F64, rngs=rngs),
+            ]
+        )
 
     def __call__(self, x, perts=None, taps=None):
         x = self.norm(self.encoder(x, perts, taps))
@@ -91,7 +100,9 @@ class MLP(nnx.Module):
 
 class ConvBlock(nnx.Module):
     def __init__(self, rngs):
-        self.conv = nnx.Conv(3, 4, (2, 2), padding="VALID", kernel_dilation=2, param_dtype=F64, rngs=rngs)
+        self.conv = nnx.Conv(
+            3, 4, (2, 2), padding="VALID", kernel_dilation=2, param_dtype=F64, rngs=rngs
+        )
 
     def __call__(self, x, perts=None, taps=None):
         return nnx.relu(tap(self.conv, "block/conv", x, perts, taps))
@@ -102,7 +113,14 @@ class CNN(nnx.Module):
         self.conv1 = nnx.Conv(2, 3, (3, 3), strides=2, padding="SAME", param_dtype=F64, rngs=rngs)
         self.block = ConvBlock(rngs)
         self.conv3 = nnx.Conv(
-            4, 2, (2, 3), padding=((1, 0), (2, 1)), input_dilation=(2, 1), use_bias=False, param_dtype=F64, rngs=rngs
+            4,
+            2,
+            (2, 3),
+            padding=((1, 0), (2, 1)),
+            input_dilation=(2, 1),
+            use_bias=False,
+            param_dtype=F64,
+            rngs=rngs,
         )
         self.head = nnx.Linear(30, 3, param_dtype=F64, rngs=rngs)
 
@@ -114,12 +132,26 @@ class CNN(nnx.Module):
 
 
 CNN_GEOMETRY = {
-    "conv1": dict(kernel_size=(3, 3), strides=(2, 2), padding="SAME", kernel_dilation=(1, 1), input_dilation=(1, 1)),
+    "conv1": dict(
+        kernel_size=(3, 3),
+        strides=(2, 2),
+        padding="SAME",
+        kernel_dilation=(1, 1),
+        input_dilation=(1, 1),
+    ),
     "block/conv": dict(
-        kernel_size=(2, 2), strides=(1, 1), padding="VALID", kernel_dilation=(2, 2), input_dilation=(1, 1)
+        kernel_size=(2, 2),
+        strides=(1, 1),
+        padding="VALID",
+        kernel_dilation=(2, 2),
+        input_dilation=(1, 1),
     ),
     "conv3": dict(
-        kernel_size=(2, 3), strides=(1, 1), padding=[(1, 0), (2, 1)], kernel_dilation=(1, 1), input_dilation=(2, 1)
+        kernel_size=(2, 3),
+        strides=(1, 1),
+        padding=[(1, 0), (2, 1)],
+        kernel_dilation=(1, 1),
+        input_dilation=(2, 1),
     ),
 }
 
@@ -142,7 +174,12 @@ def _data(kind, n=4, seed=0):
     if kind == "mlp":
         return MLP, {}, jnp.asarray(rng.normal(size=(n, 4))), jnp.asarray(rng.integers(0, 3, n))
     if kind == "cnn":
-        return CNN, CNN_GEOMETRY, jnp.asarray(rng.normal(size=(n, 9, 8, 2))), jnp.asarray(rng.integers(0, 3, n))
+        return (
+            CNN,
+            CNN_GEOMETRY,
+            jnp.asarray(rng.normal(size=(n, 9, 8, 2))),
+            jnp.asarray(rng.integers(0, 3, n)),
+        )
     return Seq, {}, jnp.asarray(rng.integers(0, 7, (n, 3))), jnp.asarray(rng.integers(0, 6, (n, 3)))
 
 
@@ -170,12 +207,19 @@ def test_stats_match_independent_references(kind):
         def forward(xb, perts=None, taps=None):
             return model(xb, perts, taps)
 
-        return captured, reference, taps_of(forward, x), per_example_output_grads(forward, losses.softmax_cross_entropy, x, y)
+        return (
+            captured,
+            reference,
+            taps_of(forward, x),
+            per_example_output_grads(forward, losses.softmax_cross_entropy, x, y),
+        )
 
     (value, grads, stats), (ref_value, ref_grads), taps, ref = run(state, x, y)
     np.testing.assert_allclose(value, ref_value, rtol=1e-14)
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads
+    )
     params = pure(nnx.state(model, nnx.Param))
     kernels = kernel_paths(params)
     biases = {}
@@ -217,7 +261,9 @@ def test_nnx_jit_state_and_rng_updates_and_model_untouched():
     value, grads, stats = capture_step(model, x, y)
     ref_value, ref_grads = reference_step(twin, x, y)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads
+    )
     # BatchNorm statistics were written back, as nnx.value_and_grad does; parameters untouched.
     np.testing.assert_allclose(model.bn.mean[...], twin.bn.mean[...], rtol=1e-6)
     np.testing.assert_allclose(model.bn.var[...], twin.bn.var[...], rtol=1e-6)
@@ -240,7 +286,9 @@ def test_eager_equals_jit_and_root_layer_key():
 
     eager = cn.value_grad_and_stats(se, model, x, has_aux=True)
     jitted = nnx.jit(lambda m, xb: cn.value_grad_and_stats(se, m, xb, has_aux=True))(model, x)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), eager, jitted)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), eager, jitted
+    )
     (_, out), _, stats = eager
     assert list(stats) == [""]
     np.testing.assert_allclose(stats[""].output_grads, out - 1.0, rtol=1e-12)  # N dL/ds
@@ -255,18 +303,26 @@ def test_sampled_fisher_nnx():
     @fast_jit
     def run(state, x, y, key):
         model = nnx.merge(graphdef, state)
-        captured = cn.value_grad_and_stats(loss_fn, model, x, y, fisher="sampled", rng=key, fisher_batch_size=2)
+        captured = cn.value_grad_and_stats(
+            loss_fn, model, x, y, fisher="sampled", rng=key, fisher_batch_size=2
+        )
         real = nnx.value_and_grad(loss_fn)(model, x, y)
 
         def forward(xb, perts=None, taps=None):
             return model(xb, perts, taps)
 
         labels = jax.random.categorical(jax.random.fold_in(key, 0), forward(x[:2]), axis=-1)
-        return captured, real, per_example_output_grads(forward, losses.softmax_cross_entropy, x[:2], labels)
+        return (
+            captured,
+            real,
+            per_example_output_grads(forward, losses.softmax_cross_entropy, x[:2], labels),
+        )
 
     (value, grads, stats), (ref_value, ref_grads), ref = run(state, x, y, key)
     np.testing.assert_allclose(value, ref_value, rtol=1e-14)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads
+    )
     for k, st in stats.items():
         assert st.inputs.shape[0] == 2
         np.testing.assert_allclose(st.output_grads, ref[k], rtol=1e-9, atol=1e-12, err_msg=k)
@@ -276,7 +332,9 @@ def test_bfloat16_model_gives_float32_stats():
     model = build(lambda rngs: nnx.Conv(1, 2, (3, 3), dtype=jnp.bfloat16, rngs=rngs))
     x = jnp.ones((2, 4, 4, 1), jnp.float32)
     value, grads, stats = nnx.jit(
-        lambda m: cn.value_grad_and_stats(lambda m: losses.squared_error(m(x), jnp.zeros((2, 4, 4, 2))), m)
+        lambda m: cn.value_grad_and_stats(
+            lambda m: losses.squared_error(m(x), jnp.zeros((2, 4, 4, 2))), m
+        )
     )(model)
     assert grads["kernel"][...].dtype == jnp.float32
     assert all(a.dtype == jnp.float32 for a in stats[""])
@@ -303,7 +361,10 @@ def test_shared_layer_raises_and_model_is_restored():
     [
         (dict(feature_group_count=2), "'conv'.*feature_group_count=2"),
         (dict(mask=jnp.ones((3, 3, 2, 4))), "'conv'.*mask"),
-        (dict(conv_general_dilated=lambda *a, **k: jax.lax.conv_general_dilated(*a, **k)), "'conv'.*custom"),
+        (
+            dict(conv_general_dilated=lambda *a, **k: jax.lax.conv_general_dilated(*a, **k)),
+            "'conv'.*custom",
+        ),
     ],
 )
 def test_refused_conv_options_raise_naming_the_layer(kwargs, match):

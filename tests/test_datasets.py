@@ -162,9 +162,7 @@ def test_read_idx_corrupt_payload(tmp_path: Path, case: str, compress: bool) -> 
         pytest.param(gzip.compress(_GOOD)[:10], id="header-only"),
         pytest.param(b"\x1f\x8b" + bytes(range(200)), id="garbage-after-magic"),
         pytest.param(b"this is not gzip at all", id="not-gzip"),
-        pytest.param(
-            gzip.compress(_GOOD)[:-8] + b"\x00" * 8, id="bad-crc"
-        ),
+        pytest.param(gzip.compress(_GOOD)[:-8] + b"\x00" * 8, id="bad-crc"),
     ],
 )
 def test_read_idx_broken_gzip(tmp_path: Path, data: bytes) -> None:

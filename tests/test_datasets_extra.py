@@ -41,7 +41,10 @@ def test_cifar_fixture_roundtrip(tmp_path, num_classes):
     key = b"labels" if num_classes == 10 else b"fine_labels"
     # Independent decoding: row = 1024 red, 1024 green, 1024 blue values, each 32x32 row-major.
     first = test[b"data"][0]
-    expected = np.stack([first[c * 1024 : (c + 1) * 1024].reshape(32, 32) for c in range(3)], axis=-1) / 255.0
+    expected = (
+        np.stack([first[c * 1024 : (c + 1) * 1024].reshape(32, 32) for c in range(3)], axis=-1)
+        / 255.0
+    )
     np.testing.assert_allclose(out.x_test[0], expected, rtol=1e-6)
     np.testing.assert_array_equal(out.y_test, test[key])
     assert out.x_train.shape == (10, 32, 32, 3) and out.x_train.dtype == np.float32
@@ -52,9 +55,13 @@ def test_cifar_fixture_roundtrip(tmp_path, num_classes):
 
 def test_cifar_checksum_and_corruption(tmp_path, monkeypatch):
     path = ds.write_fixture_cifar(tmp_path, n_train=5, n_test=5)
-    with pytest.raises(ds.DatasetFormatError, match=r"cifar-10-python.tar.gz: .*(MD5 mismatch|bytes, upstream)"):
+    with pytest.raises(
+        ds.DatasetFormatError, match=r"cifar-10-python.tar.gz: .*(MD5 mismatch|bytes, upstream)"
+    ):
         ds.load_arrays("cifar10", data_dir=tmp_path)  # the real checksum refuses a fixture
-    good = ds.RemoteFile(path.name, "http://example.invalid/x", md5=hashlib.md5(path.read_bytes()).hexdigest())
+    good = ds.RemoteFile(
+        path.name, "http://example.invalid/x", md5=hashlib.md5(path.read_bytes()).hexdigest()
+    )
     monkeypatch.setitem(ds.REMOTE_FILES, "cifar10", (good,))
     assert ds.load_arrays("cifar10", data_dir=tmp_path).x_train.shape[0] == 5
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -95,7 +102,10 @@ def test_svhn_fixture_and_label_ten_is_zero(tmp_path):
     assert out.x_train.shape == (7, 32, 32, 3) and out.x_test.shape == (5, 32, 32, 3)
     np.testing.assert_allclose(out.x_test[3], raw["X"][:, :, :, 3] / 255.0, rtol=1e-6)
     np.testing.assert_array_equal(out.y_test, np.where(raw["y"][:, 0] == 10, 0, raw["y"][:, 0]))
-    scipy.io.savemat(tmp_path / "train_32x32.mat", {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [3]], np.uint8)})
+    scipy.io.savemat(
+        tmp_path / "train_32x32.mat",
+        {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [3]], np.uint8)},
+    )
     with pytest.raises(ds.DatasetFormatError, match=r"train_32x32.mat: SVHN labels must be 1..10"):
         ds.load_arrays("svhn", data_dir=tmp_path, verify=False)
     (tmp_path / "train_32x32.mat").write_bytes(b"MATLAB 5.0 garbage" * 10)
@@ -114,10 +124,16 @@ def test_curves_and_faces(tmp_path):
     raw_f = scipy.io.loadmat(tmp_path / "newfaces_rot_single.mat")["newfaces_single"].T
     assert faces.x_train.shape[1] == 625 and faces.y_test is None
     np.testing.assert_array_equal(faces.x_train, raw_f[: len(faces.x_train)])
-    np.testing.assert_array_equal(faces.x_test, raw_f[len(raw_f) - len(faces.x_test):])
+    np.testing.assert_array_equal(faces.x_test, raw_f[len(raw_f) - len(faces.x_test) :])
     assert len(faces.x_train) + len(faces.x_test) < 100  # the validation gap of the real split
-    scipy.io.savemat(tmp_path / "digs3pts_1.mat", {"bdata": np.full((2, 784), 2.0), "bdatatest": np.zeros((1, 784))})
-    with pytest.raises(ds.DatasetFormatError, match=r"digs3pts_1.mat: 'bdata' values must be finite and in \[0, 1\]"):
+    scipy.io.savemat(
+        tmp_path / "digs3pts_1.mat",
+        {"bdata": np.full((2, 784), 2.0), "bdatatest": np.zeros((1, 784))},
+    )
+    with pytest.raises(
+        ds.DatasetFormatError,
+        match=r"digs3pts_1.mat: 'bdata' values must be finite and in \[0, 1\]",
+    ):
         ds.load_arrays("curves", data_dir=tmp_path, verify=False)
     scipy.io.savemat(tmp_path / "digs3pts_1.mat", {"bdata": np.zeros((2, 784))})
     with pytest.raises(ds.DatasetFormatError, match=r"lacks the variable\(s\) \['bdatatest'\]"):
@@ -143,7 +159,9 @@ def test_download_into_cache_verifies_before_keeping(tmp_path, monkeypatch):
     with pytest.raises(ds.DatasetFormatError, match="MD5 mismatch"):
         ds.load_curves(cache_dir=cache)
     assert not list(cache.iterdir())  # nothing partial left
-    good = ds.RemoteFile("digs3pts_1.mat", "http://example.invalid/c", md5=hashlib.md5(payload).hexdigest())
+    good = ds.RemoteFile(
+        "digs3pts_1.mat", "http://example.invalid/c", md5=hashlib.md5(payload).hexdigest()
+    )
     monkeypatch.setitem(ds.REMOTE_FILES, "curves", (good,))
     assert ds.load_curves(cache_dir=cache).x_train.shape == (40, 784)
     with pytest.raises(FileNotFoundError, match="download=False"):

@@ -17,11 +17,28 @@ def fixture_dir(tmp_path):
 
 def test_compare_runs_both_protocols_and_writes_reports(fixture_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    results = compare.main([
-        "--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "32",
-        "--ae-epochs", "2", "--ae-batch-size", "32", "--optimizers", "sofim,adam", "--out", str(out), "--no-progress",
-        "--set", "sofim.damping=0.25",
-    ])
+    results = compare.main(
+        [
+            "--data-dir",
+            str(fixture_dir),
+            "--no-verify",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--ae-epochs",
+            "2",
+            "--ae-batch-size",
+            "32",
+            "--optimizers",
+            "sofim,adam",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--set",
+            "sofim.damping=0.25",
+        ]
+    )
     assert [r.optimizer for r in results["classify"]] == ["sofim", "adam"]
     assert [r.task for r in results["autoencoder"]] == ["autoencoder", "autoencoder"]
     assert results["classify"][0].hparams["damping"] == 0.25
@@ -45,13 +62,25 @@ def test_compare_runs_both_protocols_and_writes_reports(fixture_dir, tmp_path, c
 
 def test_compare_rejects_unknown_optimizer(fixture_dir, tmp_path):
     with pytest.raises(SystemExit):
-        compare.main(["--data-dir", str(fixture_dir), "--no-verify", "--optimizers", "nope", "--out", str(tmp_path)])
+        compare.main(
+            [
+                "--data-dir",
+                str(fixture_dir),
+                "--no-verify",
+                "--optimizers",
+                "nope",
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_training_reduces_loss_on_fixture(fixture_dir):
     data = compare.load_data(str(fixture_dir), None, flatten=False, verify=False)
     # Memorising 96 random images: a working optimizer drives the training loss down.
-    result = loop.train(models.make_model("mlp"), "sofim", data, epochs=15, batch_size=32, progress=False)
+    result = loop.train(
+        models.make_model("mlp"), "sofim", data, epochs=15, batch_size=32, progress=False
+    )
     losses = [e.train_loss for e in result.epochs]
     assert losses[-1] < 0.5 * losses[0]
 
@@ -65,10 +94,21 @@ def test_unknown_optimizer_and_model_raise():
 
 def test_tune_grid_and_selection_rule(fixture_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(tune.GRIDS, "sgdm", {"learning_rate": [1e-6, 0.05]})
-    best = tune.main([
-        "--data-dir", str(fixture_dir), "--no-verify", "--optimizers", "sgdm", "--epochs", "3",
-        "--batch-size", "32", "--out", str(tmp_path),
-    ])
+    best = tune.main(
+        [
+            "--data-dir",
+            str(fixture_dir),
+            "--no-verify",
+            "--optimizers",
+            "sgdm",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     trials = best["sgdm"]["trials"]
     assert [t["hparams"]["learning_rate"] for t in trials] == [1e-6, 0.05]
     assert best["sgdm"]["best"]["hparams"]["learning_rate"] == 0.05  # a vanishing step cannot win

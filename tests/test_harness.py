@@ -16,7 +16,18 @@ import optax
 import pytest
 
 import sofim_optax
-from experiments import autoencoder, checkpoint, classify, datasets, harness, loop, models, registry, reporting, tasks
+from experiments import (
+    autoencoder,
+    checkpoint,
+    classify,
+    datasets,
+    harness,
+    loop,
+    models,
+    registry,
+    reporting,
+    tasks,
+)
 
 
 @pytest.fixture
@@ -53,14 +64,23 @@ def _recorder(learning_rate: float = 0.1) -> optax.GradientTransformationExtraAr
     """SGD that records what the loop passed it (previous-batch statistics and obj_fn's value)."""
 
     def init(params):
-        return _Recorded(jnp.zeros([], jnp.int32), jnp.zeros(3), jnp.zeros([], bool), jnp.zeros([]), jnp.zeros([], bool))
+        return _Recorded(
+            jnp.zeros([], jnp.int32),
+            jnp.zeros(3),
+            jnp.zeros([], bool),
+            jnp.zeros([]),
+            jnp.zeros([], bool),
+        )
 
     def update(grads, state, params, *, layer_stats, previous_batch_stats, obj_fn):
         keys_ok = jnp.asarray(sorted(layer_stats) == ["Dense_0", "Dense_1"])
         if previous_batch_stats is None:
             prev, had = jnp.zeros(3), jnp.zeros([], bool)
         else:
-            prev, had = jnp.sum(previous_batch_stats["Dense_1"].output_grads, axis=0), jnp.ones([], bool)
+            prev, had = (
+                jnp.sum(previous_batch_stats["Dense_1"].output_grads, axis=0),
+                jnp.ones([], bool),
+            )
         updates = jax.tree_util.tree_map(lambda g: -learning_rate * g, grads)
         return updates, _Recorded(state.count + 1, prev, had, obj_fn(params), keys_ok)
 
@@ -70,7 +90,10 @@ def _recorder(learning_rate: float = 0.1) -> optax.GradientTransformationExtraAr
 @pytest.fixture
 def recorder_registered(monkeypatch):
     spec = registry.OptimizerSpec(
-        "Recorder", _recorder, {"learning_rate": 0.1}, needs=("layer_stats", "previous_batch_stats", "obj_fn")
+        "Recorder",
+        _recorder,
+        {"learning_rate": 0.1},
+        needs=("layer_stats", "previous_batch_stats", "obj_fn"),
     )
     monkeypatch.setitem(registry.OPTIMIZERS, "recorder", spec)
     return spec
@@ -97,18 +120,32 @@ def test_registry_entries_are_consistent():
     assert registry.OPTIMIZERS["kbfgs"].needs == ("layer_stats", "previous_batch_stats")
     assert registry.OPTIMIZERS["adahessian"].needs == ("obj_fn",)
     colors = [spec.color for spec in registry.OPTIMIZERS.values()]
-    assert None not in colors and len(set(colors)) == len(colors), "every method needs its own plot colour"
+    assert None not in colors and len(set(colors)) == len(colors), (
+        "every method needs its own plot colour"
+    )
 
 
 def test_missing_optimizer_fails_only_when_selected(monkeypatch, fixture_dir, tmp_path):
     monkeypatch.setitem(
-        registry.OPTIMIZERS, "ghost", registry.OptimizerSpec("Ghost", "sofim_optax:not_landed_yet", {})
+        registry.OPTIMIZERS,
+        "ghost",
+        registry.OptimizerSpec("Ghost", "sofim_optax:not_landed_yet", {}),
     )
     assert "ghost" not in registry.available_optimizers()
     with pytest.raises(registry.OptimizerUnavailable, match="sofim_optax.not_landed_yet"):
         registry.make_optimizer("ghost")
     with pytest.raises(SystemExit):
-        classify.main(["--data-dir", str(fixture_dir), "--no-verify", "--optimizers", "ghost", "--out", str(tmp_path)])
+        classify.main(
+            [
+                "--data-dir",
+                str(fixture_dir),
+                "--no-verify",
+                "--optimizers",
+                "ghost",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     with pytest.raises(ValueError, match="unknown optimizer"):
         registry.make_optimizer("nope")
 
@@ -124,27 +161,42 @@ def test_a_default_or_override_the_factory_does_not_take_is_an_error(monkeypatch
     def factory(learning_rate):
         return optax.sgd(learning_rate)
 
-    monkeypatch.setitem(registry.OPTIMIZERS, "narrow", registry.OptimizerSpec("N", factory, {"learning_rate": 0.1}))
+    monkeypatch.setitem(
+        registry.OPTIMIZERS, "narrow", registry.OptimizerSpec("N", factory, {"learning_rate": 0.1})
+    )
     _, _, hp = registry.make_optimizer("narrow")
     assert hp == {"learning_rate": 0.1}
     with pytest.raises(ValueError, match=r"'narrow'.*override damping=2\.0 is not an argument"):
         registry.make_optimizer("narrow", damping=2.0)  # a user override is never dropped
-    monkeypatch.setitem(registry.OPTIMIZERS, "narrow", registry.OptimizerSpec(
-        "N", factory, {"learning_rate": 0.1}, task_defaults={"autoencoder": {"damping": 1.0}}))
+    monkeypatch.setitem(
+        registry.OPTIMIZERS,
+        "narrow",
+        registry.OptimizerSpec(
+            "N", factory, {"learning_rate": 0.1}, task_defaults={"autoencoder": {"damping": 1.0}}
+        ),
+    )
     registry.make_optimizer("narrow", "classification")
-    with pytest.raises(ValueError, match=r"'narrow'.*registry default \(autoencoder\) damping=1\.0"):
+    with pytest.raises(
+        ValueError, match=r"'narrow'.*registry default \(autoencoder\) damping=1\.0"
+    ):
         registry.make_optimizer("narrow", "autoencoder")  # neither is a registry default
 
 
 def test_every_registry_default_applies_to_its_factory():
     for name in registry.available_optimizers():
         for kind in ("classification", "autoencoder"):
-            registry.make_optimizer(name, kind)  # raises ValueError on a default that does not apply
+            registry.make_optimizer(
+                name, kind
+            )  # raises ValueError on a default that does not apply
 
 
 def test_grid_points_vary_the_first_name_slowest():
     assert registry.grid_points({"a": [1, 2], "b": [3, 4]}) == [
-        {"a": 1, "b": 3}, {"a": 1, "b": 4}, {"a": 2, "b": 3}, {"a": 2, "b": 4}]
+        {"a": 1, "b": 3},
+        {"a": 1, "b": 4},
+        {"a": 2, "b": 3},
+        {"a": 2, "b": 4},
+    ]
     assert registry.grid_points({}) == [{}]
 
 
@@ -154,7 +206,9 @@ def test_grid_points_vary_the_first_name_slowest():
 
 
 def _loss(model, p, x, y):
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y))
+    return jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y)
+    )
 
 
 def test_extra_arguments_match_independent_references(recorder_registered):
@@ -170,7 +224,9 @@ def test_extra_arguments_match_independent_references(recorder_registered):
     for idx in order:
         x, y = data.x_train[idx], data.y_train[idx]
         history.append((params, idx))
-        params = jax.tree_util.tree_map(lambda w, g: w - 0.1 * g, params, jax.grad(lambda p: _loss(model, p, x, y))(params))
+        params = jax.tree_util.tree_map(
+            lambda w, g: w - 0.1 * g, params, jax.grad(lambda p: _loss(model, p, x, y))(params)
+        )
     _assert_trees_close(res.params, params, rtol=1e-5, atol=1e-6)
     # Last step: params before it = history[2][0]; previous batch = order[1].
     p_cur, _ = history[2]
@@ -181,14 +237,21 @@ def test_extra_arguments_match_independent_references(recorder_registered):
         p = {**p_cur, "Dense_1": {**p_cur["Dense_1"], "bias": bias}}
         return _loss(model, p, x1[None], y1[None])
 
-    per_grads = jax.vmap(jax.grad(per_example), in_axes=(None, 0, 0))(p_cur["Dense_1"]["bias"], xp, yp)
+    per_grads = jax.vmap(jax.grad(per_example), in_axes=(None, 0, 0))(
+        p_cur["Dense_1"]["bias"], xp, yp
+    )
     # The capture itself agrees with the per-example reference.
-    _, _, stats = jax.jit(lambda p, x, y: sofim_optax.curvature.linen.value_grad_and_stats(
-        lambda q, a, b: _loss(model, q, a, b), p, x, y))(p_cur, xp, yp)
+    _, _, stats = jax.jit(
+        lambda p, x, y: sofim_optax.curvature.linen.value_grad_and_stats(
+            lambda q, a, b: _loss(model, q, a, b), p, x, y
+        )
+    )(p_cur, xp, yp)
     np.testing.assert_allclose(stats["Dense_1"].output_grads, per_grads, rtol=1e-5, atol=1e-6)
     # Now check what the loop handed to the optimizer on the last step.
     state = _last_recorder_state(model, data, order)
-    np.testing.assert_allclose(state.prev_out_grads, np.sum(per_grads, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        state.prev_out_grads, np.sum(per_grads, axis=0), rtol=1e-5, atol=1e-6
+    )
     assert bool(state.had_prev) and bool(state.layer_keys_ok)
     x, y = data.x_train[order[2]], data.y_train[order[2]]
     np.testing.assert_allclose(state.obj_value, _loss(model, p_cur, x, y), rtol=1e-6)
@@ -201,7 +264,9 @@ def _last_recorder_state(model, data, order):
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "r.ckpt"
-        loop.train(model, "recorder", data, epochs=1, batch_size=8, seed=5, progress=False, checkpoint=ckpt)
+        loop.train(
+            model, "recorder", data, epochs=1, batch_size=8, seed=5, progress=False, checkpoint=ckpt
+        )
         template_params = model.init(jax.random.PRNGKey(5), jnp.asarray(data.x_train[:1]))["params"]
         template = (template_params, {}, _recorder().init(template_params))
         (_, _, state), meta, extra = checkpoint.load_checkpoint(ckpt, template)
@@ -245,7 +310,11 @@ def test_autoencoder_loss_matches_numpy():
     np.testing.assert_allclose(task.data_loss(jnp.asarray(logits), (x,)), bce.mean(), rtol=1e-5)
     np.testing.assert_allclose(task.eval_sums(jnp.asarray(logits), (x,))[0], bce.sum(), rtol=1e-5)
     gauss = tasks.Task("autoencoder", reconstruction="gaussian")
-    np.testing.assert_allclose(gauss.data_loss(jnp.asarray(logits), (x,)), (0.5 * ((logits - x) ** 2).sum(1)).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        gauss.data_loss(jnp.asarray(logits), (x,)),
+        (0.5 * ((logits - x) ** 2).sum(1)).mean(),
+        rtol=1e-5,
+    )
     with pytest.raises(ValueError):
         tasks.Task("regression")
 
@@ -253,8 +322,16 @@ def test_autoencoder_loss_matches_numpy():
 def test_autoencoder_training_with_l2_and_sampled_fisher():
     data = _data(n_train=64, n_test=16)
     model = models.Autoencoder(encoder=(8, 3), output_dim=16)
-    res = loop.train(model, "kfac", data, epochs=4, batch_size=16, progress=False,
-                         task=tasks.Task("autoencoder", l2=1e-3), hparams={"damping": 1.0, "learning_rate": 0.05})
+    res = loop.train(
+        model,
+        "kfac",
+        data,
+        epochs=4,
+        batch_size=16,
+        progress=False,
+        task=tasks.Task("autoencoder", l2=1e-3),
+        hparams={"damping": 1.0, "learning_rate": 0.05},
+    )
     assert res.hparams["fisher"] == "sampled"
     assert res.epochs[0].test_accuracy is None
     losses = [e.train_loss for e in res.epochs]
@@ -264,7 +341,9 @@ def test_autoencoder_training_with_l2_and_sampled_fisher():
 
 def test_l2_term_enters_the_gradient():
     data = _data(n_train=16, n_test=8)
-    kw = dict(epochs=1, batch_size=16, progress=False, hparams={"learning_rate": 0.1, "momentum": 0.0})
+    kw = dict(
+        epochs=1, batch_size=16, progress=False, hparams={"learning_rate": 0.1, "momentum": 0.0}
+    )
     ae = models.Autoencoder(encoder=(4,), output_dim=16)
     task = tasks.Task("autoencoder", l2=0.5)
     res = loop.train(ae, "sgdm", data, task=task, **kw)
@@ -291,7 +370,9 @@ def test_batchnorm_state_is_carried():
     model = models.ResNet(stage_sizes=(1,), widths=(4,), num_classes=3, norm="batch")
     res = loop.train(model, "kfac", data, epochs=2, batch_size=16, progress=False)
     init_state = model.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))["batch_stats"]
-    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), res.model_state["batch_stats"], init_state)
+    moved = jax.tree_util.tree_map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), res.model_state["batch_stats"], init_state
+    )
     assert max(jax.tree_util.tree_leaves(moved)) > 0
     assert all(np.isfinite(e.train_loss) and np.isfinite(e.test_loss) for e in res.epochs)
 
@@ -306,7 +387,9 @@ class _Interrupt(Exception):
 
 
 @pytest.mark.parametrize("optimizer,hparams", [("kfac", {"fisher": "sampled"}), ("recorder", {})])
-def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, recorder_registered, optimizer, hparams):
+def test_interrupted_run_resumes_to_identical_numbers(
+    tmp_path, monkeypatch, recorder_registered, optimizer, hparams
+):
     data = _data(n_train=48, n_test=16)
     model = _TwoLayer()
     kw = dict(epochs=3, batch_size=16, seed=2, progress=False, hparams=hparams)
@@ -330,8 +413,16 @@ def test_interrupted_run_resumes_to_identical_numbers(tmp_path, monkeypatch, rec
     resumed = loop.train(model, optimizer, data, checkpoint=ckpt, **kw)
     assert resumed.resumed_from_epoch == 2
     for a, b in zip(full.epochs, resumed.epochs, strict=True):
-        assert (a.epoch, a.train_loss, a.test_loss, a.test_accuracy, a.steps) == (b.epoch, b.train_loss, b.test_loss, b.test_accuracy, b.steps)
-    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
+        assert (a.epoch, a.train_loss, a.test_loss, a.test_accuracy, a.steps) == (
+            b.epoch,
+            b.train_loss,
+            b.test_loss,
+            b.test_accuracy,
+            b.steps,
+        )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -340,18 +431,32 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     loop.train(_TwoLayer(), "sgdm", data, epochs=1, batch_size=16, progress=False, checkpoint=ckpt)
     with pytest.raises(checkpoint.CheckpointMismatch, match="different configuration"):
-        loop.train(_TwoLayer(), "sgdm", data, epochs=2, batch_size=16, progress=False, checkpoint=ckpt,
-                       hparams={"learning_rate": 0.2})
+        loop.train(
+            _TwoLayer(),
+            "sgdm",
+            data,
+            epochs=2,
+            batch_size=16,
+            progress=False,
+            checkpoint=ckpt,
+            hparams={"learning_rate": 0.2},
+        )
     ckpt.write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointMismatch, match="not a readable checkpoint"):
-        loop.train(_TwoLayer(), "sgdm", data, epochs=2, batch_size=16, progress=False, checkpoint=ckpt)
+        loop.train(
+            _TwoLayer(), "sgdm", data, epochs=2, batch_size=16, progress=False, checkpoint=ckpt
+        )
 
 
 def test_typed_prng_keys_survive_a_checkpoint(tmp_path):
     tree = {"key": jax.random.key(3), "w": jnp.arange(3.0)}
     checkpoint.save_checkpoint(tmp_path / "k.ckpt", tree, {"a": 1}, {})
-    restored, meta, _ = checkpoint.load_checkpoint(tmp_path / "k.ckpt", {"key": jax.random.key(0), "w": jnp.zeros(3)})
-    np.testing.assert_array_equal(jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"]))
+    restored, meta, _ = checkpoint.load_checkpoint(
+        tmp_path / "k.ckpt", {"key": jax.random.key(0), "w": jnp.zeros(3)}
+    )
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["key"]), jax.random.key_data(tree["key"])
+    )
     assert meta == {"a": 1}
 
 
@@ -361,7 +466,10 @@ def test_typed_prng_keys_survive_a_checkpoint(tmp_path):
 
 
 def _result(name, values, walls):
-    epochs = [loop.EpochMetrics(i + 1, v, v, 1 - v, w, 0.01) for i, (v, w) in enumerate(zip(values, walls))]
+    epochs = [
+        loop.EpochMetrics(i + 1, v, v, 1 - v, w, 0.01)
+        for i, (v, w) in enumerate(zip(values, walls))
+    ]
     return loop.RunResult(name, name.upper(), {}, 0, 0.0, epochs)
 
 
@@ -372,28 +480,59 @@ def test_time_to_target_and_table():
     assert reporting.time_to_target(slow, "train_loss", 0.5) == (3, 6.0)
     assert reporting.time_to_target(slow, "train_loss", 0.1) is None
     assert reporting.time_to_target(fast, "test_accuracy", 0.5) == (2, 2.0)
-    table = reporting.format_target_table([fast, slow], {"train_loss": 0.5, "test_accuracy": 0.9}, baseline="a")
+    table = reporting.format_target_table(
+        [fast, slow], {"train_loss": 0.5, "test_accuracy": 0.9}, baseline="a"
+    )
     assert "| B | 3 / 6.0 (3.00× A) | — |" in table
 
 
 def test_selection_rule():
-    trials = [{"train_loss": float("nan")}, {"train_loss": 0.3}, {"train_loss": 0.2}, {"train_loss": 0.2}, {"train_loss": float("inf")}]
+    trials = [
+        {"train_loss": float("nan")},
+        {"train_loss": 0.3},
+        {"train_loss": 0.2},
+        {"train_loss": 0.2},
+        {"train_loss": float("inf")},
+    ]
     assert harness.select_best(trials) is trials[2]
     assert harness.select_best([{"train_loss": float("nan")}]) is not None
 
 
 def test_classify_cli_writes_everything_and_resumes(fixture_dir, tmp_path, capsys):
     out = tmp_path / "c"
-    argv = ["--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "16",
-            "--optimizers", "sgdm,adam", "--out", str(out), "--no-progress", "--set", "adam.learning_rate=0.003",
-            "--target-train-loss", "100", "--target-test-acc", "0.0"]
+    argv = [
+        "--data-dir",
+        str(fixture_dir),
+        "--no-verify",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--optimizers",
+        "sgdm,adam",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "adam.learning_rate=0.003",
+        "--target-train-loss",
+        "100",
+        "--target-test-acc",
+        "0.0",
+    ]
     results = classify.main(argv)
-    assert [r.optimizer for r in results] == ["sgdm", "adam"] and results[1].hparams["learning_rate"] == 0.003
+    assert [r.optimizer for r in results] == ["sgdm", "adam"] and results[1].hparams[
+        "learning_rate"
+    ] == 0.003
     printed = capsys.readouterr().out
     assert "| SGD-momentum |" in printed and "| Adam |" in printed and "1 / " in printed
     for name in ("sgdm", "adam"):
         run = json.loads((out / f"{name}.json").read_text())
-        assert run["seed"] == 0 and run["versions"]["jax"] and run["config"]["dataset"] == "fashion-mnist"
+        assert (
+            run["seed"] == 0
+            and run["versions"]["jax"]
+            and run["config"]["dataset"] == "fashion-mnist"
+        )
         assert len(run["run"]["epochs"]) == 2
         assert (out / f"{name}.ckpt").exists()
     assert (out / "curves.png").stat().st_size > 10_000
@@ -405,13 +544,36 @@ def test_classify_cli_writes_everything_and_resumes(fixture_dir, tmp_path, capsy
 
 def test_grid_via_the_cli(fixture_dir, tmp_path, monkeypatch):
     spec = registry.OPTIMIZERS["sgdm"]
-    monkeypatch.setitem(registry.OPTIMIZERS, "sgdm", registry.OptimizerSpec(
-        spec.label, spec.factory, spec.defaults, grid={"learning_rate": [1e-7, 0.05]}))
+    monkeypatch.setitem(
+        registry.OPTIMIZERS,
+        "sgdm",
+        registry.OptimizerSpec(
+            spec.label, spec.factory, spec.defaults, grid={"learning_rate": [1e-7, 0.05]}
+        ),
+    )
     out = tmp_path / "g"
-    results = classify.main(["--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "16",
-                             "--optimizers", "sgdm", "--grid", "--out", str(out), "--no-progress"])
+    results = classify.main(
+        [
+            "--data-dir",
+            str(fixture_dir),
+            "--no-verify",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--optimizers",
+            "sgdm",
+            "--grid",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     grid = json.loads((out / "grid.json").read_text())
-    assert [t["hparams"]["learning_rate"] for t in grid["results"]["sgdm"]["trials"]] == [1e-7, 0.05]
+    assert [t["hparams"]["learning_rate"] for t in grid["results"]["sgdm"]["trials"]] == [
+        1e-7,
+        0.05,
+    ]
     assert grid["results"]["sgdm"]["best"]["hparams"]["learning_rate"] == 0.05
     assert "lowest training loss" in grid["selection_rule"]
     assert results[0].hparams["learning_rate"] == 0.05
@@ -419,9 +581,26 @@ def test_grid_via_the_cli(fixture_dir, tmp_path, monkeypatch):
 
 def test_autoencoder_cli(fixture_dir, tmp_path):
     out = tmp_path / "a"
-    results = autoencoder.main(["--data-dir", str(fixture_dir), "--no-verify", "--epochs", "2", "--batch-size", "16",
-                                "--model", "small", "--optimizers", "adam,sgdm", "--out", str(out), "--no-progress",
-                                "--l2", "1e-5"])
+    results = autoencoder.main(
+        [
+            "--data-dir",
+            str(fixture_dir),
+            "--no-verify",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--model",
+            "small",
+            "--optimizers",
+            "adam,sgdm",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--l2",
+            "1e-5",
+        ]
+    )
     assert [r.task for r in results] == ["autoencoder", "autoencoder"]
     assert all(e.test_accuracy is None for r in results for e in r.epochs)
     payload = json.loads((out / "results.json").read_text())
@@ -444,7 +623,11 @@ def test_resnets_have_the_papers_depth(name, blocks):
     model = models.make_model(name, num_classes=100)
     x = jnp.zeros((2, 32, 32, 3))
     variables = _param_shapes(model, x)
-    convs = [k for k in jax.tree_util.tree_leaves_with_path(variables["params"]) if "kernel" in jax.tree_util.keystr(k[0])]
+    convs = [
+        k
+        for k in jax.tree_util.tree_leaves_with_path(variables["params"])
+        if "kernel" in jax.tree_util.keystr(k[0])
+    ]
     n_3x3 = sum(1 for path, leaf in convs if leaf.shape[:2] == (3, 3))
     assert n_3x3 == 2 * blocks + 1  # stem + two per block
     out = jax.eval_shape(lambda v: model.apply(v, x), variables)
@@ -456,16 +639,20 @@ def test_vgg_and_group_norm_variant():
     x = jnp.zeros((2, 32, 32, 3))
     vgg = models.make_model("vgg16", num_classes=10)
     v = _param_shapes(vgg, x)
-    convs = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(v["params"]) if leaf.ndim == 4]
+    convs = [
+        leaf for path, leaf in jax.tree_util.tree_leaves_with_path(v["params"]) if leaf.ndim == 4
+    ]
     assert len(convs) == 13
     gn = models.ResNet(stage_sizes=(1,), widths=(8,), norm="group")
     assert "batch_stats" not in _param_shapes(gn, x)
 
 
 def test_paper_autoencoder_sizes():
-    for dataset, widths in [("mnist", [784, 1000, 500, 250, 30, 250, 500, 1000, 784]),
-                            ("faces", [625, 2000, 1000, 500, 30, 500, 1000, 2000, 625]),
-                            ("curves", [784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784])]:
+    for dataset, widths in [
+        ("mnist", [784, 1000, 500, 250, 30, 250, 500, 1000, 784]),
+        ("faces", [625, 2000, 1000, 500, 30, 500, 1000, 2000, 625]),
+        ("curves", [784, 400, 200, 100, 50, 25, 6, 25, 50, 100, 200, 400, 784]),
+    ]:
         model = models.make_autoencoder("paper", dataset)
         v = _param_shapes(model, jnp.zeros((1, widths[0])))
         kernels = [v["params"][f"Dense_{i}"]["kernel"].shape for i in range(len(widths) - 1)]

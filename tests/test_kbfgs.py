@@ -17,12 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-from sofim_optax.curvature import LayerStats
 from sofim_optax import layerwise
+from sofim_optax.curvature import LayerStats
 from sofim_optax.kbfgs import ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
 from sofim_optax.kbfgs_curvature import layouts
 from sofim_optax.kbfgs_warm_start import average_input_factors, batch_input_factors, warm_start
-
 
 
 def arr(x, dtype=jnp.float32):
@@ -74,7 +73,9 @@ def homog(x, has_bias):
 class RefLayer:
     """One layer of the reference: dense (N, d) or conv (N, T, d) statistics."""
 
-    def __init__(self, d_a, d_g, has_bias, damping, memory=None, ema=0.9, pair_ema=0.9, mu1=0.2, A_warm=None):
+    def __init__(
+        self, d_a, d_g, has_bias, damping, memory=None, ema=0.9, pair_ema=0.9, mu1=0.2, A_warm=None
+    ):
         self.has_bias, self.lam, self.memory = has_bias, damping, memory
         self.ema, self.pair_ema, self.mu1, self.mu2 = ema, pair_ema, mu1, np.sqrt(damping)
         self.A = A_warm
@@ -107,7 +108,7 @@ class RefLayer:
             s, y = ref_damping(self.s_ema, self.y_ema, Hg @ self.y_ema, self.mu1, self.mu2)
             if self.memory:
                 if s @ y > 1e-4 * (s @ s) * np.linalg.norm(self.prev[1]):
-                    self.pairs = (self.pairs + [(s, y)])[-self.memory:]
+                    self.pairs = (self.pairs + [(s, y)])[-self.memory :]
                     self.hg_updates += 1
             else:
                 self.Hg, ok = ref_bfgs_guarded(Hg, s, y, self.prev[1])
@@ -233,11 +234,19 @@ def test_first_steps_match_dense_reference(x64, memory):
         refs[name] = RefLayer(d_a, kshape[-1], bias, damping, memory=memory)
     for t in range(steps):
         for name, ref in refs.items():
-            want = ref.step(grad_matrix(grads_seq[t][name]), stats_seq[t][name],
-                            None if prev_seq[t] is None else prev_seq[t][name])
+            want = ref.step(
+                grad_matrix(grads_seq[t][name]),
+                stats_seq[t][name],
+                None if prev_seq[t] is None else prev_seq[t][name],
+            )
             got = grad_matrix(updates[t][name])
-            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max(),
-                                       err_msg=f"step {t}, layer {name}")
+            np.testing.assert_allclose(
+                got,
+                want,
+                rtol=1e-8,
+                atol=1e-10 * np.abs(want).max(),
+                err_msg=f"step {t}, layer {name}",
+            )
     curv = state.curvature
     names = sorted(LAYERS)
     la, lg = layouts(layerwise.discover_layers(params).layers)  # where each layer is stacked
@@ -268,8 +277,11 @@ def test_first_step_is_exact_inverse_and_warm_start(x64):
     updates, state = run_steps(tx, params, grads_seq, stats_seq, prev_seq, state)
     ref = RefLayer(5, 3, True, damping, A_warm=np.asarray(factors["dense"]))
     for t in range(2):
-        want = -ref.step(grad_matrix(grads_seq[t]["dense"]), stats_seq[t]["dense"],
-                         None if prev_seq[t] is None else prev_seq[t]["dense"])
+        want = -ref.step(
+            grad_matrix(grads_seq[t]["dense"]),
+            stats_seq[t]["dense"],
+            None if prev_seq[t] is None else prev_seq[t]["dense"],
+        )
         np.testing.assert_allclose(grad_matrix(updates[t]["dense"]), want, rtol=1e-8)
     # The first direction is exactly (A_warm + √λ I)⁻¹ V (H_g = I).
     A0 = np.asarray(factors["dense"])
@@ -291,13 +303,21 @@ def _scan_steps(tx, params, stats_fn, steps):
         grads = jax.tree.map(lambda p: jax.random.normal(k2, p.shape, p.dtype), params)
         _, state = tx.update(grads, state, params, layer_stats=stats, previous_batch_stats=prev)
         # "previous minibatch at the next parameters": this minibatch, moved at random.
-        moved = {k: LayerStats(v.inputs, v.output_grads + 0.3 * jax.random.normal(k2, v.output_grads.shape),
-                               v.outputs + 0.3 * jax.random.normal(k1, v.outputs.shape)) for k, v in stats.items()}
+        moved = {
+            k: LayerStats(
+                v.inputs,
+                v.output_grads + 0.3 * jax.random.normal(k2, v.output_grads.shape),
+                v.outputs + 0.3 * jax.random.normal(k1, v.outputs.shape),
+            )
+            for k, v in stats.items()
+        }
         return (state, moved), None
 
     @jax.jit
     def run(state, prev):
-        (state, _), _ = jax.lax.scan(body, (state, prev), jax.random.split(jax.random.key(0), steps))
+        (state, _), _ = jax.lax.scan(
+            body, (state, prev), jax.random.split(jax.random.key(0), steps)
+        )
         return state
 
     # The first update gets a dummy previous_batch_stats (ignored: nothing stored yet), so the
@@ -324,7 +344,10 @@ def test_hg_and_ha_stay_symmetric_positive_definite_over_many_steps():
         if memory is None:
             mats.append(np.asarray(curv.Hg["d5"][0], np.float64))
         else:
-            S, Y = (np.asarray(curv.S["d5"][0], np.float64), np.asarray(curv.Y["d5"][0], np.float64))
+            S, Y = (
+                np.asarray(curv.S["d5"][0], np.float64),
+                np.asarray(curv.Y["d5"][0], np.float64),
+            )
             assert np.all(np.sum(S * Y, 1) > 0) and bool(np.all(curv.valid[0]))
         for M in mats:
             assert np.all(np.isfinite(M))
@@ -339,26 +362,45 @@ def test_skip_rules(x64):
     params, grads_seq, stats_seq, prev_seq = problem(2, 3, layers=layers)
     tx = scale_by_kbfgs(damping=1e-6)
     # (a) ‖ḡ‖ huge: sᵀy ≤ 1e-4·sᵀs·‖ḡ‖ after damping (μ₂ = 1e-3), the update is skipped.
-    big = [{k: LayerStats(v.inputs, 1e8 * v.output_grads, v.outputs) for k, v in st.items()} for st in stats_seq]
-    big_prev = [None] + [{k: LayerStats(v.inputs, 1e8 * v.output_grads, v.outputs) for k, v in st.items()}
-                         for st in prev_seq[1:]]
+    big = [
+        {k: LayerStats(v.inputs, 1e8 * v.output_grads, v.outputs) for k, v in st.items()}
+        for st in stats_seq
+    ]
+    big_prev = [None] + [
+        {k: LayerStats(v.inputs, 1e8 * v.output_grads, v.outputs) for k, v in st.items()}
+        for st in prev_seq[1:]
+    ]
     _, state = run_steps(tx, params, grads_seq, big, big_prev)
     assert int(state.curvature.hg_updates[0]) == 0
     np.testing.assert_array_equal(state.curvature.Hg["d3"][0], np.eye(3))
     ref = RefLayer(5, 3, True, 1e-6)
     for t in range(3):
-        ref.step(grad_matrix(grads_seq[t]["dense"]), big[t]["dense"], None if t == 0 else big_prev[t]["dense"])
+        ref.step(
+            grad_matrix(grads_seq[t]["dense"]),
+            big[t]["dense"],
+            None if t == 0 else big_prev[t]["dense"],
+        )
     assert ref.hg_updates == 0
     # (b) s = y = 0 (outputs and gradients that do not move): skipped.
-    flat = [{k: LayerStats(v.inputs, 0 * v.output_grads, 0 * v.outputs) for k, v in st.items()} for st in stats_seq]
+    flat = [
+        {k: LayerStats(v.inputs, 0 * v.output_grads, 0 * v.outputs) for k, v in st.items()}
+        for st in stats_seq
+    ]
     _, state = run_steps(tx, params, grads_seq, flat, [None] + flat[:-1])
     assert int(state.curvature.hg_updates[0]) == 0
     # (c) non-finite previous statistics: skipped, and nothing in the state turns non-finite.
-    bad = [None] + [{k: LayerStats(v.inputs, v.output_grads.at[0, 0].set(jnp.nan), v.outputs) for k, v in p.items()}
-                    for p in prev_seq[1:]]
+    bad = [None] + [
+        {
+            k: LayerStats(v.inputs, v.output_grads.at[0, 0].set(jnp.nan), v.outputs)
+            for k, v in p.items()
+        }
+        for p in prev_seq[1:]
+    ]
     _, state = run_steps(tx, params, grads_seq, stats_seq, bad)
     assert int(state.curvature.hg_updates[0]) == 0
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state) if x.dtype != bool)
+    assert all(
+        np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state) if x.dtype != bool
+    )
     # (d) good pairs are accepted (the control).
     _, state = run_steps(tx, params, grads_seq, stats_seq, prev_seq)
     assert int(state.curvature.hg_updates[0]) == 2
@@ -371,10 +413,15 @@ def test_pair_ema_is_zero_started_average(x64):
     layers = {"dense": LAYERS["dense"]}
     params, grads_seq, stats_seq, prev_seq = problem(3, 4, layers=layers)
     for pair_ema in (0.5,):
-        _, state = run_steps(scale_by_kbfgs(damping=0.3, pair_ema=pair_ema), params, grads_seq, stats_seq, prev_seq)
+        _, state = run_steps(
+            scale_by_kbfgs(damping=0.3, pair_ema=pair_ema), params, grads_seq, stats_seq, prev_seq
+        )
         s_ema = np.zeros(3)
         for t in range(1, 4):
-            s_new = RefLayer.means(stats_seq[t - 1]["dense"])[0] - RefLayer.means(prev_seq[t]["dense"])[0]
+            s_new = (
+                RefLayer.means(stats_seq[t - 1]["dense"])[0]
+                - RefLayer.means(prev_seq[t]["dense"])[0]
+            )
             s_ema = pair_ema * s_ema + (1 - pair_ema) * s_new
         np.testing.assert_allclose(state.curvature.s_ema["d3"][0], s_ema, rtol=1e-10)
 
@@ -396,12 +443,31 @@ def test_errors():
     with pytest.raises(ValueError, match=r"'dense'.*outputs"):
         jax.eval_shape(functools.partial(tx.update, layer_stats=no_out), params, state, params)
     with pytest.raises(ValueError, match=r"'dens'.*Did you mean"):
-        jax.eval_shape(functools.partial(tx.update, layer_stats=stats, previous_batch_stats={"dens": stats["dense"]}),
-                       params, state, params)
-    with pytest.raises(ValueError, match=r"previous_batch_stats.*'dense'|'dense'.*previous_batch_stats"):
-        jax.eval_shape(functools.partial(tx.update, layer_stats=stats, previous_batch_stats=no_out), params, state, params)
-    for kwargs, match in [({"memory": 0}, "memory"), ({"ema": 1.0}, "ema"), ({"pair_ema": -0.1}, "pair_ema"),
-                          ({"damping": -1.0}, "damping"), ({"mu1": 1.5}, "mu1"), ({"lbfgs_method": "x"}, "lbfgs_method")]:
+        jax.eval_shape(
+            functools.partial(
+                tx.update, layer_stats=stats, previous_batch_stats={"dens": stats["dense"]}
+            ),
+            params,
+            state,
+            params,
+        )
+    with pytest.raises(
+        ValueError, match=r"previous_batch_stats.*'dense'|'dense'.*previous_batch_stats"
+    ):
+        jax.eval_shape(
+            functools.partial(tx.update, layer_stats=stats, previous_batch_stats=no_out),
+            params,
+            state,
+            params,
+        )
+    for kwargs, match in [
+        ({"memory": 0}, "memory"),
+        ({"ema": 1.0}, "ema"),
+        ({"pair_ema": -0.1}, "pair_ema"),
+        ({"damping": -1.0}, "damping"),
+        ({"mu1": 1.5}, "mu1"),
+        ({"lbfgs_method": "x"}, "lbfgs_method"),
+    ]:
         with pytest.raises(ValueError, match=match):
             scale_by_kbfgs(**kwargs)
 
@@ -427,13 +493,22 @@ def test_multisteps_forwards_extra_args():
     ms = optax.MultiSteps(kbfgs(0.1, damping=0.1), every_k_schedule=2)
     state = jax.jit(ms.init)(params)
     step = jax.jit(ms.update)
-    u, state = step(grads_seq[0], state, params, layer_stats=stats_seq[0], previous_batch_stats=prev_seq[0])
+    u, state = step(
+        grads_seq[0], state, params, layer_stats=stats_seq[0], previous_batch_stats=prev_seq[0]
+    )
     assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(u))
-    u, state = step(grads_seq[1], state, params, layer_stats=stats_seq[1], previous_batch_stats=prev_seq[1])
+    u, state = step(
+        grads_seq[1], state, params, layer_stats=stats_seq[1], previous_batch_stats=prev_seq[1]
+    )
     ref = kbfgs(0.1, damping=0.1)
     mean = jax.tree.map(lambda a, b: (a + b) / 2, grads_seq[0], grads_seq[1])
-    want, _ = jax.jit(ref.update)(mean, jax.jit(ref.init)(params), params, layer_stats=stats_seq[1],
-                                  previous_batch_stats=prev_seq[1])
+    want, _ = jax.jit(ref.update)(
+        mean,
+        jax.jit(ref.init)(params),
+        params,
+        layer_stats=stats_seq[1],
+        previous_batch_stats=prev_seq[1],
+    )
     for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
@@ -458,7 +533,10 @@ def test_fallback_identity_for_uncovered_layers():
 def test_two_pass_train_step_linen():
     nn = pytest.importorskip("flax.linen")
     from sofim_optax.curvature import linen as linen_capture
-    from sofim_optax.curvature.two_pass import make_two_pass_train_step, two_pass_value_grad_and_stats
+    from sofim_optax.curvature.two_pass import (
+        make_two_pass_train_step,
+        two_pass_value_grad_and_stats,
+    )
 
     class AE(nn.Module):
         @nn.compact
@@ -474,10 +552,14 @@ def test_two_pass_train_step_linen():
     def loss_fn(v, x):
         return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(model.apply(v, x), x), -1))
 
-    batches = [(data[i:i + 100],) for i in range(0, 400, 100)]
+    batches = [(data[i : i + 100],) for i in range(0, 400, 100)]
     # The helper's second pass equals a direct capture of the previous batch at the same params.
-    _, _, st, prev = jax.jit(lambda v: two_pass_value_grad_and_stats(loss_fn, v, batches[1], batches[0]))(variables)
-    _, _, direct = jax.jit(lambda v: linen_capture.value_grad_and_stats(loss_fn, v, *batches[0]))(variables)
+    _, _, st, prev = jax.jit(
+        lambda v: two_pass_value_grad_and_stats(loss_fn, v, batches[1], batches[0])
+    )(variables)
+    _, _, direct = jax.jit(lambda v: linen_capture.value_grad_and_stats(loss_fn, v, *batches[0]))(
+        variables
+    )
     assert sorted(prev) == sorted(st) == ["Dense_0", "Dense_1", "Dense_2"]
     np.testing.assert_allclose(prev["Dense_1"].outputs, direct["Dense_1"].outputs, rtol=1e-6)
 

@@ -16,13 +16,11 @@ import numpy as np
 import optax
 import pytest
 
-from sofim_optax import layerwise
-from sofim_optax import linalg
+from sofim_optax import layerwise, linalg
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kfac import kfac, scale_by_kfac
 
 INVERSES = ["eigh", "cholesky", "inv"]
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,11 +147,15 @@ def test_first_step_matches_dense_reference(x64):
             layer["bias"] = zeros((d_out,), jnp.float64)
         params["block"][case] = layer
         # Input and output scales far apart so that π matters.
-        stats[f"block/{case}"] = rand_stats(i, 7, d_in, d_out, t, jnp.float64, scale_in=2.0, scale_out=0.05)
+        stats[f"block/{case}"] = rand_stats(
+            i, 7, d_in, d_out, t, jnp.float64, scale_in=2.0, scale_out=0.05
+        )
     grads = rand_like(2, params)
     damping = 1e-3
     configs = [(inverse, pi) for inverse in INVERSES for pi in (True, False)]
-    txs = [scale_by_kfac(damping=damping, pi_adjusted=pi, inverse=inverse) for inverse, pi in configs]
+    txs = [
+        scale_by_kfac(damping=damping, pi_adjusted=pi, inverse=inverse) for inverse, pi in configs
+    ]
     results = first_updates(txs, grads, params, stats)
 
     for (inverse, pi), (updates, _) in zip(configs, results):
@@ -166,8 +168,11 @@ def test_first_step_matches_dense_reference(x64):
             where = f"{case}, inverse={inverse}, pi_adjusted={pi}"
             assert u["kernel"].shape == kshape and u["kernel"].dtype == jnp.float64, where
             np.testing.assert_allclose(
-                grad_matrix(u["kernel"], u.get("bias")), want, rtol=1e-7,
-                atol=1e-9 * np.abs(want).max(), err_msg=where,
+                grad_matrix(u["kernel"], u.get("bias")),
+                want,
+                rtol=1e-7,
+                atol=1e-9 * np.abs(want).max(),
+                err_msg=where,
             )
 
 
@@ -178,9 +183,13 @@ def test_first_step_float32_close_to_reference():
     txs = [scale_by_kfac(damping=1e-2, inverse=inverse) for inverse in INVERSES]
     A, G = ref_factors(stats.inputs, stats.output_grads, True)
     want = ref_solve(A, G, grad_matrix(grads["conv"]["kernel"], grads["conv"]["bias"]), 1e-2, True)
-    for inverse, (updates, state) in zip(INVERSES, first_updates(txs, grads, params, {"conv": stats})):
+    for inverse, (updates, state) in zip(
+        INVERSES, first_updates(txs, grads, params, {"conv": stats})
+    ):
         got = grad_matrix(updates["conv"]["kernel"], updates["conv"]["bias"])
-        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4 * np.abs(want).max(), err_msg=inverse)
+        np.testing.assert_allclose(
+            got, want, rtol=2e-3, atol=2e-4 * np.abs(want).max(), err_msg=inverse
+        )
         assert updates["conv"]["kernel"].dtype == jnp.float32
         assert all(f.dtype == jnp.float32 for f in state.curvature.factors.values())
 
@@ -293,7 +302,9 @@ def test_with_linen_capture():
     x = arr(_rng(0).standard_normal((8, 6, 6, 2)))
     y = jnp.asarray(np.arange(8) % 3)
     variables = jax.jit(model.init)(jax.random.key(0), x)
-    loss_fn = lambda v, x, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply(v, x), y))
+    loss_fn = lambda v, x, y: jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(model.apply(v, x), y)
+    )
     tx = scale_by_kfac(damping=1e-2)
 
     @jax.jit
@@ -303,13 +314,17 @@ def test_with_linen_capture():
 
     grads, stats, upd = step(variables)
     assert sorted(stats) == ["Conv_0", "Dense_0"]
-    np.testing.assert_array_equal(upd["params"]["LayerNorm_0"]["scale"], grads["params"]["LayerNorm_0"]["scale"])
+    np.testing.assert_array_equal(
+        upd["params"]["LayerNorm_0"]["scale"], grads["params"]["LayerNorm_0"]["scale"]
+    )
     for path, has_bias in [("Conv_0", True), ("Dense_0", False)]:
         A, G = ref_factors(stats[path].inputs, stats[path].output_grads, has_bias)
         g, u = grads["params"][path], upd["params"][path]
         want = ref_solve(A, G, grad_matrix(g["kernel"], g.get("bias")), 1e-2, True)
         got = grad_matrix(u["kernel"], u.get("bias"))
-        np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4 * np.abs(want).max(), err_msg=path)
+        np.testing.assert_allclose(
+            got, want, rtol=2e-3, atol=1e-4 * np.abs(want).max(), err_msg=path
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -375,16 +390,24 @@ def test_stacking_same_shapes_equals_separate():
     state = jax.eval_shape(txs["eigh"].init, params)
     # Factors stacked per size: "d4" holds A of Dense_0, A of Dense_1 (3 inputs + bias), G of
     # Dense_0, G of Dense_1 (4 outputs); "d5" A of Dense_2; "d3" G of Dense_2.
-    assert {k: v.shape[0] for k, v in state.curvature.factors.items()} == {"d4": 4, "d5": 1, "d3": 1}
+    assert {k: v.shape[0] for k, v in state.curvature.factors.items()} == {
+        "d4": 4,
+        "d5": 1,
+        "d3": 1,
+    }
 
     @jax.jit
     def run(grads, params, stats):
         out = {}
         for inverse, tx in txs.items():
-            out[inverse, "stacked"] = tx.update(grads, tx.init(params), params, layer_stats=stats)[0]
+            out[inverse, "stacked"] = tx.update(grads, tx.init(params), params, layer_stats=stats)[
+                0
+            ]
             for name in params:
                 one = {name: params[name]}
-                upd = tx.update({name: grads[name]}, tx.init(one), one, layer_stats={name: stats[name]})
+                upd = tx.update(
+                    {name: grads[name]}, tx.init(one), one, layer_stats={name: stats[name]}
+                )
                 out[inverse, name] = upd[0][name]
         return out
 
@@ -393,7 +416,10 @@ def test_stacking_same_shapes_equals_separate():
         for name in params:
             for leaf in ("kernel", "bias"):
                 np.testing.assert_allclose(
-                    out[inverse, "stacked"][name][leaf], out[inverse, name][leaf], rtol=1e-5, atol=1e-6,
+                    out[inverse, "stacked"][name][leaf],
+                    out[inverse, name][leaf],
+                    rtol=1e-5,
+                    atol=1e-6,
                     err_msg=f"{inverse} {name} {leaf}",
                 )
 
@@ -411,7 +437,9 @@ def test_damping_changes_take_effect_immediately_with_eigh(x64):
     A, G = ref_factors(stats["Dense_0"].inputs, stats["Dense_0"].output_grads, True)
     V = grad_matrix(grads["Dense_0"]["kernel"], grads["Dense_0"]["bias"])
     np.testing.assert_allclose(
-        grad_matrix(upd["Dense_0"]["kernel"], upd["Dense_0"]["bias"]), ref_solve(A, G, V, 0.5, True), rtol=1e-8
+        grad_matrix(upd["Dense_0"]["kernel"], upd["Dense_0"]["bias"]),
+        ref_solve(A, G, V, 0.5, True),
+        rtol=1e-8,
     )
 
 
@@ -437,12 +465,19 @@ def test_fallback_identity_and_logging(caplog):
     with caplog.at_level(logging.INFO, logger="sofim_optax"):
         upd, state = jax.jit(tx.update)(grads, state, params, layer_stats=stats)
         upd, state = jax.jit(tx.update)(grads, state, params, layer_stats=stats)  # a second trace
-    for path in [("Dense_1", "kernel"), ("Dense_1", "bias"), ("BatchNorm_0", "scale"), ("BatchNorm_0", "bias")]:
+    for path in [
+        ("Dense_1", "kernel"),
+        ("Dense_1", "bias"),
+        ("BatchNorm_0", "scale"),
+        ("BatchNorm_0", "bias"),
+    ]:
         np.testing.assert_array_equal(upd[path[0]][path[1]], grads[path[0]][path[1]])
     assert not np.allclose(upd["Dense_0"]["kernel"], grads["Dense_0"]["kernel"])
     lines = [r.getMessage() for r in caplog.records if "scale_by_kfac" in r.getMessage()]
     assert len(lines) == 1, lines  # once per transformation instance
-    assert "Dense_0" in lines[0] and "Dense_1/kernel" in lines[0] and "BatchNorm_0/scale" in lines[0]
+    assert (
+        "Dense_0" in lines[0] and "Dense_1/kernel" in lines[0] and "BatchNorm_0/scale" in lines[0]
+    )
 
 
 def test_fallback_optax_transform():
@@ -491,8 +526,12 @@ def test_unknown_layer_key_error():
     params = mlp_params()
     tx = scale_by_kfac()
     stats = {"Dense_O": rand_stats(0, 4, 3, 4)}
-    with pytest.raises(ValueError, match=r"'Dense_O'.*Did you mean.*Dense_0.*Available layer paths"):
-        jax.eval_shape(tx.update, params, jax.eval_shape(tx.init, params), params, layer_stats=stats)
+    with pytest.raises(
+        ValueError, match=r"'Dense_O'.*Did you mean.*Dense_0.*Available layer paths"
+    ):
+        jax.eval_shape(
+            tx.update, params, jax.eval_shape(tx.init, params), params, layer_stats=stats
+        )
 
 
 @pytest.mark.parametrize(
@@ -514,7 +553,9 @@ def test_stats_shape_errors_name_the_layer(inputs_shape, grads_shape, match):
         "Dense_0": LayerStats(ones(inputs_shape), ones(grads_shape), None),
     }
     with pytest.raises(ValueError, match=match) as err:
-        jax.eval_shape(tx.update, params, jax.eval_shape(tx.init, params), params, layer_stats=stats)
+        jax.eval_shape(
+            tx.update, params, jax.eval_shape(tx.init, params), params, layer_stats=stats
+        )
     assert "'Dense_0'" in str(err.value)
 
 
@@ -609,7 +650,9 @@ def test_kfac_beats_tuned_sgd_on_softmax_regression():
     params, loss_and_stats = _softmax_regression()
     start = float(np.log(4.0))  # zero weights: uniform prediction over 4 classes
     steps = 40
-    kfac_loss = _run(kfac(0.3, momentum=0.9, damping=1e-3, inverse_period=5), params, loss_and_stats, steps)
+    kfac_loss = _run(
+        kfac(0.3, momentum=0.9, damping=1e-3, inverse_period=5), params, loss_and_stats, steps
+    )
     sgd_losses = []
     for lr in (0.01, 0.03, 0.1, 0.3):
         loss = _run(optax.sgd(lr, momentum=0.9), params, loss_and_stats, steps)

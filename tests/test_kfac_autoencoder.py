@@ -11,7 +11,6 @@ in Martens & Grosse). Measured when written: Adam's best full-set loss 240.7
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -29,7 +28,9 @@ def images():
     try:
         ds = datasets.load_fashion_mnist(download=False)
     except (FileNotFoundError, OSError) as err:
-        pytest.skip(f"Fashion-MNIST not available here ({err}); install Debian's dataset-fashion-mnist")
+        pytest.skip(
+            f"Fashion-MNIST not available here ({err}); install Debian's dataset-fashion-mnist"
+        )
     return datasets.to_float_arrays(ds, flatten=True).x_train[:NUM_IMAGES]
 
 
@@ -52,7 +53,12 @@ def train(images, tx, needs_stats):
             updates, state = tx.update(grads, state, p)
         return optax.apply_updates(p, updates), state
 
-    order = np.concatenate([np.random.default_rng(0).permutation(NUM_IMAGES) for _ in range(STEPS * BATCH // NUM_IMAGES + 1)])
+    order = np.concatenate(
+        [
+            np.random.default_rng(0).permutation(NUM_IMAGES)
+            for _ in range(STEPS * BATCH // NUM_IMAGES + 1)
+        ]
+    )
     state = tx.init(params)
     for i in range(STEPS):
         batch = images[order[i * BATCH : (i + 1) * BATCH]]

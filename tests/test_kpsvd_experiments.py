@@ -18,7 +18,6 @@ from experiments import fisher_approximation as fa
 from experiments.benchmarks import kpsvd as benchmark_kpsvd
 
 
-
 @pytest.fixture
 def samples():
     """Non-Kronecker-structured per-example statistics: ā with a bias column, g correlated with ā."""
@@ -39,7 +38,7 @@ def _dense_rearrangement(F, d_a, d_g):
     rows = []
     for i in range(d_a):
         for j in range(d_a):
-            rows.append(F[i * d_g:(i + 1) * d_g, j * d_g:(j + 1) * d_g].reshape(-1))
+            rows.append(F[i * d_g : (i + 1) * d_g, j * d_g : (j + 1) * d_g].reshape(-1))
     return np.stack(rows)
 
 
@@ -69,7 +68,9 @@ def test_errors_match_independent_numpy_computation(samples, x64):
     # KFAC-corrected: explicit best rank-one fit of F − A ⊗ G.
     U, t, Vt = np.linalg.svd(_dense_rearrangement(F - np.kron(A, G), d_a, d_g))
     corr = np.kron(A, G) + t[0] * np.kron(U[:, 0].reshape(d_a, d_a), Vt[0].reshape(d_g, d_g))
-    assert err["KFAC-corrected"] == pytest.approx(np.linalg.norm(F - corr) / np.linalg.norm(F), rel=1e-6)
+    assert err["KFAC-corrected"] == pytest.approx(
+        np.linalg.norm(F - corr) / np.linalg.norm(F), rel=1e-6
+    )
 
 
 def test_error_ordering_and_range(samples):
@@ -82,7 +83,14 @@ def test_error_ordering_and_range(samples):
     assert err["Deflation"] <= err["KPSVD"] + slack
     assert err["Lanczos"] <= err["KPSVD"] + slack
     assert err["KPSVD"] < err["KFAC"] - 1e-3  # the synthetic F is far from A ⊗ G: a strict gain
-    for m in ("KPSVD", "Deflation", "Lanczos", "KFAC-corrected", "optimal rank 1", "optimal rank 2"):
+    for m in (
+        "KPSVD",
+        "Deflation",
+        "Lanczos",
+        "KFAC-corrected",
+        "optimal rank 1",
+        "optimal rank 2",
+    ):
         assert 0.0 <= err[m] <= 1.0, m  # best fits: the zero approximation has error 1
     assert err["KFAC"] >= 0.0
     assert err["KPSVD"] >= err["optimal rank 1"] - slack
@@ -107,9 +115,13 @@ def test_sub_block_and_fit_modes(samples):
     ia_all, ig_all = fa.select_block(a.shape[1], g.shape[1], 10**6, rng)
     assert list(ia_all) == list(range(a.shape[1])) and list(ig_all) == list(range(g.shape[1]))
     # The block of F is the F of the restricted samples.
-    np.testing.assert_allclose(fa.exact_block(a[:, ia], g[:, ig]),
-                               fa.exact_block(a, g)[np.ix_(np.ravel(ia[:, None] * g.shape[1] + ig),
-                                                           np.ravel(ia[:, None] * g.shape[1] + ig))], rtol=1e-12)
+    np.testing.assert_allclose(
+        fa.exact_block(a[:, ia], g[:, ig]),
+        fa.exact_block(a, g)[
+            np.ix_(np.ravel(ia[:, None] * g.shape[1] + ig), np.ravel(ia[:, None] * g.shape[1] + ig))
+        ],
+        rtol=1e-12,
+    )
     blk = fa.block_errors(a, g, ia, ig, fit="block", optima=False)["errors"]
     lay = fa.block_errors(a, g, ia, ig, fit="layer", optima=False)["errors"]
     assert blk["KFAC"] == pytest.approx(lay["KFAC"], rel=1e-5)  # KFAC's factors restrict exactly
@@ -133,8 +145,26 @@ def tiny_data(monkeypatch):
 
 
 def test_fisher_approximation_script_smoke(tiny_data, tmp_path):
-    res = fa.main(["--encoder", "6,3", "--batch-size", "16", "--steps", "2", "--every", "1", "--max-block", "30",
-                   "--layers", "Dense_1,Dense_3", "--max-iters", "200", "--out", str(tmp_path)])
+    res = fa.main(
+        [
+            "--encoder",
+            "6,3",
+            "--batch-size",
+            "16",
+            "--steps",
+            "2",
+            "--every",
+            "1",
+            "--max-block",
+            "30",
+            "--layers",
+            "Dense_1,Dense_3",
+            "--max-iters",
+            "200",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert res["iterations"] == [0, 1, 2]
     assert (tmp_path / "fisher_errors.png").stat().st_size > 0
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -150,10 +180,33 @@ def test_fisher_approximation_script_smoke(tiny_data, tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_kpsvd_script_smoke(tiny_data, tmp_path):
-    res = benchmark_kpsvd.main(["--quick", "--encoder", "5,3", "--batch-size", "16", "--steps", "4",
-                                "--tune-steps", "2", "--select-last", "2", "--rounds", "1", "--block-steps", "2",
-                                "--inverse-period", "2", "--eval-examples", "32", "--out", str(tmp_path),
-                                "--methods", "kfac,lanczos,adam"])  # three methods keep the compile time down
+    res = benchmark_kpsvd.main(
+        [
+            "--quick",
+            "--encoder",
+            "5,3",
+            "--batch-size",
+            "16",
+            "--steps",
+            "4",
+            "--tune-steps",
+            "2",
+            "--select-last",
+            "2",
+            "--rounds",
+            "1",
+            "--block-steps",
+            "2",
+            "--inverse-period",
+            "2",
+            "--eval-examples",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--methods",
+            "kfac,lanczos,adam",
+        ]
+    )  # three methods keep the compile time down
     assert set(res["step_time"]["ratios"]) == {"kfac", "lanczos", "adam"}
     assert res["step_time"]["ratios"]["kfac"] == pytest.approx(1.0)
     for m, r in res["train"]["runs"].items():

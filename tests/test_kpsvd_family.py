@@ -14,10 +14,16 @@ import pytest
 
 import sofim_optax
 from sofim_optax.curvature import LayerStats
-from sofim_optax.kpsvd import kfac_corrected, scale_by_kfac_corrected
-from sofim_optax.kpsvd import kpsvd, scale_by_kpsvd
-from sofim_optax.kpsvd import kpsvd_deflation, scale_by_kpsvd_deflation
-from sofim_optax.kpsvd import kpsvd_lanczos, scale_by_kpsvd_lanczos
+from sofim_optax.kpsvd import (
+    kfac_corrected,
+    kpsvd,
+    kpsvd_deflation,
+    kpsvd_lanczos,
+    scale_by_kfac_corrected,
+    scale_by_kpsvd,
+    scale_by_kpsvd_deflation,
+    scale_by_kpsvd_lanczos,
+)
 
 SCALES = {
     "kpsvd": scale_by_kpsvd,
@@ -25,8 +31,12 @@ SCALES = {
     "kfac_corrected": scale_by_kfac_corrected,
     "lanczos": scale_by_kpsvd_lanczos,
 }
-ALIASES = {"kpsvd": kpsvd, "deflation": kpsvd_deflation, "kfac_corrected": kfac_corrected, "lanczos": kpsvd_lanczos}
-
+ALIASES = {
+    "kpsvd": kpsvd,
+    "deflation": kpsvd_deflation,
+    "kfac_corrected": kfac_corrected,
+    "lanczos": kpsvd_lanczos,
+}
 
 
 def arr(x, dtype=jnp.float32):
@@ -65,7 +75,14 @@ def ref_fisher(stats, has_bias):
     n, t = a.shape[:2]
     if has_bias:
         a = np.concatenate([a, np.ones((n, t, 1))], axis=-1)
-    F = sum(np.kron(np.outer(a[i, j], a[i, j]), np.outer(g[i, j], g[i, j])) for i in range(n) for j in range(t)) / n
+    F = (
+        sum(
+            np.kron(np.outer(a[i, j], a[i, j]), np.outer(g[i, j], g[i, j]))
+            for i in range(n)
+            for j in range(t)
+        )
+        / n
+    )
     A = sum(np.outer(a[i, j], a[i, j]) for i in range(n) for j in range(t)) / (n * t)
     G = sum(np.outer(g[i, j], g[i, j]) for i in range(n) for j in range(t)) / n
     return F, A, G, a.shape[-1], g.shape[-1]
@@ -119,27 +136,44 @@ def test_first_step_matches_dense_reference(x64):
     damping = 0.05
     # "exact" inverts the approximation itself (the "abs" rule is tested in test_linalg_kronecker_svd).
     txs = {
-        kind: make(damping=damping, tol=1e-13, max_iters=5000, **({} if kind == "kpsvd" else {"indefinite": "exact"}))
+        kind: make(
+            damping=damping,
+            tol=1e-13,
+            max_iters=5000,
+            **({} if kind == "kpsvd" else {"indefinite": "exact"}),
+        )
         for kind, make in SCALES.items()
     }
-    run = jax.jit(lambda g, p, s: {k: tx.update(g, tx.init(p), p, layer_stats=s)[0] for k, tx in txs.items()})
+    run = jax.jit(
+        lambda g, p, s: {k: tx.update(g, tx.init(p), p, layer_stats=s)[0] for k, tx in txs.items()}
+    )
     out = run(grads, params, stats)
     for kind, updates in out.items():
         for name, (kshape, has_bias, _) in LAYERS.items():
             g, u = grads[name], updates[name]
-            want = ref_update(kind, stats[name], has_bias, grad_matrix(g["kernel"], g.get("bias")), damping)
+            want = ref_update(
+                kind, stats[name], has_bias, grad_matrix(g["kernel"], g.get("bias")), damping
+            )
             assert u["kernel"].shape == kshape and u["kernel"].dtype == jnp.float64
             np.testing.assert_allclose(
-                grad_matrix(u["kernel"], u.get("bias")), want, rtol=1e-6, atol=1e-7 * np.abs(want).max(),
+                grad_matrix(u["kernel"], u.get("bias")),
+                want,
+                rtol=1e-6,
+                atol=1e-7 * np.abs(want).max(),
                 err_msg=f"{kind} {name}",
             )
 
 
 def test_second_step_averages_the_factors(x64):
     """Two statistics updates: factors averaged separately with ρ = min(1 − 1/2, ema) = 1/2."""
-    params = {"d": {"kernel": arr(np.zeros((3, 2)), jnp.float64), "bias": arr(np.zeros(2), jnp.float64)}}
+    params = {
+        "d": {"kernel": arr(np.zeros((3, 2)), jnp.float64), "bias": arr(np.zeros(2), jnp.float64)}
+    }
     s1, s2 = (rand_stats(seed, 7, 3, 2, dtype=jnp.float64) for seed in (1, 2))
-    txs = {k: make(damping=0.1, tol=1e-13, max_iters=5000, inverse_period=1) for k, make in SCALES.items()}
+    txs = {
+        k: make(damping=0.1, tol=1e-13, max_iters=5000, inverse_period=1)
+        for k, make in SCALES.items()
+    }
     grads = rand_like(3, params)
 
     @jax.jit
@@ -177,8 +211,12 @@ def test_second_step_averages_the_factors(x64):
         np.testing.assert_allclose(factors["d4"][0], avg[0][0], rtol=1e-7, atol=1e-9, err_msg=kind)
         np.testing.assert_allclose(factors["d2"][0], avg[0][1], rtol=1e-7, atol=1e-9, err_msg=kind)
         if len(avg) == 2:
-            np.testing.assert_allclose(factors["d4"][1], avg[1][0], rtol=1e-7, atol=1e-9, err_msg=kind)
-            np.testing.assert_allclose(factors["d2"][1], avg[1][1], rtol=1e-7, atol=1e-9, err_msg=kind)
+            np.testing.assert_allclose(
+                factors["d4"][1], avg[1][0], rtol=1e-7, atol=1e-9, err_msg=kind
+            )
+            np.testing.assert_allclose(
+                factors["d2"][1], avg[1][1], rtol=1e-7, atol=1e-9, err_msg=kind
+            )
             want = np.asarray(sofim_optax.linalg.kron_sum_solve(*avg[0], *avg[1], V, 0.1))
         else:
             want = np.asarray(sofim_optax.linalg.damped_kron_solve(*avg[0], V, 0.1))
@@ -200,13 +238,19 @@ DEGENERATE = ("kpsvd", "kfac_corrected")
 def mlp_params(dtype=jnp.float32):
     rng = np.random.default_rng(0)
     return {
-        f"Dense_{i}": {"kernel": arr(rng.standard_normal((a, b)), dtype), "bias": arr(np.zeros(b), dtype)}
+        f"Dense_{i}": {
+            "kernel": arr(rng.standard_normal((a, b)), dtype),
+            "bias": arr(np.zeros(b), dtype),
+        }
         for i, (a, b) in enumerate(((3, 4), (4, 2)))
     }
 
 
 def mlp_stats(dtype=jnp.float32):
-    return {"Dense_0": rand_stats(10, 6, 3, 4, dtype=dtype), "Dense_1": rand_stats(11, 6, 4, 2, dtype=dtype)}
+    return {
+        "Dense_0": rand_stats(10, 6, 3, 4, dtype=dtype),
+        "Dense_1": rand_stats(11, 6, 4, 2, dtype=dtype),
+    }
 
 
 def test_degenerate_statistics_stay_finite():
@@ -221,7 +265,9 @@ def test_degenerate_statistics_stay_finite():
         out = {}
         for kind in DEGENERATE:
             tx = SCALES[kind](damping=0.0)
-            out[kind] = tx.update(rand_like(1, params), tx.init(params), params, layer_stats=zero_stats)
+            out[kind] = tx.update(
+                rand_like(1, params), tx.init(params), params, layer_stats=zero_stats
+            )
         return out
 
     for kind, degenerate in run().items():
@@ -239,7 +285,12 @@ def test_errors_name_the_layer(kind):
     with pytest.raises(ValueError, match="'Dense_0'.*inputs have last dimension 5"):
         jax.eval_shape(functools.partial(tx.update, layer_stats=bad), params, state, params)
     with pytest.raises(ValueError, match="Did you mean"):
-        jax.eval_shape(functools.partial(tx.update, layer_stats={"Dense_O": mlp_stats()["Dense_0"]}), params, state, params)
+        jax.eval_shape(
+            functools.partial(tx.update, layer_stats={"Dense_O": mlp_stats()["Dense_0"]}),
+            params,
+            state,
+            params,
+        )
     with pytest.raises(ValueError, match="ema"):
         SCALES[kind](ema=1.0)
     with pytest.raises(ValueError, match="max_iters"):
@@ -255,8 +306,16 @@ def test_errors_name_the_layer(kind):
 
 
 def test_public_exports():
-    for name in ("kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos",
-                 "scale_by_kpsvd", "scale_by_kpsvd_deflation", "scale_by_kfac_corrected", "scale_by_kpsvd_lanczos"):
+    for name in (
+        "kpsvd",
+        "kpsvd_deflation",
+        "kfac_corrected",
+        "kpsvd_lanczos",
+        "scale_by_kpsvd",
+        "scale_by_kpsvd_deflation",
+        "scale_by_kfac_corrected",
+        "scale_by_kpsvd_lanczos",
+    ):
         assert getattr(sofim_optax, name) is not None
     for name in ("nearest_kronecker", "kron_sum_solve"):
         assert getattr(sofim_optax.linalg, name) is not None

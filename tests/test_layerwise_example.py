@@ -61,12 +61,22 @@ def test_example_matches_reference(example, kind, x64):
         inputs = rng.standard_normal(stats_shape + (d_in,))
         output_grads = rng.standard_normal(stats_shape + (d_out,))
         v = rng.standard_normal((d_in + 1, d_out))
-        grads = {"layer": {"kernel": jnp.asarray(v[:-1].reshape(kernel_shape)), "bias": jnp.asarray(v[-1])}}
+        grads = {
+            "layer": {
+                "kernel": jnp.asarray(v[:-1].reshape(kernel_shape)),
+                "bias": jnp.asarray(v[-1]),
+            }
+        }
         stats = {"layer": LayerStats(jnp.asarray(inputs), jnp.asarray(output_grads), None)}
-        updates, state = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))(grads, state, stats)
+        updates, state = jax.jit(lambda g, s, st: tx.update(g, s, layer_stats=st))(
+            grads, state, stats
+        )
         got.append(
             np.concatenate(
-                [np.asarray(updates["layer"]["kernel"]).reshape(d_in, d_out), np.asarray(updates["layer"]["bias"])[None]]
+                [
+                    np.asarray(updates["layer"]["kernel"]).reshape(d_in, d_out),
+                    np.asarray(updates["layer"]["bias"])[None],
+                ]
             )
         )
         stats_seq.append((inputs, output_grads))

@@ -31,8 +31,12 @@ def test_sherman_morrison_self_solve_has_no_cancellation_in_float32():
     u32 = jnp.asarray(u64, jnp.float32)
     ours = np.asarray(linalg.sherman_morrison_solve(u32, rho, u32), np.float64)
     np.testing.assert_allclose(ours, exact, rtol=1e-6)
-    textbook = np.asarray(u32 / rho - u32 * jnp.vdot(u32, u32) / (rho * (rho + jnp.vdot(u32, u32))), np.float64)
-    assert np.max(np.abs(textbook - exact) / np.abs(exact)) > 100 * np.max(np.abs(ours - exact) / np.abs(exact))
+    textbook = np.asarray(
+        u32 / rho - u32 * jnp.vdot(u32, u32) / (rho * (rho + jnp.vdot(u32, u32))), np.float64
+    )
+    assert np.max(np.abs(textbook - exact) / np.abs(exact)) > 100 * np.max(
+        np.abs(ours - exact) / np.abs(exact)
+    )
 
 
 def test_sherman_morrison_zero_direction_is_plain_ridge():
@@ -46,7 +50,9 @@ def test_sherman_morrison_vmaps_over_blocks():
     v = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
     batched = jax.vmap(linalg.sherman_morrison_solve, in_axes=(0, None, 0))(u, 0.3, v)
     for i in range(5):
-        dense = np.linalg.solve(0.3 * np.eye(4) + np.outer(u[i], u[i]), np.asarray(v[i], np.float64))
+        dense = np.linalg.solve(
+            0.3 * np.eye(4) + np.outer(u[i], u[i]), np.asarray(v[i], np.float64)
+        )
         np.testing.assert_allclose(batched[i], dense, rtol=2e-5, atol=1e-6)
 
 

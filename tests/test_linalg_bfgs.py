@@ -10,7 +10,6 @@ import pytest
 from sofim_optax import linalg
 
 
-
 def ref_bfgs(H, s, y):
     """The product form (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ, float64."""
     rho = 1.0 / (s @ y)
@@ -53,7 +52,9 @@ def test_secant_equation_and_product_form(x64):
         H = spd(rng, d)
         s, y = pairs(rng, 1, d)
         s, y = s[0], y[0]
-        Hn = np.asarray(jax.jit(linalg.bfgs_inverse_update)(jnp.asarray(H), jnp.asarray(s), jnp.asarray(y)))
+        Hn = np.asarray(
+            jax.jit(linalg.bfgs_inverse_update)(jnp.asarray(H), jnp.asarray(s), jnp.asarray(y))
+        )
         np.testing.assert_allclose(Hn @ y, s, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(Hn, ref_bfgs(H, s, y), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(Hn, Hn.T, rtol=1e-13, atol=1e-15)
@@ -64,14 +65,21 @@ def test_secant_equation_float32():
     rng = np.random.default_rng(1)
     H = spd(rng, 6)
     s, y = pairs(rng, 1, 6)
-    Hn = np.asarray(linalg.bfgs_inverse_update(jnp.asarray(H, jnp.float32), jnp.asarray(s[0], jnp.float32),
-                                               jnp.asarray(y[0], jnp.float32)))
+    Hn = np.asarray(
+        linalg.bfgs_inverse_update(
+            jnp.asarray(H, jnp.float32),
+            jnp.asarray(s[0], jnp.float32),
+            jnp.asarray(y[0], jnp.float32),
+        )
+    )
     assert Hn.dtype == np.float32
     np.testing.assert_allclose(Hn @ y[0], s[0], rtol=1e-4, atol=1e-4)
 
 
 def _damp(s, y, H, mu1, mu2):
-    out = jax.jit(linalg.double_damping)(jnp.asarray(s), jnp.asarray(y), jnp.asarray(H @ y), mu1, mu2)
+    out = jax.jit(linalg.double_damping)(
+        jnp.asarray(s), jnp.asarray(y), jnp.asarray(H @ y), mu1, mu2
+    )
     return tuple(np.asarray(x) for x in out)
 
 
@@ -122,7 +130,11 @@ def test_double_damping_bounds_and_reference(x64, mu2):
 def test_double_damping_degenerate_inputs_are_finite(x64):
     H = np.eye(3)
     s = np.array([1.0, 2.0, 0.0])
-    for y, mu2 in [(np.zeros(3), 0.5), (s.copy(), 2.0), (s.copy(), 1.0)]:  # y = 0; sᵀy = sᵀs, μ₂ ≥ 1
+    for y, mu2 in [
+        (np.zeros(3), 0.5),
+        (s.copy(), 2.0),
+        (s.copy(), 1.0),
+    ]:  # y = 0; sᵀy = sᵀs, μ₂ ≥ 1
         s2, y2 = _damp(s, y, H, 0.2, mu2)
         assert np.all(np.isfinite(s2)) and np.all(np.isfinite(y2))
         assert s2 @ y2 >= mu2 * (s2 @ s2) * (1 - 1e-9)
@@ -143,7 +155,12 @@ def test_lbfgs_matches_dense_recursion_and_two_loop(x64, method):
     rng = np.random.default_rng(3)
     m, d, k = 5, 6, 3
     S, Y = pairs(rng, m, d)
-    masks = [np.ones(m, bool), np.array([0, 0, 1, 1, 1], bool), np.array([1, 0, 1, 0, 1], bool), np.zeros(m, bool)]
+    masks = [
+        np.ones(m, bool),
+        np.array([0, 0, 1, 1, 1], bool),
+        np.array([1, 0, 1, 0, 1], bool),
+        np.zeros(m, bool),
+    ]
     run = jax.jit(linalg.lbfgs_inverse_matvec, static_argnames="method")
     for mask in masks:
         for gamma in (1.0, 0.3):
@@ -154,11 +171,31 @@ def test_lbfgs_matches_dense_recursion_and_two_loop(x64, method):
             H = dense_lbfgs(S, Y, mask, gamma)
             v = rng.standard_normal(d)
             V = rng.standard_normal((d, k))
-            got_v = np.asarray(run(jnp.asarray(Sg), jnp.asarray(Yg), jnp.asarray(mask), jnp.asarray(v), gamma, method=method))
-            got_V = np.asarray(run(jnp.asarray(Sg), jnp.asarray(Yg), jnp.asarray(mask), jnp.asarray(V), gamma, method=method))
+            got_v = np.asarray(
+                run(
+                    jnp.asarray(Sg),
+                    jnp.asarray(Yg),
+                    jnp.asarray(mask),
+                    jnp.asarray(v),
+                    gamma,
+                    method=method,
+                )
+            )
+            got_V = np.asarray(
+                run(
+                    jnp.asarray(Sg),
+                    jnp.asarray(Yg),
+                    jnp.asarray(mask),
+                    jnp.asarray(V),
+                    gamma,
+                    method=method,
+                )
+            )
             np.testing.assert_allclose(got_v, H @ v, rtol=1e-9, atol=1e-10, err_msg=str(mask))
             np.testing.assert_allclose(got_V, H @ V, rtol=1e-9, atol=1e-10, err_msg=str(mask))
-            np.testing.assert_allclose(got_v, ref_two_loop(S[mask], Y[mask], v, gamma), rtol=1e-9, atol=1e-10)
+            np.testing.assert_allclose(
+                got_v, ref_two_loop(S[mask], Y[mask], v, gamma), rtol=1e-9, atol=1e-10
+            )
 
 
 def test_lbfgs_ring_buffer_order(x64):
@@ -174,17 +211,30 @@ def test_lbfgs_ring_buffer_order(x64):
     mask = np.ones(m, bool)
     v = rng.standard_normal(d)
     H = dense_lbfgs(S[2:], Y[2:], mask, 1.0)  # the last four, oldest first
-    got = linalg.lbfgs_inverse_matvec(jnp.roll(jnp.asarray(ring_S), -head, 0), jnp.roll(jnp.asarray(ring_Y), -head, 0),
-                                      jnp.asarray(mask), jnp.asarray(v), 1.0)
+    got = linalg.lbfgs_inverse_matvec(
+        jnp.roll(jnp.asarray(ring_S), -head, 0),
+        jnp.roll(jnp.asarray(ring_Y), -head, 0),
+        jnp.asarray(mask),
+        jnp.asarray(v),
+        1.0,
+    )
     np.testing.assert_allclose(np.asarray(got), H @ v, rtol=1e-9)
-    unrolled = linalg.lbfgs_inverse_matvec(jnp.asarray(ring_S), jnp.asarray(ring_Y), jnp.asarray(mask), jnp.asarray(v), 1.0)
+    unrolled = linalg.lbfgs_inverse_matvec(
+        jnp.asarray(ring_S), jnp.asarray(ring_Y), jnp.asarray(mask), jnp.asarray(v), 1.0
+    )
     assert not np.allclose(np.asarray(unrolled), H @ v)  # order matters
 
 
 def test_lbfgs_errors():
     with pytest.raises(ValueError, match="method"):
-        linalg.lbfgs_inverse_matvec(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(2, bool), jnp.zeros(3), method="x")
+        linalg.lbfgs_inverse_matvec(
+            jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(2, bool), jnp.zeros(3), method="x"
+        )
     with pytest.raises(ValueError, match="mask"):
-        linalg.lbfgs_inverse_matvec(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(3, bool), jnp.zeros(3))
+        linalg.lbfgs_inverse_matvec(
+            jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(3, bool), jnp.zeros(3)
+        )
     with pytest.raises(ValueError, match="v must be"):
-        linalg.lbfgs_inverse_matvec(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(2, bool), jnp.zeros(4))
+        linalg.lbfgs_inverse_matvec(
+            jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(2, bool), jnp.zeros(4)
+        )

@@ -10,8 +10,9 @@ import pytest
 from sofim_optax import linalg
 
 
-
-def _spd(rng: np.random.Generator, n: int, rank: int | None = None, scale: float = 1.0) -> np.ndarray:
+def _spd(
+    rng: np.random.Generator, n: int, rank: int | None = None, scale: float = 1.0
+) -> np.ndarray:
     rank = n if rank is None else rank
     m = rng.standard_normal((n, rank)) * scale
     return m @ m.T / rank
@@ -42,9 +43,13 @@ def test_damped_kron_solve_matches_dense(x64, pi_adjusted, shape):
     A, G = _spd(rng, m, scale=3.0), _spd(rng, n, rank=max(1, n - 1), scale=0.1)
     V = rng.standard_normal((m, n))
     damping = 0.05
-    got = linalg.damped_kron_solve(jnp.asarray(A), jnp.asarray(G), jnp.asarray(V), damping, pi_adjusted)
+    got = linalg.damped_kron_solve(
+        jnp.asarray(A), jnp.asarray(G), jnp.asarray(V), damping, pi_adjusted
+    )
     assert got.dtype == jnp.float64
-    np.testing.assert_allclose(got, _dense_reference(A, G, V, damping, pi_adjusted), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        got, _dense_reference(A, G, V, damping, pi_adjusted), rtol=1e-9, atol=1e-12
+    )
     # It solves the damped Kronecker system in the row-major convention.
     sa, sg = linalg.factored_damping(np.trace(A), m, np.trace(G), n, damping, pi_adjusted)
     Ad, Gd = A + float(sa) * np.eye(m), G + float(sg) * np.eye(n)
@@ -54,7 +59,9 @@ def test_damped_kron_solve_matches_dense(x64, pi_adjusted, shape):
 def test_damped_kron_solve_float32_close_to_float64():
     rng = np.random.default_rng(2)
     A, G, V = _spd(rng, 6), _spd(rng, 3), rng.standard_normal((6, 3))
-    got = linalg.damped_kron_solve(A.astype(np.float32), G.astype(np.float32), V.astype(np.float32), 1e-2)
+    got = linalg.damped_kron_solve(
+        A.astype(np.float32), G.astype(np.float32), V.astype(np.float32), 1e-2
+    )
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, _dense_reference(A, G, V, 1e-2, True), rtol=2e-4, atol=1e-5)
 
@@ -67,7 +74,9 @@ def test_eigh_form_and_vmap(x64):
     dampings = np.array([1e-3, 1e-1, 1.0])
     got = jax.vmap(linalg.damped_kron_solve)(As, Gs, Vs, dampings)
     via_eigh = jax.vmap(
-        lambda a, g, v, d: linalg.damped_kron_solve_eigh(jnp.linalg.eigh(a), jnp.linalg.eigh(g), v, d)
+        lambda a, g, v, d: linalg.damped_kron_solve_eigh(
+            jnp.linalg.eigh(a), jnp.linalg.eigh(g), v, d
+        )
     )(As, Gs, Vs, dampings)
     for i in range(3):
         ref = _dense_reference(As[i], Gs[i], Vs[i], dampings[i], True)

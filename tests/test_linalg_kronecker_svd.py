@@ -15,7 +15,6 @@ import scipy.linalg
 from sofim_optax import linalg
 
 
-
 def samples(seed, m=12, d_a=5, d_g=4):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((m, d_a)) + 0.4 * rng.standard_normal(d_a)
@@ -46,17 +45,29 @@ def test_rearrange_and_matrix_free_products(x64):
     d_a, d_g = a.shape[1], g.shape[1]
     F = dense_fisher(a, g)
     RF = explicit_rearrangement(F, d_a, d_g)
-    np.testing.assert_allclose(linalg.rearrange(jnp.asarray(F), d_a, d_g), RF, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(
+        linalg.rearrange(jnp.asarray(F), d_a, d_g), RF, rtol=1e-13, atol=1e-13
+    )
     rng = np.random.default_rng(1)
     R, S = rng.standard_normal((d_a, d_a)), rng.standard_normal((d_g, d_g))
-    np.testing.assert_allclose(explicit_rearrangement(np.kron(R, S), d_a, d_g), np.outer(R.reshape(-1), S.reshape(-1)), rtol=1e-13)
+    np.testing.assert_allclose(
+        explicit_rearrangement(np.kron(R, S), d_a, d_g),
+        np.outer(R.reshape(-1), S.reshape(-1)),
+        rtol=1e-13,
+    )
     assert np.linalg.norm(RF) == pytest.approx(np.linalg.norm(F), rel=1e-12)
     V, U = rng.standard_normal((d_g, d_g)), rng.standard_normal((d_a, d_a))  # not symmetric
     np.testing.assert_allclose(
-        np.asarray(linalg.rearranged_matvec(a, g, V)).reshape(-1), RF @ V.reshape(-1), rtol=1e-12, atol=1e-12
+        np.asarray(linalg.rearranged_matvec(a, g, V)).reshape(-1),
+        RF @ V.reshape(-1),
+        rtol=1e-12,
+        atol=1e-12,
     )
     np.testing.assert_allclose(
-        np.asarray(linalg.rearranged_rmatvec(a, g, U)).reshape(-1), RF.T @ U.reshape(-1), rtol=1e-12, atol=1e-12
+        np.asarray(linalg.rearranged_rmatvec(a, g, U)).reshape(-1),
+        RF.T @ U.reshape(-1),
+        rtol=1e-12,
+        atol=1e-12,
     )
 
 
@@ -81,8 +92,10 @@ def test_top_two_triplets_match_numpy_svd(x64, method):
     for k, (R, S) in enumerate(pairs):
         # Sign-free comparison of the triplet σ u vᵀ, and the balanced split.
         np.testing.assert_allclose(
-            np.outer(np.asarray(R).reshape(-1), np.asarray(S).reshape(-1)), s[k] * np.outer(u[:, k], vt[k]),
-            atol=1e-8 * s[0], err_msg=f"term {k}",
+            np.outer(np.asarray(R).reshape(-1), np.asarray(S).reshape(-1)),
+            s[k] * np.outer(u[:, k], vt[k]),
+            atol=1e-8 * s[0],
+            err_msg=f"term {k}",
         )
         assert np.linalg.norm(R) == pytest.approx(np.linalg.norm(S), rel=1e-10)
         np.testing.assert_allclose(R, np.asarray(R).T, atol=1e-12)
@@ -95,7 +108,9 @@ def test_top_two_triplets_match_numpy_svd(x64, method):
     uc, sc, vtc = np.linalg.svd(RF - np.outer(A.reshape(-1), G.reshape(-1)))
     R, S = corrected[0]
     np.testing.assert_allclose(
-        np.outer(np.asarray(R).reshape(-1), np.asarray(S).reshape(-1)), sc[0] * np.outer(uc[:, 0], vtc[0]), atol=1e-8 * sc[0]
+        np.outer(np.asarray(R).reshape(-1), np.asarray(S).reshape(-1)),
+        sc[0] * np.outer(uc[:, 0], vtc[0]),
+        atol=1e-8 * sc[0],
     )
 
 
@@ -109,9 +124,13 @@ def test_errors_kpsvd_below_kfac_and_rank_two_below_rank_one(x64):
         out = {}
         for method in ("power", "lanczos"):
             for rank in (1, 2):
-                out[f"{method}{rank}"] = linalg.nearest_kronecker(a, g, rank, method, tol=1e-10, max_iters=2000)
+                out[f"{method}{rank}"] = linalg.nearest_kronecker(
+                    a, g, rank, method, tol=1e-10, max_iters=2000
+                )
         A, G = a.T @ a / a.shape[0], g.T @ g / g.shape[0]
-        out["corrected"] = linalg.nearest_kronecker(a, g, 1, tol=1e-10, max_iters=2000, subtract=(A, G))
+        out["corrected"] = linalg.nearest_kronecker(
+            a, g, 1, tol=1e-10, max_iters=2000, subtract=(A, G)
+        )
         return out
 
     out = run(a_all, g_all)
@@ -122,7 +141,11 @@ def test_errors_kpsvd_below_kfac_and_rank_two_below_rank_one(x64):
         s = np.linalg.svd(explicit_rearrangement(F, 5, 3), compute_uv=False)
         pick = lambda pairs: [(R[n], S[n]) for R, S in pairs]
         for method in ("power", "lanczos"):
-            e_kfac, e1, e2 = err(kfac), err(kron_sum(pick(out[f"{method}1"]))), err(kron_sum(pick(out[f"{method}2"])))
+            e_kfac, e1, e2 = (
+                err(kfac),
+                err(kron_sum(pick(out[f"{method}1"]))),
+                err(kron_sum(pick(out[f"{method}2"]))),
+            )
             assert e1 <= e_kfac * (1 + 1e-9) and e2 <= e1 * (1 + 1e-9), (method, e_kfac, e1, e2)
             # Eckart–Young: the optimal errors are the tails of the singular values.
             assert e1 == pytest.approx(np.sqrt(np.sum(s[1:] ** 2)), rel=1e-6)
@@ -135,7 +158,9 @@ def test_warm_start_cap_sign_and_float32():
     a, g = samples(4, m=40, d_a=7, d_g=5)
     a32, g32 = jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)
     run = jax.jit(
-        lambda a, g, init, cap: linalg.nearest_kronecker(a, g, 2, "power", 1e-5, cap, init=init, return_info=True)
+        lambda a, g, init, cap: linalg.nearest_kronecker(
+            a, g, 2, "power", 1e-5, cap, init=init, return_info=True
+        )
     )
     zeros = [jnp.zeros((5, 5)), jnp.zeros((5, 5))]
     pairs, info = run(a32, g32, zeros, 1000)
@@ -149,7 +174,9 @@ def test_warm_start_cap_sign_and_float32():
     for (R, S), (Rw, Sw), (Rf, Sf) in zip(pairs, warm, flipped):
         np.testing.assert_allclose(Sw, S, atol=1e-4 * float(jnp.abs(S).max()))
         np.testing.assert_allclose(Rf, -np.asarray(R), atol=1e-4 * float(jnp.abs(R).max()))
-        np.testing.assert_allclose(np.kron(Rf, Sf), np.kron(R, S), atol=1e-4 * float(np.abs(np.kron(R, S)).max()))
+        np.testing.assert_allclose(
+            np.kron(Rf, Sf), np.kron(R, S), atol=1e-4 * float(np.abs(np.kron(R, S)).max())
+        )
     # The cap is honoured (lax.while_loop under jit).
     _, info_cap = run(a32, g32, zeros, 2)
     assert np.all(np.asarray(info_cap["iterations"]) <= 2)
@@ -168,10 +195,14 @@ def test_degenerate_data_stays_finite():
             for method in ("power", "lanczos")
         }
 
-    for method, (zeros, (p1, p2)) in run(jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)).items():
+    for method, (zeros, (p1, p2)) in run(
+        jnp.asarray(a, jnp.float32), jnp.asarray(g, jnp.float32)
+    ).items():
         for R, S in zeros:
             assert np.all(np.asarray(R) == 0) and np.all(np.asarray(S) == 0), method
-        np.testing.assert_allclose(np.kron(*p1), dense_fisher(a, g), rtol=1e-4, atol=1e-5, err_msg=method)
+        np.testing.assert_allclose(
+            np.kron(*p1), dense_fisher(a, g), rtol=1e-4, atol=1e-5, err_msg=method
+        )
         assert np.all(np.isfinite(np.asarray(p2[0]))) and np.abs(np.kron(*p2)).max() < 1e-3, method
 
 
@@ -208,7 +239,9 @@ def _sym(rng, n, scale=1.0):
 
 def _first_term(A1, G1, damping, pi_adjusted):
     pi = np.sqrt((np.trace(A1) / len(A1)) / (np.trace(G1) / len(G1))) if pi_adjusted else 1.0
-    return A1 + pi * np.sqrt(damping) * np.eye(len(A1)), G1 + np.sqrt(damping) / pi * np.eye(len(G1))
+    return A1 + pi * np.sqrt(damping) * np.eye(len(A1)), G1 + np.sqrt(damping) / pi * np.eye(
+        len(G1)
+    )
 
 
 @pytest.mark.parametrize("pi_adjusted", [True, False])
@@ -226,7 +259,9 @@ def test_kron_sum_solve_matches_dense_solve(x64, pi_adjusted):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=mode)
     # A zero second term gives KFAC's damped solve.
     zero = linalg.kron_sum_solve(A1, G1, 0 * A2, 0 * G2, V, damping, pi_adjusted)
-    np.testing.assert_allclose(zero, linalg.damped_kron_solve(A1, G1, V, damping, pi_adjusted), rtol=1e-9)
+    np.testing.assert_allclose(
+        zero, linalg.damped_kron_solve(A1, G1, V, damping, pi_adjusted), rtol=1e-9
+    )
 
 
 def test_generalized_eigh_against_scipy(x64):
@@ -235,7 +270,9 @@ def test_generalized_eigh_against_scipy(x64):
     K, s = linalg.generalized_eigh(F1, F2, shift)
     want = scipy.linalg.eigh(F2, F1 + shift * np.eye(6), eigvals_only=True)
     np.testing.assert_allclose(s, want, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(K).T @ (F1 + shift * np.eye(6)) @ K, np.eye(6), atol=1e-10)
+    np.testing.assert_allclose(
+        np.asarray(K).T @ (F1 + shift * np.eye(6)) @ K, np.eye(6), atol=1e-10
+    )
     np.testing.assert_allclose(np.asarray(K).T @ F2 @ K, np.diag(s), atol=1e-10)
 
 
@@ -268,16 +305,23 @@ def test_kron_sum_solve_indefinite_second_term(x64):
         got = linalg.kron_sum_solve(A1, G1, A2, G2, V, damping, indefinite=mode)
         np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10, err_msg=mode)
         # Equal to the exact operator on the directions where s1_i s2_j ≥ 0.
-        np.testing.assert_allclose(op @ np.kron(K1, K2)[:, prod >= 0], exact_op @ np.kron(K1, K2)[:, prod >= 0], atol=1e-9)
+        np.testing.assert_allclose(
+            op @ np.kron(K1, K2)[:, prod >= 0], exact_op @ np.kron(K1, K2)[:, prod >= 0], atol=1e-9
+        )
     # Every denominator ≥ 1: the step is never longer, in the K-basis, than the first term's.
     got = np.asarray(linalg.kron_sum_solve(A1, G1, A2, G2, V, damping, indefinite="abs"))
     first_only = np.asarray(linalg.kron_sum_solve(A1, G1, 0 * A2, 0 * G2, V, damping))
     assert np.all(np.isfinite(got))
-    y_got, y_first = np.linalg.solve(np.kron(K1, K2), got.reshape(-1)), np.linalg.solve(np.kron(K1, K2), first_only.reshape(-1))
+    y_got, y_first = (
+        np.linalg.solve(np.kron(K1, K2), got.reshape(-1)),
+        np.linalg.solve(np.kron(K1, K2), first_only.reshape(-1)),
+    )
     assert np.all(np.abs(y_got) <= np.abs(y_first) + 1e-12)
     # "exact" is the exact inverse where it exists.
     got = linalg.kron_sum_solve(A1, G1, A2, G2, V, damping, indefinite="exact")
-    np.testing.assert_allclose(got, np.linalg.solve(exact_op, V.reshape(-1)).reshape(V.shape), rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(
+        got, np.linalg.solve(exact_op, V.reshape(-1)).reshape(V.shape), rtol=1e-7, atol=1e-9
+    )
 
 
 def test_kron_sum_solve_float32_and_errors():
@@ -292,7 +336,9 @@ def test_kron_sum_solve_float32_and_errors():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
     # Zero factors and zero damping: finite (damping floor).
     z = jnp.zeros((4, 4)), jnp.zeros((3, 3))
-    assert np.all(np.isfinite(np.asarray(linalg.kron_sum_solve(z[0], z[1], z[0], z[1], f32[4], 0.0))))
+    assert np.all(
+        np.isfinite(np.asarray(linalg.kron_sum_solve(z[0], z[1], z[0], z[1], f32[4], 0.0)))
+    )
     with pytest.raises(ValueError, match="indefinite"):
         linalg.kron_sum_solve(*f32, 0.1, indefinite="negate")
     with pytest.raises(ValueError, match="V must have shape"):

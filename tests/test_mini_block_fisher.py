@@ -29,7 +29,6 @@ from sofim_optax.mini_block_fisher import (
 from sofim_optax.mini_blocks import BlockLayout, batch_blocks, layer_blocking
 
 
-
 def _rng(key) -> np.random.Generator:
     return np.random.default_rng(key)
 
@@ -55,26 +54,37 @@ def rand_stats(key, n, d_in, d_out, t=None, dtype=jnp.float32):
     rng = _rng(key)
     shape_in = (n, d_in) if t is None else (n, t, d_in)
     shape_out = (n, d_out) if t is None else (n, t, d_out)
-    return LayerStats(arr(rng.standard_normal(shape_in) + 0.3, dtype), arr(rng.standard_normal(shape_out), dtype), None)
+    return LayerStats(
+        arr(rng.standard_normal(shape_in) + 0.3, dtype),
+        arr(rng.standard_normal(shape_out), dtype),
+        None,
+    )
 
 
 def mlp_params(dtype=jnp.float32, sizes=((3, 4), (4, 2))):
     rng = _rng(0)
     return {
-        f"Dense_{i}": {"kernel": arr(rng.standard_normal((a, b)), dtype), "bias": arr(np.zeros((b,)), dtype)}
+        f"Dense_{i}": {
+            "kernel": arr(rng.standard_normal((a, b)), dtype),
+            "bias": arr(np.zeros((b,)), dtype),
+        }
         for i, (a, b) in enumerate(sizes)
     }
 
 
 def stats_for(params, key, n=6):
     return {
-        name: rand_stats(key * 100 + i, n, params[name]["kernel"].shape[0], params[name]["kernel"].shape[1])
+        name: rand_stats(
+            key * 100 + i, n, params[name]["kernel"].shape[0], params[name]["kernel"].shape[1]
+        )
         for i, name in enumerate(sorted(params))
     }
 
 
 def tree_norm(tree) -> float:
-    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree))))
+    return float(
+        np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -111,9 +121,9 @@ def ref_conv(per_example_kernel, per_example_bias, u_kernel, u_bias, damping):
         for o in range(u_kernel.shape[-1]):
             vb = gk[..., i, o].reshape(n, -1)
             F = vb.T @ vb / n
-            out_k[..., i, o] = np.linalg.solve(F + damping * np.eye(F.shape[0]), u_kernel[..., i, o].ravel()).reshape(
-                u_kernel.shape[:-2]
-            )
+            out_k[..., i, o] = np.linalg.solve(
+                F + damping * np.eye(F.shape[0]), u_kernel[..., i, o].ravel()
+            ).reshape(u_kernel.shape[:-2])
     gb = np.asarray(per_example_bias, np.float64)
     out_b = u_bias / (np.mean(gb**2, axis=0) + damping)
     return out_k, out_b
@@ -158,15 +168,24 @@ def test_first_step_matches_per_example_reference(x64):
 
     damping = 0.05
     # (dense_block_size, batch_chunk, inverse): Dense_0 has d_a = 28, Dense_1 d_a = 5.
-    configs = [(None, None, "cholesky"), (5, None, "cholesky"), (5, 2, "cholesky"), (3, 3, "eigh"), (8, 4, "inv")]
-    txs = [scale_by_mini_block_fisher(damping=damping, dense_block_size=b, batch_chunk=c, inverse=i) for b, c, i in configs]
+    configs = [
+        (None, None, "cholesky"),
+        (5, None, "cholesky"),
+        (5, 2, "cholesky"),
+        (3, 3, "eigh"),
+        (8, 4, "inv"),
+    ]
+    txs = [
+        scale_by_mini_block_fisher(damping=damping, dense_block_size=b, batch_chunk=c, inverse=i)
+        for b, c, i in configs
+    ]
 
     @jax.jit
     def run(variables):
         _, grads, stats = linen_capture.value_grad_and_stats(loss_fn, variables, x, y)
-        per_example = jax.vmap(jax.grad(lambda v, xi, yi: loss_fn(v, xi[None], yi[None])), in_axes=(None, 0, 0))(
-            variables, x, y
-        )
+        per_example = jax.vmap(
+            jax.grad(lambda v, xi, yi: loss_fn(v, xi[None], yi[None])), in_axes=(None, 0, 0)
+        )(variables, x, y)
         outs = [tx.update(grads, tx.init(variables), variables, layer_stats=stats)[0] for tx in txs]
         return grads, stats, per_example, outs
 
@@ -178,20 +197,37 @@ def test_first_step_matches_per_example_reference(x64):
         where = f"dense_block_size={block}, batch_chunk={chunk}, inverse={inverse}"
         for name in ("Dense_0", "Dense_1"):
             want = ref_dense(
-                stack_v(pe[name]["kernel"], pe[name]["bias"]), stack_v(g[name]["kernel"], g[name]["bias"]), damping, block
+                stack_v(pe[name]["kernel"], pe[name]["bias"]),
+                stack_v(g[name]["kernel"], g[name]["bias"]),
+                damping,
+                block,
             )
             got = stack_v(u[name]["kernel"], u[name]["bias"])
             assert u[name]["kernel"].dtype == jnp.float64
-            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max(), err_msg=f"{name} {where}")
+            np.testing.assert_allclose(
+                got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max(), err_msg=f"{name} {where}"
+            )
         want_k, want_b = ref_conv(
-            pe["Conv_0"]["kernel"], pe["Conv_0"]["bias"], np.asarray(g["Conv_0"]["kernel"]), np.asarray(g["Conv_0"]["bias"]), damping
+            pe["Conv_0"]["kernel"],
+            pe["Conv_0"]["bias"],
+            np.asarray(g["Conv_0"]["kernel"]),
+            np.asarray(g["Conv_0"]["bias"]),
+            damping,
         )
-        np.testing.assert_allclose(u["Conv_0"]["kernel"], want_k, rtol=1e-8, atol=1e-10 * np.abs(want_k).max(), err_msg=where)
+        np.testing.assert_allclose(
+            u["Conv_0"]["kernel"],
+            want_k,
+            rtol=1e-8,
+            atol=1e-10 * np.abs(want_k).max(),
+            err_msg=where,
+        )
         np.testing.assert_allclose(u["Conv_0"]["bias"], want_b, rtol=1e-8, err_msg=where)
         # Diagonal fallback for the norm parameters: the first EMA is the squared gradient.
         for leaf in ("scale", "bias"):
             gl = np.asarray(g["LayerNorm_0"][leaf])
-            np.testing.assert_allclose(u["LayerNorm_0"][leaf], gl / (gl**2 + damping), rtol=1e-10, err_msg=where)
+            np.testing.assert_allclose(
+                u["LayerNorm_0"][leaf], gl / (gl**2 + damping), rtol=1e-10, err_msg=where
+            )
 
 
 def test_dense_with_positions_and_conv_with_dense_stats(x64):
@@ -200,7 +236,10 @@ def test_dense_with_positions_and_conv_with_dense_stats(x64):
         "seq": {"kernel": zeros((3, 4), jnp.float64), "bias": zeros((4,), jnp.float64)},
         "conv1d": {"kernel": zeros((2, 3, 2), jnp.float64)},
     }
-    stats = {"seq": rand_stats(0, 5, 3, 4, t=3, dtype=jnp.float64), "conv1d": rand_stats(1, 5, 6, 2, dtype=jnp.float64)}
+    stats = {
+        "seq": rand_stats(0, 5, 3, 4, t=3, dtype=jnp.float64),
+        "conv1d": rand_stats(1, 5, 6, 2, dtype=jnp.float64),
+    }
     grads = rand_like(2, params)
     damping = 0.1
     tx = scale_by_mini_block_fisher(damping=damping, dense_block_size=3, batch_chunk=2)
@@ -208,7 +247,9 @@ def test_dense_with_positions_and_conv_with_dense_stats(x64):
     a = np.asarray(stats["seq"].inputs, np.float64)
     a = np.concatenate([a, np.ones(a.shape[:-1] + (1,))], axis=-1)
     gs = np.asarray(stats["seq"].output_grads, np.float64)
-    per_example = np.stack([sum(np.outer(a[i, t], gs[i, t]) for t in range(a.shape[1])) for i in range(a.shape[0])])
+    per_example = np.stack(
+        [sum(np.outer(a[i, t], gs[i, t]) for t in range(a.shape[1])) for i in range(a.shape[0])]
+    )
     want = ref_dense(per_example, stack_v(grads["seq"]["kernel"], grads["seq"]["bias"]), damping, 3)
     np.testing.assert_allclose(stack_v(upd["seq"]["kernel"], upd["seq"]["bias"]), want, rtol=1e-9)
     x, go = np.asarray(stats["conv1d"].inputs), np.asarray(stats["conv1d"].output_grads)
@@ -269,10 +310,15 @@ def test_blockify_deblockify_identity_and_padding(kshape, has_bias, block):
         idx = dense_chunks(layer.d_a, block)
         for j in (0, layer.d_out - 1):
             for c, rows in enumerate(idx):
-                np.testing.assert_array_equal(np.asarray(parts[0])[j * b.n_chunks + c, : len(rows)], v[rows, j])
+                np.testing.assert_array_equal(
+                    np.asarray(parts[0])[j * b.n_chunks + c, : len(rows)], v[rows, j]
+                )
     else:
         kernel = v[: layer.d_in].reshape(kshape)
-        np.testing.assert_array_equal(np.asarray(parts[0])[1 * layer.d_out + 2 % layer.d_out], kernel[..., 1, 2 % layer.d_out].ravel())
+        np.testing.assert_array_equal(
+            np.asarray(parts[0])[1 * layer.d_out + 2 % layer.d_out],
+            kernel[..., 1, 2 % layer.d_out].ravel(),
+        )
 
 
 def test_padding_does_not_leak(x64):
@@ -286,8 +332,12 @@ def test_padding_does_not_leak(x64):
     np.testing.assert_array_equal(last[:, -1, :], 0.0)
     np.testing.assert_array_equal(last[:, :, -1], 0.0)
     params = {"l": {"kernel": zeros((7, 2), jnp.float64), "bias": zeros((2,), jnp.float64)}}
-    tx = scale_by_mini_block_fisher(damping=0.0, dense_block_size=3)  # no damping: pads are singular
-    upd, state = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats={"l": st}))(rand_like(1, params))
+    tx = scale_by_mini_block_fisher(
+        damping=0.0, dense_block_size=3
+    )  # no damping: pads are singular
+    upd, state = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats={"l": st}))(
+        rand_like(1, params)
+    )
     inv = np.asarray(state.curvature.inverses["b3"])[b.n_chunks - 1 :: b.n_chunks]
     np.testing.assert_array_equal(inv[:, -1, :-1], 0.0)
     np.testing.assert_array_equal(inv[:, :-1, -1], 0.0)
@@ -304,7 +354,10 @@ def test_block_layout_stacks_by_size():
     # b9: 8 + 16 conv pairs, then the dense column (d_a 9, one chunk) of 3 units; b1: 4 + 4 biases.
     assert dict(layout.sizes) == {"b9": 8 + 16 + 3, "b1": 8}
     state = jax.eval_shape(scale_by_mini_block_fisher(dense_block_size=9).init, params)
-    assert {k: v.shape for k, v in state.curvature.blocks.items()} == {"b9": (27, 9, 9), "b1": (8, 1, 1)}
+    assert {k: v.shape for k, v in state.curvature.blocks.items()} == {
+        "b9": (27, 9, 9),
+        "b1": (8, 1, 1),
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -324,7 +377,9 @@ def per_example_dense(stats):
 def test_ema_and_period_semantics(x64):
     ema, damping, block = 0.6, 1e-2, 2
     params = {"d": {"kernel": zeros((3, 2), jnp.float64), "bias": zeros((2,), jnp.float64)}}
-    tx = scale_by_mini_block_fisher(damping=damping, ema=ema, stats_period=2, inverse_period=3, dense_block_size=block)
+    tx = scale_by_mini_block_fisher(
+        damping=damping, ema=ema, stats_period=2, inverse_period=3, dense_block_size=block
+    )
     state = jax.jit(tx.init)(params)
     update = jax.jit(tx.update)
     F_ref, F_inv, k = None, None, 0  # per (unit, chunk) EMA blocks, and as of the last refresh
@@ -337,8 +392,16 @@ def test_ema_and_period_semantics(x64):
             k += 1
             rho = min(1 - 1 / k, ema)
             pe = per_example_dense(stats)
-            hat = {(j, c): pe[:, idx, j].T @ pe[:, idx, j] / 5 for j in range(2) for c, idx in enumerate(chunks)}
-            F_ref = hat if F_ref is None else {key: rho * F_ref[key] + (1 - rho) * hat[key] for key in hat}
+            hat = {
+                (j, c): pe[:, idx, j].T @ pe[:, idx, j] / 5
+                for j in range(2)
+                for c, idx in enumerate(chunks)
+            }
+            F_ref = (
+                hat
+                if F_ref is None
+                else {key: rho * F_ref[key] + (1 - rho) * hat[key] for key in hat}
+            )
         assert int(state.curvature.stat_updates[0]) == k
         blocks = np.asarray(state.curvature.blocks["b2"])
         for (j, c), f in F_ref.items():
@@ -350,7 +413,9 @@ def test_ema_and_period_semantics(x64):
         for (j, c), f in F_inv.items():
             idx = chunks[c]
             want[idx, j] = np.linalg.solve(f + damping * np.eye(len(idx)), V[idx, j])
-        np.testing.assert_allclose(stack_v(upd["d"]["kernel"], upd["d"]["bias"]), want, rtol=1e-9, err_msg=str(count))
+        np.testing.assert_allclose(
+            stack_v(upd["d"]["kernel"], upd["d"]["bias"]), want, rtol=1e-9, err_msg=str(count)
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,7 +453,9 @@ def test_fallbacks_and_logging(caplog):
         np.testing.assert_array_equal(ident[name][leaf], gl)
         np.testing.assert_allclose(scaled[name][leaf], 3 * gl, rtol=1e-6)
     assert not np.allclose(ident["Dense_0"]["kernel"], grads["Dense_0"]["kernel"])
-    lines = [r.getMessage() for r in caplog.records if "scale_by_mini_block_fisher" in r.getMessage()]
+    lines = [
+        r.getMessage() for r in caplog.records if "scale_by_mini_block_fisher" in r.getMessage()
+    ]
     assert len(lines) == 3 and "Dense_1/kernel" in lines[0] and "BatchNorm_0/scale" in lines[0]
 
 
@@ -408,7 +475,12 @@ def test_diagonal_fisher_uses_raw_gradients_and_periods():
             rho = min(1 - 1 / k, 0.5)
             sq = jax.tree.map(lambda x: np.asarray(x) ** 2, g)
             nu = sq if nu is None else jax.tree.map(lambda a, b: rho * a + (1 - rho) * b, nu, sq)
-        jax.tree.map(lambda o, mm, n: np.testing.assert_allclose(o, np.asarray(mm) / (n + 0.5), rtol=1e-6), out, m, nu)
+        jax.tree.map(
+            lambda o, mm, n: np.testing.assert_allclose(o, np.asarray(mm) / (n + 0.5), rtol=1e-6),
+            out,
+            m,
+            nu,
+        )
 
 
 def test_missing_and_unknown_layer_stats_errors():
@@ -419,9 +491,15 @@ def test_missing_and_unknown_layer_stats_errors():
         jax.eval_shape(tx.update, params, state, params)
     with pytest.raises(ValueError, match=r"'Dense_O'.*Did you mean.*Dense_0"):
         jax.eval_shape(
-            functools.partial(tx.update, layer_stats={"Dense_O": rand_stats(0, 4, 3, 4)}), params, state, params
+            functools.partial(tx.update, layer_stats={"Dense_O": rand_stats(0, 4, 3, 4)}),
+            params,
+            state,
+            params,
         )
-    bad = {"Dense_0": LayerStats(ones((4, 5)), ones((4, 4)), None), "Dense_1": rand_stats(0, 4, 4, 2)}
+    bad = {
+        "Dense_0": LayerStats(ones((4, 5)), ones((4, 4)), None),
+        "Dense_1": rand_stats(0, 4, 4, 2),
+    }
     with pytest.raises(ValueError, match="'Dense_0'.*inputs have last dimension 5"):
         jax.eval_shape(functools.partial(tx.update, layer_stats=bad), params, state, params)
 
@@ -480,9 +558,14 @@ def test_alias_with_gradient_momentum_is_momentum_before_the_preconditioner():
 def test_degenerate_statistics_stay_finite():
     params = mlp_params()
     # Zero damping with all-zero and rank-one statistics: finite (Cholesky breakdown -> eigh).
-    degenerate = {"Dense_0": LayerStats(zeros((4, 3)), zeros((4, 4)), None), "Dense_1": rand_stats(0, 1, 4, 2)}
+    degenerate = {
+        "Dense_0": LayerStats(zeros((4, 3)), zeros((4, 4)), None),
+        "Dense_1": rand_stats(0, 1, 4, 2),
+    }
     tx = scale_by_mini_block_fisher(damping=0.0)
-    u, s = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats=degenerate))(rand_like(1, params))
+    u, s = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats=degenerate))(
+        rand_like(1, params)
+    )
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((u, s)))
 
 
@@ -518,7 +601,9 @@ def test_mbf_beats_tuned_sgd_on_softmax_regression():
         (q, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
         return loss_and_stats(q)[0]
 
-    opts = [mbf(0.1, gradient_momentum=0.9, damping=1e-2, inverse_period=5)] + [optax.sgd(lr, momentum=0.9) for lr in (0.01, 0.03, 0.1, 0.3)]
+    opts = [mbf(0.1, gradient_momentum=0.9, damping=1e-2, inverse_period=5)] + [
+        optax.sgd(lr, momentum=0.9) for lr in (0.01, 0.03, 0.1, 0.3)
+    ]
     losses = [float(v) for v in jax.jit(lambda: [final_loss(o) for o in opts])()]
     mbf_loss, sgd = losses[0], [v if np.isfinite(v) else np.inf for v in losses[1:]]
     assert mbf_loss < 0.7 * np.log(4.0), losses

@@ -45,7 +45,7 @@ def _fashion_mnist_missing() -> str | None:
 
 
 def test_notebooks_present_and_clean() -> None:
-    """Every notebook exists, is valid, starts with an Open-in-Colab badge and is committed without outputs."""
+    """Every notebook exists, is valid, starts with an Open-in-Colab badge and has no outputs."""
     found = sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb"))
     assert found == sorted(NOTEBOOKS)
     for name in NOTEBOOKS:
@@ -53,7 +53,10 @@ def test_notebooks_present_and_clean() -> None:
         nbformat.validate(nb)
         first = nb.cells[0]
         assert first.cell_type == "markdown"
-        assert f"colab.research.google.com/github/<org>/sofim_optax/blob/main/notebooks/{name}.ipynb" in first.source
+        assert (
+            f"colab.research.google.com/github/<org>/sofim_optax/blob/main/notebooks/{name}.ipynb"
+            in first.source
+        )
         for cell in nb.cells:
             if cell.cell_type == "code":
                 assert cell.outputs == [], f"{name}: committed with outputs"
@@ -81,10 +84,15 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         pytest.skip(reason)
     monkeypatch.setenv("SOFIM_OPTAX_NOTEBOOK_SIZE", "small")
     monkeypatch.setenv("SOFIM_OPTAX_REPO", str(ROOT))
-    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in Jupyter / Colab
+    monkeypatch.delenv(
+        "MPLBACKEND", raising=False
+    )  # the kernel's inline backend, as in Jupyter / Colab
     nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=NOTEBOOKS[name], kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
+        nb,
+        timeout=NOTEBOOKS[name],
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     try:
         client.execute()
@@ -92,8 +100,17 @@ def test_notebook_runs(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         pytest.fail(f"{name}: a cell failed\n{err}")
     assert not _errors(nb)
     # It plotted inline (a PNG in some output) and left its files in the temporary folder.
-    pngs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    pngs = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
     assert pngs, f"{name}: no inline figure"
-    if name in ("02_sofim_image_classification", "03_fisher_approximation"):  # through the harness's CLIs
+    if name in (
+        "02_sofim_image_classification",
+        "03_fisher_approximation",
+    ):  # through the harness's CLIs
         written = [p for p in (tmp_path / "runs").rglob("*.json")]
         assert written, f"{name}: wrote no results under runs/"

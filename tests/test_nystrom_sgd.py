@@ -20,7 +20,6 @@ from sofim_optax.nystrom_sgd import (
 )
 
 
-
 def arr(x, dtype=jnp.float32):
     return jnp.asarray(np.asarray(x).astype(dtype))
 
@@ -57,13 +56,19 @@ def test_sketch_exact_at_full_rank_and_for_low_rank_matrices(x64):
     a, _, _ = quadratic(0)
     a_low, _, _ = quadratic(1, rank=3)
     a_ind, _, _ = quadratic(2, indefinite=True)
-    cases = [("full/gaussian", a, D, "gaussian"), ("full/coordinates", a, D, "coordinates"),
-             ("rank3/gaussian", a_low, 3, "gaussian"), ("indefinite", a_ind, 5, "gaussian")]
+    cases = [
+        ("full/gaussian", a, D, "gaussian"),
+        ("full/coordinates", a, D, "coordinates"),
+        ("rank3/gaussian", a_low, 3, "gaussian"),
+        ("indefinite", a_ind, 5, "gaussian"),
+    ]
 
     @jax.jit
     def run(key):
-        return [nystrom_sketch(lambda v, m=arr(m, jnp.float64): m @ v, D, r, key, jnp.float64, tm)
-                for _, m, r, tm in cases]
+        return [
+            nystrom_sketch(lambda v, m=arr(m, jnp.float64): m @ v, D, r, key, jnp.float64, tm)
+            for _, m, r, tm in cases
+        ]
 
     for (name, m, r, _), (v, lam) in zip(cases, run(jax.random.PRNGKey(0))):
         v, lam = np.asarray(v), np.asarray(lam)
@@ -80,9 +85,9 @@ def test_sketch_exact_at_full_rank_and_for_low_rank_matrices(x64):
 def test_low_rank_sketch_is_psd_and_below_a_psd_matrix(x64):
     """For PSD A the Nyström approximation satisfies 0 ⪯ Â ⪯ A."""
     a, _, _ = quadratic(3)
-    v, lam = jax.jit(lambda k: nystrom_sketch(lambda x: arr(a, jnp.float64) @ x, D, 4, k, jnp.float64))(
-        jax.random.PRNGKey(1)
-    )
+    v, lam = jax.jit(
+        lambda k: nystrom_sketch(lambda x: arr(a, jnp.float64) @ x, D, 4, k, jnp.float64)
+    )(jax.random.PRNGKey(1))
     approx = (np.asarray(v) * np.asarray(lam)) @ np.asarray(v).T
     assert np.linalg.eigvalsh(approx).min() > -1e-10
     assert np.linalg.eigvalsh(a - approx).min() > -1e-10
@@ -103,7 +108,9 @@ def test_step_equals_dense_regularised_newton_at_full_rank(x64):
     grads = jax.grad(obj)(params)
     txs = {
         "fixed": scale_by_nystrom_sgd(rank=D, damping=rho, auto_step=False),
-        "coordinates": scale_by_nystrom_sgd(rank=D, damping=rho, auto_step=False, test_matrix="coordinates"),
+        "coordinates": scale_by_nystrom_sgd(
+            rank=D, damping=rho, auto_step=False, test_matrix="coordinates"
+        ),
         # ρ = 1 spreads the spectrum of P^{-1/2} A P^{-1/2} so the power method converges.
         "auto": scale_by_nystrom_sgd(rank=D, damping=1.0, auto_step=True, power_iterations=200),
     }
@@ -206,7 +213,12 @@ def test_beats_sgd_on_ill_conditioned_quadratic():
         (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
         return obj(p)
 
-    nys, sgd = (float(x) for x in jax.jit(lambda: [run(nystrom_sgd(1.0, rank=D, damping=1e-3)), run(optax.sgd(0.19))])())
+    nys, sgd = (
+        float(x)
+        for x in jax.jit(
+            lambda: [run(nystrom_sgd(1.0, rank=D, damping=1e-3)), run(optax.sgd(0.19))]
+        )()
+    )
     best = float(-0.5 * flat_b(6) @ np.linalg.solve(a, flat_b(6)))
     assert nys - best < 1e-3 * abs(best), (nys, best)
     assert nys - best < 0.01 * (sgd - best), (nys, sgd, best)

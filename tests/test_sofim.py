@@ -55,7 +55,10 @@ def dense_sofim_directions(grads_seq, b1, rho, scope, block_size):
     return out
 
 
-@pytest.mark.parametrize("scope,block_size", [("global", None), ("per_tensor", None), ("mini_block", 4), ("mini_block", 7)])
+@pytest.mark.parametrize(
+    "scope,block_size",
+    [("global", None), ("per_tensor", None), ("mini_block", 4), ("mini_block", 7)],
+)
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 def test_matches_dense_reference_over_several_steps(scope, block_size, precision):
     rng = np.random.default_rng(42)
@@ -73,7 +76,11 @@ def test_matches_dense_reference_over_several_steps(scope, block_size, precision
             g = jax.tree.map(lambda x: jnp.asarray(x, dtype), g)
             got, state = update(g, state, params)
             assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(got))
-            tol = dict(rtol=1e-10, atol=1e-13) if precision == "float64" else dict(rtol=2e-5, atol=1e-7)
+            tol = (
+                dict(rtol=1e-10, atol=1e-13)
+                if precision == "float64"
+                else dict(rtol=2e-5, atol=1e-7)
+            )
             np.testing.assert_allclose(flatten(got), want, **tol)
 
 
@@ -81,12 +88,19 @@ def test_scopes_differ_and_mini_block_with_one_big_block_equals_per_tensor():
     rng = np.random.default_rng(0)
     g = random_tree(rng)
     results = {}
-    for scope, bs in [("global", None), ("per_tensor", None), ("mini_block", 4), ("mini_block", 10_000)]:
+    for scope, bs in [
+        ("global", None),
+        ("per_tensor", None),
+        ("mini_block", 4),
+        ("mini_block", 10_000),
+    ]:
         tx = sofim_optax.scale_by_sofim(scope=scope, block_size=bs)
         results[(scope, bs)] = flatten(tx.update(g, tx.init(g))[0])
     assert not np.allclose(results[("global", None)], results[("per_tensor", None)])
     assert not np.allclose(results[("per_tensor", None)], results[("mini_block", 4)])
-    np.testing.assert_allclose(results[("mini_block", 10_000)], results[("per_tensor", None)], rtol=1e-6)
+    np.testing.assert_allclose(
+        results[("mini_block", 10_000)], results[("per_tensor", None)], rtol=1e-6
+    )
 
 
 def test_first_step_is_gradient_over_rho_plus_squared_norm():
@@ -147,13 +161,21 @@ def problem():
 
 
 def assert_trees_close(a, b, **tol):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), **tol), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(
+            np.asarray(x, np.float64), np.asarray(y, np.float64), **tol
+        ),
+        a,
+        b,
+    )
 
 
 def test_chains_with_clipping_in_front(problem):
     # (The alias against its explicit chain: tests/test_conformance.py.)
     params, grads_seq = problem
-    clipped, _ = run_steps(optax.chain(optax.clip_by_global_norm(0.1), sofim_optax.sofim(0.05)), params, grads_seq)
+    clipped, _ = run_steps(
+        optax.chain(optax.clip_by_global_norm(0.1), sofim_optax.sofim(0.05)), params, grads_seq
+    )
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(clipped))
 
 
@@ -264,8 +286,13 @@ def test_float32_keeps_full_precision_when_gradient_norm_dwarfs_rho(scope):
     # loses about ten digits here; the closed form must stay at float32 accuracy.
     rng = np.random.default_rng(11)
     g = {"w": (1e3 / np.sqrt(1000)) * rng.normal(size=(40, 25))}
-    tx = sofim_optax.scale_by_sofim(damping=1e-4, scope=scope, block_size=128 if scope == "mini_block" else None)
-    got = np.asarray(tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), tx.init(g))[0]["w"], np.float64)
+    tx = sofim_optax.scale_by_sofim(
+        damping=1e-4, scope=scope, block_size=128 if scope == "mini_block" else None
+    )
+    got = np.asarray(
+        tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), g), tx.init(g))[0]["w"],
+        np.float64,
+    )
     [want] = dense_sofim_directions_single(g["w"], 1e-4, scope, 128)
     np.testing.assert_allclose(got.reshape(-1), want, rtol=3e-6)
 

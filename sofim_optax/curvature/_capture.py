@@ -38,6 +38,7 @@ from jax import lax
 
 from sofim_optax.curvature._layer_specs import CaptureError, LayerSpec
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
+from sofim_optax.hyperparameters import accumulation_dtype
 
 FisherType = Literal["empirical", "sampled"]
 LossReduction = Literal["mean", "sum"]
@@ -261,7 +262,7 @@ def _layer_stats(
     scale: Literal["batch", "one"],
     fisher_batch_size: int | None,
 ) -> LayerStats:
-    dtype = jnp.promote_types(jnp.result_type(inputs, outputs), jnp.float32)
+    dtype = accumulation_dtype(inputs, outputs)
     n = inputs.shape[0]
     if fisher_batch_size is not None:
         inputs, outputs, cotangent = (a[:fisher_batch_size] for a in (inputs, outputs, cotangent))

@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from sofim_optax.curvature._capture import Likelihood, register_predictions
+from sofim_optax.hyperparameters import accumulation_dtype
 
 __all__ = ["softmax_cross_entropy", "sigmoid_binary_cross_entropy", "squared_error"]
 
 
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
     """At least float32, so that bfloat16 models get a float32 loss."""
-    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+    return accumulation_dtype(x)
 
 
 def _sum_but_first(x: jax.Array) -> jax.Array:

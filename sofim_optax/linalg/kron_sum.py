@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from sofim_optax.hyperparameters import accumulation_dtype
-from sofim_optax.linalg._solves import DAMPING_FLOOR, factored_damping
+from sofim_optax.linalg.solves import DAMPING_FLOOR, factored_damping
 
 __all__ = [
     "generalized_eigh",

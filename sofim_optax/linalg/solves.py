@@ -20,6 +20,8 @@ __all__ = [
     "damped_inverse",
 ]
 
+from sofim_optax.hyperparameters import accumulation_dtype
+
 
 def sherman_morrison_solve(u: jax.Array, rho: jax.Array | float, v: jax.Array) -> jax.Array:
     r"""Solve ``(rho I + u uᵀ) x = v`` for one rank-one-plus-ridge system.
@@ -54,7 +56,7 @@ def sherman_morrison_solve(u: jax.Array, rho: jax.Array | float, v: jax.Array) -
             f"sherman_morrison_solve expects vectors of equal shape (d,), got u {u.shape} and v {v.shape}"
         )
     out_dtype = jnp.result_type(u, v)
-    acc = jnp.promote_types(out_dtype, jnp.float32)
+    acc = accumulation_dtype(out_dtype)
     u32, v32 = u.astype(acc), v.astype(acc)
     rho = jnp.asarray(rho, acc)
     uu = jnp.vdot(u32, u32)
@@ -82,7 +84,7 @@ PI_RANGE = (1e-8, 1e8)
 
 def _acc_dtype(*arrays) -> jnp.dtype:
     """Accumulation dtype: the result dtype of ``arrays``, promoted to at least float32."""
-    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+    return accumulation_dtype(*arrays)
 
 
 def factored_damping(

@@ -93,16 +93,26 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # --- Bernoulli ---------------------------------------------------------------
 
 
-def _sigmoid_bce_per_example(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    logits = jnp.asarray(logits)
-    targets = jnp.asarray(targets)
-    if targets.shape != logits.shape:
-        raise ValueError(
-            f"sigmoid_binary_cross_entropy: targets shape {targets.shape} != logits shape {logits.shape}."
-        )
-    z = logits.astype(_compute_dtype(logits))
-    nll = jax.nn.softplus(z) - z * targets.astype(z.dtype)
-    return _sum_but_first(nll) if nll.ndim > 1 else nll
+def _elementwise_nll(loss: str, what: str, elementwise):
+    """The per-example NLL ``sum_{j} elementwise(z_nj, t_nj)`` of a model whose outputs and
+    targets have the same shape (``what`` names the outputs in the error message)."""
+
+    def per_example(outputs: jax.Array, targets: jax.Array) -> jax.Array:
+        outputs, targets = jnp.asarray(outputs), jnp.asarray(targets)
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"{loss}: targets shape {targets.shape} != {what} shape {outputs.shape}."
+            )
+        z = outputs.astype(_compute_dtype(outputs))
+        nll = elementwise(z, targets.astype(z.dtype))
+        return _sum_but_first(nll) if nll.ndim > 1 else nll
+
+    return per_example
+
+
+_sigmoid_bce_per_example = _elementwise_nll(
+    "sigmoid_binary_cross_entropy", "logits", lambda z, t: jax.nn.softplus(z) - z * t
+)
 
 
 def _bernoulli_sample(key: jax.Array, logits: jax.Array) -> jax.Array:
@@ -132,16 +142,9 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.A
 # --- Gaussian ----------------------------------------------------------------
 
 
-def _squared_error_per_example(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    predictions = jnp.asarray(predictions)
-    targets = jnp.asarray(targets)
-    if targets.shape != predictions.shape:
-        raise ValueError(
-            f"squared_error: targets shape {targets.shape} != predictions shape {predictions.shape}."
-        )
-    p = predictions.astype(_compute_dtype(predictions))
-    err = 0.5 * jnp.square(p - targets.astype(p.dtype))
-    return _sum_but_first(err) if err.ndim > 1 else err
+_squared_error_per_example = _elementwise_nll(
+    "squared_error", "predictions", lambda p, t: 0.5 * jnp.square(p - t)
+)
 
 
 def _gaussian_sample(key: jax.Array, predictions: jax.Array) -> jax.Array:

@@ -27,8 +27,8 @@ times SGD's step. For the full run::
     python -m experiments.compare --train-subset 0 --epochs 10 \
         --ae-train-subset 0 --ae-epochs 30
 
-The defaults of methods marked "tuned: no" in the tables are untuned values
-from the papers' notes.
+The defaults of methods marked "tuned: no" in the tables are untuned values taken from the
+papers or their authors' code (``experiments/registry.py`` says which, per method).
 """
 
 from __future__ import annotations

@@ -58,9 +58,13 @@ class KbfgsCurvature(NamedTuple):
         for K-BFGS(L)) and of ``H_a`` so far (diagnostics; skipped updates are not counted).
     """
 
+    # The input side, then what says how it was started.
     A: dict[str, jax.Array]
     Ha: dict[str, jax.Array]
     a_mean: dict[str, jax.Array]
+    started: jax.Array
+    warm: jax.Array
+    # The output side: H_g (or its L-BFGS ring) and the pairs that update it.
     Hg: dict[str, jax.Array]
     S: dict[str, jax.Array]
     Y: dict[str, jax.Array]
@@ -68,11 +72,10 @@ class KbfgsCurvature(NamedTuple):
     head: jax.Array
     s_ema: dict[str, jax.Array]
     y_ema: dict[str, jax.Array]
+    has_prev: jax.Array
     prev_outputs_mean: dict[str, jax.Array]
     prev_grads_mean: dict[str, jax.Array]
-    has_prev: jax.Array
-    started: jax.Array
-    warm: jax.Array
+    # Diagnostics.
     hg_updates: jax.Array
     ha_updates: jax.Array
 

@@ -115,8 +115,7 @@ def rearranged_matvec(inputs: jax.Array, output_grads: jax.Array, V: jax.Array) 
       V: shape ``(d_g, d_g)`` (any matrix; only its symmetric part matters).
     """
     a, g = _check_samples(inputs, output_grads, "rearranged_matvec")
-    c = jnp.einsum("np,pq,nq->n", g, jnp.asarray(V).astype(a.dtype), g)
-    return (a * c[:, None]).T @ a / a.shape[0]
+    return _reweighted(a, g, jnp.asarray(V).astype(a.dtype))
 
 
 def rearranged_rmatvec(inputs: jax.Array, output_grads: jax.Array, U: jax.Array) -> jax.Array:
@@ -125,27 +124,24 @@ def rearranged_rmatvec(inputs: jax.Array, output_grads: jax.Array, U: jax.Array)
     Args: as :func:`rearranged_matvec`, with ``U`` of shape ``(d_a, d_a)``.
     """
     a, g = _check_samples(inputs, output_grads, "rearranged_rmatvec")
-    e = jnp.einsum("ni,ij,nj->n", a, jnp.asarray(U).astype(a.dtype), a)
-    return (g * e[:, None]).T @ g / g.shape[0]
+    return _reweighted(g, a, jnp.asarray(U).astype(a.dtype))
+
+
+def _reweighted(x: jax.Array, y: jax.Array, M: jax.Array) -> jax.Array:
+    """``(1/m) Σ_n (y_nᵀ M y_n) x_n x_nᵀ``: both products with ``𝓡(F)``, with the roles of
+    ``ā`` and ``g`` swapped (``𝓡(F) vec(V)``: ``x = ā, y = g``; ``𝓡(F)ᵀ vec(U)``: the reverse)."""
+    weights = jnp.einsum("np,pq,nq->n", y, M, y)
+    return (x * weights[:, None]).T @ x / x.shape[0]
 
 
 def _operator(a: jax.Array, g: jax.Array, subtract: Sequence[tuple[jax.Array, jax.Array]]):
     """Products with ``𝓡(F) − Σ_j vec(A_j) vec(G_j)ᵀ`` on matrices (never vectors of d²)."""
-    m = a.shape[0]
 
     def matvec(V):
-        c = jnp.einsum("np,pq,nq->n", g, V, g)
-        out = (a * c[:, None]).T @ a / m
-        for A_j, G_j in subtract:
-            out = out - A_j * jnp.vdot(G_j, V)
-        return out
+        return _reweighted(a, g, V) - sum((A_j * jnp.vdot(G_j, V) for A_j, G_j in subtract), 0.0)
 
     def rmatvec(U):
-        e = jnp.einsum("ni,ij,nj->n", a, U, a)
-        out = (g * e[:, None]).T @ g / m
-        for A_j, G_j in subtract:
-            out = out - G_j * jnp.vdot(A_j, U)
-        return out
+        return _reweighted(g, a, U) - sum((G_j * jnp.vdot(A_j, U) for A_j, G_j in subtract), 0.0)
 
     return matvec, rmatvec
 

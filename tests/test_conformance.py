@@ -545,6 +545,22 @@ def test_every_public_factory_is_in_the_registry_and_keyword_only():
         assert set(case.static_args) <= {p.name for p in params}, name
 
 
+def test_every_argument_name_is_in_the_documented_table():
+    """``docs/arguments.md`` lists every argument name of every public factory, and no other."""
+    import pathlib
+    import re
+
+    table = pathlib.Path(__file__).resolve().parents[1] / "docs" / "arguments.md"
+    documented = set()
+    for row in table.read_text().splitlines():
+        if row.startswith("| `"):
+            documented |= set(re.findall(r"`([a-z_0-9]+)`", row.split("|")[1]))
+    factories = {**_public_factories(), "scale_by_diagonal_fisher": scale_by_diagonal_fisher}
+    used = {p for f in factories.values() for p in inspect.signature(f).parameters}
+    assert used - documented == set(), "arguments missing from docs/arguments.md"
+    assert documented - used == set(), "docs/arguments.md names arguments no factory takes"
+
+
 # ----------------------------------------------------------------------------------------
 # jit, chain, inject_hyperparams, MultiSteps, apply_if_finite, schedules.
 # ----------------------------------------------------------------------------------------

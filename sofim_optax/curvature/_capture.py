@@ -274,6 +274,15 @@ def _layer_stats(
     return LayerStats(inputs=a, output_grads=g, outputs=s)
 
 
+#: The keyword options both adapters take and hand over unchanged to :func:`value_grad_and_stats`.
+CAPTURE_OPTIONS = ("has_aux", "fisher", "rng", "fisher_batch_size", "loss_reduction")
+
+
+def capture_options(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`CAPTURE_OPTIONS` found in an adapter's ``locals()``."""
+    return {name: namespace[name] for name in CAPTURE_OPTIONS}
+
+
 def value_grad_and_stats(
     run: Callable[[Any], tuple[Any, Any]],
     primal: Any,

@@ -198,6 +198,7 @@ def value_grad_and_stats(
       as for :func:`jax.value_and_grad`; ``grads`` has the structure of
       ``params``; ``layer_stats`` is a ``dict[str, LayerStats]``.
     """
+    options = _capture.capture_options(locals())  # handed over unchanged
 
     def run(p: Any) -> tuple[Any, None]:
         session = _capture.current_session()
@@ -208,13 +209,5 @@ def value_grad_and_stats(
             out = loss_fn(p, *args)
         return out, None
 
-    value, grads, stats, _ = _capture.value_grad_and_stats(
-        run,
-        params,
-        has_aux=has_aux,
-        fisher=fisher,
-        rng=rng,
-        fisher_batch_size=fisher_batch_size,
-        loss_reduction=loss_reduction,
-    )
+    value, grads, stats, _ = _capture.value_grad_and_stats(run, params, **options)
     return value, grads, stats

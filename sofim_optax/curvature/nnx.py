@@ -202,6 +202,7 @@ def value_grad_and_stats(
     Returns:
       ``(value, grads, layer_stats)``.
     """
+    options = _capture.capture_options(locals())  # handed over unchanged
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def run(p: Any) -> tuple[Any, Any]:
@@ -227,14 +228,6 @@ def value_grad_and_stats(
         _, _, new_rest = nnx.split(copy, nnx.Param, ...)
         return out, new_rest
 
-    value, grads, stats, new_rest = _capture.value_grad_and_stats(
-        run,
-        params,
-        has_aux=has_aux,
-        fisher=fisher,
-        rng=rng,
-        fisher_batch_size=fisher_batch_size,
-        loss_reduction=loss_reduction,
-    )
+    value, grads, stats, new_rest = _capture.value_grad_and_stats(run, params, **options)
     nnx.update(model, new_rest)
     return value, grads, stats

@@ -18,7 +18,6 @@ where the paper leaves something open (written down at each place below).
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -75,19 +74,6 @@ def _require_obj_fn(obj_fn: Any, params: Any, who: str) -> None:
         )
 
 
-def _check_static_int(name: str, value: Any, minimum: int, who: str) -> int:
-    """A shape-defining hyperparameter: must be a concrete Python int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{who}: {name} must be a Python int, got {value!r}. (It fixes array shapes, so it "
-            f"cannot be traced: under optax.inject_hyperparams, list {name!r} in static_args.)"
-        )
-    value = int(value)
-    if value < minimum:
-        raise ValueError(f"{who}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
 def hutchinson_hessian_diagonal(
     obj_fn: Callable[[optax.Params], jax.Array],
     params: optax.Params,
@@ -115,7 +101,7 @@ def hutchinson_hessian_diagonal(
       A pytree shaped like ``params`` with leaves in the parameter dtype
       promoted to at least float32.
     """
-    num_probes = _check_static_int("num_probes", num_probes, 1, "hutchinson_hessian_diagonal")
+    hp.check_positive_int("hutchinson_hessian_diagonal", "num_probes", num_probes, static=True)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
 
@@ -278,8 +264,8 @@ def scale_by_adahessian(
       Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021.
     """
     who = "scale_by_adahessian"
-    num_probes = _check_static_int("num_probes", num_probes, 1, who)
-    block_size = _check_static_int("block_size", block_size, 1, who)
+    hp.check_positive_int(who, "num_probes", num_probes, static=True)
+    hp.check_positive_int(who, "block_size", block_size, static=True)
     hp.check_positive_int(who, "stats_period", stats_period)
     _check_hyperparameters(b1, b2, eps, hessian_power)
 

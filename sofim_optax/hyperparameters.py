@@ -9,6 +9,7 @@ traced array and is used as it is.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Union
 
 import jax
@@ -68,15 +69,17 @@ def check_positive_int(where: str, name: str, value: Any, *, static: bool = Fals
     """A positive integer (a period, an iteration count, a block size).
 
     With ``static=True`` the value sets a shape or an unrolled loop, so it must be a Python
-    ``int`` even under ``optax.inject_hyperparams`` (pass it in ``static_args``).
+    ``int`` (``TypeError`` otherwise, naming ``static_args``: under
+    ``optax.inject_hyperparams`` it arrives as an array unless listed there). Without it, an
+    array is accepted as it is (it may be traced).
     """
+    if static and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise TypeError(
+            f"{where}: {name} must be a Python int, got {value!r}. It fixes array shapes, so it "
+            f"cannot be traced: under optax.inject_hyperparams, list {name!r} in static_args."
+        )
     if isinstance(value, bool) or (_is_number(value) and (value < 1 or value != int(value))):
         raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
-    if static and not isinstance(value, int):
-        raise ValueError(
-            f"{where}: {name} must be a Python int, got {value!r}; under "
-            f"optax.inject_hyperparams pass static_args=({name!r},)"
-        )
 
 
 def check_choice(where: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:

@@ -36,7 +36,7 @@ from jax.flatten_util import ravel_pytree
 
 from sofim_optax import aliases
 from sofim_optax import hyperparameters as hp
-from sofim_optax.adahessian import _check_static_int, _require_obj_fn
+from sofim_optax.adahessian import _require_obj_fn
 from sofim_optax.hyperparameters import Scalar
 
 __all__ = [
@@ -278,8 +278,8 @@ def scale_by_nystrom_sgd(
       Stochastic Optimization <https://arxiv.org/abs/2110.08577>`_, 2021.
     """
     who = "scale_by_nystrom_sgd"
-    rank = _check_static_int("rank", rank, 1, who)
-    power_iterations = _check_static_int("power_iterations", power_iterations, 1, who)
+    hp.check_positive_int(who, "rank", rank, static=True)
+    hp.check_positive_int(who, "power_iterations", power_iterations, static=True)
     hp.check_choice(who, "test_matrix", test_matrix, TEST_MATRICES)
     hp.check_positive(who, "damping", damping)
     hp.check_positive_int(who, "stats_period", stats_period)

@@ -510,7 +510,6 @@ def test_constructor_errors():
         (dict(ema=1.0), "ema"),
         (dict(damping=-1.0), "damping"),
         (dict(dense_block_size=0), "dense_block_size"),
-        (dict(dense_block_size=2.5), "dense_block_size"),
         (dict(batch_chunk=0), "batch_chunk"),
         (dict(fallback="adam"), "fallback"),
         (dict(inverse_period=0), "inverse_period"),
@@ -518,6 +517,10 @@ def test_constructor_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             scale_by_mini_block_fisher(**kwargs)
+    # A shape-fixing argument that is not a Python int is a type error naming static_args.
+    for value in (2.5, jnp.asarray(8)):
+        with pytest.raises(TypeError, match="dense_block_size must be a Python int.*static_args"):
+            scale_by_mini_block_fisher(dense_block_size=value)
 
 
 # ----------------------------------------------------------------------------------------

@@ -147,6 +147,20 @@ _KPSVD_AE_DEFAULTS = {
 }
 _LR_DAMPING = {"learning_rate": [0.01, 0.03, 0.1, 0.3], "damping": [1e-3, 1e-2, 1e-1, 1.0]}
 
+
+def _kpsvd_family_spec(label: str, alias: str, color: str) -> OptimizerSpec:
+    """A member of the KPSVD family: the family's shared defaults, grid and needs."""
+    return OptimizerSpec(
+        label,
+        f"sofim_optax:{alias}",
+        _KPSVD_DEFAULTS,
+        needs=("layer_stats",),
+        task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
+        grid=_LR_DAMPING,
+        color=color,
+    )
+
+
 # Defaults: SOFIM, KFAC, SGD-m and Adam were tuned on the Fashion-MNIST MLP at
 # batch 128 (README); KFAC's and Adam's autoencoder values come from
 # tests/test_kfac_autoencoder.py (reduced Fashion-MNIST autoencoder, batch 500).
@@ -181,42 +195,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         grid=_LR_DAMPING,
         color="tab:red",
     ),
-    "kpsvd": OptimizerSpec(
-        "KPSVD",
-        "sofim_optax:kpsvd",
-        _KPSVD_DEFAULTS,
-        needs=("layer_stats",),
-        task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING,
-        color="tab:green",
-    ),
-    "kpsvd_deflation": OptimizerSpec(
-        "Deflation",
-        "sofim_optax:kpsvd_deflation",
-        _KPSVD_DEFAULTS,
-        needs=("layer_stats",),
-        task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING,
-        color="tab:pink",
-    ),
-    "kfac_corrected": OptimizerSpec(
-        "KFAC-corrected",
-        "sofim_optax:kfac_corrected",
-        _KPSVD_DEFAULTS,
-        needs=("layer_stats",),
-        task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING,
-        color="tab:blue",
-    ),
-    "kpsvd_lanczos": OptimizerSpec(
-        "Lanczos",
-        "sofim_optax:kpsvd_lanczos",
-        _KPSVD_DEFAULTS,
-        needs=("layer_stats",),
-        task_defaults={"autoencoder": _KPSVD_AE_DEFAULTS},
-        grid=_LR_DAMPING,
-        color="black",
-    ),
+    "kpsvd": _kpsvd_family_spec("KPSVD", "kpsvd", "tab:green"),
+    "kpsvd_deflation": _kpsvd_family_spec("Deflation", "kpsvd_deflation", "tab:pink"),
+    "kfac_corrected": _kpsvd_family_spec("KFAC-corrected", "kfac_corrected", "tab:blue"),
+    "kpsvd_lanczos": _kpsvd_family_spec("Lanczos", "kpsvd_lanczos", "black"),
     "kbfgs": OptimizerSpec(
         "K-BFGS",
         "sofim_optax:kbfgs",

@@ -158,7 +158,6 @@ def make_alias(
     alias.__name__ = alias.__qualname__ = name
     alias.__doc__ = doc
     alias.__module__ = scale_by.__module__
-    alias.__wrapped_transformation__ = scale_by
     if hasattr(scale_by, "static_args"):
         alias.static_args = scale_by.static_args
     return alias

@@ -128,7 +128,7 @@ def _scale_by_family(
         pi_adjusted=pi_adjusted,
         tol=tol,
         max_iters=max_iters,
-        krylov_dim=krylov_dim if kind == "lanczos" else None,
+        krylov_dim=krylov_dim,
         indefinite=indefinite,
     )
     return family.transformation(

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.benchmarks import curves, kfac, kfac_cost, kfac_jax_env, problems
+from experiments.benchmarks import curves, kfac, kfac_cost, kfac_jax_env, kfac_training, problems
 from experiments.benchmarks import kfac_jax_runner as runner
 
 TINY_ENCODER = (16, 8, 4)
@@ -90,10 +90,10 @@ def test_export_npz_roundtrip_and_runner_matches_flax_model(tiny_ae, tmp_path):
 
 
 def test_runner_config_is_json_and_complete():
-    runs = kfac._kfac_jax_points(
+    runs = kfac_training._kfac_jax_points(
         "kfac_jax_fixed", [{"learning_rate": 0.1, "damping": 10.0}], steps=5
     )
-    runs += kfac._kfac_jax_points("kfac_jax_adaptive", [{"damping": 100.0}], steps=5)
+    runs += kfac_training._kfac_jax_points("kfac_jax_adaptive", [{"damping": 100.0}], steps=5)
     cfg = json.loads(
         json.dumps(kfac_jax_env.runner_config(runs, batch_size=16, seed=3, warmup_steps=4))
     )

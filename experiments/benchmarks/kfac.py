@@ -95,7 +95,6 @@ from experiments.benchmarks.kfac_training import (  # noqa: F401  (re-exported)
     GRIDS,
     KFAC_FAMILY,
     QUICK_GRIDS,
-    _kfac_jax_points,
     compare_with_kfac_jax,
 )
 from experiments.benchmarks.problems import (

@@ -334,6 +334,16 @@ def _images_to_float(x: np.ndarray, flatten: bool) -> np.ndarray:
     return out.reshape(len(out), -1) if flatten else out
 
 
+def _image_dataset(x_train, y_train, x_test, y_test, flatten: bool) -> FloatDataset:
+    """uint8 images in [0, 1] (flattened if asked) and int32 labels."""
+    return FloatDataset(
+        _images_to_float(x_train, flatten),
+        y_train.astype(np.int32),
+        _images_to_float(x_test, flatten),
+        y_test.astype(np.int32),
+    )
+
+
 def _check_unit_interval(x: np.ndarray, path: Path, key: str, width: int) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] != width or not np.issubdtype(x.dtype, np.floating):
         raise DatasetFormatError(
@@ -368,12 +378,7 @@ def load_cifar(
         )
     )
     ds = _read_cifar(path, num_classes)
-    return FloatDataset(
-        _images_to_float(ds.x_train, flatten),
-        ds.y_train.astype(np.int32),
-        _images_to_float(ds.x_test, flatten),
-        ds.y_test.astype(np.int32),
-    )
+    return _image_dataset(ds.x_train, ds.y_train, ds.x_test, ds.y_test, flatten)
 
 
 def load_svhn(
@@ -388,12 +393,7 @@ def load_svhn(
     files = locate_files("svhn", data_dir, download=download, cache_dir=cache_dir, verify=verify)
     x_train, y_train = _read_svhn(files["train_32x32.mat"])
     x_test, y_test = _read_svhn(files["test_32x32.mat"])
-    return FloatDataset(
-        _images_to_float(x_train, flatten),
-        y_train.astype(np.int32),
-        _images_to_float(x_test, flatten),
-        y_test.astype(np.int32),
-    )
+    return _image_dataset(x_train, y_train, x_test, y_test, flatten)
 
 
 def load_curves(

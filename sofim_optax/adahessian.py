@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases
+from sofim_optax import aliases, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
@@ -50,6 +50,9 @@ class ScaleByAdaHessianState(NamedTuple):
         ``mu_dtype`` (at least float32 by default).
       nu: second moment of the (spatially averaged) Hessian-diagonal
         estimates, shaped like the parameters, at least float32.
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
     """
 
     count: jax.Array  # shape=(), dtype=int32
@@ -57,6 +60,7 @@ class ScaleByAdaHessianState(NamedTuple):
     key: jax.Array  # shape=(2,), dtype=uint32
     mu: optax.Updates
     nu: optax.Updates
+    skipped: guards.SkipCounts
 
 
 def _require_obj_fn(obj_fn: Any, params: Any, who: str) -> None:
@@ -279,6 +283,7 @@ def scale_by_adahessian(
             key=jax.random.PRNGKey(seed),
             mu=jax.tree.map(lambda p: zeros(p, mu_dtype), params),
             nu=jax.tree.map(zeros, params),
+            skipped=guards.no_skips(),
         )
 
     def update_fn(
@@ -293,7 +298,7 @@ def scale_by_adahessian(
         _require_obj_fn(obj_fn, params, who)
 
         def refresh(operand):
-            key, nu, hessian_count = operand
+            key, nu, hessian_count, skipped = operand
             key, sub = jax.random.split(key)
             diag = hutchinson_hessian_diagonal(obj_fn, params, sub, num_probes)
 
@@ -304,14 +309,23 @@ def scale_by_adahessian(
                 beta = jnp.asarray(b2, v.dtype)
                 return beta * v + (1 - beta) * ds * ds
 
-            return key, jax.tree.map(fold, nu, diag), optax.safe_increment(hessian_count)
+            # A non-finite probe (e.g. a NaN in obj_fn's value) leaves nu as it was; the key
+            # still advances, so the next refresh draws fresh probes.
+            (new_nu, new_count), ok = guards.keep_if_finite(
+                (jax.tree.map(fold, nu, diag), optax.safe_increment(hessian_count)),
+                (nu, hessian_count),
+            )
+            return key, new_nu, new_count, guards.count_if(skipped, "statistics", ~ok)
 
         def keep(operand):
             return operand
 
         period = jnp.asarray(stats_period, jnp.int32)
-        key, nu, hessian_count = jax.lax.cond(
-            state.count % period == 0, refresh, keep, (state.key, state.nu, state.hessian_count)
+        key, nu, hessian_count, skipped = jax.lax.cond(
+            state.count % period == 0,
+            refresh,
+            keep,
+            (state.key, state.nu, state.hessian_count, state.skipped),
         )
         count = optax.safe_increment(state.count)
 
@@ -329,10 +343,10 @@ def scale_by_adahessian(
         mu = jax.tree.map(moment, updates, state.mu)
         new_updates = jax.tree.map(direction, updates, mu, nu)
         return new_updates, ScaleByAdaHessianState(
-            count=count, hessian_count=hessian_count, key=key, mu=mu, nu=nu
+            count=count, hessian_count=hessian_count, key=key, mu=mu, nu=nu, skipped=skipped
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
 
 
 _ADAHESSIAN_DOC = r"""The AdaHessian optimiser with decoupled weight decay.

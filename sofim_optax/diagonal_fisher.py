@@ -9,18 +9,27 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from sofim_optax import guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
-from sofim_optax import layerwise, linalg
 from sofim_optax.hyperparameters import Scalar
 
 __all__ = ["DiagonalFisherState", "scale_by_diagonal_fisher"]
 
 
 class DiagonalFisherState(NamedTuple):
-    """State of :func:`scale_by_diagonal_fisher`: ``count`` and the EMA ``nu`` of squared gradients."""
+    """State of :func:`scale_by_diagonal_fisher`.
+
+    Attributes:
+      count: ``()`` int32, number of updates so far.
+      nu: the EMA of squared minibatch gradients, shaped like the parameters.
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
+    """
 
     count: jax.Array
     nu: Any
+    skipped: guards.SkipCounts
 
 
 def scale_by_diagonal_fisher(
@@ -59,7 +68,7 @@ def scale_by_diagonal_fisher(
         nu = jax.tree.map(
             lambda p: jnp.zeros(jnp.shape(p), hp.accumulation_dtype(jnp.asarray(p))), params
         )
-        return DiagonalFisherState(count=jnp.zeros([], jnp.int32), nu=nu)
+        return DiagonalFisherState(count=jnp.zeros([], jnp.int32), nu=nu, skipped=guards.no_skips())
 
     def update_fn(updates, state, params=None, *, gradients=None, **extra):
         del params, extra
@@ -84,16 +93,22 @@ def scale_by_diagonal_fisher(
 
             return jax.tree.map(one, nu, raw)
 
+        def guarded_nu(operand):
+            nu, skipped = operand
+            nu, ok = guards.keep_if_finite(new_nu(nu), nu)
+            return nu, guards.count_if(skipped, "statistics", ~ok)
+
+        operand = (state.nu, state.skipped)
         if isinstance(stats_period, int) and stats_period == 1:
-            nu = new_nu(state.nu)
+            nu, skipped = guarded_nu(operand)
         else:
-            nu = lax.cond(count % stats_period == 0, new_nu, lambda n: n, state.nu)
+            nu, skipped = lax.cond(count % stats_period == 0, guarded_nu, lambda o: o, operand)
 
         def apply(u, n):
             lam = jnp.maximum(jnp.asarray(damping).astype(n.dtype), linalg.DAMPING_FLOOR)
             return (jnp.asarray(u).astype(n.dtype) / (n + lam)).astype(jnp.asarray(u).dtype)
 
         out = jax.tree.map(apply, updates, nu)
-        return out, DiagonalFisherState(count=optax.safe_increment(count), nu=nu)
+        return out, DiagonalFisherState(count=optax.safe_increment(count), nu=nu, skipped=skipped)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))

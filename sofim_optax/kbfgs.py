@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from sofim_optax import aliases, layerwise
+from sofim_optax import aliases, guards, layerwise
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.kbfgs_curvature import KbfgsCurvature, make_method
@@ -46,11 +46,15 @@ class ScaleByKbfgsState(NamedTuple):
       count: ``()`` int32, number of updates so far.
       curvature: :class:`KbfgsCurvature`.
       fallback_state: :class:`sofim_optax.layerwise.FallbackState`.
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
     """
 
     count: jax.Array
     curvature: KbfgsCurvature
     fallback_state: layerwise.FallbackState
+    skipped: guards.SkipCounts
 
 
 @hp.structural("memory")

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases, layerwise, linalg
+from sofim_optax import aliases, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
@@ -91,11 +91,15 @@ class ScaleByKfacState(NamedTuple):
       curvature: :class:`KfacCurvature`.
       fallback_state: :class:`sofim_optax.layerwise.FallbackState`, the fallback
         transformation's own state for the parameters no captured layer covers.
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
     """
 
     count: jax.Array
     curvature: KfacCurvature
     fallback_state: layerwise.FallbackState
+    skipped: guards.SkipCounts
 
 
 def _kfac_method(

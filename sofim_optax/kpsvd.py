@@ -73,7 +73,7 @@ from typing import NamedTuple
 import jax
 import optax
 
-from sofim_optax import aliases, layerwise
+from sofim_optax import aliases, guards, layerwise
 from sofim_optax import kpsvd_curvature as family
 from sofim_optax.hyperparameters import Scalar
 from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
@@ -99,11 +99,15 @@ class ScaleByKpsvdState(NamedTuple):
       curvature: :class:`sofim_optax.kpsvd_curvature.KroneckerSvdCurvature`.
       fallback_state: :class:`sofim_optax.layerwise.FallbackState`, the fallback
         transformation's state for the parameters no captured layer covers.
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
     """
 
     count: jax.Array
     curvature: KroneckerSvdCurvature
     fallback_state: layerwise.FallbackState
+    skipped: guards.SkipCounts
 
 
 def _scale_by_family(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases, layerwise, linalg
+from sofim_optax import aliases, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
 from sofim_optax.diagonal_fisher import scale_by_diagonal_fisher
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
@@ -72,11 +72,15 @@ class ScaleByMiniBlockFisherState(NamedTuple):
       fallback_state: :class:`sofim_optax.layerwise.FallbackState` of the transformation
         that handles the parameters no captured layer covers (by default
         :func:`scale_by_diagonal_fisher`).
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
     """
 
     count: jax.Array
     curvature: MiniBlockFisherCurvature
     fallback_state: layerwise.FallbackState
+    skipped: guards.SkipCounts
 
 
 class GradientMomentumState(NamedTuple):

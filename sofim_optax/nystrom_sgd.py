@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sofim_optax import aliases
+from sofim_optax import aliases, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.adahessian import _require_obj_fn
 from sofim_optax.hyperparameters import Scalar
@@ -65,6 +65,9 @@ class ScaleByNystromSgdState(NamedTuple):
         the parameter dtype promoted to at least float32.
       eigvals: ``(rank,)``, :math:`\\hat\\lambda \\ge 0`, same dtype.
       step_scale: ``()``, :math:`1/\\hat L_P` when ``auto_step`` (else 1).
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
     """
 
     count: jax.Array  # shape=(), dtype=int32
@@ -72,6 +75,7 @@ class ScaleByNystromSgdState(NamedTuple):
     eigvecs: jax.Array  # shape=(d, rank)
     eigvals: jax.Array  # shape=(rank,)
     step_scale: jax.Array  # shape=()
+    skipped: guards.SkipCounts
 
 
 def nystrom_sketch(
@@ -301,6 +305,7 @@ def scale_by_nystrom_sgd(
             eigvecs=jnp.zeros((dim, rank), dtype),
             eigvals=jnp.zeros((rank,), dtype),
             step_scale=jnp.ones([], dtype),
+            skipped=guards.no_skips(),
         )
 
     def update_fn(
@@ -329,7 +334,7 @@ def scale_by_nystrom_sgd(
             return ravel_pytree(hv)[0].astype(dtype)
 
         def refresh(operand):
-            key, _, _, _ = operand
+            key, old_vecs, old_vals, old_scale, skipped = operand
             key, k_sketch, k_power = jax.random.split(key, 3)
             eigvecs, eigvals = nystrom_sketch(matvec, dim, rank, k_sketch, dtype, test_matrix)
             if auto_step:
@@ -340,17 +345,22 @@ def scale_by_nystrom_sgd(
                 scale = jnp.where(ok, 1.0 / jnp.where(ok, smooth, 1.0), 1.0).astype(dtype)
             else:
                 scale = jnp.ones([], dtype)
-            return key, eigvecs, eigvals, scale
+            # A non-finite sketch (e.g. a NaN in obj_fn's value) keeps the last good one; the
+            # key still advances.
+            (eigvecs, eigvals, scale), ok = guards.keep_if_finite(
+                (eigvecs, eigvals, scale), (old_vecs, old_vals, old_scale)
+            )
+            return key, eigvecs, eigvals, scale, guards.count_if(skipped, "refreshes", ~ok)
 
         def keep(operand):
             return operand
 
         period = jnp.asarray(stats_period, jnp.int32)
-        key, eigvecs, eigvals, step_scale = jax.lax.cond(
+        key, eigvecs, eigvals, step_scale, skipped = jax.lax.cond(
             state.count % period == 0,
             refresh,
             keep,
-            (state.key, state.eigvecs, state.eigvals, state.step_scale),
+            (state.key, state.eigvecs, state.eigvals, state.step_scale, state.skipped),
         )
         flat_g, unravel_g = ravel_pytree(updates)
         if flat_g.shape[0] != dim:
@@ -364,9 +374,10 @@ def scale_by_nystrom_sgd(
             eigvecs=eigvecs,
             eigvals=eigvals,
             step_scale=step_scale,
+            skipped=skipped,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
 
 
 _NYSTROM_SGD_DOC = r"""Nyström-SGD (SketchySGD): the sketch preconditioner, weight decay, momentum.

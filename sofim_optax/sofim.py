@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases
+from sofim_optax import aliases, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
@@ -40,10 +40,14 @@ class ScaleBySofimState(NamedTuple):
       mu: exponential moving average of the gradients, a pytree shaped like the
         parameters, in ``mu_dtype`` (float32 for float32/bfloat16 parameters by
         default).
+      skipped: :class:`sofim_optax.guards.SkipCounts`, how many steps, statistics updates
+        and refreshes were skipped because they were non-finite (the state kept its last good
+        values).
     """
 
     count: jax.Array  # shape=(), dtype=int32
     mu: optax.Updates
+    skipped: guards.SkipCounts
 
 
 def _check_hyperparameters(b1: Any, damping: Any, scope: str, block_size: Any) -> None:
@@ -152,7 +156,11 @@ def scale_by_sofim(
             )
             return jnp.zeros(jnp.shape(p), dtype)
 
-        return ScaleBySofimState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params))
+        return ScaleBySofimState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(zeros, params),
+            skipped=guards.no_skips(),
+        )
 
     def update_fn(
         updates: optax.Updates,
@@ -199,9 +207,10 @@ def scale_by_sofim(
             )
 
         new_updates = jax.tree.map(lambda d, g: d.astype(g.dtype), directions, updates)
-        return new_updates, ScaleBySofimState(count=count, mu=mu)
+        return new_updates, state._replace(count=count, mu=mu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    # A non-finite gradient would stay in ``mu`` for good: such a step is skipped.
+    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
 
 
 _SOFIM_DOC = r"""The SOFIM optimiser: :func:`scale_by_sofim`, decoupled weight decay, learning rate.

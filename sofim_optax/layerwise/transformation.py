@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from sofim_optax import guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.layerwise.checks import check_layer_stats
 from sofim_optax.layerwise.fallback import fallback_init, fallback_update
@@ -70,6 +71,18 @@ def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any
     return lax.cond(count % period == 0, fn, lambda x: x, operand)
 
 
+def _guarded(fn: Callable[[Any], Any], counter: str) -> Callable[[Any], Any]:
+    """``(curvature, skipped) -> (fn(curvature), skipped)``, keeping the old curvature (and
+    counting in ``skipped.<counter>``) when ``fn`` produced a non-finite value."""
+
+    def run(operand):
+        curvature, skipped = operand
+        new, ok = guards.keep_if_finite(fn(curvature), curvature)
+        return new, guards.count_if(skipped, counter, ~ok)
+
+    return run
+
+
 def _accumulation_dtype(leaves: Sequence[jax.Array], layout: ParamLayout) -> Any:
     return hp.accumulation_dtype(
         *(jnp.asarray(leaves[layer.kernel_leaf]).dtype for layer in layout.layers)
@@ -87,9 +100,9 @@ def layerwise_transformation(
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a Kronecker-family ``GradientTransformationExtraArgs`` from a method.
 
-    ``state_cls(count=..., curvature=..., fallback_state=...)`` builds the state (a NamedTuple
-    with those three fields). ``update(updates, state, params=None, *, layer_stats=None,
-    **extra)``:
+    ``state_cls(count=..., curvature=..., fallback_state=..., skipped=...)`` builds the state
+    (a NamedTuple with those four fields). ``update(updates, state, params=None, *,
+    layer_stats=None, **extra)``:
 
     1. finds the layers in ``updates`` and validates ``layer_stats`` (errors name the layer);
     2. ``count % stats_period == 0``: ``method.update_statistics`` (``extra`` forwarded);
@@ -99,6 +112,12 @@ def layerwise_transformation(
     5. ``fallback`` (identity when ``None``) on every other leaf, ``extra`` forwarded (without
        ``layer_stats``);
     6. ``count ← safe_increment(count)``.
+
+    Every part is guarded (:mod:`sofim_optax.guards`): a statistics update (2, and the
+    curvature ``precondition`` returns) or a refresh (3) that produces a non-finite value is
+    discarded and counted in ``skipped.statistics`` / ``skipped.refreshes``; a non-finite
+    gradient skips the step (zero update, state unchanged) and a non-finite direction zeroes
+    the update, both counted in ``skipped.steps``.
 
     A one-time ``logging`` INFO line (logger ``"sofim_optax"``) names the preconditioned layers
     and the leaves that take the fallback path, at the first trace of this instance.
@@ -117,6 +136,7 @@ def layerwise_transformation(
             count=jnp.zeros([], jnp.int32),
             curvature=method.init(layout, dtype),
             fallback_state=fallback_init(fb, layout, leaves),
+            skipped=guards.no_skips(),
         )
 
     def update_fn(updates, state, params=None, *, layer_stats=None, **extra):
@@ -149,23 +169,31 @@ def layerwise_transformation(
         count = state.count
         stats = {i: layer_stats[layout.layers[i].path] for i in active}
 
-        curvature = state.curvature
+        curvature, skipped = state.curvature, state.skipped
         if active:  # with no captured layer at all, there is nothing to refresh
-            curvature = _every(
+            curvature, skipped = _every(
                 stats_period,
                 count,
-                lambda c: method.update_statistics(c, layout, stats, **extra),
-                curvature,
+                _guarded(
+                    lambda c: method.update_statistics(c, layout, stats, **extra), "statistics"
+                ),
+                (curvature, skipped),
             )
             if method.refresh is not None:
-                curvature = _every(
-                    inverse_period, count, lambda c: method.refresh(c, layout, **extra), curvature
+                curvature, skipped = _every(
+                    inverse_period,
+                    count,
+                    _guarded(lambda c: method.refresh(c, layout, **extra), "refreshes"),
+                    (curvature, skipped),
                 )
 
         new_leaves = list(leaves)
         if active:
             grads = {i: gradient_matrix(layout.layers[i], leaves, dtype) for i in active}
-            directions, curvature = method.precondition(curvature, layout, grads, **extra)
+            directions, after = method.precondition(curvature, layout, grads, **extra)
+            if after is not curvature:  # (K-BFGS updates H_a from the direction)
+                curvature, ok = guards.keep_if_finite(after, curvature)
+                skipped = guards.count_if(skipped, "statistics", ~ok)
             for i in active:
                 for leaf, value in split_matrix(layout.layers[i], directions[i], leaves).items():
                     new_leaves[leaf] = value
@@ -176,8 +204,11 @@ def layerwise_transformation(
         for leaf, value in fb_out.items():
             new_leaves[leaf] = value
         new_state = state_cls(
-            count=optax.safe_increment(count), curvature=curvature, fallback_state=fb_state
+            count=optax.safe_increment(count),
+            curvature=curvature,
+            fallback_state=fb_state,
+            skipped=skipped,
         )
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))

@@ -20,6 +20,7 @@ from typing import Any
 
 import optax
 
+from sofim_optax import guards
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
@@ -102,7 +103,9 @@ def make_alias(
     """Builds ``name(learning_rate, *, **alias_arguments, **scale_by's arguments)``.
 
     Calling it returns ``chain(scale_by(**its arguments), learning_rate=...,
-    **alias arguments)``.
+    **alias arguments)`` under the step guard of :mod:`sofim_optax.guards` (a non-finite
+    gradient skips the whole chain, momentum included, and is counted in the method's
+    ``skipped.steps``).
 
     Args:
       scale_by: the transformation; all its arguments must be keyword-only.
@@ -152,7 +155,12 @@ def make_alias(
         values = dict(bound.arguments)
         learning_rate = values.pop("learning_rate")
         own = {arg: values.pop(arg) for arg in alias_arguments}
-        return chain(scale_by(**values), learning_rate=learning_rate, **own)
+        tx = chain(scale_by(**values), learning_rate=learning_rate, **own)
+        # A non-finite gradient skips the whole chain (momentum and schedule included), so
+        # that the step is the step that did not happen (counted in the method's state).
+        return optax.GradientTransformationExtraArgs(
+            tx.init, guards.skip_nonfinite_steps(tx.update)
+        )
 
     alias.__signature__ = signature
     alias.__name__ = alias.__qualname__ = name

@@ -41,6 +41,8 @@ __all__ = [
     "all_finite",
     "keep_if_finite",
     "count_if",
+    "skip_counts",
+    "count_skipped_step",
     "skip_nonfinite_steps",
 ]
 
@@ -103,33 +105,91 @@ def count_if(skipped: SkipCounts, field: str, happened: jax.Array) -> SkipCounts
     return skipped._replace(**{field: bumped})
 
 
+def _map_outermost(state: Any, fn: Callable[[Any], Any]) -> Any:
+    """``state`` with ``fn`` applied to each outermost state holding a ``skipped:
+    SkipCounts`` field (the method's own state, not that of a fallback transformation nested
+    inside it), or to a bare :class:`SkipCounts`."""
+    fields = getattr(state, "_fields", None)
+    if isinstance(state, SkipCounts) or (
+        fields is not None and isinstance(getattr(state, "skipped", None), SkipCounts)
+    ):
+        return fn(state)
+    if fields is not None:  # another NamedTuple state (optax's wrappers)
+        return type(state)(*(_map_outermost(x, fn) for x in state))
+    if isinstance(state, (tuple, list)):  # e.g. an optax chain's state
+        return type(state)(_map_outermost(x, fn) for x in state)
+    if isinstance(state, dict):
+        return {k: _map_outermost(v, fn) for k, v in state.items()}
+    return state
+
+
+def skip_counts(state: Any) -> SkipCounts:
+    """The method's :class:`SkipCounts` inside ``state``: a ``scale_by_*``'s state, an alias's
+    chain state, or either wrapped (``inject_hyperparams``, ``MultiSteps``, ...).
+
+    >>> import jax.numpy as jnp, sofim_optax
+    >>> opt = sofim_optax.sofim(0.1)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> _, state = opt.update({"w": jnp.array([1.0, jnp.nan, 0.0])}, state, params)
+    >>> int(sofim_optax.guards.skip_counts(state).steps)
+    1
+    """
+    found: list[SkipCounts] = []
+
+    def collect(holder):
+        found.append(holder if isinstance(holder, SkipCounts) else holder.skipped)
+        return holder
+
+    _map_outermost(state, collect)
+    if not found:
+        raise ValueError("skip_counts: no SkipCounts in this state (not a sofim_optax method's)")
+    return found[0]
+
+
+def count_skipped_step(state: Any) -> Any:
+    """``state`` with the method's ``skipped.steps + 1`` (see :func:`skip_counts`).
+
+    A method state may define ``after_skipped_step(self) -> state`` to forget what a skipped
+    step invalidates (K-BFGS: its stored statistics of the previous minibatch no longer belong
+    to the step before the next one); it is called here.
+    """
+
+    def bump(holder):
+        if isinstance(holder, SkipCounts):
+            return count_if(holder, "steps", jnp.asarray(True))
+        holder = holder._replace(skipped=count_if(holder.skipped, "steps", jnp.asarray(True)))
+        hook = getattr(holder, "after_skipped_step", None)
+        return hook() if hook is not None else holder
+
+    return _map_outermost(state, bump)
+
+
 def skip_nonfinite_steps(
     update_fn: Callable[..., tuple[Any, Any]],
 ) -> Callable[..., tuple[Any, Any]]:
-    """Wraps an ``update(updates, state, params=None, **extra)`` whose state has a
-    ``skipped: SkipCounts`` field with the step guard.
+    """Wraps an ``update(updates, state, params=None, **extra)`` whose state holds a
+    :class:`SkipCounts` (a method's own state, or an alias's chain around it) with the step
+    guard.
 
-    A non-finite gradient: zero update, the state unchanged but for ``skipped.steps + 1``
+    A non-finite gradient: zero update, the state unchanged but for ``steps + 1``
     (``update_fn`` runs under ``lax.cond`` and is not executed). A finite gradient whose
-    direction is non-finite: zero update, ``update_fn``'s new state, ``skipped.steps + 1``.
+    direction is non-finite: zero update, ``update_fn``'s new state, ``steps + 1``.
     """
 
     def update(updates, state, params=None, **extra):
-        def zeros_like_updates():
-            return jax.tree.map(jnp.zeros_like, updates)
-
         def step(_):
             directions, new_state = update_fn(updates, state, params, **extra)
             ok = all_finite(directions)
-            directions = jax.tree.map(
-                lambda d: jnp.where(ok, d, jnp.zeros_like(d)) if _is_float(d) else d, directions
-            )
-            return directions, new_state._replace(skipped=count_if(new_state.skipped, "steps", ~ok))
+
+            def zero_unless_ok(d):
+                return jnp.where(ok, d, jnp.zeros_like(d)) if _is_float(d) else d
+
+            counted = lax.cond(ok, lambda s: s, count_skipped_step, new_state)
+            return jax.tree.map(zero_unless_ok, directions), counted
 
         def skip(_):
-            return zeros_like_updates(), state._replace(
-                skipped=count_if(state.skipped, "steps", jnp.asarray(True))
-            )
+            return jax.tree.map(jnp.zeros_like, updates), count_skipped_step(state)
 
         return lax.cond(all_finite(updates), step, skip, None)
 

@@ -26,7 +26,7 @@ import optax
 from sofim_optax import aliases, guards, layerwise
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
-from sofim_optax.kbfgs_curvature import KbfgsCurvature, make_method
+from sofim_optax.kbfgs_curvature import KbfgsCurvature, forget_previous, make_method
 
 __all__ = [
     "KbfgsCurvature",
@@ -55,6 +55,11 @@ class ScaleByKbfgsState(NamedTuple):
     curvature: KbfgsCurvature
     fallback_state: layerwise.FallbackState
     skipped: guards.SkipCounts
+
+    def after_skipped_step(self) -> ScaleByKbfgsState:
+        """Called by the step guard (:mod:`sofim_optax.guards`) on a skipped step: no (s, y)
+        pair is formed at the next update (see :func:`forget_previous`)."""
+        return self._replace(curvature=forget_previous(self.curvature))
 
 
 @hp.structural("memory")

@@ -329,4 +329,13 @@ def make_method(
         return out, curv._replace(Ha=la.set(curv.Ha, new_ha), ha_updates=ha_updates)
 
     # Nothing is decomposed on a period: H_a and H_g are kept by BFGS updates every step.
-    return layerwise.LayerwiseMethod(init, update_statistics, None, precondition)
+    return layerwise.LayerwiseMethod(
+        init, update_statistics, None, precondition, after_discarded_statistics=forget_previous
+    )
+
+
+def forget_previous(curv: KbfgsCurvature) -> KbfgsCurvature:
+    """``curv`` with ``has_prev`` off: after a skipped step or a discarded statistics update
+    the stored means are not those of the minibatch the next ``previous_batch_stats`` will
+    describe, so the next update forms no (s, y) pair and stores fresh means."""
+    return curv._replace(has_prev=jnp.zeros_like(curv.has_prev))

@@ -56,12 +56,17 @@ class LayerwiseMethod:
         ``(d_a, d_g)`` in the accumulation dtype) and ``preconditioned`` keyed alike; it runs
         every step and returns the curvature too, for updates that belong after the direction
         (K-BFGS's Hessian-action update of ``H_a``); most methods return it unchanged.
+      after_discarded_statistics: optional ``curvature -> curvature``, applied to the kept
+        (old) curvature when a statistics update was discarded for a non-finite value
+        (K-BFGS forgets its stored means of the last minibatch); ``None`` (default): the old
+        curvature is kept as it is.
     """
 
     init: Callable[..., Any]
     update_statistics: Callable[..., Any]
     refresh: Callable[..., Any] | None
     precondition: Callable[..., dict[int, jax.Array]]
+    after_discarded_statistics: Callable[[Any], Any] | None = None
 
 
 def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
@@ -71,13 +76,18 @@ def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any
     return lax.cond(count % period == 0, fn, lambda x: x, operand)
 
 
-def _guarded(fn: Callable[[Any], Any], counter: str) -> Callable[[Any], Any]:
-    """``(curvature, skipped) -> (fn(curvature), skipped)``, keeping the old curvature (and
-    counting in ``skipped.<counter>``) when ``fn`` produced a non-finite value."""
+def _guarded(
+    fn: Callable[[Any], Any], counter: str, forget: Callable[[Any], Any] | None = None
+) -> Callable[[Any], Any]:
+    """``(curvature, skipped) -> (fn(curvature), skipped)``, keeping the old curvature (passed
+    through ``forget`` if given) and counting in ``skipped.<counter>`` when ``fn`` produced a
+    non-finite value."""
 
     def run(operand):
         curvature, skipped = operand
-        new, ok = guards.keep_if_finite(fn(curvature), curvature)
+        new = fn(curvature)
+        kept = curvature if forget is None else forget(curvature)
+        new, ok = guards.keep_if_finite(new, kept)
         return new, guards.count_if(skipped, counter, ~ok)
 
     return run
@@ -175,7 +185,9 @@ def layerwise_transformation(
                 stats_period,
                 count,
                 _guarded(
-                    lambda c: method.update_statistics(c, layout, stats, **extra), "statistics"
+                    lambda c: method.update_statistics(c, layout, stats, **extra),
+                    "statistics",
+                    method.after_discarded_statistics,
                 ),
                 (curvature, skipped),
             )

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases, cpu_runtime, layerwise, linalg
+from sofim_optax import aliases, layerwise, linalg
 from sofim_optax import hyperparameters as hp
+from sofim_optax.cpu_runtime import map_stack
 from sofim_optax.diagonal_fisher import scale_by_diagonal_fisher
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE, BlockLayout, batch_blocks
@@ -170,7 +171,7 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
         blocks = {k: decoupled(k, f) for k, f in curv.blocks.items()}
         if eigh:
             # The undamped blocks' eigendecompositions; λ is applied in `precondition`.
-            eig = {k: cpu_runtime.map_stack(jnp.linalg.eigh, f) for k, f in blocks.items()}
+            eig = {k: map_stack(jnp.linalg.eigh, f) for k, f in blocks.items()}
             return curv._replace(
                 eigvals={k: jnp.maximum(w, 0.0) for k, (w, _) in eig.items()},
                 eigvecs={k: q for k, (_, q) in eig.items()},

@@ -30,8 +30,23 @@ Arguments shared by the four ``scale_by_*`` (keyword-only, like every argument h
 * ``damping``: ``λ`` (default ``1e-3``), floored at ``linalg.DAMPING_FLOOR``, on the Fisher's
   scale (see :func:`sofim_optax.scale_by_kfac` on how the loss normalisation sets it).
   Factored Tikhonov damping of the first (PSD) term: ``π√λ`` on the input side, ``√λ/π`` on
-  the output side. KPSVD applies it at every step; the rank-two methods bake it in at each
-  inverse refresh.
+  the output side. When a changed damping (a schedule, or an adaptive damping through
+  ``optax.inject_hyperparams``) takes effect:
+
+  - KPSVD: at the very next step. Its refresh stores eigendecompositions of the undamped
+    ``R, S``, and the shifts are applied to their eigenvalues at every step.
+  - Deflation, KFAC-corrected and Lanczos: **at the next inverse refresh** (up to
+    ``inverse_period − 1`` steps later); until then the update keeps the damping of the last
+    refresh. The reason is mathematical, not a shortcut: their solve diagonalises the damped
+    first term and the second term simultaneously, and the diagonalising ``K1`` and ``s1``
+    are the generalised eigenvectors and eigenvalues of the pencil
+    ``(R1 + π√λ I, R2)`` (``K2, s2``: of ``(S1 + (√λ/π) I, S2)``). Unless ``R1`` and ``R2``
+    commute, a new ``λ`` changes the eigenvectors themselves, not a diagonal, so it can only
+    be applied by redoing the two ``eigh`` per factor of a refresh. Nor can an iterative
+    solve with the undamped factors stand in: the ``"abs"`` and ``"clip"`` rules are defined
+    in that ``λ``-dependent basis (only ``"exact"`` would be reachable, at many products
+    per step). A shorter ``inverse_period`` shortens the delay.
+
 * ``ema``: upper bound of the factors' EMA decay ``ρ = min(1 − 1/k, ema)`` (default ``0.95``,
   the paper's).
 * ``stats_period``: recompute the factors every this many updates (default ``1``; the paper
@@ -208,6 +223,12 @@ _SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank
     with ``1 + s1 s2ᵀ`` replaced per ``indefinite``, since the rank-two approximation of a PSD
     matrix need not be PSD.
 
+    Damping: a ``damping`` changed at run time (``optax.inject_hyperparams``) takes effect at
+    the next inverse refresh, not before: ``K_1, s_1`` and ``K_2, s_2`` are the generalised
+    eigendecompositions of the damped first term against the second, and a new ``λ`` changes
+    the eigenvectors (not only a diagonal), so it needs a refresh's two ``eigh`` per factor
+    (details in :mod:`sofim_optax.kpsvd`).
+
     Note: the authors' public ``deflation.py`` never deflates (its ``method`` attribute is set
     to ``"kpsvd"``, so the second power SVD finds the first pair again); this follows the
     paper's mathematics.
@@ -236,6 +257,13 @@ _SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus
     ``state.curvature.factors`` holds ``A, G`` under the roles ``A1, G1`` and ``R, S`` under
     ``A2, G2``.
 
+    Damping: a ``damping`` changed at run time (``optax.inject_hyperparams``) takes effect at
+    the next inverse refresh, not before: the simultaneous diagonalisation is the generalised
+    eigendecomposition of ``(A + π√λ I, R)`` and of ``(G + (√λ/π) I, S)``, whose eigenvectors
+    change with ``λ`` (``A`` and ``R`` do not commute in general), so a new ``λ`` needs a
+    refresh's two ``eigh`` per factor (details in :mod:`sofim_optax.kpsvd`). KFAC itself
+    (:func:`sofim_optax.scale_by_kfac` with ``inverse="eigh"``) applies it at once.
+
     Note: the authors' public ``kfac_cor.py`` does not subtract ``A ⊗ G`` (its ``method`` is
     ``"kpsvd"``) and crashes at its second refresh; this follows the mathematics.
 
@@ -252,7 +280,10 @@ _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two
     ``krylov_dim`` steps per pass and explicit restarts from ``q = v_1 + v_2``, started from
     ``S_1/‖S_1‖ + S_2/‖S_2‖`` of the averaged factors (a fixed PSD start on the first update).
     Both top triplets come out of one Krylov space instead of two sequential power
-    iterations. The factors are averaged separately and inverted as in Deflation.
+    iterations. The factors are averaged separately and inverted as in Deflation; so, as
+    there, a ``damping`` changed at run time (``optax.inject_hyperparams``) takes effect at the
+    next inverse refresh, not before (the simultaneous diagonalisation depends on ``λ``; see
+    :mod:`sofim_optax.kpsvd`).
 
     Departures from the authors' code: their stopping test ``‖𝓡v_k − σ_k u_k‖`` is zero after
     any pass (so they never restart) and their ``K = 2`` with restart ``v_1 + v_2`` stalls on
@@ -283,21 +314,32 @@ _ALIAS_DOC = """{title} with heavy-ball momentum on the preconditioned direction
       weight_decay: decoupled weight decay (default ``0.0``; the paper uses ``1e-3``).
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
+      damping: ``λ`` (default ``1e-3``), as :func:`scale_by_{name}`.
+        {damping}
       every other argument: as :func:`scale_by_{name}`, keyword-only, same defaults.
     """
 
 
-def _alias(scale_by, name: str, title: str):
+# When a damping changed at run time takes effect, per member (the end of the alias's
+# ``damping`` entry).
+_AT_ONCE = "A change (``optax.inject_hyperparams``) takes effect at the next step."
+_AT_REFRESH = (
+    "A change (``optax.inject_hyperparams``) takes effect at the next inverse\n"
+    "        refresh, not before: the simultaneous diagonalisation of the solve depends on ``λ``."
+)
+
+
+def _alias(scale_by, name: str, title: str, damping: str):
     return aliases.make_alias(
         scale_by,
         aliases.momentum_chain,
         name=name,
-        doc=_ALIAS_DOC.format(title=title, name=name),
+        doc=_ALIAS_DOC.format(title=title, name=name, damping=damping),
         alias_arguments=aliases.MOMENTUM_ARGUMENTS,
     )
 
 
-kpsvd = _alias(scale_by_kpsvd, "kpsvd", "KPSVD")
-kpsvd_deflation = _alias(scale_by_kpsvd_deflation, "kpsvd_deflation", "Deflation")
-kfac_corrected = _alias(scale_by_kfac_corrected, "kfac_corrected", "KFAC-corrected")
-kpsvd_lanczos = _alias(scale_by_kpsvd_lanczos, "kpsvd_lanczos", "Lanczos")
+kpsvd = _alias(scale_by_kpsvd, "kpsvd", "KPSVD", _AT_ONCE)
+kpsvd_deflation = _alias(scale_by_kpsvd_deflation, "kpsvd_deflation", "Deflation", _AT_REFRESH)
+kfac_corrected = _alias(scale_by_kfac_corrected, "kfac_corrected", "KFAC-corrected", _AT_REFRESH)
+kpsvd_lanczos = _alias(scale_by_kpsvd_lanczos, "kpsvd_lanczos", "Lanczos", _AT_REFRESH)

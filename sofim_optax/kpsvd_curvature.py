@@ -55,11 +55,15 @@ warm start so that averaging never mixes ``(R, S)`` with ``(−R, −S)``.
 damping applied at every step. Rank two: simultaneous diagonalisation
 (:func:`sofim_optax.linalg.kron_sum_factors`) of the damped first term and the second term,
 ``X = K1 [(K1ᵀ V K2) ⊘ D] K2ᵀ`` (:func:`sofim_optax.linalg.kron_sum_apply`); the damping is
-baked in at the refresh (a changed ``damping`` takes effect at the next refresh). Damping
-rule, same for the whole family (a departure from the authors' code, which damps the rank-two
-first factors by the full ``λ`` each): factored Tikhonov damping ``π√λ``, ``√λ/π`` on the two
-factors of the first (PSD) term, nothing on the second term. Indefinite second terms: see
-``indefinite``.
+baked in at the refresh, so a changed ``damping`` takes effect at the next refresh. It cannot
+be applied later: ``K1, s1`` diagonalise the pencil ``(A1 + π√λ I, A2)``, whose generalised
+eigenvectors move with ``λ`` unless ``A1`` and ``A2`` commute (likewise on the output side),
+so a new ``λ`` costs the refresh's two ``eigh`` per factor.
+
+Damping rule, same for the whole family (a departure from the authors' code, which damps the
+rank-two first factors by the full ``λ`` each): factored Tikhonov damping ``π√λ``, ``√λ/π`` on
+the two factors of the first (PSD) term, nothing on the second term. Indefinite second terms:
+see ``indefinite``.
 """
 
 from __future__ import annotations
@@ -99,11 +103,14 @@ class KroneckerSvdCurvature(NamedTuple):
         ``("A1", "G1", "A2", "G2")`` for the rank-two methods (Deflation/Lanczos: ``R1, S1, R2,
         S2``; KFAC-corrected: KFAC's ``A, G``, then the correction ``R, S``). ``A*`` are
         ``d_a × d_a`` (input side), ``G*`` are ``d_g × d_g`` (output side).
-      eigvals: KPSVD: eigenvalues of ``R, S`` (clamped at 0), roles ``("A1", "G1")``; rank two:
-        the generalised eigenvalues ``s1`` (input side) and ``s2`` (output side), roles
+      eigvals: KPSVD: eigenvalues of the undamped ``R, S`` at the last refresh (clamped at 0;
+        the damping is applied at every step), roles ``("A1", "G1")``; rank two: the
+        generalised eigenvalues ``s1`` (input side) and ``s2`` (output side) of the second
+        term against the first term damped with the ``λ`` of the last refresh, roles
         ``("A", "G")``. Shapes ``{"d{d}": (n_d, d)}``.
       eigvecs: KPSVD: eigenvectors of ``R, S``; rank two: the diagonalising ``K1`` (input side)
-        and ``K2`` (output side). Shapes ``{"d{d}": (n_d, d, d)}``.
+        and ``K2`` (output side), which depend on that ``λ`` too. Shapes
+        ``{"d{d}": (n_d, d, d)}``.
       solver_iterations: ``(n_layers, rank)`` int32, iterations of the SVD solver at each
         layer's last statistics update (power: per term; Lanczos: restarted passes).
       solver_residual: ``(n_layers, rank)``, the solver's final relative residual.

@@ -24,6 +24,7 @@ import optax
 
 from sofim_optax import aliases, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
+from sofim_optax.cpu_runtime import map_stack
 from sofim_optax.diagonal_fisher import scale_by_diagonal_fisher
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE, BlockLayout, batch_blocks
@@ -50,16 +51,27 @@ class MiniBlockFisherCurvature(NamedTuple):
     Blocks are stacked **per block size** (:class:`BlockLayout`): all ``s × s`` blocks of all
     layers live in one ``(n_s, s, s)`` array under the key ``"b{s}"`` (e.g. ``"b9"`` for the
     3×3 kernels of every convolution, ``"b1"`` for conv biases, ``"b63"`` for dense chunks).
+    Which of ``eigvals``/``eigvecs`` and ``inverses`` is filled depends on ``inverse``; the
+    other is ``{}``.
 
     Attributes:
       stat_updates: ``(n_layers,)`` int32, statistics updates received per layer.
       blocks: ``{"b{s}": (n_s, s, s)}``, the EMA empirical-Fisher blocks (undamped), in the
         accumulation dtype (float32, or float64 for float64 kernels).
-      inverses: ``{"b{s}": (n_s, s, s)}``, ``(F_b + λI)⁻¹`` as of the last refresh.
+      eigvals: ``inverse="eigh"`` only (else ``{}``): ``{"b{s}": (n_s, s)}``, eigenvalues
+        ``w`` of the undamped blocks at the last refresh, clamped at 0 (a padded coordinate
+        of a dense chunk has eigenvalue 1, see :func:`scale_by_mini_block_fisher`).
+      eigvecs: ``inverse="eigh"`` only (else ``{}``): ``{"b{s}": (n_s, s, s)}``, their
+        eigenvectors ``Q`` (columns), so that ``F_b = Q diag(w) Qᵀ``; the damping is applied
+        at every step, ``(F_b + λI)⁻¹ u = Q diag(1/(w + λ)) Qᵀ u``.
+      inverses: ``inverse="cholesky"``/``"inv"`` only (else ``{}``): ``{"b{s}": (n_s, s,
+        s)}``, the damped inverses ``(F_b + λI)⁻¹`` with the ``λ`` of the last refresh.
     """
 
     stat_updates: jax.Array
     blocks: dict[str, jax.Array]
+    eigvals: dict[str, jax.Array]
+    eigvecs: dict[str, jax.Array]
     inverses: dict[str, jax.Array]
 
 
@@ -96,6 +108,8 @@ class GradientMomentumState(NamedTuple):
 
 
 def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwise.LayerwiseMethod:
+    eigh = inverse == "eigh"
+
     def layout_of(param_layout):
         return BlockLayout.build(param_layout, dense_block_size)
 
@@ -104,7 +118,9 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
         return MiniBlockFisherCurvature(
             stat_updates=jnp.zeros((len(param_layout.layers),), jnp.int32),
             blocks=bl.zeros(dtype),
-            inverses=bl.eyes(dtype),
+            eigvals=bl.vectors(dtype) if eigh else {},
+            eigvecs=bl.eyes(dtype) if eigh else {},
+            inverses={} if eigh else bl.eyes(dtype),
         )
 
     def update_statistics(curv, param_layout, stats, **extra):
@@ -124,6 +140,9 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
             stat_updates=k.at[active].set(optax.safe_increment(k[active])),
             blocks=bl.assemble(new, curv.blocks, None),
         )
+
+    def damping_of(dtype):
+        return jnp.maximum(jnp.asarray(damping).astype(dtype), linalg.DAMPING_FLOOR)
 
     def refresh(curv, param_layout, **extra):
         del extra
@@ -145,16 +164,37 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
             if masks
             else None
         )
-        lam = jnp.maximum(jnp.asarray(damping).astype(dtype), linalg.DAMPING_FLOOR)
 
-        def inv(k, f):
+        def decoupled(k, f):
+            # The padded rows and columns of a dense chunk are exactly zero: 1 on their
+            # diagonal keeps them decoupled from the real coordinates (their input is 0).
             if pads is not None and any(e[0] in masks for e in bl.entries[k]):
-                # decouple padded coordinates: identity on their diagonal
                 f = f + pads[k][:, :, None] * jnp.eye(f.shape[-1], dtype=f.dtype)
+            return f
+
+        blocks = {k: decoupled(k, f) for k, f in curv.blocks.items()}
+        if eigh:
+            # The undamped blocks' eigendecompositions; λ is applied in `precondition`.
+            eig = {k: map_stack(jnp.linalg.eigh, f) for k, f in blocks.items()}
+            return curv._replace(
+                eigvals={k: jnp.maximum(w, 0.0) for k, (w, _) in eig.items()},
+                eigvecs={k: q for k, (_, q) in eig.items()},
+            )
+        lam = damping_of(dtype)
+
+        def inv(f):
             shifts = jnp.full((f.shape[0],), lam, f.dtype)
             return layerwise.stacked_damped_inverse(f, shifts, inverse)
 
-        return curv._replace(inverses={k: inv(k, f) for k, f in curv.blocks.items()})
+        return curv._replace(inverses={k: inv(f) for k, f in blocks.items()})
+
+    def apply(curv, k, v):
+        """``(F_b + λI)⁻¹ v_b`` for every block of the stack ``k``; ``v`` is ``(n_s, s)``."""
+        if not eigh:
+            return jnp.einsum("bij,bj->bi", curv.inverses[k], v)
+        w, q = curv.eigvals[k], curv.eigvecs[k]
+        rotated = jnp.einsum("bji,bj->bi", q, v) / (w + damping_of(w.dtype))
+        return jnp.einsum("bij,bj->bi", q, rotated)
 
     def precondition(curv, param_layout, grads, **extra):
         del extra
@@ -162,7 +202,7 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
         dtype = next(iter(grads.values())).dtype
         parts = {i: bl.blockings[i].blockify(v) for i, v in grads.items()}
         vecs = bl.assemble(parts, None, lambda count, size: jnp.zeros((count, size), dtype))
-        out_stacks = {k: jnp.einsum("bij,bj->bi", curv.inverses[k], v) for k, v in vecs.items()}
+        out_stacks = {k: apply(curv, k, v) for k, v in vecs.items()}
         split = bl.split(out_stacks, list(grads))
         return {i: bl.blockings[i].deblockify(split[i]) for i in grads}, curv
 
@@ -228,16 +268,29 @@ def scale_by_mini_block_fisher(
     :func:`scale_by_diagonal_fisher` (``1×1`` blocks ``u_i / (ν_i + λ)``, ``ν`` an EMA of the
     squared minibatch gradient, because per-example gradients are not captured for them).
 
-    Blocks of the same size (across layers) are stacked (:class:`MiniBlockFisherCurvature`);
-    the damped inverses are refreshed in one batched call per size
-    (:func:`sofim_optax.layerwise.stacked_damped_inverse`: a ``vmap``-ed Cholesky by default,
-    ``lax.map``-ped one block at a time on CPU with jaxlib < 0.11 to avoid a LAPACK deadlock;
-    a breakdown falls back to the eigendecomposition, so nothing turns NaN), the sizes one
-    after another, and applied as one batched matrix-vector product per size.
+    Blocks of the same size (across layers) are stacked (:class:`MiniBlockFisherCurvature`)
+    and decomposed at each refresh in one batched call per size (``vmap``-ed, or ``lax.map``-ped
+    one block at a time on CPU with jaxlib < 0.11 to avoid a LAPACK deadlock), the sizes one
+    after another; what is stored depends on ``inverse``:
+
+    * ``"cholesky"`` (default) and ``"inv"``: the damped inverses ``(F_b + λI)⁻¹``
+      (:func:`sofim_optax.layerwise.stacked_damped_inverse`; a Cholesky breakdown falls back
+      to the eigendecomposition, so nothing turns NaN), applied as one batched matrix-vector
+      product per size. ``λ`` is baked into them: **a changed damping takes effect at the next
+      inverse refresh**, not before.
+    * ``"eigh"``: the eigendecompositions ``F_b = Q_b diag(w_b) Q_bᵀ`` of the undamped blocks
+      (``w_b`` clamped at 0), and each step applies
+      ``(F_b + λI)⁻¹ u_b = Q_b diag(1/(w_b + λ)) Q_bᵀ u_b`` (two batched products per size).
+      **A changed damping takes effect at the very next step** (e.g. a schedule or an adaptive
+      damping through ``optax.inject_hyperparams``).
+
+    The zero-padded coordinates of a dense chunk (their rows and columns of ``F_b`` are zero)
+    get a 1 on the diagonal before the decomposition, so they stay decoupled from the real
+    coordinates; their entries of ``u_b`` are zero and are dropped from the result.
 
     Schedule: on update ``count`` (0-based) the statistics are refreshed when ``count %
-    stats_period == 0``, then the inverses when ``count % inverse_period == 0`` (both at
-    ``count = 0``), under ``lax.cond``.
+    stats_period == 0``, then the inverses or eigendecompositions when ``count %
+    inverse_period == 0`` (both at ``count = 0``), under ``lax.cond``.
 
     Departures and choices (``docs/methods/mini_block_fisher.md``): the conv blocks (one per
     channel pair) and dense blocks (one per output unit with its bias) are our reading of the
@@ -253,18 +306,27 @@ def scale_by_mini_block_fisher(
         batch 128) ``1e-3`` diverged at learning rates 0.003 and 0.01 and ``1e-2`` trained
         (``experiments/benchmark_mbf.py``). On the EF's scale: a loss summed over many outputs (the
         autoencoder's 784 pixels) has a much larger EF than a mean cross-entropy and wants a
-        larger ``λ``. Baked into the inverses: a change takes effect at the next refresh.
+        larger ``λ``. With ``inverse="eigh"`` it is applied at every step (a change takes
+        effect at once); with ``"cholesky"``/``"inv"`` it is baked into the inverses (a change
+        takes effect at the next inverse refresh). The diagonal fallback applies it at every
+        step.
       ema: upper bound of the EMA decay of the blocks (default ``0.9``, the authors' group's
         value in their TNT code).
       stats_period: refresh the statistics every this many updates (default ``1``; pass
         ``layer_stats`` on every update anyway, its keys select the preconditioned layers).
-      inverse_period: refresh the inverses every this many updates (default ``20``).
+      inverse_period: refresh the inverses (or eigendecompositions) every this many updates
+        (default ``20``).
       dense_block_size: maximum dense block size ``B`` (default ``64``, see
         :data:`sofim_optax.mini_blocks.DEFAULT_DENSE_BLOCK_SIZE` for the memory arithmetic);
         ``None`` for whole columns (``d_in + 1`` entries: ``d_in + 1`` floats per parameter,
         twice). It fixes the shapes of the state, so under ``optax.inject_hyperparams`` list it
         in ``static_args`` (as ``batch_chunk`` when given).
-      inverse: ``"cholesky"`` (default), ``"eigh"`` or ``"inv"``, the batched inverse.
+      inverse: ``"cholesky"`` (default), ``"inv"`` or ``"eigh"``. ``"cholesky"`` (Cholesky
+        factorisation, then triangular solves against ``I``) and ``"inv"`` (LU) store the
+        damped inverses: cheapest per step, but a damping change waits for the next inverse
+        refresh. ``"eigh"`` stores eigenvalues and eigenvectors of the undamped blocks (one
+        ``s``-vector more per block) and applies the damping at every step, at twice the
+        matrix-vector work per step and a costlier refresh; a damping change acts at once.
       batch_chunk: examples per chunk of the statistics einsums (default ``None``: as many as
         keep the temporaries near 2²⁵ floats).
       fallback: transformation for the parameters no captured layer covers: ``"diagonal"``
@@ -277,8 +339,8 @@ def scale_by_mini_block_fisher(
       e.g. from ``sofim_optax.curvature.linen.value_grad_and_stats``); ``gradients`` (the raw
       minibatch gradient, when ``updates`` is something else such as a momentum) feeds the
       diagonal fallback. Errors about the statistics are raised at trace time and name the
-      layer. Updates come back in each leaf's dtype; statistics and inverses are float32
-      (float64 for float64 kernels).
+      layer. Updates come back in each leaf's dtype; statistics, inverses and
+      eigendecompositions are float32 (float64 for float64 kernels).
 
     References:
       Bahamou, Goldfarb & Ren, `A Mini-Block Fisher Method for Deep Neural Networks

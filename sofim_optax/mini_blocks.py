@@ -38,7 +38,8 @@ __all__ = [
 #: Default ``dense_block_size``. Memory arithmetic for the deep autoencoder
 #: 784-1000-500-250-30-250-500-1000-784 (P = 2 837 314 weights and biases, all dense): a block
 #: of size ``s`` stores ``s`` floats per parameter, and MBF keeps two such stacks (the EMA
-#: blocks and their damped inverses), i.e. ``2 · 4 B · s`` per parameter in float32. With
+#: blocks and their damped inverses, or with ``inverse="eigh"`` their eigenvectors plus one
+#: float per parameter of eigenvalues), i.e. ``2 · 4 B · s`` per parameter in float32. With
 #: chunks of at most 64 (balanced to 61 and 63, plus 31 for the 31-entry columns; padding
 #: under 1 %) the state is 1.44 GB (measured with ``jax.eval_shape``); at most 32: 0.75 GB;
 #: at most 128: 2.8 GB. Unchunked (``None``, blocks of ``d_in + 1`` up to 1001) it is 18.0 GB,
@@ -200,6 +201,10 @@ class BlockLayout:
 
     def eyes(self, dtype: Any) -> dict[str, jax.Array]:
         return layerwise.stack_eyes(self.sizes, self.dims, dtype)
+
+    def vectors(self, dtype: Any) -> dict[str, jax.Array]:
+        """``{key: zeros (n_s, s)}``: one vector per block (e.g. eigenvalues)."""
+        return {k: jnp.zeros((n, self.dims[k]), dtype) for k, n in self.sizes.items()}
 
     def assemble(
         self,

@@ -10,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import sofim_optax
@@ -223,6 +224,79 @@ def test_second_step_averages_the_factors(x64):
         got = grad_matrix(updates["d"]["kernel"], updates["d"]["bias"])
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=kind)
         assert np.asarray(state.curvature.stat_updates).tolist() == [2]
+
+
+# ----------------------------------------------------------------------------------------
+# A damping changed at run time (optax.inject_hyperparams) between two refreshes.
+# ----------------------------------------------------------------------------------------
+
+# Inverse refreshes at counts 0 and 3; the damping is changed before count 2.
+_PERIOD = 3
+
+
+def _damping_run(kind, lam0, lam1):
+    """Counts 0 and 1 with ``lam0``, then counts 2 (no refresh) and 3 (refresh) with
+    ``lam1`` set in ``state.hyperparams``; also count 2 with ``lam0`` kept, and count 3 by a
+    factory built with ``lam1`` from the same state. Returns the statistics of count 0, the
+    gradient matrix of count 2 and the updates' gradient matrices."""
+    f = SCALES[kind]
+    kw = dict(inverse_period=_PERIOD, tol=1e-13, max_iters=5000)
+    if kind != "kpsvd":
+        kw["indefinite"] = "exact"  # the dense reference inverts the approximation itself
+    tx = optax.inject_hyperparams(f, static_args=getattr(f, "static_args", ()))(damping=lam0, **kw)
+    params = {
+        "d": {"kernel": arr(np.zeros((3, 2)), jnp.float64), "bias": arr(np.zeros(2), jnp.float64)}
+    }
+    steps = [
+        ({"d": rand_stats(30 + t, 7, 3, 2, dtype=jnp.float64)}, rand_like(50 + t, params))
+        for t in range(_PERIOD + 1)
+    ]
+    update = jax.jit(lambda g, s, st: tx.update(g, s, params, layer_stats=st))
+    fresh = f(damping=lam1, **kw)
+    fresh_update = jax.jit(lambda g, s, st: fresh.update(g, s, params, layer_stats=st))
+    state = tx.init(params)
+    for stats, grads in steps[:2]:
+        _, state = update(grads, state, stats)
+    stats, grads = steps[2]
+    out = {"kept": update(grads, state, stats)[0]}
+    state.hyperparams["damping"] = jnp.asarray(lam1, state.hyperparams["damping"].dtype)
+    out["changed"], state = update(grads, state, stats)
+    stats, grads = steps[3]
+    out["refreshed"], _ = update(grads, state, stats)
+    out["fresh"], _ = fresh_update(grads, state.inner_state, stats)
+    state.hyperparams["damping"] = jnp.asarray(lam0, state.hyperparams["damping"].dtype)
+    out["refreshed_kept"], _ = update(grads, state, stats)
+    V2 = grad_matrix(steps[2][1]["d"]["kernel"], steps[2][1]["d"]["bias"])
+    got = {k: grad_matrix(u["d"]["kernel"], u["d"]["bias"]) for k, u in out.items()}
+    return steps[0][0]["d"], V2, got
+
+
+def test_kpsvd_applies_a_damping_change_at_once(x64):
+    """Rank one: the eigendecompositions of ``R, S`` are of the undamped factors, so a damping
+    changed between two refreshes acts at the next step, and equals the dense solve with the
+    new damping of the factors of the last refresh."""
+    lam0, lam1 = 0.05, 0.7
+    stats0, V2, got = _damping_run("kpsvd", lam0, lam1)
+    for lam, key in ((lam0, "kept"), (lam1, "changed")):
+        want = ref_update("kpsvd", stats0, True, V2, lam)
+        np.testing.assert_allclose(got[key], want, rtol=1e-6, atol=1e-9, err_msg=key)
+    assert not np.allclose(got["changed"], got["kept"], rtol=1e-3)
+    np.testing.assert_allclose(got["refreshed"], got["fresh"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["deflation", "kfac_corrected", "lanczos"])
+def test_rank_two_applies_a_damping_change_at_the_next_refresh(x64, kind):
+    """Rank two (documented): the simultaneous diagonalisation depends on the damping, so a
+    change leaves the update as it was until the next inverse refresh, then takes effect."""
+    lam0, lam1 = 0.05, 0.7
+    stats0, V2, got = _damping_run(kind, lam0, lam1)
+    want = ref_update(kind, stats0, True, V2, lam0)  # the factors of count 0, with λ0
+    for key in ("kept", "changed"):
+        np.testing.assert_allclose(got[key], want, rtol=1e-6, atol=1e-9, err_msg=key)
+    np.testing.assert_allclose(got["changed"], got["kept"], rtol=1e-12, atol=1e-14)
+    # At the refresh: what a factory built with λ1 gives from the same state, not λ0's.
+    np.testing.assert_allclose(got["refreshed"], got["fresh"], rtol=1e-9, atol=1e-12)
+    assert not np.allclose(got["refreshed"], got["refreshed_kept"], rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------

@@ -419,6 +419,135 @@ def test_ema_and_period_semantics(x64):
 
 
 # ----------------------------------------------------------------------------------------
+# A damping changed at run time (optax.inject_hyperparams).
+# ----------------------------------------------------------------------------------------
+
+# A dense layer whose chunks are padded (d_a 8, B 3: one padded entry per column) and a conv
+# layer (2×2 kernel, 2 → 3 channels, 4 positions); inverses refreshed at counts 0 and 3.
+_PERIOD, _BLOCK = 3, 3
+
+
+def _damping_case():
+    f64 = jnp.float64
+    params = {
+        "dense": {"kernel": zeros((7, 2), f64), "bias": zeros((2,), f64)},
+        "conv": {"kernel": zeros((2, 2, 2, 3), f64), "bias": zeros((3,), f64)},
+    }
+    steps = [
+        (
+            {
+                "dense": rand_stats(20 + t, 5, 7, 2, dtype=f64),
+                "conv": rand_stats(40 + t, 5, 8, 3, t=4, dtype=f64),
+            },
+            rand_like(60 + t, params),
+        )
+        for t in range(_PERIOD + 1)
+    ]
+    return params, steps
+
+
+def _reference(stats_list, grads, damping):
+    """Per-block ``(F_b + λI)⁻¹ u_b`` with ``F_b`` the plain mean of the batch blocks of
+    ``stats_list`` (what the EMA is after ``k ≤ 1/(1 − ema)`` updates), from per-example
+    gradients of all their examples together."""
+    pe_dense = np.concatenate([per_example_dense(s["dense"]) for s in stats_list])
+    dense = ref_dense(
+        pe_dense, stack_v(grads["dense"]["kernel"], grads["dense"]["bias"]), damping, _BLOCK
+    )
+    x = np.concatenate([np.asarray(s["conv"].inputs, np.float64) for s in stats_list])
+    g = np.concatenate([np.asarray(s["conv"].output_grads, np.float64) for s in stats_list])
+    pk = np.einsum("ntk,nto->nko", x, g).reshape((x.shape[0],) + grads["conv"]["kernel"].shape)
+    conv_k, conv_b = ref_conv(
+        pk,
+        g.sum(axis=1),
+        np.asarray(grads["conv"]["kernel"]),
+        np.asarray(grads["conv"]["bias"]),
+        damping,
+    )
+    return {"dense": dense, "conv_kernel": conv_k, "conv_bias": conv_b}
+
+
+def _assert_matches(upd, want, err_msg):
+    got = {
+        "dense": stack_v(upd["dense"]["kernel"], upd["dense"]["bias"]),
+        "conv_kernel": np.asarray(upd["conv"]["kernel"]),
+        "conv_bias": np.asarray(upd["conv"]["bias"]),
+    }
+    for key, w in want.items():
+        np.testing.assert_allclose(
+            got[key], w, rtol=1e-9, atol=1e-12 * np.abs(w).max(), err_msg=f"{err_msg} {key}"
+        )
+
+
+def _injected(inverse, damping):
+    f = scale_by_mini_block_fisher
+    return optax.inject_hyperparams(f, static_args=f.static_args)(
+        damping=damping, ema=0.9, inverse_period=_PERIOD, dense_block_size=_BLOCK, inverse=inverse
+    )
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_eigh_applies_a_damping_change_at_once(x64):
+    """``inverse="eigh"``: a damping changed between two refreshes acts at the next step and
+    equals the per-block solve with the new damping of the blocks of the last refresh, and
+    the Cholesky path refreshed with that damping."""
+    params, steps = _damping_case()
+    lam0, lam1 = 1e-2, 0.3
+    tx = _injected("eigh", lam0)
+    update = jax.jit(lambda g, s, st: tx.update(g, s, params, layer_stats=st))
+    state = tx.init(params)
+    assert state.inner_state.curvature.inverses == {}
+    for stats, grads in steps[:2]:
+        _, state = update(grads, state, stats)
+    stats, grads = steps[2]  # count 2: statistics update, no refresh
+    same, _ = update(grads, state, stats)
+    _assert_matches(same, _reference([steps[0][0]], grads, lam0), "old damping")
+    state.hyperparams["damping"] = jnp.asarray(lam1, state.hyperparams["damping"].dtype)
+    got, state = update(grads, state, stats)
+    _assert_matches(got, _reference([steps[0][0]], grads, lam1), "new damping")
+    assert not np.allclose(_flat(got), _flat(same))
+
+    chol = scale_by_mini_block_fisher(
+        damping=lam1, ema=0.9, inverse_period=_PERIOD, dense_block_size=_BLOCK
+    )
+    chol_update = jax.jit(lambda g, s, st: chol.update(g, s, params, layer_stats=st))
+    chol_state = chol.init(params)
+    for stats, grads in steps[:3]:
+        want, chol_state = chol_update(grads, chol_state, stats)
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-9, atol=1e-12)
+    # At the next refresh (count 3) both use the blocks averaged over the four batches.
+    stats, grads = steps[3]
+    got, _ = update(grads, state, stats)
+    want, _ = chol_update(grads, chol_state, stats)
+    np.testing.assert_allclose(_flat(got), _flat(want), rtol=1e-9, atol=1e-12)
+    _assert_matches(got, _reference([s for s, _ in steps], grads, lam1), "after refresh")
+
+
+@pytest.mark.parametrize("inverse", ["cholesky", "inv"])
+def test_explicit_inverses_apply_a_damping_change_at_the_next_refresh(x64, inverse):
+    """``"cholesky"``/``"inv"`` (documented): the damping is baked into the inverses, so a
+    change leaves the update unchanged until the next inverse refresh, then takes effect."""
+    params, steps = _damping_case()
+    lam0, lam1 = 1e-2, 0.3
+    tx = _injected(inverse, lam0)
+    update = jax.jit(lambda g, s, st: tx.update(g, s, params, layer_stats=st))
+    state = tx.init(params)
+    assert state.inner_state.curvature.eigvals == {} == state.inner_state.curvature.eigvecs
+    for stats, grads in steps[:2]:
+        _, state = update(grads, state, stats)
+    state.hyperparams["damping"] = jnp.asarray(lam1, state.hyperparams["damping"].dtype)
+    stats, grads = steps[2]  # no refresh: still the inverses of count 0, with λ0
+    got, state = update(grads, state, stats)
+    _assert_matches(got, _reference([steps[0][0]], grads, lam0), "before the refresh")
+    stats, grads = steps[3]  # refresh: the blocks averaged over the four batches, with λ1
+    got, _ = update(grads, state, stats)
+    _assert_matches(got, _reference([s for s, _ in steps], grads, lam1), "at the refresh")
+
+
+# ----------------------------------------------------------------------------------------
 # Fallback and errors.
 # ----------------------------------------------------------------------------------------
 

@@ -81,6 +81,12 @@ def kron_sum_factors(
     ``G1_d, G2``. Then ``A1_d ⊗ G1_d + A2 ⊗ G2 = (K1 ⊗ K2)^{-ᵀ} diag(1 + s1 ⊗ s2)
     (K1 ⊗ K2)^{-1}``. Cost: two ``eigh`` per factor.
 
+    The result depends on ``damping``: ``K1`` diagonalises the pencil ``(A1 + π√λ I, A2)``,
+    whose generalised eigenvectors change with ``λ`` unless ``A1`` and ``A2`` commute (no
+    rescaling of ``s1`` accounts for a new ``λ``), and likewise ``K2``. A new damping therefore
+    needs a new call, unlike :func:`~sofim_optax.linalg.damped_kron_solve_eigh`, which takes
+    ``λ`` at solve time.
+
     Args:
       A1, G1: the first term, PSD (``d_a × d_a``, ``d_g × d_g``); negative eigenvalues from
         round-off are clamped at 0.

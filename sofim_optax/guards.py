@@ -81,17 +81,19 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
-def keep_if_finite(new: Any, old: Any) -> tuple[Any, jax.Array]:
-    """``(new if every changed floating value of new is finite else old, that test)``.
+def keep_if_finite(new: Any, old: Any, *, also: Any = True) -> tuple[Any, jax.Array]:
+    """``(new if every changed floating value of new is finite (and also) else old, that
+    test)``.
 
     ``new`` and ``old`` have the same structure; a leaf of ``new`` that is the very object of
     ``old`` (a field the update did not touch) is neither tested nor selected, so guarding a
-    statistics update does not read the decompositions it leaves alone.
+    statistics update does not read the decompositions it leaves alone. ``also``: a further
+    ``()`` bool condition (e.g. that the inputs of the update were finite).
     """
     new_leaves, treedef = jax.tree.flatten(new)
     old_leaves = treedef.flatten_up_to(old)
     changed = [i for i, (n, o) in enumerate(zip(new_leaves, old_leaves)) if n is not o]
-    ok = all_finite([new_leaves[i] for i in changed])
+    ok = all_finite([new_leaves[i] for i in changed]) & jnp.asarray(also)
     out = list(new_leaves)
     for i in changed:
         out[i] = jnp.where(ok, new_leaves[i], old_leaves[i])

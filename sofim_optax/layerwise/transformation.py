@@ -77,17 +77,20 @@ def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any
 
 
 def _guarded(
-    fn: Callable[[Any], Any], counter: str, forget: Callable[[Any], Any] | None = None
+    fn: Callable[[Any], Any],
+    counter: str,
+    forget: Callable[[Any], Any] | None = None,
+    inputs: Any = None,
 ) -> Callable[[Any], Any]:
     """``(curvature, skipped) -> (fn(curvature), skipped)``, keeping the old curvature (passed
     through ``forget`` if given) and counting in ``skipped.<counter>`` when ``fn`` produced a
-    non-finite value."""
+    non-finite value or ``inputs`` hold one."""
 
     def run(operand):
         curvature, skipped = operand
         new = fn(curvature)
         kept = curvature if forget is None else forget(curvature)
-        new, ok = guards.keep_if_finite(new, kept)
+        new, ok = guards.keep_if_finite(new, kept, also=guards.all_finite(inputs))
         return new, guards.count_if(skipped, counter, ~ok)
 
     return run
@@ -97,6 +100,17 @@ def _accumulation_dtype(leaves: Sequence[jax.Array], layout: ParamLayout) -> Any
     return hp.accumulation_dtype(
         *(jnp.asarray(leaves[layer.kernel_leaf]).dtype for layer in layout.layers)
     )
+
+
+def _layer_stats_in(extra: dict[str, Any], layout: ParamLayout, active: Sequence[int]) -> list:
+    """The statistics of the captured layers inside the extra arguments (K-BFGS's
+    ``previous_batch_stats``): a non-finite value there is a bad batch too."""
+    paths = [layout.layers[i].path for i in active]
+    found = []
+    for value in extra.values():
+        if isinstance(value, dict) and any(p in value for p in paths):
+            found += [value[p] for p in paths if p in value]
+    return found
 
 
 def layerwise_transformation(
@@ -188,6 +202,7 @@ def layerwise_transformation(
                     lambda c: method.update_statistics(c, layout, stats, **extra),
                     "statistics",
                     method.after_discarded_statistics,
+                    inputs=(stats, _layer_stats_in(extra, layout, active)),
                 ),
                 (curvature, skipped),
             )

@@ -136,6 +136,47 @@ def _check_outputs(layout: layerwise.ParamLayout, stats: Mapping[str, Any], what
             )
 
 
+def _missing_previous_message(layout: layerwise.ParamLayout) -> str:
+    return (
+        f"{_NAME}.update (kbfgs, kbfgs_l) needs the keyword argument `previous_batch_stats` on "
+        "every call: the statistics (a dict {layer path: LayerStats} with `outputs`, the same "
+        "keys as `layer_stats`) of the PREVIOUS minibatch evaluated at the CURRENT parameters, "
+        "from which K-BFGS builds the (s, y) pairs that update H_g; without them H_g would "
+        "never change. Compute both statistics with `value, grads, layer_stats, "
+        "previous_batch_stats = sofim_optax.curvature.two_pass.two_pass_value_grad_and_stats("
+        "loss_fn, params, batch, previous_batch)`, or use the train step "
+        "`sofim_optax.curvature.two_pass.make_two_pass_train_step(loss_fn, tx)`. At the first "
+        "step there is no previous minibatch: pass the current one's, "
+        "`previous_batch_stats=layer_stats` (ignored at that step; two_pass does this when "
+        f"previous_batch is None). Layers found in params: {list(layout.layer_paths)}."
+    )
+
+
+def _check_previous(
+    layout: layerwise.ParamLayout, stats: Mapping[int, Any], previous: Any
+) -> tuple[int, ...]:
+    """Validates ``previous_batch_stats`` like ``layer_stats`` and returns its layer indices.
+
+    It is required, it passes the same checks as ``layer_stats`` (keys, shapes, ``outputs``),
+    and it covers exactly the layers of ``layer_stats``.
+    """
+    if previous is None:
+        raise ValueError(_missing_previous_message(layout))
+    active = layerwise.check_layer_stats(layout, previous, _NAME, "previous_batch_stats")
+    _check_outputs(layout, previous, "previous_batch_stats")
+    if set(active) != set(stats):
+        paths = layout.layer_paths
+        missing = sorted(paths[i] for i in set(stats) - set(active))
+        extra = sorted(paths[i] for i in set(active) - set(stats))
+        raise ValueError(
+            f"{_NAME}: previous_batch_stats must hold the same layers as layer_stats; "
+            f"missing from previous_batch_stats: {missing}, not in layer_stats: {extra}. "
+            "Capture both with the same loss_fn (sofim_optax.curvature.two_pass"
+            ".two_pass_value_grad_and_stats does)."
+        )
+    return active
+
+
 def _skip_ok(s: jax.Array, y: jax.Array, g_ref: jax.Array, threshold: Any) -> jax.Array:
     """The authors' acceptance rule: ``sᵀy > threshold · sᵀs · ‖g_ref‖`` (and ``sᵀy > 0``), finite."""
     sy, ss = jnp.dot(s, y), jnp.dot(s, s)
@@ -255,10 +296,7 @@ def make_method(
         layers = param_layout.layers
         la, lg = layouts(layers)
         _check_outputs(param_layout, {layers[i].path: st for i, st in stats.items()}, "layer_stats")
-        prev_active: tuple[int, ...] = ()
-        if previous_batch_stats is not None:
-            prev_active = layerwise.check_layer_stats(param_layout, previous_batch_stats, _NAME)
-            _check_outputs(param_layout, previous_batch_stats, "previous_batch_stats")
+        prev_active = _check_previous(param_layout, stats, previous_batch_stats)
         dtype = next(iter(curv.A.values())).dtype if curv.A else jnp.float32
         sqrt_l = sqrt_damping(dtype)
         out_side: dict[str, dict] = {}  # field -> {(layer, "g"): value}

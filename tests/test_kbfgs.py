@@ -351,7 +351,7 @@ def test_hg_and_ha_stay_symmetric_positive_definite_over_many_steps():
                 np.asarray(curv.S["d5"][0], np.float64),
                 np.asarray(curv.Y["d5"][0], np.float64),
             )
-            assert np.all(np.sum(S * Y, 1) > 0) and bool(np.all(curv.valid[0]))
+            assert np.all(np.sum(S * Y, 1) > 0) and bool(np.all(curv.valid["d5"][0]))
         for M in mats:
             assert np.all(np.isfinite(M))
             np.testing.assert_allclose(M, M.T, rtol=1e-5, atol=1e-7)

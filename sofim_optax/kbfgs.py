@@ -235,7 +235,8 @@ _KBFGS_DOC = r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
-      layer_stats=..., previous_batch_stats=...)``.
+      layer_stats=..., previous_batch_stats=...)``, both on every step (at the first, pass
+      ``previous_batch_stats=layer_stats``: they are ignored; see :func:`scale_by_kbfgs`).
 
     Examples:
       A linen train step doing both passes (see

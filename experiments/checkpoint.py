@@ -4,6 +4,20 @@ A checkpoint holds the leaves of a pytree (parameters, model state, optimizer st
 keys as their raw data), a JSON ``meta`` record and a few extra numpy arrays, serialised with
 ``flax.serialization``'s msgpack. :func:`fingerprint` hashes a run's configuration so that a
 checkpoint from a different configuration is refused (:class:`CheckpointMismatch`).
+
+Why flax's msgpack and not ``orbax.checkpoint``: orbax is the better tool where its strengths
+apply (asynchronous saves that overlap training, coordinated multi-host writes, each host
+writing the shards of its sharded arrays, checkpoint managers with retention), and every
+optimizer state of ``sofim_optax`` is tested to round-trip through its
+``StandardCheckpointer`` for users who train that way. None of those strengths applies to
+this harness: it trains on one process and one device with unsharded arrays, and saves once
+per epoch a state of at most tens of megabytes, which a synchronous write handles in a
+fraction of a second against epochs of seconds to minutes. What it needs, msgpack gives
+with less: an atomic write (a temporary file in the same folder, then ``os.replace``), one
+self-contained file per run that is easy to copy and delete, the metadata and extra arrays
+in the same file, and arrays orbax refuses (zero-size arrays) stored like any other. Orbax
+would add a dependency with its own native stack (tensorstore) to the experiments' install
+and turn each checkpoint into a folder of files, for no gain here.
 """
 
 from __future__ import annotations

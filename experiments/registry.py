@@ -14,8 +14,8 @@ need                        what the train step passes to ``update``
                             gradient (empirical Fisher, or the sampled Fisher with the loop
                             option ``fisher="sampled"``)
 ``previous_batch_stats``    the statistics of the PREVIOUS minibatch at the CURRENT
-                            parameters (a second pass in the same step); ``None`` on the
-                            very first step
+                            parameters (a second pass in the same step); on the very first
+                            step the current batch's ``layer_stats`` (K-BFGS ignores them)
 ``obj_fn``                  ``obj_fn(params) -> scalar``: the training objective of the
                             current batch (a closure; batch-norm state is frozen)
 ``value_fn``                ``value=objective, grad=grads, value_fn=obj_fn`` (optax's

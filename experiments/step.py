@@ -10,8 +10,10 @@ caller writes ``make_train_step(loss_fn, tx, needs=OPTIMIZERS[name].needs)``:
   backward pass as the gradient; the empirical Fisher, or the sampled Fisher
   (``fisher="sampled"``) drawn with the step's ``rng``;
 * ``previous_batch_stats`` (K-BFGS): the statistics of the previous minibatch at the
-  current parameters, a second pass in the same step (``None`` on the first step; see
-  :mod:`sofim_optax.curvature.two_pass`); its sampled targets use ``fold_in(rng, 1)``;
+  current parameters, a second pass in the same step; its sampled targets use
+  ``fold_in(rng, 1)``. On the first step (no ``previous_inputs``) there is no second pass and
+  the current batch's ``layer_stats`` are passed instead, which K-BFGS requires and ignores
+  at its first step (as :mod:`sofim_optax.curvature.two_pass` does);
 * ``obj_fn`` (AdaHessian, Nyström-SGD): ``obj_fn(params)``, the objective of the current
   batch at other parameters;
 * ``value_fn`` (optax's L-BFGS line search): ``value``, ``grad`` and ``value_fn``.
@@ -71,7 +73,8 @@ def make_train_step(
       ``step(params, opt_state, inputs, previous_inputs=None, rng=None) ->``
       :class:`StepOutput` ``(params, opt_state, loss, aux)`` with ``loss`` the objective
       at the step's parameters and ``aux`` ``None`` unless ``has_aux``. ``previous_inputs``
-      (the previous minibatch's ``inputs``) is read only for ``previous_batch_stats``.
+      (the previous minibatch's ``inputs``, ``None`` on the first step) is read only for
+      ``previous_batch_stats``.
     """
     unknown = set(needs) - set(NEEDS)
     if unknown:
@@ -105,8 +108,8 @@ def make_train_step(
         else:
             value, grads = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, *inputs)
         if "previous_batch_stats" in needs:
-            if previous_inputs is None:
-                extra["previous_batch_stats"] = None
+            if previous_inputs is None:  # the first step: required, ignored by K-BFGS
+                extra["previous_batch_stats"] = stats
             else:
                 previous_rng = None if rng is None else jax.random.fold_in(rng, 1)
                 extra["previous_batch_stats"] = capture(

@@ -7,7 +7,7 @@ learning rate, no sign); ``<method>(learning_rate, ...)`` is the ready alias.
 
 Extra ``update`` arguments, keyword-only: ``layer_stats=`` (KFAC, the KPSVD
 family, Mini-Block Fisher, K-BFGS; from ``curvature.linen`` / ``curvature.nnx``),
-``previous_batch_stats=`` (K-BFGS; see ``curvature.two_pass``) and ``obj_fn=``
+``previous_batch_stats=`` (K-BFGS, on every update; see ``curvature.two_pass``) and ``obj_fn=``
 (AdaHessian, Nyström-SGD: the minibatch loss as a function of the parameters).
 
 Every hyperparameter after ``learning_rate`` is keyword-only, and each name means the same

@@ -89,8 +89,8 @@ def scale_by_kbfgs(
 
     One update, for a captured layer, on minibatch ``B_t`` at parameters ``θ_t``:
 
-    1. **H_g** (skipped at the first step, or when ``previous_batch_stats`` is ``None``): the
-       pair of the *previous* minibatch ``B_{t-1}`` between its own parameters ``θ_{t-1}`` and
+    1. **H_g** (skipped at a layer's first step, whose ``previous_batch_stats`` are ignored):
+       the pair of the *previous* minibatch ``B_{t-1}`` between its own parameters ``θ_{t-1}`` and
        the current ``θ_t``,
 
        .. math:: s = \bar s_{B_{t-1}}(\theta_{t-1}) - \bar s_{B_{t-1}}(\theta_t),\qquad
@@ -160,11 +160,17 @@ def scale_by_kbfgs(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
-      *, layer_stats, previous_batch_stats=None)`` requires ``layer_stats`` (this minibatch at
-      the current parameters, with ``outputs``) and takes ``previous_batch_stats`` (the
-      previous minibatch at the current parameters; the same layer keys). Errors (missing
-      statistics, unknown keys, shapes, missing ``outputs``) are raised at trace time and name
-      the layer.
+      *, layer_stats, previous_batch_stats)`` requires both statistics on every call:
+      ``layer_stats`` (this minibatch at the current parameters, with ``outputs``) and
+      ``previous_batch_stats`` (the previous minibatch at the current parameters, with
+      ``outputs`` and the same layer keys;
+      :func:`sofim_optax.curvature.two_pass.two_pass_value_grad_and_stats` computes both). At
+      the first step there is no previous minibatch: pass statistics of the right shapes, such
+      as ``previous_batch_stats=layer_stats``; they are ignored (nothing is stored to pair them
+      with). Omitting ``previous_batch_stats`` is a ``ValueError``: K-BFGS would otherwise
+      never update ``H_g``. Errors (missing statistics, unknown keys, shapes, missing
+      ``outputs``, different layers in the two statistics) are raised at trace time and name
+      the argument and the layer.
 
     References:
       Goldfarb, Ren & Bahamou, `Practical Quasi-Newton Methods for Training Deep Neural
@@ -238,7 +244,8 @@ _KBFGS_DOC = r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
-      layer_stats=..., previous_batch_stats=...)``.
+      layer_stats=..., previous_batch_stats=...)``, both on every step (at the first, pass
+      ``previous_batch_stats=layer_stats``: they are ignored; see :func:`scale_by_kbfgs`).
 
     Examples:
       A linen train step doing both passes (see

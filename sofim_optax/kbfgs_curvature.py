@@ -42,8 +42,9 @@ class KbfgsCurvature(NamedTuple):
         for the bias), for the Hessian-action update of ``H_a``.
       Hg: ``{"d{d_g}": (n, d_g, d_g)}``, the damped-BFGS ``H_g`` (K-BFGS); ``{}`` for K-BFGS(L).
       S, Y: ``{"d{d_g}": (n, M, d_g)}``, the L-BFGS ring buffers (K-BFGS(L)); ``{}`` for K-BFGS.
-      valid: ``(n_layers, M)`` bool, which ring slots hold a pair (K-BFGS(L); ``M = 0``
-        otherwise).
+      valid: ``{"d{d_g}": (n, M)}`` bool, which ring slots hold a pair (K-BFGS(L)); ``{}`` for
+        K-BFGS, like ``S`` and ``Y`` (so that the state holds no zero-size array, which
+        ``orbax.checkpoint`` refuses to save).
       head: ``(n_layers,)`` int32, the ring slot the next pair goes to (= the oldest pair once
         the ring is full).
       s_ema, y_ema: ``{"d{d_g}": (n, d_g)}``, the EMA of the pairs (before damping).
@@ -68,7 +69,7 @@ class KbfgsCurvature(NamedTuple):
     Hg: dict[str, jax.Array]
     S: dict[str, jax.Array]
     Y: dict[str, jax.Array]
-    valid: jax.Array
+    valid: dict[str, jax.Array]
     head: jax.Array
     s_ema: dict[str, jax.Array]
     y_ema: dict[str, jax.Array]
@@ -136,6 +137,47 @@ def _check_outputs(layout: layerwise.ParamLayout, stats: Mapping[str, Any], what
             )
 
 
+def _missing_previous_message(layout: layerwise.ParamLayout) -> str:
+    return (
+        f"{_NAME}.update (kbfgs, kbfgs_l) needs the keyword argument `previous_batch_stats` on "
+        "every call: the statistics (a dict {layer path: LayerStats} with `outputs`, the same "
+        "keys as `layer_stats`) of the PREVIOUS minibatch evaluated at the CURRENT parameters, "
+        "from which K-BFGS builds the (s, y) pairs that update H_g; without them H_g would "
+        "never change. Compute both statistics with `value, grads, layer_stats, "
+        "previous_batch_stats = sofim_optax.curvature.two_pass.two_pass_value_grad_and_stats("
+        "loss_fn, params, batch, previous_batch)`, or use the train step "
+        "`sofim_optax.curvature.two_pass.make_two_pass_train_step(loss_fn, tx)`. At the first "
+        "step there is no previous minibatch: pass the current one's, "
+        "`previous_batch_stats=layer_stats` (ignored at that step; two_pass does this when "
+        f"previous_batch is None). Layers found in params: {list(layout.layer_paths)}."
+    )
+
+
+def _check_previous(
+    layout: layerwise.ParamLayout, stats: Mapping[int, Any], previous: Any
+) -> tuple[int, ...]:
+    """Validates ``previous_batch_stats`` like ``layer_stats`` and returns its layer indices.
+
+    It is required, it passes the same checks as ``layer_stats`` (keys, shapes, ``outputs``),
+    and it covers exactly the layers of ``layer_stats``.
+    """
+    if previous is None:
+        raise ValueError(_missing_previous_message(layout))
+    active = layerwise.check_layer_stats(layout, previous, _NAME, "previous_batch_stats")
+    _check_outputs(layout, previous, "previous_batch_stats")
+    if set(active) != set(stats):
+        paths = layout.layer_paths
+        missing = sorted(paths[i] for i in set(stats) - set(active))
+        extra = sorted(paths[i] for i in set(active) - set(stats))
+        raise ValueError(
+            f"{_NAME}: previous_batch_stats must hold the same layers as layer_stats; "
+            f"missing from previous_batch_stats: {missing}, not in layer_stats: {extra}. "
+            "Capture both with the same loss_fn (sofim_optax.curvature.two_pass"
+            ".two_pass_value_grad_and_stats does)."
+        )
+    return active
+
+
 def _skip_ok(s: jax.Array, y: jax.Array, g_ref: jax.Array, threshold: Any) -> jax.Array:
     """The authors' acceptance rule: ``sᵀy > threshold · sᵀs · ‖g_ref‖`` (and ``sᵀy > 0``), finite."""
     sy, ss = jnp.dot(s, y), jnp.dot(s, s)
@@ -182,7 +224,7 @@ def make_method(
             return linalg.lbfgs_inverse_matvec(
                 _chronological(lg.get(curv.S, i, "g"), head),
                 _chronological(lg.get(curv.Y, i, "g"), head),
-                _chronological(curv.valid[i], head),
+                _chronological(lg.get(curv.valid, i, "g"), head),
                 v,
                 jnp.asarray(hg_init).astype(v.dtype),
                 lbfgs_method,
@@ -193,6 +235,7 @@ def make_method(
         la, lg = layouts(param_layout.layers)
         n, m = len(param_layout.layers), memory or 0
         rings = {k: jnp.zeros((c, m, lg.dims[k]), dtype) for k, c in lg.sizes.items()}
+        flags = {k: jnp.zeros((c, m), bool) for k, c in lg.sizes.items()}
         return KbfgsCurvature(
             A=la.zeros(dtype),
             Ha=la.eyes(dtype),
@@ -202,7 +245,7 @@ def make_method(
             else jax.tree.map(lambda e: jnp.asarray(hg_init, dtype) * e, lg.eyes(dtype)),
             S=rings if lbfgs else {},
             Y=dict(rings) if lbfgs else {},
-            valid=jnp.zeros((n, m), bool),
+            valid=flags if lbfgs else {},
             head=jnp.zeros((n,), jnp.int32),
             s_ema=lg.vectors(dtype),
             y_ema=lg.vectors(dtype),
@@ -241,7 +284,7 @@ def make_method(
             head = curv.head[i]
             new["S"] = jnp.where(ok, get(curv.S).at[head].set(s), get(curv.S))
             new["Y"] = jnp.where(ok, get(curv.Y).at[head].set(y), get(curv.Y))
-            new["valid"] = jnp.where(ok, curv.valid[i].at[head].set(True), curv.valid[i])
+            new["valid"] = jnp.where(ok, get(curv.valid).at[head].set(True), get(curv.valid))
             new["head"] = jnp.where(ok, (head + 1) % memory, head)
             return new, ok
         Hg, ok = _guarded_bfgs(get(curv.Hg), s, y, g_ref, skip_threshold)
@@ -255,20 +298,16 @@ def make_method(
         layers = param_layout.layers
         la, lg = layouts(layers)
         _check_outputs(param_layout, {layers[i].path: st for i, st in stats.items()}, "layer_stats")
-        prev_active: tuple[int, ...] = ()
-        if previous_batch_stats is not None:
-            prev_active = layerwise.check_layer_stats(param_layout, previous_batch_stats, _NAME)
-            _check_outputs(param_layout, previous_batch_stats, "previous_batch_stats")
+        prev_active = _check_previous(param_layout, stats, previous_batch_stats)
         dtype = next(iter(curv.A.values())).dtype if curv.A else jnp.float32
         sqrt_l = sqrt_damping(dtype)
         out_side: dict[str, dict] = {}  # field -> {(layer, "g"): value}
         in_side: dict[str, dict] = {}  # field -> {(layer, "a"): value}
-        valid, head, hg_updates = curv.valid, curv.head, curv.hg_updates
+        head, hg_updates = curv.head, curv.hg_updates
         # 1) H_g from the previous minibatch, re-evaluated at the current parameters.
         for i in prev_active:
             new, ok = update_hg(curv, lg, i, layers[i], previous_batch_stats[layers[i].path], dtype)
             if lbfgs:
-                valid = valid.at[i].set(new.pop("valid"))
                 head = head.at[i].set(new.pop("head"))
             for field, value in new.items():
                 out_side.setdefault(field, {})[(i, "g")] = value
@@ -300,7 +339,6 @@ def make_method(
         stacks.update({f: la.set(getattr(curv, f), v) for f, v in in_side.items()})
         return curv._replace(
             **stacks,
-            valid=valid,
             head=head,
             has_prev=mask,
             started=curv.started | mask,

@@ -74,7 +74,8 @@ def _recorder(learning_rate: float = 0.1) -> optax.GradientTransformationExtraAr
 
     def update(grads, state, params, *, layer_stats, previous_batch_stats, obj_fn):
         keys_ok = jnp.asarray(sorted(layer_stats) == ["Dense_0", "Dense_1"])
-        if previous_batch_stats is None:
+        # The first step has no previous batch: the step passes the current layer_stats.
+        if previous_batch_stats is layer_stats:
             prev, had = jnp.zeros(3), jnp.zeros([], bool)
         else:
             prev, had = (
@@ -274,7 +275,9 @@ def _last_recorder_state(model, data, order):
         return state
 
 
-def test_first_step_gets_no_previous_batch(recorder_registered):
+def test_first_step_gets_the_current_batch_as_previous(recorder_registered):
+    """K-BFGS requires previous_batch_stats on every update; the first step passes the current
+    batch's layer_stats (no second pass), which K-BFGS ignores at its first step."""
     data = _data(n_train=8, n_test=8)
     import tempfile
     from pathlib import Path
@@ -286,6 +289,26 @@ def test_first_step_gets_no_previous_batch(recorder_registered):
         p = model.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))["params"]
         (_, _, state), _, _ = checkpoint.load_checkpoint(ckpt, (p, {}, _recorder().init(p)))
     assert int(state.count) == 1 and not bool(state.had_prev)
+
+
+def test_train_step_feeds_kbfgs_its_previous_batch():
+    """The registry's K-BFGS through the one train step: the first step (no previous batch)
+    runs, and the pairs of the later steps update H_g."""
+    from experiments.step import make_train_step
+    from sofim_optax.kbfgs import ScaleByKbfgsState
+
+    data = _data(n_train=24, n_test=8)
+    model = _TwoLayer()
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))["params"]
+    spec, tx, _ = registry.make_optimizer("kbfgs", "classification")
+    step = jax.jit(make_train_step(lambda p, x, y: _loss(model, p, x, y), tx, needs=spec.needs))
+    batches = [(data.x_train[i : i + 8], data.y_train[i : i + 8]) for i in range(0, 24, 8)]
+    state, previous = tx.init(params), None
+    for batch in batches:
+        params, state, loss, _ = step(params, state, batch, previous)
+        previous = batch
+    inner = next(s for s in state if isinstance(s, ScaleByKbfgsState))
+    assert np.isfinite(float(loss)) and int(inner.curvature.hg_updates.max()) > 0
 
 
 def test_value_fn_arguments_for_lbfgs():

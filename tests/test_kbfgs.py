@@ -196,8 +196,8 @@ def rand_like(rng, tree, dtype=None):
 
 
 def run_steps(tx, params, grads_seq, stats_seq, prev_seq, state=None):
-    """Steps through one jitted ``update`` (two compilations: without and with
-    ``previous_batch_stats``); returns the updates of every step and the final state."""
+    """Steps through one jitted ``update`` (``previous_batch_stats`` at every step, ignored at
+    the first); returns the updates of every step and the final state."""
     step = jax.jit(tx.update)
     if state is None:
         state = jax.jit(tx.init)(params)
@@ -212,7 +212,10 @@ def problem(seed, steps, layers=LAYERS, dtype=jnp.float64):
     rng = np.random.default_rng(seed)
     params = make_params(dtype, layers)
     stats_seq = [rand_stats(rng, layers, dtype=dtype) for _ in range(steps)]
-    prev_seq = [None] + [perturb(stats_seq[t - 1], rng, dtype=dtype) for t in range(1, steps)]
+    # At the first step there is no previous minibatch: the current one's, as two_pass does.
+    prev_seq = [stats_seq[0]] + [
+        perturb(stats_seq[t - 1], rng, dtype=dtype) for t in range(1, steps)
+    ]
     grads_seq = [rand_like(rng, params) for _ in range(steps)]
     return params, grads_seq, stats_seq, prev_seq
 
@@ -237,7 +240,7 @@ def test_first_steps_match_dense_reference(x64, memory):
             want = ref.step(
                 grad_matrix(grads_seq[t][name]),
                 stats_seq[t][name],
-                None if prev_seq[t] is None else prev_seq[t][name],
+                prev_seq[t][name],
             )
             got = grad_matrix(updates[t][name])
             np.testing.assert_allclose(
@@ -280,7 +283,7 @@ def test_first_step_is_exact_inverse_and_warm_start(x64):
         want = -ref.step(
             grad_matrix(grads_seq[t]["dense"]),
             stats_seq[t]["dense"],
-            None if prev_seq[t] is None else prev_seq[t]["dense"],
+            prev_seq[t]["dense"],
         )
         np.testing.assert_allclose(grad_matrix(updates[t]["dense"]), want, rtol=1e-8)
     # The first direction is exactly (A_warm + √λ I)⁻¹ V (H_g = I).
@@ -348,7 +351,7 @@ def test_hg_and_ha_stay_symmetric_positive_definite_over_many_steps():
                 np.asarray(curv.S["d5"][0], np.float64),
                 np.asarray(curv.Y["d5"][0], np.float64),
             )
-            assert np.all(np.sum(S * Y, 1) > 0) and bool(np.all(curv.valid[0]))
+            assert np.all(np.sum(S * Y, 1) > 0) and bool(np.all(curv.valid["d5"][0]))
         for M in mats:
             assert np.all(np.isfinite(M))
             np.testing.assert_allclose(M, M.T, rtol=1e-5, atol=1e-7)
@@ -366,7 +369,7 @@ def test_skip_rules(x64):
         {k: LayerStats(v.inputs, 1e8 * v.output_grads, v.outputs) for k, v in st.items()}
         for st in stats_seq
     ]
-    big_prev = [None] + [
+    big_prev = [big[0]] + [
         {k: LayerStats(v.inputs, 1e8 * v.output_grads, v.outputs) for k, v in st.items()}
         for st in prev_seq[1:]
     ]
@@ -386,10 +389,10 @@ def test_skip_rules(x64):
         {k: LayerStats(v.inputs, 0 * v.output_grads, 0 * v.outputs) for k, v in st.items()}
         for st in stats_seq
     ]
-    _, state = run_steps(tx, params, grads_seq, flat, [None] + flat[:-1])
+    _, state = run_steps(tx, params, grads_seq, flat, [flat[0]] + flat[:-1])
     assert int(state.curvature.hg_updates[0]) == 0
     # (c) non-finite previous statistics: skipped, and nothing in the state turns non-finite.
-    bad = [None] + [
+    bad = [stats_seq[0]] + [
         {
             k: LayerStats(v.inputs, v.output_grads.at[0, 0].set(jnp.nan), v.outputs)
             for k, v in p.items()
@@ -404,9 +407,19 @@ def test_skip_rules(x64):
     # (d) good pairs are accepted (the control).
     _, state = run_steps(tx, params, grads_seq, stats_seq, prev_seq)
     assert int(state.curvature.hg_updates[0]) == 2
-    # (e) no previous_batch_stats at all: H_g untouched.
-    _, state = run_steps(tx, params, grads_seq, stats_seq, [None] * 3)
-    assert int(state.curvature.hg_updates[0]) == 0 and int(state.curvature.ha_updates[0]) == 3
+
+
+def test_first_step_ignores_previous_batch_stats(x64):
+    """At the first step there is no previous minibatch: whatever correctly shaped statistics
+    are passed (the current batch's, or others) give bit-identical updates and states."""
+    params, grads_seq, stats_seq, prev_seq = problem(4, 3)
+    other = perturb(stats_seq[0], np.random.default_rng(9), scale=3.0)
+    for memory in (None, 2):
+        tx = scale_by_kbfgs(damping=0.3, memory=memory)
+        a = run_steps(tx, params, grads_seq, stats_seq, prev_seq)
+        b = run_steps(tx, params, grads_seq, stats_seq, [other] + prev_seq[1:])
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+        assert int(a[1].curvature.hg_updates.sum()) > 0  # the later pairs are used
 
 
 def test_pair_ema_is_zero_started_average(x64):
@@ -442,15 +455,6 @@ def test_errors():
     no_out = {"dense": LayerStats(stats["dense"].inputs, stats["dense"].output_grads, None)}
     with pytest.raises(ValueError, match=r"'dense'.*outputs"):
         jax.eval_shape(functools.partial(tx.update, layer_stats=no_out), params, state, params)
-    with pytest.raises(ValueError, match=r"'dens'.*Did you mean"):
-        jax.eval_shape(
-            functools.partial(
-                tx.update, layer_stats=stats, previous_batch_stats={"dens": stats["dense"]}
-            ),
-            params,
-            state,
-            params,
-        )
     with pytest.raises(
         ValueError, match=r"previous_batch_stats.*'dense'|'dense'.*previous_batch_stats"
     ):
@@ -459,6 +463,50 @@ def test_errors():
             params,
             state,
             params,
+        )
+    # previous_batch_stats is required on every update (else H_g would never change).
+    for tx_ in (tx, kbfgs(0.1), kbfgs_l(0.1, memory=2)):
+        st = jax.eval_shape(tx_.init, params)
+        for kwargs in ({}, {"previous_batch_stats": None}):
+            with pytest.raises(ValueError) as err:
+                jax.eval_shape(
+                    functools.partial(tx_.update, layer_stats=stats, **kwargs), params, st, params
+                )
+            msg = str(err.value)
+            assert "scale_by_kbfgs" in msg and "`previous_batch_stats`" in msg, msg
+            assert "sofim_optax.curvature.two_pass.two_pass_value_grad_and_stats" in msg, msg
+            assert "previous_batch_stats=layer_stats" in msg, msg  # the first step
+    # ... checked like layer_stats, naming the argument ...
+    wrong = {"dense": LayerStats(jnp.ones((6, 4)), jnp.ones((6, 1, 3)), jnp.ones((6, 1, 3)))}
+    with pytest.raises(ValueError, match=r"previous_batch_stats of layer 'dense'.*expected inputs"):
+        jax.eval_shape(
+            functools.partial(tx.update, layer_stats=stats, previous_batch_stats=wrong),
+            params,
+            state,
+            params,
+        )
+    with pytest.raises(ValueError, match=r"previous_batch_stats has key 'dens'.*Did you mean"):
+        jax.eval_shape(
+            functools.partial(
+                tx.update, layer_stats=stats, previous_batch_stats={"dens": stats["dense"]}
+            ),
+            params,
+            state,
+            params,
+        )
+    # ... and holds the layers of layer_stats.
+    two = make_params(jnp.float32, MLP)
+    both = rand_stats(rng, MLP, dtype=jnp.float32)
+    with pytest.raises(
+        ValueError, match=r"same layers.*missing from previous_batch_stats: \['Dense_1'\]"
+    ):
+        jax.eval_shape(
+            functools.partial(
+                tx.update, layer_stats=both, previous_batch_stats={"Dense_0": both["Dense_0"]}
+            ),
+            two,
+            jax.eval_shape(tx.init, two),
+            two,
         )
     for kwargs, match in [
         ({"memory": 0}, "memory"),
@@ -516,7 +564,7 @@ def test_multisteps_forwards_extra_args():
 def test_fallback_identity_for_uncovered_layers():
     params, grads_seq, stats_seq, prev_seq = conf_problem()
     stats_seq = [{"Dense_0": s["Dense_0"]} for s in stats_seq]
-    prev_seq = [None] + [{"Dense_0": p["Dense_0"]} for p in prev_seq[1:]]
+    prev_seq = [{"Dense_0": p["Dense_0"]} for p in prev_seq]
     updates, state = run_steps(scale_by_kbfgs(), params, grads_seq, stats_seq, prev_seq)
     for u, g in zip(updates, grads_seq):
         np.testing.assert_array_equal(u["Dense_1"]["kernel"], g["Dense_1"]["kernel"])

@@ -327,6 +327,60 @@ def test_with_linen_capture():
         )
 
 
+def test_every_shape_the_capture_returns_passes_the_checks():
+    """The rank checks never refuse what the capture adapters produce: 1-D, 2-D and 3-D
+    convolutions, a convolution with an extra leading batch axis, a dense layer on sequences
+    (linen), and NNX's Conv and Linear (shapes only, through ``jax.eval_shape``)."""
+    nn = pytest.importorskip("flax.linen")
+    nnx = pytest.importorskip("flax.nnx")
+    linen_capture = pytest.importorskip("sofim_optax.curvature.linen")
+    nnx_capture = pytest.importorskip("sofim_optax.curvature.nnx")
+
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x1, x2, x3, x4, seq):
+            a = nn.Conv(2, (3,), padding="CAUSAL")(x1).sum()  # 1-D
+            b = nn.Conv(2, (2, 2), strides=2)(x2).sum()  # 2-D
+            c = nn.Conv(2, (2, 2, 2), padding="VALID")(x3).sum()  # 3-D
+            d = nn.Conv(2, (2, 2))(x4).sum()  # (N, B, H, W, C): B folded into the positions
+            e = nn.Dense(3)(seq).sum()  # dense on (N, L, d)
+            return a + b + c + d + e + nn.Dense(2)(seq[:, 0]).sum()  # dense on (N, d)
+
+    n = 2
+    shapes = [(n, 5, 1), (n, 4, 4, 1), (n, 3, 3, 3, 1), (n, 2, 3, 3, 1), (n, 4, 3)]
+    xs = [jnp.ones(s) for s in shapes]
+    variables = jax.eval_shape(Mixed().init, jax.random.key(0), *xs)
+    loss_fn = lambda v, *a: Mixed().apply(v, *a)
+    _, grads, stats = jax.eval_shape(
+        lambda v: linen_capture.value_grad_and_stats(loss_fn, v, *xs), variables
+    )
+    assert len(stats) == 6
+    layout = layerwise.discover_layers(grads)
+    assert len(layerwise.check_layer_stats(layout, stats, "test")) == 6
+    ranks = {k: (layout.layers[layout.index(k)].kind, v.inputs.ndim) for k, v in stats.items()}
+    assert ranks == {
+        **{f"Conv_{i}": ("conv", 3) for i in range(4)},
+        "Dense_0": ("dense", 3),
+        "Dense_1": ("dense", 2),
+    }
+
+    class NnxModel(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(1, 2, (2, 2), rngs=rngs)
+            self.lin = nnx.Linear(2, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(self.conv(x)).sum()  # Linear on (N, H, W, c): (N, T, ·)
+
+    model = nnx.eval_shape(lambda: NnxModel(nnx.Rngs(0)))
+    x = jnp.ones((n, 4, 4, 1))
+    _, grads, stats = jax.eval_shape(
+        lambda: nnx_capture.value_grad_and_stats(lambda m, x: m(x), model, x)
+    )
+    layout = layerwise.discover_layers(grads)
+    assert len(layerwise.check_layer_stats(layout, stats, "test")) == 2
+
+
 # ----------------------------------------------------------------------------------------
 # EMA, periods, stacking.
 # ----------------------------------------------------------------------------------------
@@ -557,6 +611,61 @@ def test_stats_shape_errors_name_the_layer(inputs_shape, grads_shape, match):
             tx.update, params, jax.eval_shape(tx.init, params), params, layer_stats=stats
         )
     assert "'Dense_0'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kernel, inputs_shape, grads_shape",
+    [
+        ((2, 2, 3, 4), (24, 12), (24, 4)),  # a 2-D conv flattened to (N*T, d)
+        ((3, 2, 5), (16, 6), (16, 5)),  # a 1-D conv, likewise
+        ((2, 2, 3, 4), (4, 6, 1, 12), (4, 6, 1, 4)),  # one axis too many
+    ],
+)
+def test_conv_statistics_of_the_wrong_rank_are_refused(kernel, inputs_shape, grads_shape):
+    """A convolution takes (N, T, ·) only: flattened statistics would rescale G by 1/T."""
+    params = {"conv": {"kernel": zeros(kernel), "bias": zeros(kernel[-1:])}}
+    d_in, d_out = int(np.prod(kernel[:-1])), kernel[-1]
+    stats = {"conv": LayerStats(ones(inputs_shape), ones(grads_shape), None)}
+    tx = scale_by_kfac()
+    with pytest.raises(ValueError) as err:
+        jax.eval_shape(
+            functools.partial(tx.update, layer_stats=stats),
+            params,
+            jax.eval_shape(tx.init, params),
+            params,
+        )
+    msg = str(err.value)
+    assert "layer_stats of layer 'conv'" in msg and "a convolution" in msg, msg
+    assert f"got inputs {inputs_shape} and output_grads {grads_shape}" in msg, msg
+    assert f"expected inputs (N, T, {d_in})" in msg and f"output_grads (N, T, {d_out})" in msg
+    if len(inputs_shape) == 2:  # the fix
+        assert "value_grad_and_stats" in msg and "reshape(N, -1, a.shape[-1])" in msg, msg
+    # Statistics with the example axis kept, (N, T, ·), are accepted.
+    good = {"conv": LayerStats(ones((4, 6, d_in)), ones((4, 6, d_out)), None)}
+    jax.eval_shape(
+        functools.partial(tx.update, layer_stats=good),
+        params,
+        jax.eval_shape(tx.init, params),
+        params,
+    )
+
+
+def test_dense_statistics_take_two_or_three_axes():
+    """A dense layer applied to sequences gives (N, T, ·) statistics (as the capture returns
+    them for ``Dense`` on ``(N, L, d)``); four axes are refused with the expected shapes."""
+    params = mlp_params()
+    tx = scale_by_kfac()
+    state = jax.eval_shape(tx.init, params)
+    for t in (None, 5):
+        stats = {"Dense_0": rand_stats(0, 4, 3, 4, t=t), "Dense_1": rand_stats(1, 4, 4, 2)}
+        jax.eval_shape(functools.partial(tx.update, layer_stats=stats), params, state, params)
+    bad = {"Dense_0": LayerStats(ones((4, 2, 2, 3)), ones((4, 2, 2, 4)), None)}
+    with pytest.raises(ValueError) as err:
+        jax.eval_shape(functools.partial(tx.update, layer_stats=bad), params, state, params)
+    msg = str(err.value)
+    assert "layer 'Dense_0'" in msg and "a dense layer" in msg, msg
+    assert "expected inputs (N, 3) and output_grads (N, 4)" in msg, msg
+    assert "(N, T, 3)" in msg and "got inputs (4, 2, 2, 3)" in msg, msg
 
 
 def test_constructor_errors():

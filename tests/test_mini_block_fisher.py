@@ -230,15 +230,16 @@ def test_first_step_matches_per_example_reference(x64):
             )
 
 
-def test_dense_with_positions_and_conv_with_dense_stats(x64):
-    # A Dense applied over positions (stats (N, T, d)) and a 1-D conv kernel fed (N, d) stats.
+def test_dense_with_positions_and_conv_with_one_position(x64):
+    # A Dense applied over positions (stats (N, T, d)) and a 1-D conv with one output position
+    # (stats (N, 1, d); a convolution's statistics always keep the position axis).
     params = {
         "seq": {"kernel": zeros((3, 4), jnp.float64), "bias": zeros((4,), jnp.float64)},
         "conv1d": {"kernel": zeros((2, 3, 2), jnp.float64)},
     }
     stats = {
         "seq": rand_stats(0, 5, 3, 4, t=3, dtype=jnp.float64),
-        "conv1d": rand_stats(1, 5, 6, 2, dtype=jnp.float64),
+        "conv1d": rand_stats(1, 5, 6, 2, t=1, dtype=jnp.float64),
     }
     grads = rand_like(2, params)
     damping = 0.1
@@ -252,7 +253,7 @@ def test_dense_with_positions_and_conv_with_dense_stats(x64):
     )
     want = ref_dense(per_example, stack_v(grads["seq"]["kernel"], grads["seq"]["bias"]), damping, 3)
     np.testing.assert_allclose(stack_v(upd["seq"]["kernel"], upd["seq"]["bias"]), want, rtol=1e-9)
-    x, go = np.asarray(stats["conv1d"].inputs), np.asarray(stats["conv1d"].output_grads)
+    x, go = np.asarray(stats["conv1d"].inputs)[:, 0], np.asarray(stats["conv1d"].output_grads)[:, 0]
     pk = np.einsum("nk,no->nko", x, go).reshape(5, 2, 3, 2)  # per-example kernel gradients
     out = np.zeros((2, 3, 2))
     gk = np.asarray(grads["conv1d"]["kernel"])

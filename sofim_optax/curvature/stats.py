@@ -5,10 +5,13 @@ A captured layer computes ``outputs = inputs @ kernel.reshape(-1, d_out) + bias`
 adapters return a :class:`LayerStats` holding, per example:
 
 * dense layers: ``inputs (N, d_in)``, ``output_grads (N, d_out)``,
-  ``outputs (N, d_out)``;
+  ``outputs (N, d_out)``; on inputs ``(N, L_1, ..., d_in)`` the middle axes are
+  flattened into ``T`` positions: ``(N, T, d_in)``, ``(N, T, d_out)``;
 * convolutions: ``inputs (N, T, kh*kw*c_in)`` (patches, flattened in the
   kernel's own ``(kh, kw, c_in)`` order), ``output_grads (N, T, c_out)``,
-  ``outputs (N, T, c_out)``, with ``T`` the number of output positions.
+  ``outputs (N, T, c_out)``, with ``T`` the number of output positions. The
+  example axis ``N`` stays apart from ``T``: the transformations refuse a
+  convolution's statistics flattened to ``(N*T, ·)``.
 
 ``output_grads`` are gradients of the *per-example* loss with respect to the
 layer's pre-activation output. For a batch-mean loss ``L = mean_n l_n`` that is

@@ -41,7 +41,10 @@ def two_pass_value_grad_and_stats(
     ``value, grads, layer_stats = capture(loss_fn, params, *batch, **capture_kwargs)`` and, when
     ``previous_batch`` is not ``None``, ``_, _, previous_batch_stats = capture(loss_fn, params,
     *previous_batch, **capture_kwargs)`` (a second forward and backward pass; its gradient is
-    not used and XLA drops the parameter-gradient part when nothing reads it).
+    not used and XLA drops the parameter-gradient part when nothing reads it). On the first
+    step (``previous_batch=None``) there is no previous minibatch and no second pass:
+    ``previous_batch_stats`` is ``layer_stats`` itself, which K-BFGS requires on every update
+    and ignores at its first step.
 
     Args:
       loss_fn: ``loss_fn(params, *batch)`` returning the (batch-mean) loss, or ``(loss, aux)``
@@ -50,16 +53,17 @@ def two_pass_value_grad_and_stats(
       params: what ``capture`` differentiates (Flax linen variables or params; an NNX model
         with ``capture=sofim_optax.curvature.nnx.value_grad_and_stats``).
       batch: tuple of the arguments of ``loss_fn`` after ``params`` for this minibatch.
-      previous_batch: the same for the previous minibatch, or ``None`` on the first step.
+      previous_batch: the same for the previous minibatch, or ``None`` on the first step
+        (then no second pass is made).
       capture: the capture adapter (default: ``curvature.linen.value_grad_and_stats``).
       **capture_kwargs: forwarded to ``capture`` (``has_aux``, ``loss_reduction``, ...).
 
     Returns:
       ``(value, grads, layer_stats, previous_batch_stats)``; ``previous_batch_stats`` is
-      ``None`` when ``previous_batch`` is.
+      ``layer_stats`` when ``previous_batch`` is ``None``.
     """
     value, grads, layer_stats = capture(loss_fn, params, *batch, **capture_kwargs)
-    previous_stats = None
+    previous_stats = layer_stats  # the first step: K-BFGS ignores them
     if previous_batch is not None:
         _, _, previous_stats = capture(loss_fn, params, *previous_batch, **capture_kwargs)
     return value, grads, layer_stats, previous_stats
@@ -76,8 +80,9 @@ def make_two_pass_train_step(
 
     The step runs :func:`two_pass_value_grad_and_stats`, then
     ``optimizer.update(grads, opt_state, params, layer_stats=..., previous_batch_stats=...)``
-    and ``optax.apply_updates``. Jit it yourself; the first call (``previous_batch=None``)
-    and the later ones trace separately (two compilations).
+    and ``optax.apply_updates``. Jit it yourself; the first call (``previous_batch=None``: one
+    pass, and ``previous_batch_stats=layer_stats``, ignored by K-BFGS at its first step) and
+    the later ones trace separately (two compilations).
 
     Example (Flax linen; ``x``, ``y`` one minibatch)::
 

@@ -1,6 +1,9 @@
-"""Trace-time checks of ``layer_stats`` against the layers of the parameters.
+"""Trace-time checks of per-layer statistics against the layers of the parameters.
 
-Every error names the method and the layer, and says how to fix it.
+:func:`check_layer_stats` validates ``layer_stats`` (and any other argument of the same form,
+such as K-BFGS's ``previous_batch_stats``): the keys against the layer paths, and each
+layer's shapes against its kernel and its kind (dense or convolution). Every error names the
+method, the argument and the layer, and says how to fix it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ __all__ = ["check_layer_stats", "missing_stats_message"]
 
 
 def missing_stats_message(method: str, layout: ParamLayout) -> str:
+    """The message of a missing ``layer_stats``: what to pass and how to compute it."""
     return (
         f"{method}.update needs per-layer curvature statistics as the keyword argument "
         "`layer_stats` (a dict mapping each layer path to a sofim_optax.curvature.LayerStats). "
@@ -27,23 +31,53 @@ def missing_stats_message(method: str, layout: ParamLayout) -> str:
 
 
 def check_layer_stats(
-    layout: ParamLayout, layer_stats: Mapping[str, Any] | None, method: str
+    layout: ParamLayout,
+    layer_stats: Mapping[str, Any] | None,
+    method: str,
+    argument: str = "layer_stats",
 ) -> tuple[int, ...]:
-    """Validates ``layer_stats`` against the layers of ``layout`` (at trace time).
+    """Validates per-layer statistics against the layers of ``layout`` (at trace time).
 
-    Returns the sorted indices (into ``layout.layers``) of the layers present in
-    ``layer_stats``; the other candidate layers take the fallback path.
+    Every key must name a layer of the parameters, and every layer's statistics must fit its
+    kernel and its kind (:attr:`Layer.kind`):
+
+    * dense (2-D kernel ``(d_in, d_out)``): ``inputs (N, d_in)`` and ``output_grads
+      (N, d_out)``, or ``(N, T, d_in)`` and ``(N, T, d_out)`` for a dense layer applied to
+      sequences of ``T`` positions (what the capture returns for a ``Dense`` on
+      ``(N, L_1, ..., d_in)``);
+    * convolution (kernel of ``ndim >= 3``): ``inputs (N, T, kh·kw·c_in)`` and
+      ``output_grads (N, T, c_out)`` only. Statistics flattened to ``(N·T, ·)`` are refused:
+      the factors take ``N`` from the leading axis, so flattening would rescale ``G`` by
+      ``1/T`` and give a wrong update without any other sign.
+
+    Args:
+      layout: the layers of the parameters.
+      layer_stats: ``{layer path: LayerStats}``.
+      method: the transformation's name, for the messages.
+      argument: the name of the checked ``update`` argument, for the messages (default
+        ``"layer_stats"``; K-BFGS also checks its ``"previous_batch_stats"``).
+
+    Returns:
+      The sorted indices (into ``layout.layers``) of the layers present in the statistics; the
+      other candidate layers take the fallback path.
 
     Raises:
-      TypeError: ``layer_stats`` is missing or not a mapping.
+      TypeError: the statistics are missing or not a mapping.
       ValueError: a key names no layer of the parameters (close matches are listed), or a
-        layer's statistics do not fit its kernel (the message names the layer).
+        layer's statistics do not fit its kernel or its kind (the message names the layer,
+        the shapes received and expected, and the fix).
     """
     if layer_stats is None:
+        if argument != "layer_stats":
+            raise TypeError(
+                f"{method}.update needs `{argument}` (a dict mapping each layer path to a "
+                f"sofim_optax.curvature.LayerStats). Layers found in params: "
+                f"{list(layout.layer_paths)}."
+            )
         raise TypeError(missing_stats_message(method, layout))
     if not isinstance(layer_stats, Mapping):
         raise TypeError(
-            f"{method}: `layer_stats` must be a dict {{layer path: LayerStats}}, got "
+            f"{method}: `{argument}` must be a dict {{layer path: LayerStats}}, got "
             f"{type(layer_stats).__name__}. " + missing_stats_message(method, layout)
         )
     paths = layout.layer_paths
@@ -53,17 +87,33 @@ def check_layer_stats(
             close = difflib.get_close_matches(str(key), paths, n=3, cutoff=0.5)
             hint = f" Did you mean {close}?" if close else ""
             raise ValueError(
-                f"{method}: layer_stats has key {key!r} but params hold no layer (a node with a "
+                f"{method}: {argument} has key {key!r} but params hold no layer (a node with a "
                 f"`kernel` of ndim >= 2) at that path.{hint} Available layer paths: {list(paths)}."
             )
         layer = layout.layers[paths.index(key)]
-        _check_one(layer, stats, method)
+        _check_one(layer, stats, method, argument)
         active.append(paths.index(key))
     return tuple(sorted(active))
 
 
-def _check_one(layer: Layer, stats: Any, method: str) -> None:
-    where = f"{method}: layer {layer.path!r} (kernel {layer.kernel_shape})"
+def _expected(layer: Layer) -> str:
+    d_in, d_out = layer.d_in, layer.d_out
+    if layer.kind == "dense":
+        return (
+            f"inputs (N, {d_in}) and output_grads (N, {d_out}) (N examples), or inputs "
+            f"(N, T, {d_in}) and output_grads (N, T, {d_out}) for a dense layer applied to "
+            "sequences of T positions"
+        )
+    return (
+        f"inputs (N, T, {d_in}) (the patches, flattened in the kernel's (k_1, ..., c_in) "
+        f"order) and output_grads (N, T, {d_out}), with N the examples and T the output "
+        "positions"
+    )
+
+
+def _check_one(layer: Layer, stats: Any, method: str, argument: str) -> None:
+    kind = "dense layer" if layer.kind == "dense" else "convolution"
+    where = f"{method}: {argument} of layer {layer.path!r} (kernel {layer.kernel_shape}, a {kind})"
     try:
         inputs, grads = stats.inputs, stats.output_grads
     except AttributeError:
@@ -73,12 +123,19 @@ def _check_one(layer: Layer, stats: Any, method: str) -> None:
         ) from None
     in_shape = tuple(getattr(inputs, "shape", ()))
     g_shape = tuple(getattr(grads, "shape", ()))
-    if len(in_shape) not in (2, 3) or len(g_shape) != len(in_shape):
+    got = f"got inputs {in_shape} and output_grads {g_shape}"
+    ranks = (2, 3) if layer.kind == "dense" else (3,)
+    if layer.kind == "conv" and len(in_shape) == len(g_shape) == 2:
         raise ValueError(
-            f"{where}: expected inputs (N, d_in) and output_grads (N, d_out) for a dense layer, or "
-            f"inputs (N, T, kh*kw*c_in) and output_grads (N, T, c_out) for a convolution; got "
-            f"inputs {in_shape} and output_grads {g_shape}."
+            f"{where}: expected {_expected(layer)}; {got}. A convolution's statistics keep "
+            "the example axis apart from the positions: flattened to (N*T, ·) they would "
+            "rescale G by 1/T and give a wrong update. Pass the statistics as "
+            "sofim_optax.curvature.linen.value_grad_and_stats / "
+            "sofim_optax.curvature.nnx.value_grad_and_stats return them, or reshape each "
+            "array of N examples with `a.reshape(N, -1, a.shape[-1])`."
         )
+    if len(in_shape) not in ranks or len(g_shape) != len(in_shape):
+        raise ValueError(f"{where}: expected {_expected(layer)}; {got}.")
     if in_shape[-1] != layer.d_in:
         raise ValueError(
             f"{where}: inputs have last dimension {in_shape[-1]} but the kernel expects "

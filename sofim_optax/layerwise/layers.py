@@ -75,6 +75,19 @@ class Layer:
     kernel_shape: tuple[int, ...]
 
     @property
+    def kind(self) -> str:
+        """``"dense"`` for a 2-D kernel ``(d_in, d_out)``, ``"conv"`` for a kernel of ``ndim >= 3``.
+
+        The kind fixes the rank of the layer's statistics (:mod:`sofim_optax.layerwise.checks`):
+        a dense layer takes ``(N, ·)`` statistics, or ``(N, T, ·)`` when it is applied to
+        sequences of ``T`` positions; a convolution (``(k_1, ..., k_d, c_in, c_out)``, what
+        ``flax.linen.Conv`` and ``flax.nnx.Conv`` hold) always takes ``(N, T, ·)``, ``T`` its
+        output positions, because its per-example gradient is a sum over positions. Any other
+        layer with such a kernel is treated as a convolution.
+        """
+        return "dense" if len(self.kernel_shape) == 2 else "conv"
+
+    @property
     def d_in(self) -> int:
         """``kh·kw·c_in`` (or ``d_in``): the width of the layer's inputs/patches."""
         return math.prod(self.kernel_shape[:-1])

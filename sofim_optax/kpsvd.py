@@ -27,8 +27,9 @@ holds the algorithm (no learning rate, no sign); each alias chains it as :func:`
 
 Arguments shared by the four ``scale_by_*`` (keyword-only, like every argument here):
 
-* ``damping``: ``λ`` (default ``1e-3``), floored at ``linalg.DAMPING_FLOOR``, on the Fisher's
-  scale (see :func:`sofim_optax.scale_by_kfac` on how the loss normalisation sets it).
+* ``damping``: ``λ`` (default ``1e-3``), ``> 0`` (a traced value is floored at
+  ``linalg.DAMPING_FLOOR``), on the Fisher's scale (see :func:`sofim_optax.scale_by_kfac` on
+  how the loss normalisation sets it).
   Factored Tikhonov damping of the first (PSD) term: ``π√λ`` on the input side, ``√λ/π`` on
   the output side. When a changed damping (a schedule, or an adaptive damping through
   ``optax.inject_hyperparams``) takes effect:
@@ -66,7 +67,8 @@ Arguments shared by the four ``scale_by_*`` (keyword-only, like every argument h
   ``"abs"`` (default, the authors': ``1 + |s1_i s2_j|``), ``"clip"``
   (``1 + max(s1_i s2_j, 0)``) or ``"exact"`` (``1 + s1_i s2_j``; positive definite sums only).
 * ``fallback``: transformation for the parameters no captured layer covers (default
-  ``None``: identity); see :func:`sofim_optax.scale_by_kfac`.
+  ``"diagonal"``: a diagonal Fisher step with the same damping; ``None``: identity); see
+  :func:`sofim_optax.scale_by_kfac`.
 
 Each returns an ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
 params=None, *, layer_stats, **extra)`` requires ``layer_stats`` (``dict[str, LayerStats]``,
@@ -88,7 +90,7 @@ from typing import NamedTuple
 import jax
 import optax
 
-from sofim_optax import aliases, guards, layerwise
+from sofim_optax import aliases, diagonal_fisher, guards, layerwise
 from sofim_optax import kpsvd_curvature as family
 from sofim_optax.hyperparameters import Scalar
 from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
@@ -137,7 +139,7 @@ def _scale_by_family(
     max_iters: int | jax.Array = 100,
     krylov_dim: int | None = 4,
     indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
+    fallback: optax.GradientTransformation | str | None = "diagonal",
 ) -> optax.GradientTransformationExtraArgs:
     """The one factory of the family; ``kind`` is one of ``kpsvd_curvature.KINDS``."""
     cfg = family.FamilyConfig(
@@ -149,6 +151,9 @@ def _scale_by_family(
         max_iters=max_iters,
         krylov_dim=krylov_dim,
         indefinite=indefinite,
+    )
+    fallback = diagonal_fisher.resolve_fallback(
+        _NAMES[kind], fallback, damping=damping, ema=ema, stats_period=stats_period
     )
     return family.transformation(
         _NAMES[kind], ScaleByKpsvdState, cfg, stats_period, inverse_period, fallback

@@ -565,7 +565,9 @@ def test_fallback_identity_for_uncovered_layers():
     params, grads_seq, stats_seq, prev_seq = conf_problem()
     stats_seq = [{"Dense_0": s["Dense_0"]} for s in stats_seq]
     prev_seq = [{"Dense_0": p["Dense_0"]} for p in prev_seq]
-    updates, state = run_steps(scale_by_kbfgs(), params, grads_seq, stats_seq, prev_seq)
+    updates, state = run_steps(
+        scale_by_kbfgs(fallback=None), params, grads_seq, stats_seq, prev_seq
+    )
     for u, g in zip(updates, grads_seq):
         np.testing.assert_array_equal(u["Dense_1"]["kernel"], g["Dense_1"]["kernel"])
         assert not np.allclose(u["Dense_0"]["kernel"], g["Dense_0"]["kernel"])

@@ -255,5 +255,30 @@ def fault_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python tests/test_conformance_faults.py: the docs' fault table
+def scale_table() -> str:
+    """The docs' table of the loss after twelve steps at each loss scale (defaults)."""
+    order = [t % len(batches()) for t in range(12)]
+    scales = (1e-6, 1.0, 1e3, 1e6)
+    rows = ["| method | start | " + " | ".join(f"×{s:g}" for s in scales) + " |"]
+    rows.append("|---" * (len(scales) + 2) + "|")
+    for name in WRAPPED:
+        start = final_loss(train(name, [], defaults=True)[0])
+        cells = []
+        for scale in scales:
+            remedy = {SCALE_REMEDIES[name]: 1.0 / scale} if name in SCALE_REMEDIES else {}
+            plain = final_loss(train(name, order, scale=scale, defaults=True)[0])
+            cell = f"{plain:.3g}"
+            if remedy:
+                fixed = final_loss(
+                    train(name, order, scale=scale, defaults=True, overrides=remedy)[0]
+                )
+                cell += f" ({fixed:.3g} with hg_init=1/c)"
+            cells.append(cell)
+        rows.append(f"| `{name}` | {start:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/test_conformance_faults.py: the docs' two tables
     print(fault_table())
+    print()
+    print(scale_table())

@@ -66,9 +66,8 @@ class SkipCounts(NamedTuple):
 
 
 def no_skips() -> SkipCounts:
-    """All counters at zero."""
-    zero = jnp.zeros([], jnp.int32)
-    return SkipCounts(steps=zero, statistics=zero, refreshes=zero)
+    """All counters at zero (three distinct arrays: a state may be donated to ``jit``)."""
+    return SkipCounts(*(jnp.zeros([], jnp.int32) for _ in SkipCounts._fields))
 
 
 def _is_float(x: Any) -> bool:

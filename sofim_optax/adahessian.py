@@ -379,12 +379,13 @@ _ADAHESSIAN_DOC = r"""The AdaHessian optimiser with decoupled weight decay.
       learning_rate: :math:`\eta`, a float or an optax schedule. Default 0.15,
         the authors' setting for ResNets on CIFAR-10 (with ``weight_decay``
         5e-4 and a step schedule there).
-      b1, b2, eps, hessian_power, num_probes, stats_period, spatial_averaging,
-      block_size, average_absolute, seed, mu_dtype: keyword-only, see
-        :func:`scale_by_adahessian` (same defaults).
       weight_decay: :math:`\lambda` (default 0).
       weight_decay_mask: which parameters weight decay applies to, as for
         ``optax.add_decayed_weights`` (default: all).
+
+    Every other argument (``b1``, ``b2``, ``eps``, ``hessian_power``, ``num_probes``,
+    ``stats_period``, ``spatial_averaging``, ``block_size``, ``average_absolute``, ``seed``,
+    ``mu_dtype``) is :func:`scale_by_adahessian`'s, keyword-only, with the same default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires

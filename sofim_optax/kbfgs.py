@@ -239,8 +239,10 @@ _KBFGS_DOC = r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_
         ``None`` for none.
       weight_decay: ``τ`` (default ``0.0``; ``1e-5`` in the paper).
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
-      damping, mu1, ema, memory, mu2, pair_ema, hg_init, skip_threshold, lbfgs_method,
-        fallback: keyword-only, see :func:`scale_by_kbfgs` (same defaults).
+
+    Every other argument (``damping``, ``mu1``, ``ema``, ``memory``, ``mu2``, ``pair_ema``,
+    ``hg_init``, ``skip_threshold``, ``lbfgs_method``, ``fallback``) is
+    :func:`scale_by_kbfgs`'s, keyword-only, with the same default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
@@ -279,7 +281,8 @@ _KBFGS_L_DOC = r"""K-BFGS(L): :func:`kbfgs` with ``H_g`` an L-BFGS operator of `
     Args:
       memory: L-BFGS pairs per layer (default ``100``, the authors'). It fixes the shapes of
         the state: under ``optax.inject_hyperparams`` list it in ``static_args``.
-      every other argument: as :func:`kbfgs`, keyword-only, same defaults.
+
+    Every other argument is :func:`kbfgs`'s, keyword-only, with the same default.
     """
 
 kbfgs_l = aliases.make_alias(

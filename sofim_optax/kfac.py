@@ -327,7 +327,8 @@ _KFAC_DOC = r"""KFAC with heavy-ball momentum on the preconditioned direction.
       weight_decay: decoupled weight decay (default ``0.0``).
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
-      every other argument: as :func:`scale_by_kfac`, keyword-only, same defaults.
+
+    Every other argument is :func:`scale_by_kfac`'s, keyword-only, with the same default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.

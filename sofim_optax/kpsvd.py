@@ -15,7 +15,7 @@ method         approximation of ``F``            computed by
 KPSVD          ``R ⊗ S``                         power SVD of ``𝓡(F)`` (rank one)
 Deflation      ``R1 ⊗ S1 + R2 ⊗ S2``             power SVD, deflated for the second term
 KFAC-corrected ``A ⊗ G + R ⊗ S``                 KFAC's ``A, G`` and a power SVD of
-                                                ``𝓡(F) − vec(A) vec(G)ᵀ``
+                                                 ``𝓡(F) − vec(A) vec(G)ᵀ``
 Lanczos        ``R1 ⊗ S1 + R2 ⊗ S2``             restarted Golub–Kahan–Lanczos
 ============== ================================ =========================================
 
@@ -294,7 +294,8 @@ _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two
       krylov_dim: bidiagonalisation steps per Lanczos pass (default ``4``; the paper's ``2``
         stalls on the second triplet). A Python int: under ``optax.inject_hyperparams`` list
         it in ``static_args``.
-      every other argument: keyword-only, described in :mod:`sofim_optax.kpsvd`.
+
+    Every other argument is keyword-only and described in :mod:`sofim_optax.kpsvd`.
     """
 scale_by_kpsvd_lanczos = _member("lanczos", _SCALE_BY_KPSVD_LANCZOS_DOC)
 
@@ -316,7 +317,8 @@ _ALIAS_DOC = """{title} with heavy-ball momentum on the preconditioned direction
       nesterov: Nesterov momentum (default ``False``).
       damping: ``λ`` (default ``1e-3``), as :func:`scale_by_{name}`.
         {damping}
-      every other argument: as :func:`scale_by_{name}`, keyword-only, same defaults.
+
+    Every other argument is :func:`scale_by_{name}`'s, keyword-only, with the same default.
     """
 
 

@@ -432,11 +432,13 @@ _MINI_BLOCK_FISHER_DOC = r"""Mini-Block Fisher: momentum on the gradient, then t
       learning_rate: ``η``, a float or an optax schedule.
       gradient_momentum: ``μ`` (default ``0.9``), heavy-ball momentum of the gradient before
         preconditioning; ``None`` for none.
-      damping, ema, stats_period, inverse_period, dense_block_size, inverse, batch_chunk,
-        fallback: see :func:`scale_by_mini_block_fisher`.
       weight_decay: decoupled weight decay (default ``0.0``).
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
+
+    Every other argument (``damping``, ``ema``, ``stats_period``, ``inverse_period``,
+    ``dense_block_size``, ``inverse``, ``batch_chunk``, ``fallback``) is
+    :func:`scale_by_mini_block_fisher`'s, keyword-only, with the same default.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.

@@ -328,7 +328,7 @@ _KFAC_DOC = r"""KFAC with heavy-ball momentum on the preconditioned direction.
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
 
-    Every other argument is :func:`scale_by_kfac`'s, keyword-only, with the same default.
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.

@@ -436,9 +436,7 @@ _MINI_BLOCK_FISHER_DOC = r"""Mini-Block Fisher: momentum on the gradient, then t
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
 
-    Every other argument (``damping``, ``ema``, ``stats_period``, ``inverse_period``,
-    ``dense_block_size``, ``inverse``, ``batch_chunk``, ``fallback``) is
-    :func:`scale_by_mini_block_fisher`'s, keyword-only, with the same default.
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.

@@ -30,9 +30,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m slow
 
-# The examples (`>>>`) in the library's docstrings; not part of `make test`.
+# The examples (`>>>`) in the library's docstrings and the code on the documentation pages
+# (tests/test_docs_examples.py, marked slow); not part of `make test`.
 doctest: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:xdist --doctest-modules sofim_optax
+	$(BIN)/python -m pytest -q -p no:xdist --doctest-modules sofim_optax tests/test_docs_examples.py
 
 # The documentation site, from scratch every time (-E), warnings as errors; no network.
 docs: $(DOCS_STAMP)

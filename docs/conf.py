@@ -28,7 +28,6 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
-    "sphinx.ext.viewcode",
 ]
 
 exclude_patterns = ["_build", "**.ipynb_checkpoints"]

@@ -66,6 +66,8 @@ from sphinx.util.inspect import TypeAliasForwardRef  # noqa: E402
 
 TypeAliasForwardRef.__repr__ = lambda self: self.name
 autosummary_generate = False
+# Signatures show ``Scalar``, not ``sofim_optax.hyperparameters.Scalar`` (still linked).
+python_use_unqualified_type_names = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False

@@ -308,8 +308,8 @@ _KFAC_DOC = r"""KFAC with heavy-ball momentum on the preconditioned direction.
     .. math::
 
         \Delta_t &= (A + \pi\sqrt\lambda I)^{-1} V_t (G + \tfrac{\sqrt\lambda}{\pi} I)^{-1}
-            \quad\text{(per captured layer, } \texttt{scale\_by\_kfac}\text{)}\\
-        u_t &= \Delta_t + \text{weight\_decay}\cdot w_t\\
+            \quad\text{(per captured layer, } \mathtt{scale\_by\_kfac}\text{)}\\
+        u_t &= \Delta_t + \mathrm{weight\_decay}\cdot w_t\\
         m_t &= u_t + \mu\, m_{t-1}\\
         w_{t+1} &= w_t - \eta_t\, m_t
 

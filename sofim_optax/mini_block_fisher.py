@@ -416,8 +416,8 @@ _MINI_BLOCK_FISHER_DOC = r"""Mini-Block Fisher: momentum on the gradient, then t
 
         m_t &= g_t + \mu\, m_{t-1}\\
         \Delta_t &= (F_b + \lambda I)^{-1} m_{t,b}
-            \quad\text{per mini-block } b\ (\texttt{scale\_by\_mini\_block\_fisher})\\
-        w_{t+1} &= w_t - \eta_t\,(\Delta_t + \text{weight\_decay}\cdot w_t)
+            \quad\text{per mini-block } b\ (\mathtt{scale\_by\_mini\_block\_fisher})\\
+        w_{t+1} &= w_t - \eta_t\,(\Delta_t + \mathrm{weight\_decay}\cdot w_t)
 
     i.e. ``trace(gradient_momentum)`` → :func:`scale_by_mini_block_fisher` (which also receives the raw
     gradient as ``gradients=``, for its diagonal fallback's statistics) →

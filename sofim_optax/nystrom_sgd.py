@@ -207,7 +207,7 @@ def scale_by_nystrom_sgd(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions the gradient by a regularised rank-``r`` Nyström Hessian sketch.
 
-    At steps :math:`t \equiv 0 \pmod{\text{update\_period}}` (the first
+    At steps :math:`t \equiv 0 \pmod{\mathrm{stats\_period}}` (the first
     included) the Hessian :math:`H_t` of ``obj_fn`` at the current parameters
     is sketched (:func:`nystrom_sketch`, ``rank`` Hessian-vector products):
     :math:`\hat H = V\operatorname{diag}(\hat\lambda)V^\top`. Every step then

@@ -15,7 +15,7 @@ thing in every method (``docs/arguments.md``). On CPU, call :func:`configure_cpu
 before the first JAX computation (see :mod:`sofim_optax.cpu_runtime`).
 """
 
-from sofim_optax import curvature, hyperparameters, layerwise, linalg
+from sofim_optax import curvature, guards, hyperparameters, layerwise, linalg
 from sofim_optax import kpsvd as kpsvd_module
 from sofim_optax.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
 from sofim_optax.cpu_runtime import configure_cpu_runtime
@@ -41,6 +41,7 @@ __all__ = [
     "__version__",
     "configure_cpu_runtime",
     "curvature",
+    "guards",
     "hyperparameters",
     "layerwise",
     "linalg",

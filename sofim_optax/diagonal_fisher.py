@@ -13,7 +13,7 @@ from sofim_optax import guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
-__all__ = ["DiagonalFisherState", "scale_by_diagonal_fisher"]
+__all__ = ["DiagonalFisherState", "scale_by_diagonal_fisher", "resolve_fallback"]
 
 
 class DiagonalFisherState(NamedTuple):
@@ -56,7 +56,8 @@ def scale_by_diagonal_fisher(
     ``v / λ``.
 
     Args:
-      damping: ``λ`` (default ``1e-3``), floored at ``linalg.DAMPING_FLOOR``.
+      damping: ``λ`` (default ``1e-3``), ``> 0``; a traced value is floored at
+        ``linalg.DAMPING_FLOOR``.
       ema: upper bound of the EMA decay of ``ν`` (default ``0.9``).
       stats_period: update ``ν`` every this many steps (default ``1``).
     """
@@ -112,3 +113,32 @@ def scale_by_diagonal_fisher(
         return out, DiagonalFisherState(count=optax.safe_increment(count), nu=nu, skipped=skipped)
 
     return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
+
+
+def resolve_fallback(
+    where: str,
+    fallback: optax.GradientTransformation | str | None,
+    *,
+    damping: Scalar,
+    ema: Scalar,
+    stats_period: int | jax.Array = 1,
+) -> optax.GradientTransformation | None:
+    """The ``fallback`` argument of the layer-wise methods: ``"diagonal"`` becomes
+    :func:`scale_by_diagonal_fisher` with the method's own ``damping``, ``ema`` and
+    ``stats_period``; ``None`` (identity) and a transformation pass through.
+
+    Why ``"diagonal"`` is their default: the uncaptured parameters (norm scales, embeddings,
+    layers without statistics) then take a step on the same scale as the preconditioned
+    layers', a Fisher-preconditioned one with the same damping (kfac-jax treats parameters it
+    does not recognise the same way). The identity is a plain gradient step: it grows with the
+    loss's scale while the preconditioned layers' step shrinks, so a loss scaled by 1e3
+    diverged through the identity fallback alone.
+    """
+    if isinstance(fallback, str):
+        if fallback != "diagonal":
+            raise ValueError(
+                f'{where}: fallback must be "diagonal", None or an optax transformation, '
+                f"got {fallback!r}"
+            )
+        return scale_by_diagonal_fisher(damping=damping, ema=ema, stats_period=stats_period)
+    return fallback

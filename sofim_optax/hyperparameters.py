@@ -53,10 +53,21 @@ def check_decay(where: str, name: str, value: Any) -> None:
 
 
 def check_damping(where: str, value: Any, name: str = "damping") -> None:
-    """A damping must be a finite number ``>= 0`` (solves floor it at
-    ``linalg.DAMPING_FLOOR``)."""
-    if _is_number(value) and not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
+    """A damping given as a number must be finite and ``> 0``.
+
+    A minibatch's curvature estimate is singular (its rank is at most the batch size times
+    the outputs), so an undamped solve is unbounded in the directions the batch did not see:
+    ``damping=0`` diverged within a few steps in every curvature method. A traced damping
+    (``optax.inject_hyperparams``, a schedule) cannot be checked here; the solves floor it at
+    ``linalg.DAMPING_FLOOR`` (``1e-12``), which keeps them finite but not well scaled.
+    """
+    if _is_number(value) and not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(
+            f"{where}: {name} must be a finite number > 0, got {value!r}. A minibatch's "
+            "curvature is singular, so an undamped solve is unbounded (damping=0 diverges "
+            f"within a few steps); start from the default and see {where}'s docstring for "
+            "the scale the damping lives on (it grows with the loss's scale)."
+        )
 
 
 def check_positive(where: str, name: str, value: Any) -> None:

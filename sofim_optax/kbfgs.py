@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import optax
 
-from sofim_optax import aliases, guards, layerwise
+from sofim_optax import aliases, diagonal_fisher, guards, layerwise
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.kbfgs_curvature import KbfgsCurvature, forget_previous, make_method
@@ -74,7 +74,7 @@ def scale_by_kbfgs(
     hg_init: Scalar = 1.0,
     skip_threshold: Scalar = 1e-4,
     lbfgs_method: str = "compact",
-    fallback: optax.GradientTransformation | None = None,
+    fallback: optax.GradientTransformation | str | None = "diagonal",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition each captured layer's gradient by K-BFGS's ``H_a ⊗ H_g`` (K-BFGS(L) with ``memory``).
 
@@ -143,7 +143,9 @@ def scale_by_kbfgs(
         damped by ``√λ`` (on the scale of ``A = E[āāᵀ]``), and ``μ₂ = √λ`` (unless given)
         floors ``sᵀy/sᵀs`` of every pair that updates ``H_g``. A change through
         ``optax.inject_hyperparams`` acts on the next ``H_a`` Hessian-action update and the
-        next damping (``H_a`` is inverted exactly only at the first step).
+        next damping (``H_a`` is inverted exactly only at the first step). ``> 0``: ``0`` is
+        refused (``A`` from a minibatch is singular); a traced value is floored at
+        ``linalg.DAMPING_FLOOR``.
       mu1: ``μ₁`` of the Powell damping on ``H_g`` (default ``0.2``).
       ema: ``β``, decay of the EMA of ``A`` (default ``0.9``).
       memory: ``None`` (default) for K-BFGS (dense ``H_g``), or the number of L-BFGS pairs per
@@ -155,8 +157,10 @@ def scale_by_kbfgs(
         fixed as in the authors' code rather than the usual ``sᵀy/yᵀy``).
       skip_threshold: the ``1e-4`` of the skip rule ``sᵀy ≤ 1e-4·sᵀs·‖g_ref‖``.
       lbfgs_method: ``"compact"`` (default, as the authors) or ``"two_loop"``.
-      fallback: transformation for the parameters no captured layer covers (``None``:
-        identity); see :func:`sofim_optax.scale_by_kfac`.
+      fallback: transformation for the parameters no captured layer covers (default
+        ``"diagonal"``: :func:`sofim_optax.diagonal_fisher.scale_by_diagonal_fisher` with the
+        same ``damping`` and ``ema``, applied to the incoming vector; ``None``: identity); see
+        :func:`sofim_optax.scale_by_kfac`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
@@ -194,7 +198,7 @@ def scale_by_kbfgs(
         state_cls=ScaleByKbfgsState,
         stats_period=1,
         inverse_period=1,
-        fallback=fallback,
+        fallback=diagonal_fisher.resolve_fallback(_NAME, fallback, damping=damping, ema=ema),
     )
 
 

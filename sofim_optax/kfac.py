@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases, guards, layerwise, linalg
+from sofim_optax import aliases, diagonal_fisher, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
@@ -195,7 +195,7 @@ def scale_by_kfac(
     inverse_period: int | jax.Array = 20,
     pi_adjusted: bool = True,
     inverse: str = "eigh",
-    fallback: optax.GradientTransformation | None = None,
+    fallback: optax.GradientTransformation | str | None = "diagonal",
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition each captured layer's gradient by its damped KFAC Fisher block inverse.
 
@@ -245,8 +245,9 @@ def scale_by_kfac(
     ``fallback``. A one-time INFO log line (logger ``"sofim_optax"``) lists both groups.
 
     Args:
-      damping: ``λ`` (default ``1e-3``), the Tikhonov damping of ``F + λI``, floored at
-        ``linalg.DAMPING_FLOOR = 1e-12``. It lives on the scale of the Fisher, which depends on
+      damping: ``λ`` (default ``1e-3``), the Tikhonov damping of ``F + λI``, ``> 0`` (``0``
+        is refused; a traced value is floored at ``linalg.DAMPING_FLOOR = 1e-12``). It lives
+        on the scale of the Fisher, which depends on
         the loss normalisation: ``1e-3`` suits a loss averaged over examples with a per-example
         loss of order one (softmax cross-entropy, as in most KFAC code); a loss **summed** over
         many outputs (e.g. 784 pixels of an autoencoder) has a Fisher hundreds of times larger
@@ -266,9 +267,14 @@ def scale_by_kfac(
         run time, never NaN); ``"cholesky"`` or ``"inv"`` store explicit damped inverses
         (cheaper to apply; a Cholesky breakdown falls back to the eigendecomposition, so no NaN
         either).
-      fallback: transformation for the parameters no captured layer covers. ``None`` (default)
-        passes their gradient through unchanged. Any optax transformation (e.g.
-        ``optax.scale_by_rms()``) is applied to them with its own state kept inside ours: once
+      fallback: transformation for the parameters no captured layer covers. ``"diagonal"``
+        (default): :func:`sofim_optax.diagonal_fisher.scale_by_diagonal_fisher` with the same
+        ``damping``, ``ema`` and ``stats_period`` (a diagonal Fisher step on the same scale as
+        the preconditioned layers'; see
+        :func:`sofim_optax.diagonal_fisher.resolve_fallback` for why). ``None`` passes their
+        gradient through unchanged (a plain gradient step, which grows with the loss's scale).
+        Any optax transformation (e.g. ``optax.scale_by_rms()``) is applied to them with its
+        own state kept inside ours: once
         to the dict ``{leaf path: gradient}`` of the leaves outside every layer, and once per
         uncaptured layer to ``{leaf path: gradient}`` of its kernel and bias; for element-wise
         transformations this is the same as one call on all of them. Extra keyword arguments
@@ -299,7 +305,9 @@ def scale_by_kfac(
         state_cls=ScaleByKfacState,
         stats_period=stats_period,
         inverse_period=inverse_period,
-        fallback=fallback,
+        fallback=diagonal_fisher.resolve_fallback(
+            "scale_by_kfac", fallback, damping=damping, ema=ema, stats_period=stats_period
+        ),
     )
 
 

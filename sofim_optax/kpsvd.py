@@ -63,7 +63,7 @@ from typing import NamedTuple
 import jax
 import optax
 
-from sofim_optax import aliases, guards, layerwise
+from sofim_optax import aliases, diagonal_fisher, guards, layerwise
 from sofim_optax import kpsvd_curvature as family
 from sofim_optax.hyperparameters import Scalar
 from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
@@ -112,7 +112,7 @@ def _scale_by_family(
     max_iters: int | jax.Array = 100,
     krylov_dim: int | None = 4,
     indefinite: str = "abs",
-    fallback: optax.GradientTransformation | None = None,
+    fallback: optax.GradientTransformation | str | None = "diagonal",
 ) -> optax.GradientTransformationExtraArgs:
     """The one factory of the family; ``kind`` is one of ``kpsvd_curvature.KINDS``."""
     cfg = family.FamilyConfig(
@@ -124,6 +124,9 @@ def _scale_by_family(
         max_iters=max_iters,
         krylov_dim=krylov_dim,
         indefinite=indefinite,
+    )
+    fallback = diagonal_fisher.resolve_fallback(
+        _NAMES[kind], fallback, damping=damping, ema=ema, stats_period=stats_period
     )
     return family.transformation(
         _NAMES[kind], ScaleByKpsvdState, cfg, stats_period, inverse_period, fallback
@@ -151,8 +154,9 @@ def _member(kind: str, doc: str):
 
 _SHARED_ARGS = r"""
     Args:
-      damping: ``λ`` (default ``1e-3``), floored at ``linalg.DAMPING_FLOOR``, on the Fisher's
-        scale (see :func:`sofim_optax.scale_by_kfac` on how the loss normalisation sets it).
+      damping: ``λ`` (default ``1e-3``), ``> 0`` (a traced value is floored at
+        ``linalg.DAMPING_FLOOR``), on the Fisher's scale (see :func:`sofim_optax.scale_by_kfac`
+        on how the loss normalisation sets it).
         Factored Tikhonov damping of the first (PSD) term: ``π√λ`` on the input side,
         ``√λ/π`` on the output side. {damping_effect}
       ema: upper bound of the factors' EMA decay ``ρ = min(1 − 1/k, ema)`` (default
@@ -171,7 +175,8 @@ _SHARED_ARGS = r"""
         iterations run (``lax.while_loop``), recorded in
         ``state.curvature.solver_iterations``.{extra}
       fallback: transformation for the parameters no captured layer covers (default
-        ``None``: identity); see :func:`sofim_optax.scale_by_kfac`.
+        ``"diagonal"``: a diagonal Fisher step with the same damping; ``None``: identity); see
+        :func:`sofim_optax.scale_by_kfac`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,

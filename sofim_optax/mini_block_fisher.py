@@ -25,7 +25,7 @@ import optax
 from sofim_optax import aliases, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
 from sofim_optax.cpu_runtime import map_stack
-from sofim_optax.diagonal_fisher import scale_by_diagonal_fisher
+from sofim_optax.diagonal_fisher import resolve_fallback
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE, BlockLayout, batch_blocks
 
@@ -301,8 +301,9 @@ def scale_by_mini_block_fisher(
     use squared minibatch gradients; damping is Tikhonov ``λI`` on every block.
 
     Args:
-      damping: ``λ`` (default ``1e-2``), added to every block; floored at
-        ``linalg.DAMPING_FLOOR``. On Fashion-MNIST with ``SmallCNN`` (mean cross-entropy,
+      damping: ``λ`` (default ``1e-2``), added to every block, ``> 0`` (``0`` is refused: a
+        block estimated from a minibatch is singular; a traced value is floored at
+        ``linalg.DAMPING_FLOOR``). On Fashion-MNIST with ``SmallCNN`` (mean cross-entropy,
         batch 128) ``1e-3`` diverged at learning rates 0.003 and 0.01 and ``1e-2`` trained
         (``experiments/benchmark_mbf.py``). On the EF's scale: a loss summed over many outputs (the
         autoencoder's 784 pixels) has a much larger EF than a mean cross-entropy and wants a
@@ -353,13 +354,9 @@ def scale_by_mini_block_fisher(
     for arg, value in (("dense_block_size", dense_block_size), ("batch_chunk", batch_chunk)):
         if value is not None:  # they fix the shapes of the state
             hp.check_positive_int(where, arg, value, static=True)
-    if isinstance(fallback, str):
-        if fallback != "diagonal":
-            raise ValueError(
-                'scale_by_mini_block_fisher: fallback must be "diagonal", None or a '
-                f"transformation, got {fallback!r}"
-            )
-        fallback = scale_by_diagonal_fisher(damping=damping, ema=ema, stats_period=stats_period)
+    fallback = resolve_fallback(
+        where, fallback, damping=damping, ema=ema, stats_period=stats_period
+    )
     return layerwise.layerwise_transformation(
         name="scale_by_mini_block_fisher",
         method=_mbf_method(damping, ema, dense_block_size, inverse, batch_chunk),

@@ -285,7 +285,7 @@ def scale_by_nystrom_sgd(
     hp.check_positive_int(who, "rank", rank, static=True)
     hp.check_positive_int(who, "power_iterations", power_iterations, static=True)
     hp.check_choice(who, "test_matrix", test_matrix, TEST_MATRICES)
-    hp.check_positive(who, "damping", damping)
+    hp.check_damping(who, damping)
     hp.check_positive_int(who, "stats_period", stats_period)
 
     def work_dtype(tree: Any) -> jnp.dtype:

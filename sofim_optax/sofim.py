@@ -56,7 +56,7 @@ def _check_hyperparameters(b1: Any, damping: Any, scope: str, block_size: Any) -
     if scope == "mini_block":  # other scopes ignore block_size
         hp.check_positive_int(where, "block_size", block_size, static=True)
     hp.check_decay(where, "b1", b1)
-    hp.check_positive(where, "damping", damping)
+    hp.check_damping(where, damping)
 
 
 def _rank_one_ridge_step(block: jax.Array, rho: jax.Array) -> jax.Array:

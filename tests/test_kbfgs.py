@@ -565,7 +565,9 @@ def test_fallback_identity_for_uncovered_layers():
     params, grads_seq, stats_seq, prev_seq = conf_problem()
     stats_seq = [{"Dense_0": s["Dense_0"]} for s in stats_seq]
     prev_seq = [{"Dense_0": p["Dense_0"]} for p in prev_seq]
-    updates, state = run_steps(scale_by_kbfgs(), params, grads_seq, stats_seq, prev_seq)
+    updates, state = run_steps(
+        scale_by_kbfgs(fallback=None), params, grads_seq, stats_seq, prev_seq
+    )
     for u, g in zip(updates, grads_seq):
         np.testing.assert_array_equal(u["Dense_1"]["kernel"], g["Dense_1"]["kernel"])
         assert not np.allclose(u["Dense_0"]["kernel"], g["Dense_0"]["kernel"])
@@ -623,3 +625,17 @@ def test_two_pass_train_step_linen():
         inner = [s for s in state if isinstance(s, ScaleByKbfgsState)][0]
         assert int(inner.curvature.hg_updates.min()) > 5
         assert np.isfinite(losses).all() and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+
+
+def test_inject_hyperparams_needs_memory_as_a_static_argument():
+    """K-BFGS(L) works under ``inject_hyperparams`` with its ``static_args``; without them the
+    error names ``memory`` and ``static_args`` (it used to be an unrelated TypeError)."""
+    params = {"Dense_0": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros((2,))}}
+    injected = optax.inject_hyperparams(kbfgs_l, static_args=kbfgs_l.static_args)(
+        learning_rate=0.1, memory=3
+    )
+    state = injected.init(params)
+    assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.1)
+    assert kbfgs.static_args == kbfgs_l.static_args == ("memory",)
+    with pytest.raises(TypeError, match=r"memory must be a Python int.*static_args"):
+        optax.inject_hyperparams(kbfgs)(learning_rate=0.1, memory=5).init(params)

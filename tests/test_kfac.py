@@ -256,7 +256,7 @@ def test_nnx_state_and_optimizer():
         "lin": rand_stats((2), 6, 3, 4),
         "out": rand_stats((3), 6, 4, 2),
     }
-    tx = scale_by_kfac(damping=0.1)
+    tx = scale_by_kfac(damping=0.1, fallback=None)
     # An nnx.State whose leaves are nnx.Param variables, as nnx.state / nnx.grad return it.
     state_params = nnx.state(model, nnx.Param)
     assert layerwise.discover_layers(state_params).layer_paths == ("lin", "out")
@@ -305,7 +305,7 @@ def test_with_linen_capture():
     loss_fn = lambda v, x, y: jnp.mean(
         optax.softmax_cross_entropy_with_integer_labels(model.apply(v, x), y)
     )
-    tx = scale_by_kfac(damping=1e-2)
+    tx = scale_by_kfac(damping=1e-2, fallback=None)
 
     @jax.jit
     def step(variables):
@@ -510,11 +510,27 @@ def _params_with_uncovered():
     }
 
 
+def test_default_fallback_is_the_diagonal_fisher_with_the_same_damping():
+    """Uncovered parameters get ``u / (ḡ² + λ)`` at the first step (``ν = ḡ²``), on the scale
+    of the preconditioned layers, not the raw gradient."""
+    params = _params_with_uncovered()
+    grads = rand_like((0), params)
+    stats = {"Dense_0": rand_stats((1), 5, 3, 4)}
+    upd, _ = jax.jit(scale_by_kfac(damping=0.5).update)(
+        grads, scale_by_kfac().init(params), params, layer_stats=stats
+    )
+    for layer, leaf in [("Dense_1", "kernel"), ("BatchNorm_0", "scale")]:
+        g = np.asarray(grads[layer][leaf], np.float64)
+        np.testing.assert_allclose(upd[layer][leaf], g / (g * g + 0.5), rtol=1e-5)
+    with pytest.raises(ValueError, match='fallback must be "diagonal", None or an optax'):
+        scale_by_kfac(fallback="adam")
+
+
 def test_fallback_identity_and_logging(caplog):
     params = _params_with_uncovered()
     grads = rand_like((0), params)
     stats = {"Dense_0": rand_stats((1), 5, 3, 4)}
-    tx = scale_by_kfac()
+    tx = scale_by_kfac(fallback=None)
     state = jax.jit(tx.init)(params)
     with caplog.at_level(logging.INFO, logger="sofim_optax"):
         upd, state = jax.jit(tx.update)(grads, state, params, layer_stats=stats)
@@ -691,7 +707,9 @@ def test_zero_damping_and_degenerate_statistics_stay_finite():
         "Dense_1": rand_stats((0), 1, 4, 2),  # rank one
     }
     grads = rand_like(1, params)
-    txs = [scale_by_kfac(damping=0.0, inverse=inverse) for inverse in INVERSES]
+    # A damping of 0 given as a number is refused; traced (as through inject_hyperparams) it
+    # is floored and the step stays finite.
+    txs = [scale_by_kfac(damping=jnp.asarray(0.0), inverse=inverse) for inverse in INVERSES]
     for inverse, (u, state) in zip(INVERSES, first_updates(txs, grads, params, stats)):
         assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((u, state))), inverse
 

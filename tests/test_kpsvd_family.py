@@ -338,7 +338,7 @@ def test_degenerate_statistics_stay_finite():
     def run():
         out = {}
         for kind in DEGENERATE:
-            tx = SCALES[kind](damping=0.0)
+            tx = SCALES[kind](damping=jnp.asarray(0.0))  # traced: floored
             out[kind] = tx.update(
                 rand_like(1, params), tx.init(params), params, layer_stats=zero_stats
             )

@@ -334,7 +334,7 @@ def test_padding_does_not_leak(x64):
     np.testing.assert_array_equal(last[:, :, -1], 0.0)
     params = {"l": {"kernel": zeros((7, 2), jnp.float64), "bias": zeros((2,), jnp.float64)}}
     tx = scale_by_mini_block_fisher(
-        damping=0.0, dense_block_size=3
+        damping=jnp.asarray(0.0), dense_block_size=3
     )  # no damping: pads are singular
     upd, state = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats={"l": st}))(
         rand_like(1, params)
@@ -695,7 +695,7 @@ def test_degenerate_statistics_stay_finite():
         "Dense_0": LayerStats(zeros((4, 3)), zeros((4, 4)), None),
         "Dense_1": rand_stats(0, 1, 4, 2),
     }
-    tx = scale_by_mini_block_fisher(damping=0.0)
+    tx = scale_by_mini_block_fisher(damping=jnp.asarray(0.0))  # traced: floored
     u, s = jax.jit(lambda g: tx.update(g, tx.init(params), params, layer_stats=degenerate))(
         rand_like(1, params)
     )

@@ -76,7 +76,7 @@ class OptimizerSpec:
         of :data:`NEEDS`; the train step builder provides them.
       task_defaults: per task kind (``"classification"``, ``"autoencoder"``),
         hyperparameters that replace ``defaults``.
-      tuned: task kinds whose defaults were tuned (README); the others are
+      tuned: task kinds whose defaults were tuned (docs/benchmarks.md); the others are
         reasonable values from the papers, untuned.
       loop_defaults: default loop options (see :data:`LOOP_OPTIONS`).
       grid: the small grid searched by ``--grid`` (learning rate, damping).
@@ -162,7 +162,7 @@ def _kpsvd_family_spec(label: str, alias: str, color: str) -> OptimizerSpec:
 
 
 # Defaults: SOFIM, KFAC, SGD-m and Adam were tuned on the Fashion-MNIST MLP at
-# batch 128 (README); KFAC's and Adam's autoencoder values come from
+# batch 128 (docs/benchmarks.md); KFAC's and Adam's autoencoder values come from
 # tests/test_kfac_autoencoder.py (reduced Fashion-MNIST autoencoder, batch 500).
 # On the autoencoder the KFAC/KPSVD family uses the sampled Fisher (Martens &
 # Grosse; Koroko et al.), elsewhere the empirical one. Everything else is untuned: values
@@ -205,7 +205,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         {"learning_rate": 0.1, "damping": 0.3},
         needs=("layer_stats", "previous_batch_stats"),
         # The authors' MNIST demo uses lr 0.3; on the full Fashion-MNIST autoencoder (batch 1000)
-        # lr 0.3 diverged within 20 steps at damping 0.3 and 1, lr 0.1 trained (README, K-BFGS).
+        # lr 0.3 diverged within 20 steps at damping 0.3 and 1, lr 0.1 trained (docs/benchmarks.md, K-BFGS).
         task_defaults={"autoencoder": {"learning_rate": 0.1, "damping": 0.3}},
         grid={"learning_rate": [0.03, 0.1, 0.3, 1.0], "damping": [0.03, 0.3, 3.0]},
         color="tab:olive",

@@ -8,7 +8,7 @@
 * :func:`format_final_table` and :func:`format_target_table`: the final
   metrics, and the epochs and seconds each run needed to reach preset targets.
   The "tuned" column says where the hyperparameters come from: ``defaults``
-  (the registry's defaults, tuned for this task kind, see README), ``grid``
+  (the registry's defaults, tuned for this task kind, see docs/benchmarks.md), ``grid``
   (picked by ``--grid``), ``no`` (untuned defaults or a user's ``--set``).
 
 Targets: a loss target is reached at the first epoch whose value is ``<=`` it,

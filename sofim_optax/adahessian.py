@@ -257,8 +257,8 @@ def scale_by_adahessian(
       average_absolute: average :math:`|D|` (code) instead of :math:`D`
         (paper); default ``True``.
       seed: seed of the PRNG key kept in the state (default 0).
-      mu_dtype: dtype of the first moment (default: gradient dtype promoted to
-        at least float32).
+      mu_dtype: dtype of the first moment (default ``None``: the gradient's dtype
+        promoted to at least float32).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -379,12 +379,11 @@ _ADAHESSIAN_DOC = r"""The AdaHessian optimiser with decoupled weight decay.
       learning_rate: :math:`\eta`, a float or an optax schedule. Default 0.15,
         the authors' setting for ResNets on CIFAR-10 (with ``weight_decay``
         5e-4 and a step schedule there).
-      b1, b2, eps, hessian_power, num_probes, stats_period, spatial_averaging,
-      block_size, average_absolute, seed, mu_dtype: keyword-only, see
-        :func:`scale_by_adahessian` (same defaults).
       weight_decay: :math:`\lambda` (default 0).
       weight_decay_mask: which parameters weight decay applies to, as for
-        ``optax.add_decayed_weights`` (default: all).
+        ``optax.add_decayed_weights`` (default ``None``: all).
+
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` requires

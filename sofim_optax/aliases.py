@@ -15,6 +15,8 @@ family, Nyström-SGD) and :func:`decay_chain` (SOFIM, AdaHessian).
 from __future__ import annotations
 
 import inspect
+import re
+import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,9 +32,14 @@ __all__ = [
     "decay_chain",
     "MOMENTUM_ARGUMENTS",
     "DECAY_ARGUMENTS",
+    "SCALE_BY_ARGUMENTS",
 ]
 
 _NO_DEFAULT = inspect.Parameter.empty
+
+#: The line of an alias's ``doc`` that :func:`make_alias` replaces by the list of the
+#: ``scale_by_*`` arguments the alias's ``Args:`` section does not describe, with their defaults.
+SCALE_BY_ARGUMENTS = "{scale_by_arguments}"
 
 #: The alias arguments of :func:`momentum_chain`, with their defaults.
 MOMENTUM_ARGUMENTS: Mapping[str, Any] = {
@@ -112,7 +119,11 @@ def make_alias(
       chain: ``chain(scale, *, learning_rate, **alias_arguments)``.
       name: the alias's ``__name__``.
       doc: its docstring (the math and the alias's own arguments; the ``scale_by_*``
-        arguments are documented there).
+        arguments are documented there). A line holding only :data:`SCALE_BY_ARGUMENTS`
+        (``{scale_by_arguments}``) is replaced by a sentence that names every ``scale_by``
+        argument the ``Args:`` section does not describe, each with its default in this alias
+        (so that the docstring names every argument and default, and never disagrees with the
+        signature).
       alias_arguments: the alias's own keyword-only arguments and their defaults.
       learning_rate_default: a default learning rate (default: none, it must be given).
       overrides: ``scale_by`` arguments whose default differs in this alias.
@@ -164,11 +175,44 @@ def make_alias(
 
     alias.__signature__ = signature
     alias.__name__ = alias.__qualname__ = name
-    alias.__doc__ = doc
+    alias.__doc__ = _with_scale_by_arguments(doc, scale_by.__name__, parameters, alias_arguments)
     alias.__module__ = scale_by.__module__
     if hasattr(scale_by, "static_args"):
         alias.static_args = scale_by.static_args
     return alias
+
+
+def _with_scale_by_arguments(
+    doc: str, scale_by_name: str, parameters: list[inspect.Parameter], own: Mapping[str, Any]
+) -> str:
+    """``doc`` with its :data:`SCALE_BY_ARGUMENTS` line written out (see :func:`make_alias`)."""
+    line = re.search(r"^( *)" + re.escape(SCALE_BY_ARGUMENTS) + r"[ \t]*$", doc, flags=re.M)
+    if line is None:
+        return doc
+    described = set(re.findall(r"^ +([a-z_0-9]+):", doc, flags=re.M))
+    rest = [
+        p
+        for p in parameters[1:]
+        if p.name not in own and p.name not in described and p.default is not _NO_DEFAULT
+    ]
+    if rest:
+        listed = ", ".join(f"``{p.name}={p.default!r}``" for p in rest)
+        text = (
+            f"Every other argument is :func:`{scale_by_name}`'s (keyword-only, described "
+            f"there), with these defaults: {listed}."
+        )
+    else:
+        text = f"Every argument of :func:`{scale_by_name}` is described above."
+    indent = line.group(1)
+    filled = textwrap.fill(
+        text,
+        width=92,
+        initial_indent=indent,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return doc[: line.start()] + filled + doc[line.end() :]
 
 
 def specialize(

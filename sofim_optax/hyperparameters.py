@@ -31,7 +31,7 @@ __all__ = [
 #: A hyperparameter that may be a Python float or a (possibly traced) scalar array, the form
 #: every value takes under ``optax.inject_hyperparams``.
 Scalar = Union[float, jax.Array]
-#: A learning rate: a scalar or an optax schedule ``count -> value``.
+#: A learning rate, a scalar or an optax schedule ``count -> value``.
 ScalarOrSchedule = optax.ScalarOrSchedule
 
 

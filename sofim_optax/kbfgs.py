@@ -243,8 +243,8 @@ _KBFGS_DOC = r"""K-BFGS as in the authors' training loop: L2, gradient EMA, ``H_
         ``None`` for none.
       weight_decay: ``τ`` (default ``0.0``; ``1e-5`` in the paper).
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
-      damping, mu1, ema, memory, mu2, pair_ema, hg_init, skip_threshold, lbfgs_method,
-        fallback: keyword-only, see :func:`scale_by_kbfgs` (same defaults).
+
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; call ``update(grads, state, params,
@@ -278,12 +278,23 @@ kbfgs = aliases.make_alias(
 
 _KBFGS_L_DOC = r"""K-BFGS(L): :func:`kbfgs` with ``H_g`` an L-BFGS operator of ``memory`` pairs.
 
-    ``H_a`` stays the dense Hessian-action BFGS matrix, as in the authors' code.
+    ``H_a`` stays the dense Hessian-action BFGS matrix, as in the authors' code; the chain is
+    :func:`kbfgs`'s (coupled L2, gradient EMA, the preconditioner, the learning rate).
 
     Args:
+      learning_rate: ``η``, a float or an optax schedule (as :func:`kbfgs`).
+      gradient_ema: ``μ``, EMA decay of the gradient before preconditioning (default ``0.9``);
+        ``None`` for none.
+      weight_decay: coupled L2 ``τ`` (default ``0.0``; ``1e-5`` in the paper).
+      weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       memory: L-BFGS pairs per layer (default ``100``, the authors'). It fixes the shapes of
         the state: under ``optax.inject_hyperparams`` list it in ``static_args``.
-      every other argument: as :func:`kbfgs`, keyword-only, same defaults.
+
+    {scale_by_arguments}
+
+    References:
+      Goldfarb, Ren & Bahamou, `Practical Quasi-Newton Methods for Training Deep Neural
+      Networks <https://arxiv.org/abs/2006.08877>`_, NeurIPS 2020.
     """
 
 kbfgs_l = aliases.make_alias(

@@ -316,8 +316,8 @@ _KFAC_DOC = r"""KFAC with heavy-ball momentum on the preconditioned direction.
     .. math::
 
         \Delta_t &= (A + \pi\sqrt\lambda I)^{-1} V_t (G + \tfrac{\sqrt\lambda}{\pi} I)^{-1}
-            \quad\text{(per captured layer, } \texttt{scale\_by\_kfac}\text{)}\\
-        u_t &= \Delta_t + \text{weight\_decay}\cdot w_t\\
+            \quad\text{(per captured layer, } \mathtt{scale\_by\_kfac}\text{)}\\
+        u_t &= \Delta_t + \mathrm{weight\_decay}\cdot w_t\\
         m_t &= u_t + \mu\, m_{t-1}\\
         w_{t+1} &= w_t - \eta_t\, m_t
 
@@ -335,7 +335,8 @@ _KFAC_DOC = r"""KFAC with heavy-ball momentum on the preconditioned direction.
       weight_decay: decoupled weight decay (default ``0.0``).
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
-      every other argument: as :func:`scale_by_kfac`, keyword-only, same defaults.
+
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.

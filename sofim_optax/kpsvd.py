@@ -15,7 +15,7 @@ method         approximation of ``F``            computed by
 KPSVD          ``R ⊗ S``                         power SVD of ``𝓡(F)`` (rank one)
 Deflation      ``R1 ⊗ S1 + R2 ⊗ S2``             power SVD, deflated for the second term
 KFAC-corrected ``A ⊗ G + R ⊗ S``                 KFAC's ``A, G`` and a power SVD of
-                                                ``𝓡(F) − vec(A) vec(G)ᵀ``
+                                                 ``𝓡(F) − vec(A) vec(G)ᵀ``
 Lanczos        ``R1 ⊗ S1 + R2 ⊗ S2``             restarted Golub–Kahan–Lanczos
 ============== ================================ =========================================
 
@@ -25,50 +25,23 @@ conv-layer Fisher, the averaging of the factors and the damping rule); the layer
 checks, periods and fallback are KFAC's (:mod:`sofim_optax.layerwise`). Each ``scale_by_*``
 holds the algorithm (no learning rate, no sign); each alias chains it as :func:`kpsvd` does.
 
-Arguments shared by the four ``scale_by_*`` (keyword-only, like every argument here):
+The four ``scale_by_*`` take the same keyword-only arguments (Lanczos also ``krylov_dim``),
+each documented on every member. When a ``damping`` changed at run time (a schedule, or an
+adaptive damping through ``optax.inject_hyperparams``) takes effect:
 
-* ``damping``: ``λ`` (default ``1e-3``), ``> 0`` (a traced value is floored at
-  ``linalg.DAMPING_FLOOR``), on the Fisher's scale (see :func:`sofim_optax.scale_by_kfac` on
-  how the loss normalisation sets it).
-  Factored Tikhonov damping of the first (PSD) term: ``π√λ`` on the input side, ``√λ/π`` on
-  the output side. When a changed damping (a schedule, or an adaptive damping through
-  ``optax.inject_hyperparams``) takes effect:
-
-  - KPSVD: at the very next step. Its refresh stores eigendecompositions of the undamped
-    ``R, S``, and the shifts are applied to their eigenvalues at every step.
-  - Deflation, KFAC-corrected and Lanczos: **at the next inverse refresh** (up to
-    ``inverse_period − 1`` steps later); until then the update keeps the damping of the last
-    refresh. The reason is mathematical, not a shortcut: their solve diagonalises the damped
-    first term and the second term simultaneously, and the diagonalising ``K1`` and ``s1``
-    are the generalised eigenvectors and eigenvalues of the pencil
-    ``(R1 + π√λ I, R2)`` (``K2, s2``: of ``(S1 + (√λ/π) I, S2)``). Unless ``R1`` and ``R2``
-    commute, a new ``λ`` changes the eigenvectors themselves, not a diagonal, so it can only
-    be applied by redoing the two ``eigh`` per factor of a refresh. Nor can an iterative
-    solve with the undamped factors stand in: the ``"abs"`` and ``"clip"`` rules are defined
-    in that ``λ``-dependent basis (only ``"exact"`` would be reachable, at many products
-    per step). A shorter ``inverse_period`` shortens the delay.
-
-* ``ema``: upper bound of the factors' EMA decay ``ρ = min(1 − 1/k, ema)`` (default ``0.95``,
-  the paper's).
-* ``stats_period``: recompute the factors every this many updates (default ``1``; the paper
-  uses 100 for both periods). Pass ``layer_stats`` on every update anyway.
-* ``inverse_period``: refresh the eigendecompositions (KPSVD) or the simultaneous
-  diagonalisation (rank two) every this many updates (default ``20``).
-* ``pi_adjusted``: balance the damping with ``π = sqrt((tr R1/d_a)/(tr S1/d_g))`` (default
-  ``True``; ``False``: ``√λ`` on both sides).
-* ``tol``: relative stopping tolerance of the solver (default ``1e-5``; the paper's ``1e-6``
-  is absolute).
-* ``max_iters``: cap on solver iterations per statistics update (power iterations per term,
-  or Lanczos passes; default ``100``, the paper's 1000). The warm start from the averaged
-  factors usually converges in a few; the cost is proportional to the iterations run
-  (``lax.while_loop``), recorded in ``state.curvature.solver_iterations``.
-* ``indefinite`` (rank two only): how the generalised eigenvalue products ``s1_i s2_j`` of an
-  indefinite second term enter the solve (:func:`sofim_optax.linalg.kron_sum_apply`):
-  ``"abs"`` (default, the authors': ``1 + |s1_i s2_j|``), ``"clip"``
-  (``1 + max(s1_i s2_j, 0)``) or ``"exact"`` (``1 + s1_i s2_j``; positive definite sums only).
-* ``fallback``: transformation for the parameters no captured layer covers (default
-  ``"diagonal"``: a diagonal Fisher step with the same damping; ``None``: identity); see
-  :func:`sofim_optax.scale_by_kfac`.
+- KPSVD: at the very next step. Its refresh stores eigendecompositions of the undamped
+  ``R, S``, and the shifts are applied to their eigenvalues at every step.
+- Deflation, KFAC-corrected and Lanczos: **at the next inverse refresh** (up to
+  ``inverse_period − 1`` steps later); until then the update keeps the damping of the last
+  refresh. The reason is mathematical, not a shortcut: their solve diagonalises the damped
+  first term and the second term simultaneously, and the diagonalising ``K1`` and ``s1``
+  are the generalised eigenvectors and eigenvalues of the pencil
+  ``(R1 + π√λ I, R2)`` (``K2, s2``: of ``(S1 + (√λ/π) I, S2)``). Unless ``R1`` and ``R2``
+  commute, a new ``λ`` changes the eigenvectors themselves, not a diagonal, so it can only
+  be applied by redoing the two ``eigh`` per factor of a refresh. Nor can an iterative
+  solve with the undamped factors stand in: the ``"abs"`` and ``"clip"`` rules are defined
+  in that ``λ``-dependent basis (only ``"exact"`` would be reachable, at many products
+  per step). A shorter ``inverse_period`` shortens the delay.
 
 Each returns an ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
 params=None, *, layer_stats, **extra)`` requires ``layer_stats`` (``dict[str, LayerStats]``,
@@ -179,6 +152,64 @@ def _member(kind: str, doc: str):
     )
 
 
+_SHARED_ARGS = r"""
+    Args:
+      damping: ``λ`` (default ``1e-3``), ``> 0`` (a traced value is floored at
+        ``linalg.DAMPING_FLOOR``), on the Fisher's scale (see :func:`sofim_optax.scale_by_kfac`
+        on how the loss normalisation sets it).
+        Factored Tikhonov damping of the first (PSD) term: ``π√λ`` on the input side,
+        ``√λ/π`` on the output side. {damping_effect}
+      ema: upper bound of the factors' EMA decay ``ρ = min(1 − 1/k, ema)`` (default
+        ``0.95``, the paper's).
+      stats_period: recompute the factors every this many updates (default ``1``; the paper
+        uses 100 for both periods). Pass ``layer_stats`` on every update anyway.
+      inverse_period: refresh the eigendecompositions (KPSVD) or the simultaneous
+        diagonalisation (rank two) every this many updates (default ``20``).
+      pi_adjusted: balance the damping with ``π = sqrt((tr R1/d_a)/(tr S1/d_g))`` (default
+        ``True``; ``False``: ``√λ`` on both sides).
+      tol: relative stopping tolerance of the solver (default ``1e-5``; the paper's ``1e-6``
+        is absolute).
+      max_iters: cap on solver iterations per statistics update (power iterations per term,
+        or Lanczos passes; default ``100``, the paper's 1000). The warm start from the
+        averaged factors usually converges in a few; the cost is proportional to the
+        iterations run (``lax.while_loop``), recorded in
+        ``state.curvature.solver_iterations``.{extra}
+      fallback: transformation for the parameters no captured layer covers (default
+        ``"diagonal"``: a diagonal Fisher step with the same damping; ``None``: identity); see
+        :func:`sofim_optax.scale_by_kfac`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,
+      params=None, *, layer_stats, **extra)`` requires ``layer_stats`` (as made by
+      ``sofim_optax.curvature.linen.value_grad_and_stats``); errors are raised at trace time
+      and name the layer.
+
+    References:
+      Koroko et al., `Efficient Approximations of the Fisher Matrix in Neural Networks using
+      Kronecker Product Singular Value Decomposition <https://arxiv.org/abs/2201.10285>`_,
+      ESAIM: Proceedings and Surveys 73, 2023.
+    """
+
+_INDEFINITE_ARG = """
+      indefinite: how the generalised eigenvalue products ``s1_i s2_j`` of an indefinite
+        second term enter the solve (:func:`sofim_optax.linalg.kron_sum_apply`): ``"abs"``
+        (default, the authors': ``1 + |s1_i s2_j|``), ``"clip"`` (``1 + max(s1_i s2_j, 0)``)
+        or ``"exact"`` (``1 + s1_i s2_j``; positive definite sums only)."""
+_KRYLOV_ARG = """
+      krylov_dim: bidiagonalisation steps per Lanczos pass (default ``4``; the paper's ``2``
+        stalls on the second triplet). A Python int: under ``optax.inject_hyperparams`` list
+        it in ``static_args``."""
+_DAMPING_AT_ONCE = "A change at run time takes effect at the next step."
+_DAMPING_AT_REFRESH = (
+    "A change at run time takes effect at the next\n"
+    "        inverse refresh (see :mod:`sofim_optax.kpsvd`)."
+)
+
+
+def _member_doc(summary: str, damping_effect: str, extra: str = "") -> str:
+    return summary + _SHARED_ARGS.format(damping_effect=damping_effect, extra=extra)
+
+
 _SCALE_BY_KPSVD_DOC = r"""Precondition each captured layer by the damped inverse of its KPSVD approximation.
 
     KPSVD (Koroko et al. 2022, §3.1) uses the Kronecker product closest to the Fisher block
@@ -203,10 +234,8 @@ _SCALE_BY_KPSVD_DOC = r"""Precondition each captured layer by the damped inverse
     from eigendecompositions refreshed every ``inverse_period`` steps; the damping applies at
     every step, so a schedule on it through ``optax.inject_hyperparams`` acts at once.
 
-    Every argument is keyword-only, with its default in the signature, and is described in
-    :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kpsvd = _member("kpsvd", _SCALE_BY_KPSVD_DOC)
+scale_by_kpsvd = _member("kpsvd", _member_doc(_SCALE_BY_KPSVD_DOC, _DAMPING_AT_ONCE, ""))
 
 _SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank-two Kronecker approximation.
 
@@ -238,10 +267,10 @@ _SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank
     to ``"kpsvd"``, so the second power SVD finds the first pair again); this follows the
     paper's mathematics.
 
-    Every argument is keyword-only, with its default in the signature, and is described in
-    :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kpsvd_deflation = _member("deflation", _SCALE_BY_KPSVD_DEFLATION_DOC)
+scale_by_kpsvd_deflation = _member(
+    "deflation", _member_doc(_SCALE_BY_KPSVD_DEFLATION_DOC, _DAMPING_AT_REFRESH, _INDEFINITE_ARG)
+)
 
 _SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus a Kronecker correction.
 
@@ -272,10 +301,11 @@ _SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus
     Note: the authors' public ``kfac_cor.py`` does not subtract ``A ⊗ G`` (its ``method`` is
     ``"kpsvd"``) and crashes at its second refresh; this follows the mathematics.
 
-    Every argument is keyword-only, with its default in the signature, and is described in
-    :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kfac_corrected = _member("kfac_corrected", _SCALE_BY_KFAC_CORRECTED_DOC)
+scale_by_kfac_corrected = _member(
+    "kfac_corrected",
+    _member_doc(_SCALE_BY_KFAC_CORRECTED_DOC, _DAMPING_AT_REFRESH, _INDEFINITE_ARG),
+)
 
 _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two Kronecker approximation.
 
@@ -295,13 +325,11 @@ _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two
     the second triplet; here the residual is ``‖𝓡ᵀu_k − σ_k v_k‖`` and ``krylov_dim``
     defaults to 4, with full reorthogonalisation.
 
-    Args:
-      krylov_dim: bidiagonalisation steps per Lanczos pass (default ``4``; the paper's ``2``
-        stalls on the second triplet). A Python int: under ``optax.inject_hyperparams`` list
-        it in ``static_args``.
-      every other argument: keyword-only, described in :mod:`sofim_optax.kpsvd`.
     """
-scale_by_kpsvd_lanczos = _member("lanczos", _SCALE_BY_KPSVD_LANCZOS_DOC)
+scale_by_kpsvd_lanczos = _member(
+    "lanczos",
+    _member_doc(_SCALE_BY_KPSVD_LANCZOS_DOC, _DAMPING_AT_REFRESH, _KRYLOV_ARG + _INDEFINITE_ARG),
+)
 
 
 _ALIAS_DOC = """{title} with heavy-ball momentum on the preconditioned direction.
@@ -321,7 +349,13 @@ _ALIAS_DOC = """{title} with heavy-ball momentum on the preconditioned direction
       nesterov: Nesterov momentum (default ``False``).
       damping: ``λ`` (default ``1e-3``), as :func:`scale_by_{name}`.
         {damping}
-      every other argument: as :func:`scale_by_{name}`, keyword-only, same defaults.
+
+    {{scale_by_arguments}}
+
+    References:
+      Koroko et al., `Efficient Approximations of the Fisher Matrix in Neural Networks using
+      Kronecker Product Singular Value Decomposition <https://arxiv.org/abs/2201.10285>`_,
+      ESAIM: Proceedings and Surveys 73, 2023.
     """
 
 

@@ -126,8 +126,19 @@ class KroneckerSvdCurvature(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class FamilyConfig:
-    """The hyperparameters of one member of the family; ``kind`` is one of :data:`KINDS` and
-    sets the rank (1 for KPSVD, 2 for the others) and the solver."""
+    """The hyperparameters of one member of the family.
+
+    Attributes:
+      kind: one of :data:`KINDS`; it sets the rank (1 for KPSVD, 2 for the others) and the
+        solver.
+      damping: ``λ``, as the member's ``damping`` argument.
+      ema: the factors' EMA decay bound, as ``ema``.
+      pi_adjusted: as ``pi_adjusted``.
+      tol: the SVD solvers' relative tolerance, as ``tol``.
+      max_iters: their iteration cap, as ``max_iters``.
+      krylov_dim: Lanczos's steps per pass; ``None`` for the other members.
+      indefinite: the rule for an indefinite second term, as ``indefinite``.
+    """
 
     kind: str
     damping: Any
@@ -140,10 +151,12 @@ class FamilyConfig:
 
     @property
     def rank(self) -> int:
+        """The number of Kronecker terms (1 for KPSVD, 2 for the others)."""
         return 1 if self.kind == "kpsvd" else 2
 
     @property
     def roles(self) -> tuple[str, ...]:
+        """The factor roles stacked per layer, ``("A1", "G1")`` and at rank 2 also ``"A2", "G2"``."""
         return ("A1", "G1") if self.rank == 1 else ("A1", "G1", "A2", "G2")
 
 

@@ -413,8 +413,8 @@ _MINI_BLOCK_FISHER_DOC = r"""Mini-Block Fisher: momentum on the gradient, then t
 
         m_t &= g_t + \mu\, m_{t-1}\\
         \Delta_t &= (F_b + \lambda I)^{-1} m_{t,b}
-            \quad\text{per mini-block } b\ (\texttt{scale\_by\_mini\_block\_fisher})\\
-        w_{t+1} &= w_t - \eta_t\,(\Delta_t + \text{weight\_decay}\cdot w_t)
+            \quad\text{per mini-block } b\ (\mathtt{scale\_by\_mini\_block\_fisher})\\
+        w_{t+1} &= w_t - \eta_t\,(\Delta_t + \mathrm{weight\_decay}\cdot w_t)
 
     i.e. ``trace(gradient_momentum)`` → :func:`scale_by_mini_block_fisher` (which also receives the raw
     gradient as ``gradients=``, for its diagonal fallback's statistics) →
@@ -429,11 +429,11 @@ _MINI_BLOCK_FISHER_DOC = r"""Mini-Block Fisher: momentum on the gradient, then t
       learning_rate: ``η``, a float or an optax schedule.
       gradient_momentum: ``μ`` (default ``0.9``), heavy-ball momentum of the gradient before
         preconditioning; ``None`` for none.
-      damping, ema, stats_period, inverse_period, dense_block_size, inverse, batch_chunk,
-        fallback: see :func:`scale_by_mini_block_fisher`.
       weight_decay: decoupled weight decay (default ``0.0``).
       weight_decay_mask: optional mask for ``add_decayed_weights`` (default ``None``: all).
       nesterov: Nesterov momentum (default ``False``).
+
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; pass ``layer_stats=`` to its ``update``.

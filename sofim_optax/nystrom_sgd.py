@@ -207,7 +207,7 @@ def scale_by_nystrom_sgd(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Preconditions the gradient by a regularised rank-``r`` Nyström Hessian sketch.
 
-    At steps :math:`t \equiv 0 \pmod{\text{update\_period}}` (the first
+    At steps :math:`t \equiv 0 \pmod{\mathrm{stats\_period}}` (the first
     included) the Hessian :math:`H_t` of ``obj_fn`` at the current parameters
     is sketched (:func:`nystrom_sketch`, ``rank`` Hessian-vector products):
     :math:`\hat H = V\operatorname{diag}(\hat\lambda)V^\top`. Every step then
@@ -403,17 +403,23 @@ _NYSTROM_SGD_DOC = r"""Nyström-SGD (SketchySGD): the sketch preconditioner, wei
         updates, state = opt.update(grads, state, params, obj_fn=lambda p: loss_fn(p, x, y))
 
     Args:
-      learning_rate: multiplier or learning rate (float or schedule), see above.
-      rank, damping, stats_period, test_matrix, auto_step, power_iterations, seed:
-        keyword-only, see :func:`scale_by_nystrom_sgd` (same defaults).
+      learning_rate: multiplier or learning rate (float or schedule; default ``1.0``), see
+        above.
       momentum: heavy-ball momentum, or ``None`` (default) for none.
       nesterov: Nesterov momentum (default ``False``).
       weight_decay: decoupled weight decay :math:`\lambda` (default 0).
-      weight_decay_mask: which parameters weight decay applies to (default: all).
+      weight_decay_mask: which parameters weight decay applies to (default ``None``: all).
+
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; ``update`` needs
       ``params`` and ``obj_fn=``.
+
+    References:
+      Frangella, Rathore, Zhao, Udell, `SketchySGD: Reliable Stochastic
+      Optimization via Randomized Curvature Estimates
+      <https://arxiv.org/abs/2211.08597>`_, 2022/2024.
     """
 
 nystrom_sgd = aliases.make_alias(

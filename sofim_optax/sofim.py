@@ -244,7 +244,7 @@ _SOFIM_DOC = r"""The SOFIM optimiser: :func:`scale_by_sofim`, decoupled weight d
       scope: ``"global"`` (default), ``"per_tensor"`` or ``"mini_block"``; see
         :func:`scale_by_sofim`.
       block_size: chunk size for ``scope="mini_block"`` (default 1024).
-      mu_dtype: dtype of the moment (default: at least float32).
+      mu_dtype: dtype of the moment (default ``None``: at least float32).
       weight_decay_mask: which parameters weight decay applies to, as for
         ``optax.add_decayed_weights``. Default ``None``: all.
 

@@ -38,7 +38,7 @@ seconds per step and its ratio to KFAC's median from the same rounds (the paper 
 
 Outputs under ``--out``: ``results.json``, ``table.md`` (also printed) and ``curves.png``.
 
-Example (a few minutes; the README figures use the defaults)::
+Example (a few minutes; the figures of docs/benchmarks.md use the defaults)::
 
     python -m experiments.benchmarks.kpsvd --quick --out runs/benchmark_kpsvd_quick
 """

@@ -36,7 +36,7 @@ Usage (full size, slow on a 2-core CPU)::
 
     python -m experiments.benchmarks.mbf --out runs/benchmark_mbf
 
-Quick run (what the README figures were measured with, see ``--help``)::
+Quick run (what the figures of docs/benchmarks.md were measured with, see ``--help``)::
 
     python -m experiments.benchmarks.mbf --ae-batch 250 --rounds 5 --train-size 10000 --epochs 3 \\
         --target 0.80 --out runs/benchmark_mbf_quick

@@ -10,13 +10,13 @@ When such a capture runs with ``fisher="sampled"``, the helper also registers
 its predictions and its likelihood, so that the capture can draw targets from
 the model's predictive distribution:
 
-============================== ===================== =============================
-helper                         likelihood            sampled target
-============================== ===================== =============================
-``softmax_cross_entropy``      categorical(logits)   ``jax.random.categorical``
-``sigmoid_binary_cross_entropy`` Bernoulli(σ(logits)) ``jax.random.bernoulli``
-``squared_error``              N(predictions, I)     ``predictions + N(0, I)``
-============================== ===================== =============================
+================================ ===================== ===========================
+helper                           likelihood            sampled target
+================================ ===================== ===========================
+``softmax_cross_entropy``        categorical(logits)   ``jax.random.categorical``
+``sigmoid_binary_cross_entropy`` Bernoulli(σ(logits))  ``jax.random.bernoulli``
+``squared_error``                N(predictions, I)     ``predictions + N(0, I)``
+================================ ===================== ===========================
 
 Outside a capture, or with ``fisher="empirical"``, they are plain losses.
 """

@@ -46,4 +46,5 @@ class LayerStats(NamedTuple):
     outputs: jax.Array
 
 
+#: The statistics of a model, ``{layer path: LayerStats}`` (paths joined with ``/``).
 LayerStatsDict = dict[str, LayerStats]

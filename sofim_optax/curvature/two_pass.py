@@ -1,7 +1,7 @@
 """Two-pass statistics for methods that compare one minibatch at two parameter values (K-BFGS).
 
 K-BFGS (Goldfarb, Ren & Bahamou 2020) builds its ``(s, y)`` pairs from the *same* minibatch
-at the old and the new parameters. In optax form (see :func:`sofim_optax.kbfgs.scale_by_kbfgs`)
+at the old and the new parameters. In optax form (see :func:`sofim_optax.scale_by_kbfgs`)
 each update takes
 
 * ``layer_stats``: statistics of the current minibatch at the current parameters (the pass

@@ -6,22 +6,22 @@ parameter tree with a ``kernel`` of ``ndim >= 2``, plus its ``bias``) from that 
 :class:`~sofim_optax.curvature.LayerStats`, and hands every other parameter to a fallback
 transformation. The package is split by concern, each module readable on its own:
 
-==================================== =====================================================
-module                               what it holds
-==================================== =====================================================
-:mod:`sofim_optax.layerwise.layers`  :class:`Layer`, :class:`ParamLayout`,
-                                     :func:`discover_layers`, the gradient matrix
-                                     ``V = [kernel.reshape(-1, d_out); bias]``
-:mod:`sofim_optax.layerwise.checks`  :func:`check_layer_stats` (trace-time errors naming the
-                                     layer)
-:mod:`sofim_optax.layerwise.factors` second moments ``A``, ``G``, the EMA warm-up rule,
-                                     :class:`FactorLayout` (stacks by size),
-                                     :func:`stacked_damped_inverse`
-:mod:`sofim_optax.layerwise.fallback` :class:`FallbackState` and the routing of uncovered
-                                     parameters
+=========================================== =======================================================
+module                                      what it holds
+=========================================== =======================================================
+:mod:`sofim_optax.layerwise.layers`         :class:`Layer`, :class:`ParamLayout`,
+                                            :func:`discover_layers`, the gradient matrix
+                                            ``V = [kernel.reshape(-1, d_out); bias]``
+:mod:`sofim_optax.layerwise.checks`         :func:`check_layer_stats` (trace-time errors naming the
+                                            layer)
+:mod:`sofim_optax.layerwise.factors`        second moments ``A``, ``G``, the EMA warm-up rule,
+                                            :class:`FactorLayout` (stacks by size),
+                                            :func:`stacked_damped_inverse`
+:mod:`sofim_optax.layerwise.fallback`       :class:`FallbackState` and the routing of uncovered
+                                            parameters
 :mod:`sofim_optax.layerwise.transformation` :class:`LayerwiseMethod` and
-                                     :func:`layerwise_transformation`, the skeleton
-==================================== =====================================================
+                                            :func:`layerwise_transformation`, the skeleton
+=========================================== =======================================================
 
 A method is the four functions of a :class:`LayerwiseMethod` (``init``,
 ``update_statistics``, ``refresh``, ``precondition``) handed to

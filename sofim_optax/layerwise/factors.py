@@ -125,6 +125,7 @@ class FactorLayout:
 
     @staticmethod
     def key(dim: int) -> str:
+        """The key ``"d{dim}"`` of the stack of ``dim × dim`` factors."""
         return f"d{dim}"
 
     @classmethod

@@ -102,12 +102,12 @@ class Layer:
 
     @property
     def d_a(self) -> int:
-        """Dimension of the input-side factor: ``d_in`` plus one for the bias."""
+        """The input-side factor's dimension, ``d_in`` plus one for the bias."""
         return self.d_in + int(self.has_bias)
 
     @property
     def d_g(self) -> int:
-        """Dimension of the output-side factor: ``d_out``."""
+        """The output-side factor's dimension, ``d_out``."""
         return self.d_out
 
     @property

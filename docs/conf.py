@@ -6,6 +6,9 @@ warnings are errors, and nothing is fetched from the network at build time.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
 import pathlib
 import shutil
 import sys
@@ -35,19 +38,97 @@ root_doc = "index"
 
 # -- The notebooks -------------------------------------------------------------------------
 # They live in notebooks/ (where Colab opens them and tests/test_notebooks.py runs them); the
-# build copies them into docs/notebooks/ (ignored by git) and renders them as they are. They
-# are committed without outputs and are not executed here: running them needs the data set
-# and minutes of CPU, and the figures of their full-size runs are on the benchmarks page.
-_NB_SOURCE, _NB_TARGET = ROOT / "notebooks", pathlib.Path(__file__).parent / "notebooks"
+# build copies them into docs/notebooks/ (ignored by git). They are committed without
+# outputs. When Fashion-MNIST is on this machine (Debian's dataset-fashion-mnist,
+# $SOFIM_OPTAX_DATA or the user cache; nothing is downloaded), the build executes them at the
+# small size, as CI's notebook test does (about 1.5 minutes on 2 cores), and renders them
+# with those outputs. The outputs are cached in docs/_build/.jupyter_cache, under a key that
+# also covers the sources of sofim_optax/ and experiments/, so a rebuild with unchanged code
+# reuses them and a change to the library runs the notebooks again. Without the data they are
+# rendered as committed, without outputs. SOFIM_OPTAX_DOCS_NOTEBOOKS=off skips the execution.
+_DOCS = pathlib.Path(__file__).parent
+_NB_SOURCE, _NB_TARGET = ROOT / "notebooks", _DOCS / "notebooks"
 _NB_TARGET.mkdir(exist_ok=True)
 for _nb in sorted(_NB_SOURCE.glob("*.ipynb")):
     _dest = _NB_TARGET / _nb.name
     if not _dest.exists() or _dest.read_bytes() != _nb.read_bytes():
         shutil.copyfile(_nb, _dest)
-nb_execution_mode = "off"
+
+
+def _notebook_data_found() -> bool:
+    try:
+        from experiments import datasets
+    except ImportError:  # the experiments' dependencies are not installed
+        return False
+    try:
+        datasets.load_fashion_mnist(download=False, verify=False)
+    except (FileNotFoundError, OSError, datasets.DatasetFormatError):
+        return False
+    return True
+
+
+def _code_key() -> str:
+    """A hash of the code the notebooks run, beyond their own cells."""
+    digest = hashlib.sha256()
+    for folder in ("sofim_optax", "experiments"):
+        for source in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(str(source.relative_to(ROOT)).encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# What the notebooks page says about the outputs of this build (a MyST substitution).
+_OUTPUTS_SHOWN = (
+    "This build ran them at the small size (`SOFIM_OPTAX_NOTEBOOK_SIZE=small`) and shows those "
+    "outputs: tiny subsets and a few steps, a check that every cell runs. Their numbers and "
+    "curves say nothing about the methods; the full-size results are on the "
+    "[benchmarks page](benchmarks.md)."
+)
+_OUTPUTS_NOT_SHOWN = (
+    "This build did not run them ({why}), so the pages show the cells without outputs: run a "
+    "notebook to see its figures. The full-size results are on the "
+    "[benchmarks page](benchmarks.md)."
+)
+if os.environ.get("SOFIM_OPTAX_DOCS_NOTEBOOKS", "").strip().lower() == "off":
+    nb_execution_mode = "off"
+    _NOTEBOOK_OUTPUTS = _OUTPUTS_NOT_SHOWN.format(why="`SOFIM_OPTAX_DOCS_NOTEBOOKS=off`")
+elif _notebook_data_found():
+    os.environ["SOFIM_OPTAX_NOTEBOOK_SIZE"] = "small"  # read by each notebook's setup cell
+    os.environ["SOFIM_OPTAX_REPO"] = str(ROOT)  # where the setup cell finds experiments/
+    _cache_root = _DOCS / "_build" / ".jupyter_cache"
+    _cache = _cache_root / _code_key()
+    if _cache_root.is_dir():  # outputs of older code are of no further use
+        for _old in _cache_root.iterdir():
+            if _old != _cache:
+                shutil.rmtree(_old, ignore_errors=True)
+    nb_execution_mode = "cache"
+    nb_execution_cache_path = str(_cache)
+    nb_execution_in_temp = True  # what a notebook writes (runs/...) goes to a temporary folder
+    nb_execution_timeout = 600  # per cell
+    nb_execution_raise_on_error = True
+    _NOTEBOOK_OUTPUTS = _OUTPUTS_SHOWN
+else:
+    nb_execution_mode = "off"
+    _NOTEBOOK_OUTPUTS = _OUTPUTS_NOT_SHOWN.format(
+        why="Fashion-MNIST was not found on the machine that built it"
+    )
+nb_merge_streams = True
+
+# -- Math, offline ---------------------------------------------------------------------------
+# MathJax 3 comes from the PyPI package sphinx-mathjax-offline (in the `docs` extra), whose
+# folder is copied into the site's _static/mathjax, so the pages render their math without the
+# network. Without that package the site falls back to Sphinx's default, MathJax from a CDN.
+_MATHJAX_PACKAGE = importlib.util.find_spec("sphinx-mathjax-offline")
+html_static_path: list[str] = []
+if _MATHJAX_PACKAGE is not None and _MATHJAX_PACKAGE.origin is not None:
+    _MATHJAX_STATIC = pathlib.Path(_MATHJAX_PACKAGE.origin).parent / "static"
+    if (_MATHJAX_STATIC / "mathjax" / "tex-mml-chtml.js").is_file():
+        html_static_path.append(str(_MATHJAX_STATIC))  # its mathjax/ folder → _static/mathjax
+        mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static
 
 # -- MyST ------------------------------------------------------------------------------------
-myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "substitution"]
+myst_substitutions = {"notebook_outputs": _NOTEBOOK_OUTPUTS}
 myst_heading_anchors = 3
 
 # -- autodoc ---------------------------------------------------------------------------------
@@ -90,7 +171,6 @@ nitpick_ignore_regex = [
 # -- HTML ------------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"sofim_optax {release}"
-html_static_path: list[str] = []
 html_theme_options = {"source_repository": "", "navigation_with_keys": True}
 
 

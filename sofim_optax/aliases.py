@@ -170,7 +170,7 @@ def make_alias(
         # A non-finite gradient skips the whole chain (momentum and schedule included), so
         # that the step is the step that did not happen (counted in the method's state).
         return optax.GradientTransformationExtraArgs(
-            tx.init, guards.skip_nonfinite_steps(tx.update)
+            tx.init, guards.skip_nonfinite_steps(tx.update, covers_nested=False)
         )
 
     alias.__signature__ = signature

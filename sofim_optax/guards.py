@@ -28,6 +28,7 @@ one over the direction, and runs the update under ``lax.cond``.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -166,8 +167,15 @@ def count_skipped_step(state: Any) -> Any:
     return _map_outermost(state, bump)
 
 
+#: True while the update inside a step guard is being traced or run (see
+#: :func:`skip_nonfinite_steps`).
+_inside_guard: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sofim_optax_inside_guard", default=False
+)
+
+
 def skip_nonfinite_steps(
-    update_fn: Callable[..., tuple[Any, Any]],
+    update_fn: Callable[..., tuple[Any, Any]], *, covers_nested: bool = True
 ) -> Callable[..., tuple[Any, Any]]:
     """Wraps an ``update(updates, state, params=None, **extra)`` whose state holds a
     :class:`SkipCounts` (a method's own state, or an alias's chain around it) with the step
@@ -176,22 +184,47 @@ def skip_nonfinite_steps(
     A non-finite gradient: zero update, the state unchanged but for ``steps + 1``
     (``update_fn`` runs under ``lax.cond`` and is not executed). A finite gradient whose
     direction is non-finite: zero update, ``update_fn``'s new state, ``steps + 1``.
+
+    ``covers_nested`` (default ``True``, a method's own guard): step guards met while
+    ``update_fn`` runs (a guarded fallback inside the method) pass straight through, since the
+    gradient is known to be finite and this guard checks the final direction. An alias's guard
+    around its chain passes ``False``: its ``scale_by_*`` keeps its own guard, which zeroes a
+    non-finite direction before it reaches the momentum's state.
     """
 
     def update(updates, state, params=None, **extra):
+        if _inside_guard.get():
+            # Called from inside another step guard (an alias's chain around its scale_by_*,
+            # a guarded fallback inside a method): the gradient is known to be finite and the
+            # outer guard checks the final direction, so the check is not repeated.
+            return update_fn(updates, state, params, **extra)
+        # Outside jit (concrete gradients), plain Python branches keep eager execution op by
+        # op instead of compiling the whole update as one lax.cond.
+        concrete = not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(updates))
+
         def step(_):
-            directions, new_state = update_fn(updates, state, params, **extra)
+            token = _inside_guard.set(covers_nested)
+            try:
+                directions, new_state = update_fn(updates, state, params, **extra)
+            finally:
+                _inside_guard.reset(token)
             ok = all_finite(directions)
 
             def zero_unless_ok(d):
                 return jnp.where(ok, d, jnp.zeros_like(d)) if _is_float(d) else d
 
-            counted = lax.cond(ok, lambda s: s, count_skipped_step, new_state)
+            if concrete:
+                counted = new_state if bool(ok) else count_skipped_step(new_state)
+            else:
+                counted = lax.cond(ok, lambda s: s, count_skipped_step, new_state)
             return jax.tree.map(zero_unless_ok, directions), counted
 
         def skip(_):
             return jax.tree.map(jnp.zeros_like, updates), count_skipped_step(state)
 
-        return lax.cond(all_finite(updates), step, skip, None)
+        finite = all_finite(updates)
+        if concrete:
+            return step(None) if bool(finite) else skip(None)
+        return lax.cond(finite, step, skip, None)
 
     return update

@@ -282,3 +282,19 @@ if __name__ == "__main__":  # python tests/test_conformance_faults.py: the docs'
     print(fault_table())
     print()
     print(scale_table())
+
+
+def test_a_nonfinite_direction_from_a_finite_gradient_is_a_skipped_step():
+    """A fallback that overflows (here: one that returns NaN) makes the direction non-finite:
+    the update is zero, the alias's momentum stays finite, and the step is counted."""
+    opt, step = train_step("kfac", overrides=(("fallback", optax.scale(np.nan)),))
+    data = batches()
+    variables = MODEL.init(jax.random.key(0), data[0][0])
+    state = opt.init(variables)
+    for t in range(2):
+        new, state = step(
+            variables, state, data[t], data[t], clean_poison(), jnp.asarray(1.0, jnp.float32)
+        )
+        jax.tree.map(np.testing.assert_array_equal, new, variables)
+    assert_finite(state, "kfac state after non-finite directions")
+    assert int(guards.skip_counts(state).steps) == 2

@@ -198,9 +198,11 @@ def skip_nonfinite_steps(
             # a guarded fallback inside a method): the gradient is known to be finite and the
             # outer guard checks the final direction, so the check is not repeated.
             return update_fn(updates, state, params, **extra)
-        # Outside jit (concrete gradients), plain Python branches keep eager execution op by
-        # op instead of compiling the whole update as one lax.cond.
-        concrete = not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(updates))
+
+        # Outside jit (a concrete test), plain Python branches keep eager execution op by op
+        # instead of compiling the whole update as one lax.cond.
+        def concrete(test):
+            return not isinstance(test, jax.core.Tracer)
 
         def step(_):
             token = _inside_guard.set(covers_nested)
@@ -213,7 +215,7 @@ def skip_nonfinite_steps(
             def zero_unless_ok(d):
                 return jnp.where(ok, d, jnp.zeros_like(d)) if _is_float(d) else d
 
-            if concrete:
+            if concrete(ok):
                 counted = new_state if bool(ok) else count_skipped_step(new_state)
             else:
                 counted = lax.cond(ok, lambda s: s, count_skipped_step, new_state)
@@ -223,7 +225,7 @@ def skip_nonfinite_steps(
             return jax.tree.map(jnp.zeros_like, updates), count_skipped_step(state)
 
         finite = all_finite(updates)
-        if concrete:
+        if concrete(finite):
             return step(None) if bool(finite) else skip(None)
         return lax.cond(finite, step, skip, None)
 

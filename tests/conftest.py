@@ -28,6 +28,14 @@ if _CACHE:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# The suite runs thousands of tiny programs once each, so XLA's optimisation passes cost more
+# than they save (about a third of each compile). Results are unchanged up to round-off, and
+# every comparison in the suite is within one configuration or against a reference with a
+# tolerance. Set SOFIM_OPTAX_TEST_OPTIMIZE=1 to compile as in production.
+if os.environ.get("SOFIM_OPTAX_TEST_OPTIMIZE", "") != "1":
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
 @pytest.fixture
 def x64():
     """Runs a test with float64 enabled (the dense references are float64)."""

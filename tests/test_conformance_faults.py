@@ -198,6 +198,7 @@ def test_a_fault_costs_at_most_one_step(name, fault_step):
 SCALE_REMEDIES = {"kbfgs": "hg_init", "kbfgs_l": "hg_init"}
 
 
+@pytest.mark.slow  # twelve training steps at four scales per method (`make test-slow`)
 @pytest.mark.parametrize("name", WRAPPED)
 def test_every_loss_scale_trains(name):
     """Defaults (learning rate 0.003 for aliases), the loss times 1e-6, 1, 1e3 and 1e6, twelve
@@ -211,6 +212,7 @@ def test_every_loss_scale_trains(name):
         assert loss < 1.25 * start, f"{name} at loss scale {scale}: {loss} from {start}"
 
 
+@pytest.mark.slow
 def test_kbfgs_without_its_remedy_is_not_scale_free():
     """The documented exception is real: with ``hg_init=1`` a loss scaled by 1e6 diverges."""
     order = [t % len(batches()) for t in range(12)]

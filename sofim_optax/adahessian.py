@@ -311,11 +311,13 @@ def scale_by_adahessian(
 
             # A non-finite probe (e.g. a NaN in obj_fn's value) leaves nu as it was; the key
             # still advances, so the next refresh draws fresh probes.
-            (new_nu, new_count), ok = guards.keep_if_finite(
+            (new_nu, new_count), skipped = guards.guarded(
                 (jax.tree.map(fold, nu, diag), optax.safe_increment(hessian_count)),
                 (nu, hessian_count),
+                skipped,
+                "statistics",
             )
-            return key, new_nu, new_count, guards.count_if(skipped, "statistics", ~ok)
+            return key, new_nu, new_count, skipped
 
         def keep(operand):
             return operand

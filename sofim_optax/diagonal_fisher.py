@@ -96,8 +96,7 @@ def scale_by_diagonal_fisher(
 
         def guarded_nu(operand):
             nu, skipped = operand
-            nu, ok = guards.keep_if_finite(new_nu(nu), nu)
-            return nu, guards.count_if(skipped, "statistics", ~ok)
+            return guards.guarded(new_nu(nu), nu, skipped, "statistics")
 
         operand = (state.nu, state.skipped)
         if isinstance(stats_period, int) and stats_period == 1:

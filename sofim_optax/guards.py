@@ -42,6 +42,7 @@ __all__ = [
     "all_finite",
     "keep_if_finite",
     "count_if",
+    "guarded",
     "skip_counts",
     "count_skipped_step",
     "skip_nonfinite_steps",
@@ -81,6 +82,22 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
+def _select_changed(keep_new: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``keep_new`` else ``old``, leaf by leaf; a leaf of ``new`` that is the
+    very object of ``old`` (a field the update did not touch) is passed through unread."""
+    new_leaves, treedef = jax.tree.flatten(new)
+    old_leaves = treedef.flatten_up_to(old)
+    return jax.tree.unflatten(
+        treedef,
+        [n if n is o else jnp.where(keep_new, n, o) for n, o in zip(new_leaves, old_leaves)],
+    )
+
+
+def _changed_leaves(new: Any, old: Any) -> list:
+    new_leaves, treedef = jax.tree.flatten(new)
+    return [n for n, o in zip(new_leaves, treedef.flatten_up_to(old)) if n is not o]
+
+
 def keep_if_finite(new: Any, old: Any, *, also: Any = True) -> tuple[Any, jax.Array]:
     """``(new if every changed floating value of new is finite (and also) else old, that
     test)``.
@@ -90,14 +107,8 @@ def keep_if_finite(new: Any, old: Any, *, also: Any = True) -> tuple[Any, jax.Ar
     statistics update does not read the decompositions it leaves alone. ``also``: a further
     ``()`` bool condition (e.g. that the inputs of the update were finite).
     """
-    new_leaves, treedef = jax.tree.flatten(new)
-    old_leaves = treedef.flatten_up_to(old)
-    changed = [i for i, (n, o) in enumerate(zip(new_leaves, old_leaves)) if n is not o]
-    ok = all_finite([new_leaves[i] for i in changed]) & jnp.asarray(also)
-    out = list(new_leaves)
-    for i in changed:
-        out[i] = jnp.where(ok, new_leaves[i], old_leaves[i])
-    return jax.tree.unflatten(treedef, out), ok
+    ok = all_finite(_changed_leaves(new, old)) & jnp.asarray(also)
+    return _select_changed(ok, new, old), ok
 
 
 def count_if(skipped: SkipCounts, field: str, happened: jax.Array) -> SkipCounts:
@@ -105,6 +116,15 @@ def count_if(skipped: SkipCounts, field: str, happened: jax.Array) -> SkipCounts
     value = getattr(skipped, field)
     bumped = jnp.where(happened & (value < jnp.iinfo(jnp.int32).max), value + 1, value)
     return skipped._replace(**{field: bumped})
+
+
+def guarded(
+    new: Any, old: Any, skipped: SkipCounts, field: str, *, also: Any = True
+) -> tuple[Any, SkipCounts]:
+    """:func:`keep_if_finite`, counted: ``(new or old, skipped with field + 1 if old was
+    kept)``. The one guard of every statistics update and refresh."""
+    kept, ok = keep_if_finite(new, old, also=also)
+    return kept, count_if(skipped, field, ~ok)
 
 
 def _map_outermost(state: Any, fn: Callable[[Any], Any]) -> Any:
@@ -149,28 +169,31 @@ def skip_counts(state: Any) -> SkipCounts:
     return found[0]
 
 
-def count_skipped_step(state: Any) -> Any:
-    """``state`` with the method's ``skipped.steps + 1`` (see :func:`skip_counts`).
+def count_skipped_step(state: Any, happened: Any = True) -> Any:
+    """``state`` with the method's ``skipped.steps + 1`` where ``happened`` (see
+    :func:`skip_counts`); selects, no branch, so the state is not copied.
 
     A method state may define ``after_skipped_step(self) -> state`` to forget what a skipped
     step invalidates (K-BFGS: its stored statistics of the previous minibatch no longer belong
-    to the step before the next one); it is called here.
+    to the step before the next one); its changes are applied where ``happened``.
     """
+    happened = jnp.asarray(happened)
 
     def bump(holder):
         if isinstance(holder, SkipCounts):
-            return count_if(holder, "steps", jnp.asarray(True))
-        holder = holder._replace(skipped=count_if(holder.skipped, "steps", jnp.asarray(True)))
+            return count_if(holder, "steps", happened)
+        holder = holder._replace(skipped=count_if(holder.skipped, "steps", happened))
         hook = getattr(holder, "after_skipped_step", None)
-        return hook() if hook is not None else holder
+        return holder if hook is None else _select_changed(happened, hook(), holder)
 
     return _map_outermost(state, bump)
 
 
-#: True while the update inside a step guard is being traced or run (see
-#: :func:`skip_nonfinite_steps`).
-_inside_guard: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "sofim_optax_inside_guard", default=False
+#: What an enclosing step guard already covers while its update is traced or run (see
+#: :func:`skip_nonfinite_steps`): ``""`` nothing, ``"gradient"`` the gradient is known to be
+#: finite, ``"all"`` the enclosing guard also checks and counts the final direction.
+_inside_guard: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "sofim_optax_inside_guard", default=""
 )
 
 
@@ -188,15 +211,14 @@ def skip_nonfinite_steps(
     ``covers_nested`` (default ``True``, a method's own guard): step guards met while
     ``update_fn`` runs (a guarded fallback inside the method) pass straight through, since the
     gradient is known to be finite and this guard checks the final direction. An alias's guard
-    around its chain passes ``False``: its ``scale_by_*`` keeps its own guard, which zeroes a
-    non-finite direction before it reaches the momentum's state.
+    around its chain passes ``False``: its ``scale_by_*`` skips only the gradient test (the
+    alias made it) and keeps its direction guard, which zeroes a non-finite direction before
+    it reaches the momentum's state.
     """
 
     def update(updates, state, params=None, **extra):
-        if _inside_guard.get():
-            # Called from inside another step guard (an alias's chain around its scale_by_*,
-            # a guarded fallback inside a method): the gradient is known to be finite and the
-            # outer guard checks the final direction, so the check is not repeated.
+        covered = _inside_guard.get()
+        if covered == "all":  # a guarded fallback inside a method: nothing to repeat
             return update_fn(updates, state, params, **extra)
 
         # Outside jit (a concrete test), plain Python branches keep eager execution op by op
@@ -205,7 +227,7 @@ def skip_nonfinite_steps(
             return not isinstance(test, jax.core.Tracer)
 
         def step(_):
-            token = _inside_guard.set(covers_nested)
+            token = _inside_guard.set("all" if covers_nested else "gradient")
             try:
                 directions, new_state = update_fn(updates, state, params, **extra)
             finally:
@@ -215,15 +237,13 @@ def skip_nonfinite_steps(
             def zero_unless_ok(d):
                 return jnp.where(ok, d, jnp.zeros_like(d)) if _is_float(d) else d
 
-            if concrete(ok):
-                counted = new_state if bool(ok) else count_skipped_step(new_state)
-            else:
-                counted = lax.cond(ok, lambda s: s, count_skipped_step, new_state)
-            return jax.tree.map(zero_unless_ok, directions), counted
+            return jax.tree.map(zero_unless_ok, directions), count_skipped_step(new_state, ~ok)
 
         def skip(_):
             return jax.tree.map(jnp.zeros_like, updates), count_skipped_step(state)
 
+        if covered == "gradient":  # inside an alias's guard: the gradient is finite
+            return step(None)
         finite = all_finite(updates)
         if concrete(finite):
             return step(None) if bool(finite) else skip(None)

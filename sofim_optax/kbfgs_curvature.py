@@ -368,7 +368,12 @@ def make_method(
 
     # Nothing is decomposed on a period: H_a and H_g are kept by BFGS updates every step.
     return layerwise.LayerwiseMethod(
-        init, update_statistics, None, precondition, after_discarded_statistics=forget_previous
+        init,
+        update_statistics,
+        None,
+        precondition,
+        after_discarded_statistics=forget_previous,
+        extra_statistics=("previous_batch_stats",),
     )
 
 

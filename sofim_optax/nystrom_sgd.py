@@ -347,10 +347,10 @@ def scale_by_nystrom_sgd(
                 scale = jnp.ones([], dtype)
             # A non-finite sketch (e.g. a NaN in obj_fn's value) keeps the last good one; the
             # key still advances.
-            (eigvecs, eigvals, scale), ok = guards.keep_if_finite(
-                (eigvecs, eigvals, scale), (old_vecs, old_vals, old_scale)
+            (eigvecs, eigvals, scale), skipped = guards.guarded(
+                (eigvecs, eigvals, scale), (old_vecs, old_vals, old_scale), skipped, "refreshes"
             )
-            return key, eigvecs, eigvals, scale, guards.count_if(skipped, "refreshes", ~ok)
+            return key, eigvecs, eigvals, scale, skipped
 
         def keep(operand):
             return operand

@@ -60,6 +60,9 @@ class LayerwiseMethod:
         (old) curvature when a statistics update was discarded for a non-finite value
         (K-BFGS forgets its stored means of the last minibatch); ``None`` (default): the old
         curvature is kept as it is.
+      extra_statistics: the names of the extra ``update`` arguments that hold statistics of
+        the captured layers, like ``layer_stats`` (K-BFGS: ``("previous_batch_stats",)``); a
+        non-finite value in them discards the statistics update too. Default ``()``.
     """
 
     init: Callable[..., Any]
@@ -67,6 +70,7 @@ class LayerwiseMethod:
     refresh: Callable[..., Any] | None
     precondition: Callable[..., dict[int, jax.Array]]
     after_discarded_statistics: Callable[[Any], Any] | None = None
+    extra_statistics: tuple[str, ...] = ()
 
 
 def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
@@ -82,16 +86,14 @@ def _guarded(
     forget: Callable[[Any], Any] | None = None,
     inputs: Any = None,
 ) -> Callable[[Any], Any]:
-    """``(curvature, skipped) -> (fn(curvature), skipped)``, keeping the old curvature (passed
-    through ``forget`` if given) and counting in ``skipped.<counter>`` when ``fn`` produced a
-    non-finite value or ``inputs`` hold one."""
+    """``(curvature, skipped) -> (fn(curvature), skipped)`` under :func:`guards.guarded`: the
+    old curvature (passed through ``forget`` if given) is kept, and counted in
+    ``skipped.<counter>``, when ``fn`` produced a non-finite value or ``inputs`` hold one."""
 
     def run(operand):
         curvature, skipped = operand
-        new = fn(curvature)
         kept = curvature if forget is None else forget(curvature)
-        new, ok = guards.keep_if_finite(new, kept, also=guards.all_finite(inputs))
-        return new, guards.count_if(skipped, counter, ~ok)
+        return guards.guarded(fn(curvature), kept, skipped, counter, also=guards.all_finite(inputs))
 
     return run
 
@@ -102,15 +104,14 @@ def _accumulation_dtype(leaves: Sequence[jax.Array], layout: ParamLayout) -> Any
     )
 
 
-def _layer_stats_in(extra: dict[str, Any], layout: ParamLayout, active: Sequence[int]) -> list:
-    """The statistics of the captured layers inside the extra arguments (K-BFGS's
-    ``previous_batch_stats``): a non-finite value there is a bad batch too."""
+def _extra_statistics(
+    method: LayerwiseMethod, extra: dict[str, Any], layout: ParamLayout, active: Sequence[int]
+) -> list:
+    """The captured layers' entries of the extra arguments that hold statistics
+    (``method.extra_statistics``, e.g. K-BFGS's ``previous_batch_stats``)."""
     paths = [layout.layers[i].path for i in active]
-    found = []
-    for value in extra.values():
-        if isinstance(value, dict) and any(p in value for p in paths):
-            found += [value[p] for p in paths if p in value]
-    return found
+    values = [extra.get(name) for name in method.extra_statistics]
+    return [v[p] for v in values if isinstance(v, dict) for p in paths if p in v]
 
 
 def layerwise_transformation(
@@ -202,7 +203,7 @@ def layerwise_transformation(
                     lambda c: method.update_statistics(c, layout, stats, **extra),
                     "statistics",
                     method.after_discarded_statistics,
-                    inputs=(stats, _layer_stats_in(extra, layout, active)),
+                    inputs=(stats, _extra_statistics(method, extra, layout, active)),
                 ),
                 (curvature, skipped),
             )
@@ -219,8 +220,7 @@ def layerwise_transformation(
             grads = {i: gradient_matrix(layout.layers[i], leaves, dtype) for i in active}
             directions, after = method.precondition(curvature, layout, grads, **extra)
             if after is not curvature:  # (K-BFGS updates H_a from the direction)
-                curvature, ok = guards.keep_if_finite(after, curvature)
-                skipped = guards.count_if(skipped, "statistics", ~ok)
+                curvature, skipped = guards.guarded(after, curvature, skipped, "statistics")
             for i in active:
                 for leaf, value in split_matrix(layout.layers[i], directions[i], leaves).items():
                     new_leaves[leaf] = value

@@ -15,9 +15,11 @@ thing in every method (``docs/arguments.md``). On CPU, call :func:`configure_cpu
 before the first JAX computation (see :mod:`sofim_optax.cpu_runtime`).
 """
 
+from sofim_optax import adaptive as adaptive_module
 from sofim_optax import curvature, guards, hyperparameters, layerwise, linalg
 from sofim_optax import kpsvd as kpsvd_module
 from sofim_optax.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
+from sofim_optax.adaptive import *  # noqa: F403  (the adaptive aliases)
 from sofim_optax.cpu_runtime import configure_cpu_runtime
 from sofim_optax.curvature import LayerStats
 from sofim_optax.kbfgs import KbfgsCurvature, ScaleByKbfgsState, kbfgs, kbfgs_l, scale_by_kbfgs
@@ -33,6 +35,7 @@ from sofim_optax.mini_block_fisher import (
     scale_by_mini_block_fisher,
 )
 from sofim_optax.nystrom_sgd import ScaleByNystromSgdState, nystrom_sgd, scale_by_nystrom_sgd
+from sofim_optax.quadratic_model import QuadraticModelState, scale_by_quadratic_model
 from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
 
 __version__ = "0.1.0.dev0"
@@ -79,5 +82,9 @@ __all__ = [
     "ScaleByNystromSgdState",
     "scale_by_nystrom_sgd",
     "nystrom_sgd",
+    # The adaptive step (learning rate, momentum and damping from the quadratic model)
+    "QuadraticModelState",
+    "scale_by_quadratic_model",
+    *(n for n in adaptive_module.__all__ if n.endswith("_adaptive")),
 ]
-del kpsvd_module  # only needed to build __all__
+del kpsvd_module, adaptive_module  # only needed to build __all__

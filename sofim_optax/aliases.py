@@ -27,6 +27,7 @@ from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 
 __all__ = [
     "make_alias",
+    "with_scale_by_arguments",
     "specialize",
     "momentum_chain",
     "decay_chain",
@@ -175,24 +176,26 @@ def make_alias(
 
     alias.__signature__ = signature
     alias.__name__ = alias.__qualname__ = name
-    alias.__doc__ = _with_scale_by_arguments(doc, scale_by.__name__, parameters, alias_arguments)
+    alias.__doc__ = with_scale_by_arguments(doc, scale_by.__name__, parameters[1:], alias_arguments)
     alias.__module__ = scale_by.__module__
     if hasattr(scale_by, "static_args"):
         alias.static_args = scale_by.static_args
     return alias
 
 
-def _with_scale_by_arguments(
+def with_scale_by_arguments(
     doc: str, scale_by_name: str, parameters: list[inspect.Parameter], own: Mapping[str, Any]
 ) -> str:
-    """``doc`` with its :data:`SCALE_BY_ARGUMENTS` line written out (see :func:`make_alias`)."""
+    """``doc`` with its :data:`SCALE_BY_ARGUMENTS` line written out (see :func:`make_alias`):
+    ``parameters`` are the alias's keyword-only parameters, ``own`` those that are not
+    ``scale_by_name``'s."""
     line = re.search(r"^( *)" + re.escape(SCALE_BY_ARGUMENTS) + r"[ \t]*$", doc, flags=re.M)
     if line is None:
         return doc
     described = set(re.findall(r"^ +([a-z_0-9]+):", doc, flags=re.M))
     rest = [
         p
-        for p in parameters[1:]
+        for p in parameters
         if p.name not in own and p.name not in described and p.default is not _NO_DEFAULT
     ]
     if rest:

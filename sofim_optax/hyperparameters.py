@@ -20,6 +20,7 @@ __all__ = [
     "Scalar",
     "ScalarOrSchedule",
     "accumulation_dtype",
+    "check_nonnegative",
     "check_decay",
     "check_damping",
     "check_positive",
@@ -74,6 +75,12 @@ def check_positive(where: str, name: str, value: Any) -> None:
     """A finite number ``> 0``."""
     if _is_number(value) and not (value > 0.0 and math.isfinite(value)):
         raise ValueError(f"{where}: {name} must be a finite number > 0, got {value!r}")
+
+
+def check_nonnegative(where: str, name: str, value: Any) -> None:
+    """A finite number ``>= 0``."""
+    if _is_number(value) and not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
 
 
 def check_positive_int(where: str, name: str, value: Any, *, static: bool = False) -> None:

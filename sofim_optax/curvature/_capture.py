@@ -188,28 +188,103 @@ def capture_layer(
     return outputs + session.perturbations[path]
 
 
-def register_predictions(likelihood: Likelihood, predictions: jax.Array) -> None:
-    """Registers a predictive distribution for ``fisher="sampled"``.
+def register_predictions(likelihood: Likelihood, predictions: jax.Array) -> jax.Array:
+    """Registers a predictive distribution; returns the predictions the loss must use.
 
-    Called by the helpers of :mod:`sofim_optax.curvature.losses`; a no-op
-    outside a capture or when the capture uses the empirical Fisher.
+    Called by the helpers of :mod:`sofim_optax.curvature.losses`, which compute their loss
+    from the returned array. Outside a capture and a prediction probe it returns
+    ``predictions`` unchanged. In a capture with ``fisher="sampled"`` it records them (to
+    draw targets from). Under a prediction probe (:func:`probe_predictions`, used by the
+    Gauss-Newton products of :mod:`sofim_optax.curvature.quadratic_forms`) it records them
+    and returns ``predictions + ε`` for the probe's zero perturbation ``ε``, so that
+    derivatives of the loss with respect to ``ε`` are derivatives with respect to the
+    predictions.
 
     Args:
       likelihood: the distribution family.
       predictions: logits (categorical, Bernoulli) or means (Gaussian), with the
         batch on axis 0.
+
+    Returns:
+      ``predictions``, or ``predictions + ε`` under a prediction probe.
     """
+    probe = _PROBE.get()
+    if probe is not None:
+        predictions = probe.register(likelihood, predictions)
     session = _ACTIVE.get()
     if session is None or session.fisher != "sampled":
-        return
+        return predictions
     if not _at_session_trace(session):
         raise CaptureError(
             f"A {likelihood.name} loss helper was called inside a nested JAX transformation "
             "within loss_fn; fisher='sampled' needs it at the top level of loss_fn."
         )
+    recorded = predictions
     if session.mode == "discover":
-        predictions = jax.ShapeDtypeStruct(jnp.shape(predictions), jnp.result_type(predictions))
-    session.registrations.append(_Registration(likelihood, predictions))
+        recorded = jax.ShapeDtypeStruct(jnp.shape(predictions), jnp.result_type(predictions))
+    session.registrations.append(_Registration(likelihood, recorded))
+    return predictions
+
+
+@dataclasses.dataclass
+class PredictionProbe:
+    """The registered predictions of one run of a loss, optionally perturbed.
+
+    Attributes:
+      perturbations: ``None`` to only record (shape discovery), or one array per
+        registration, in call order, added to the predictions the helpers return.
+      likelihoods: the registered likelihoods, in call order.
+      predictions: the registered (unperturbed) predictions, in call order.
+      trace: the JAX trace the loss runs at; a helper called inside a nested
+        transformation of the loss (a ``vmap`` over examples, a ``scan``) is refused,
+        because one perturbation would then be shared by every mapped call.
+    """
+
+    perturbations: list[jax.Array] | None
+    likelihoods: list[Likelihood] = dataclasses.field(default_factory=list)
+    predictions: list[jax.Array] = dataclasses.field(default_factory=list)
+    trace: Any = None
+
+    def register(self, likelihood: Likelihood, predictions: jax.Array) -> jax.Array:
+        if jex_core.get_opaque_trace_state() != self.trace:
+            raise CaptureError(
+                f"A {likelihood.name} loss helper was called inside a nested JAX transformation "
+                "(jax.vmap, lax.scan, nn.scan, ...) within obj_fn; the Gauss-Newton products "
+                "need each helper called once on the whole batch, at the top level of obj_fn."
+            )
+        k = len(self.predictions)
+        self.likelihoods.append(likelihood)
+        self.predictions.append(predictions)
+        if self.perturbations is None:
+            return predictions
+        if k >= len(self.perturbations):
+            raise CaptureError(
+                "obj_fn registered more predictions than when its shapes were discovered: "
+                "it must call the same loss helpers every time it is traced."
+            )
+        eps = self.perturbations[k]
+        if jnp.shape(eps) != jnp.shape(predictions):
+            raise CaptureError(
+                f"obj_fn's {likelihood.name} predictions changed shape between traces "
+                f"({jnp.shape(eps)} -> {jnp.shape(predictions)})."
+            )
+        return predictions + eps.astype(jnp.result_type(predictions))
+
+
+_PROBE: contextvars.ContextVar[PredictionProbe | None] = contextvars.ContextVar(
+    "sofim_optax_prediction_probe", default=None
+)
+
+
+@contextlib.contextmanager
+def probe_predictions(perturbations: list[jax.Array] | None) -> Iterator[PredictionProbe]:
+    """Runs a loss under a :class:`PredictionProbe` (see :func:`register_predictions`)."""
+    probe = PredictionProbe(perturbations, trace=jex_core.get_opaque_trace_state())
+    token = _PROBE.set(probe)
+    try:
+        yield probe
+    finally:
+        _PROBE.reset(token)
 
 
 # ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Returns:
       The scalar batch-mean loss (at least float32).
     """
-    register_predictions(CATEGORICAL, logits)
+    logits = register_predictions(CATEGORICAL, logits)
     return _batch_mean(_softmax_ce_per_example(logits, labels))
 
 
@@ -135,7 +135,7 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.A
     Returns:
       The scalar batch-mean loss (at least float32).
     """
-    register_predictions(BERNOULLI, logits)
+    logits = register_predictions(BERNOULLI, logits)
     return _batch_mean(_sigmoid_bce_per_example(logits, targets))
 
 
@@ -166,5 +166,5 @@ def squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     Returns:
       The scalar batch-mean loss (at least float32).
     """
-    register_predictions(GAUSSIAN, predictions)
+    predictions = register_predictions(GAUSSIAN, predictions)
     return _batch_mean(_squared_error_per_example(predictions, targets))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.checkpoint import CheckpointMismatch, fingerprint, load_checkpoint, save_checkpoint
-from experiments.registry import make_optimizer
+from experiments.registry import OPTIMIZERS, make_optimizer
 from experiments.step import make_train_step
 from experiments.tasks import Task, batch_of
 
@@ -182,7 +182,11 @@ def train(
     from tqdm.auto import tqdm  # optional dependency of the experiments
 
     task = Task(task) if isinstance(task, str) else task
-    spec, tx, used = make_optimizer(optimizer, task.kind, **(hparams or {}))
+    hparams = dict(hparams or {})
+    spec = OPTIMIZERS[optimizer] if optimizer in OPTIMIZERS else None
+    if spec is not None and spec.l2_argument and task.l2:
+        hparams.setdefault(spec.l2_argument, task.l2)  # the curvature of the task's L2 term
+    spec, tx, used = make_optimizer(optimizer, task.kind, **hparams)
     needs_previous_batch = "previous_batch_stats" in spec.needs
     x_train, y_train, x_test, y_test = data
     if task.kind == "autoencoder":

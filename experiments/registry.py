@@ -81,6 +81,9 @@ class OptimizerSpec:
       loop_defaults: default loop options (see :data:`LOOP_OPTIONS`).
       grid: the small grid searched by ``--grid`` (learning rate, damping).
       color: the colour of the method in plots.
+      l2_argument: the factory argument that must know the task's L2 coefficient ``τ``
+        (the adaptive methods' ``l2_regularization``: the curvature of ``τ/2 ‖θ‖²``); the
+        train loop sets it from the task unless a run gives it.
     """
 
     label: str
@@ -92,6 +95,7 @@ class OptimizerSpec:
     loop_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
     color: str | None = None
+    l2_argument: str | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.needs) - set(NEEDS)
@@ -256,6 +260,33 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         grid={"learning_rate": [0.1, 0.3, 1.0], "damping": [1e-3, 1e-2, 1e-1]},
         color="goldenrod",
     ),
+    # The adaptive methods: learning rate, momentum and damping from the quadratic model
+    # (sofim_optax.adaptive). One configuration for every task, nothing tuned: the library
+    # defaults, with the curvature statistics of the layer-wise methods from the sampled
+    # Fisher (the Gauss-Newton matrix the quadratic model measures).
+    **{
+        f"{name}_adaptive": OptimizerSpec(
+            f"{label} (adaptive)",
+            f"sofim_optax:{name}_adaptive",
+            {},
+            needs=needs + ("obj_fn",),
+            loop_defaults={"fisher": "sampled"} if needs else {},
+            color=color,
+            l2_argument="l2_regularization",
+        )
+        for name, label, needs, color in (
+            ("kfac", "KFAC", ("layer_stats",), "tab:red"),
+            ("kpsvd", "KPSVD", ("layer_stats",), "tab:green"),
+            ("kpsvd_deflation", "Deflation", ("layer_stats",), "tab:pink"),
+            ("kfac_corrected", "KFAC-corrected", ("layer_stats",), "tab:blue"),
+            ("kpsvd_lanczos", "Lanczos", ("layer_stats",), "black"),
+            ("mbf", "MBF", ("layer_stats",), "tab:brown"),
+            ("kbfgs", "K-BFGS", ("layer_stats", "previous_batch_stats"), "tab:olive"),
+            ("kbfgs_l", "K-BFGS(L)", ("layer_stats", "previous_batch_stats"), "tab:cyan"),
+            ("sofim", "SOFIM", (), "tab:purple"),
+            ("adahessian", "AdaHessian", (), "tab:gray"),
+        )
+    },
     "lbfgs": OptimizerSpec(
         "L-BFGS",
         "experiments.peers:lbfgs",

@@ -61,6 +61,8 @@ from sofim_optax.sofim import ScaleBySofimState
 
 nn = pytest.importorskip("flax.linen")
 linen_capture = pytest.importorskip("sofim_optax.curvature.linen")
+from sofim_optax.curvature import losses  # noqa: E402
+from sofim_optax.quadratic_model import QuadraticModelState  # noqa: E402
 
 LR = 0.1
 STEPS = 3
@@ -88,9 +90,9 @@ N_PARAMS = 2 * 2 * 1 * 2 + 2 + 2 + 2 + 8 * N_CLASSES + N_CLASSES
 
 
 def loss_fn(variables, x, y):
-    logits = MODEL.apply(variables, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-    return jnp.mean(loss)
+    # (the library's helper: the mean cross-entropy, registering the predictions that the
+    # adaptive methods' Gauss-Newton products need)
+    return losses.softmax_cross_entropy(MODEL.apply(variables, x), y)
 
 
 def _batches():
@@ -230,6 +232,12 @@ class Case:
       damping_shrinks: a much larger damping gives a much smaller step.
       dtype_kwargs: extra hyperparameters of the dtype runs (an optax fallback for the
         uncovered LayerNorm, where the method takes one).
+      adaptive: an adaptive alias (no learning rate; the quadratic model around a method) or
+        ``scale_by_quadratic_model`` itself.
+      direction: ``scale_by_quadratic_model`` only: the direction it wraps (its positional
+        argument).
+      explicit: adaptive aliases only: the same optimizer built by hand from
+        ``scale_by_quadratic_model`` and the method's ``scale_by_*``.
     """
 
     factory: Callable[..., optax.GradientTransformationExtraArgs]
@@ -242,6 +250,9 @@ class Case:
     linear: bool = False
     damping_shrinks: bool = False
     dtype_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    adaptive: bool = False
+    direction: Any = None
+    explicit: Callable[[], optax.GradientTransformation] | None = None
 
     @property
     def is_alias(self) -> bool:
@@ -251,6 +262,8 @@ class Case:
         kwargs = {**self.kwargs, **overrides}
         if self.is_alias:
             return self.factory(learning_rate, **kwargs)
+        if self.direction is not None:
+            return self.factory(self.direction, **kwargs)
         return self.factory(**kwargs)
 
     @property
@@ -396,7 +409,78 @@ def _build_registry() -> dict[str, Case]:
             damping_shrinks=shrinks,
             dtype_kwargs=_dtype_kwargs(factory),
         )
+    registry.update(_adaptive_cases(scales))
     return registry
+
+
+def _quadratic_model_state(check=None):
+    def check_state(state, steps):
+        qm = _find(state, QuadraticModelState)
+        assert int(qm.count) == steps and int(qm.rejected) == 0
+        assert float(qm.damping) > 0 and float(qm.learning_rate) != 0
+        if check is not None:
+            check(state, steps)
+
+    return check_state
+
+
+# The adaptive aliases: (scale_by name of the registry, damping fed back). Their λ adapts at
+# steps 0 and 2 of the three (damping_period=2).
+ADAPTIVE_BASES = {
+    "kfac_adaptive": ("kfac", True),
+    "kpsvd_adaptive": ("kpsvd", True),
+    "kpsvd_deflation_adaptive": ("kpsvd_deflation", True),
+    "kfac_corrected_adaptive": ("kfac_corrected", True),
+    "kpsvd_lanczos_adaptive": ("kpsvd_lanczos", True),
+    "mbf_adaptive": ("mini_block_fisher", True),
+    "kbfgs_adaptive": ("kbfgs", True),
+    "kbfgs_l_adaptive": ("kbfgs", True),
+    "sofim_adaptive": ("sofim", False),
+    "adahessian_adaptive": ("adahessian", False),
+}
+
+
+def _adaptive_cases(scales):
+    so = sofim_optax
+    model = {"damping_period": 2}
+    cases = {
+        "scale_by_quadratic_model": Case(
+            so.scale_by_quadratic_model,
+            model,
+            OBJ,
+            _quadratic_model_state(),
+            adaptive=True,
+            direction=optax.scale_by_adam(),
+        )
+    }
+    for name, (base, fed) in ADAPTIVE_BASES.items():
+        make, kwargs, needs, check, _, _ = scales[base]
+        method = {k: v for k, v in kwargs.items() if not (fed and k == "damping")}
+        if name == "kbfgs_l_adaptive":
+            method["memory"] = 2
+        if name == "mbf_adaptive":
+            method["inverse"] = "eigh"  # (the alias's own default)
+        if fed:
+
+            def explicit(make=make, method=method):
+                return so.scale_by_quadratic_model(
+                    lambda damping: make(damping=damping, **method), **model
+                )
+        else:
+
+            def explicit(make=make, method=method):
+                return so.scale_by_quadratic_model(make(**method), **model)
+
+        cases[name] = Case(
+            getattr(so, name),
+            {**model, **method},
+            tuple(dict.fromkeys(needs + OBJ)),
+            _quadratic_model_state(check),
+            adaptive=True,
+            explicit=explicit,
+            dtype_kwargs=_dtype_kwargs(getattr(so, name)),
+        )
+    return cases
 
 
 REGISTRY = _build_registry()
@@ -415,6 +499,23 @@ WRAPPED = sorted(
         if not any(REGISTRY[a].scale_by is REGISTRY[k].factory for a in ALIASES)
     ]
 )
+# The adaptive methods run the whole matrix in the slow suite, except KFAC's and the bare
+# wrapper's (around Adam); the fast suite checks every adaptive alias against its explicit
+# composition (test_chain_equals_alias), three jitted steps included.
+FAST_ADAPTIVE = {"kfac_adaptive", "scale_by_quadratic_model"}
+
+
+def matrix(names, *, fast_for_all_adaptive=False):
+    """``names`` as pytest parameters, the adaptive methods outside ``FAST_ADAPTIVE`` marked
+    slow (unless ``fast_for_all_adaptive``)."""
+    return [
+        pytest.param(n, marks=pytest.mark.slow)
+        if REGISTRY[n].adaptive and n not in FAST_ADAPTIVE and not fast_for_all_adaptive
+        else n
+        for n in names
+    ]
+
+
 # Methods cheap enough to compare every step with eager execution.
 EAGER_EVERY_STEP = {"sofim", "scale_by_sofim", "scale_by_diagonal_fisher"}
 # Public names that are the same object as a registry entry (not run twice).
@@ -535,8 +636,13 @@ def test_every_public_factory_is_in_the_registry_and_keyword_only():
     for name, factory in factories.items():
         case = REGISTRY[SAME_AS.get(name, name)]
         assert case.factory is factory, name
-        assert name.startswith("scale_by_") != case.is_alias, name
+        if not case.adaptive:
+            assert name.startswith("scale_by_") != case.is_alias, name
         params = list(inspect.signature(factory).parameters.values())
+        if case.direction is not None:  # a wrapper: the transformation it wraps comes first
+            assert params[0].name == "direction", name
+            assert params[0].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, name
+            params = params[1:]
         if case.is_alias:
             assert params[0].name == "learning_rate", name
             assert params[0].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, name
@@ -569,7 +675,7 @@ def test_every_argument_name_is_in_the_documented_table():
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", matrix(ALL))
 def test_jit_equals_eager_no_retrace_and_stable_state(name):
     """Three jitted steps (with every extra argument, used or not) against eager ``init`` and
     ``update`` (with only the needed ones); one trace; updates in float32, finite; the state
@@ -607,7 +713,7 @@ def test_jit_equals_eager_no_retrace_and_stable_state(name):
     case.check_state(state, STEPS)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", matrix(ALL, fast_for_all_adaptive=True))
 def test_chain_equals_alias(name):
     """scale_by_*: ``chain(scale_by(**kw), scale(-lr))`` equals the alias (with the alias's
     momentum off) and, if linear, ``chain(scale(2), scale_by, scale(-1/2))`` is minus
@@ -615,6 +721,14 @@ def test_chain_equals_alias(name):
     decay) equals the explicit optax chain."""
     case = REGISTRY[name]
     steps = trajectory()
+    if case.adaptive:
+        # The alias is scale_by_quadratic_model around its method, built by hand; a chain
+        # around the wrapper forwards obj_fn and the method's arguments.
+        got, _ = run(case.make(), case, steps)
+        want, _ = run(case.explicit() if case.explicit else optax.chain(case.make()), case, steps)
+        for t, (u, w) in enumerate(zip(got, want)):
+            assert_trees_close(u, w, rtol=1e-5, atol=1e-7, err_msg=f"{name} step {t}")
+        return
     if case.is_alias:
         alias_kwargs, parts = case.composed
         got, _ = run(case.make(**alias_kwargs), case, steps)
@@ -647,7 +761,7 @@ def test_chain_equals_alias(name):
         )
 
 
-@pytest.mark.parametrize("name", WRAPPED)
+@pytest.mark.parametrize("name", matrix(WRAPPED))
 def test_inject_hyperparams(name):
     """Injected under jit equals the factory; a doubled learning rate doubles the step of an
     alias; a damping changed at run time equals continuing with a factory of that damping."""
@@ -656,6 +770,8 @@ def test_inject_hyperparams(name):
     kwargs = {**case.kwargs, **case.plain}
     if case.is_alias:
         kwargs["learning_rate"] = LR
+    if case.direction is not None:
+        kwargs["direction"] = case.direction
     injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**kwargs)
     update = jitted_update(injected, case)
     state = jax.jit(injected.init)(steps[0][0])
@@ -697,7 +813,7 @@ def _flat(tree):
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("name", WRAPPED)
+@pytest.mark.parametrize("name", matrix(WRAPPED))
 def test_multisteps_forwards_extra_args(name):
     case = REGISTRY[name]
     steps = trajectory()
@@ -710,7 +826,7 @@ def test_multisteps_forwards_extra_args(name):
     assert_trees_close(u1, want[0], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-@pytest.mark.parametrize("name", WRAPPED)
+@pytest.mark.parametrize("name", matrix(WRAPPED))
 def test_apply_if_finite_skips_nonfinite_gradients(name):
     case = REGISTRY[name]
     steps = trajectory()
@@ -780,13 +896,13 @@ def _check_dtype_run(name, dtype):
     return case, state
 
 
-@pytest.mark.parametrize("name", WRAPPED)
+@pytest.mark.parametrize("name", matrix(WRAPPED))
 def test_bfloat16_params(name):
     case, state = _check_dtype_run(name, jnp.bfloat16)
     case.check_state(state, STEPS)
 
 
-@pytest.mark.parametrize("name", WRAPPED)
+@pytest.mark.parametrize("name", matrix(WRAPPED))
 def test_float64_params(name, x64):
     _check_dtype_run(name, jnp.float64)
 
@@ -805,7 +921,7 @@ def assert_bit_identical(a, b, err_msg=""):
         assert x.tobytes() == y.tobytes(), err_msg
 
 
-@pytest.mark.parametrize("name", WRAPPED)
+@pytest.mark.parametrize("name", matrix(WRAPPED))
 def test_state_round_trips_through_orbax_and_flax_serialization(name, tmp_path):
     """After two steps the state saved with ``orbax.checkpoint.StandardCheckpointer`` (restored
     into ``jax.eval_shape(opt.init, params)``) and with ``flax.serialization`` (``to_bytes`` /

@@ -295,11 +295,47 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         grid={"memory_size": [5, 10, 20]},
         color="darkviolet",
     ),
+    # The peers a JAX user would pick instead (experiments/peers.py says how each is wired).
+    # Muon: Keller Jordan's lr 0.02 for the matrices; its Adam part (biases, output layer) at
+    # Adam's tuned learning rate of the task. The orthogonalised step does not scale with the
+    # gradient, so one lr grid serves both tasks.
+    "muon": OptimizerSpec(
+        "Muon",
+        "experiments.peers:muon",
+        {"learning_rate": 0.02, "adam_learning_rate": 1e-3},
+        task_defaults={"autoencoder": {"learning_rate": 0.02, "adam_learning_rate": 3e-3}},
+        grid={"learning_rate": [0.005, 0.01, 0.02, 0.05]},
+        color="crimson",
+    ),
+    # PSGD-Kron: psgd-jax's README says to start from Adam's settings, the learning rate
+    # perhaps halved: half of Adam's tuned value per task; the rest are the package's defaults.
+    "psgd_kron": OptimizerSpec(
+        "PSGD-Kron",
+        "experiments.peers:psgd_kron",
+        {"learning_rate": 5e-4},
+        task_defaults={"autoencoder": {"learning_rate": 1.5e-3}},
+        grid={"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3]},
+        color="slateblue",
+    ),
+    # Shampoo: the usage example of the authors' scalable_shampoo README (see peers.shampoo),
+    # weight decay 0. Grafted to SGD, so its learning rate is on SGD-momentum's scale: SGD-m's
+    # defaults per task, and a grid that spans both tasks' scales.
     "shampoo": OptimizerSpec(
         "Shampoo",
         "experiments.peers:shampoo",
-        {"learning_rate": 0.01},
-        grid={"learning_rate": [0.003, 0.01, 0.03, 0.1]},
+        {
+            "learning_rate": 0.05,
+            "block_size": 128,
+            "beta1": 0.9,
+            "beta2": 0.99,
+            "matrix_epsilon": 1e-5,
+            "exponent_override": 4,
+            "start_preconditioning_step": 25,
+            "preconditioning_compute_steps": 1,
+            "graft_type": "sgd",
+        },
+        task_defaults={"autoencoder": {"learning_rate": 1e-3}},
+        grid={"learning_rate": [1e-3, 3e-3, 0.01, 0.03, 0.1]},
         color="darkgreen",
     ),
     "sgdm": OptimizerSpec(

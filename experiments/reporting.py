@@ -19,6 +19,7 @@ compilation excluded). A run that never gets there shows "—".
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -74,7 +75,19 @@ def software_versions() -> dict[str, str]:
         "numpy": np.__version__,
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
+        # The peers from other packages (experiments/peers.py), where installed.
+        **{dist: v for dist in _PEER_DISTRIBUTIONS if (v := _installed_version(dist))},
     }
+
+
+_PEER_DISTRIBUTIONS = ("psgd-jax", "precondition-opt")
+
+
+def _installed_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -5,7 +5,9 @@ Everything runs on tiny generated fixtures (no real data), a few steps each.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -117,7 +119,7 @@ def test_registry_entries_are_consistent():
         assert set(spec.needs) <= set(registry.NEEDS), name
         assert all(isinstance(v, (list, tuple)) and v for v in spec.grid.values()), name
     available = registry.available_optimizers()
-    assert {"sofim", "kfac", "sgdm", "adam", "rmsprop", "lbfgs"} <= set(available)
+    assert {"sofim", "kfac", "sgdm", "adam", "rmsprop", "lbfgs", "muon"} <= set(available)
     assert registry.OPTIMIZERS["kbfgs"].needs == ("layer_stats", "previous_batch_stats")
     assert registry.OPTIMIZERS["adahessian"].needs == ("obj_fn",)
     colors = [spec.color for spec in registry.OPTIMIZERS.values()]
@@ -316,6 +318,142 @@ def test_value_fn_arguments_for_lbfgs():
     res = loop.train(_TwoLayer(), "lbfgs", _data(), epochs=4, batch_size=48, progress=False)
     losses = [e.train_loss for e in res.epochs]
     assert all(np.isfinite(losses)) and all(b < a for a, b in zip(losses, losses[1:]))
+
+
+# ---------------------------------------------------------------------------
+# Peers from other packages (experiments/peers.py)
+# ---------------------------------------------------------------------------
+
+# name -> (module the peer needs, overrides that exercise its preconditioner within 5 steps)
+_PEERS = {
+    "muon": ("optax.contrib", {}),
+    "psgd_kron": ("psgd_jax", {}),
+    "shampoo": ("precondition", {"start_preconditioning_step": 2}),
+}
+
+
+def _skip_unless_installed(module):
+    # Not importorskip: psgd_jax imports only through peers' shim, and a package that is
+    # installed but fails to import or run here must fail the test, not skip it.
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (the `experiments` extra pins it)")
+
+
+@pytest.mark.parametrize("name", sorted(_PEERS))
+def test_peer_trains_a_tiny_mlp(name):
+    module, overrides = _PEERS[name]
+    _skip_unless_installed(module)
+    data = _data(n_train=32, n_test=8)
+    model = _TwoLayer()
+    params = model.init(jax.random.PRNGKey(0), jnp.asarray(data.x_train[:1]))["params"]
+    _, tx, _ = registry.make_optimizer(name, "classification", **overrides)
+    loss_fn = lambda p: _loss(model, p, data.x_train, data.y_train)
+
+    @jax.jit
+    def step(p, state):
+        loss, grads = jax.value_and_grad(loss_fn)(p)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, loss, updates
+
+    state, losses = tx.init(params), []
+    for _ in range(5):
+        params, state, loss, updates = step(params, state)
+        assert all(np.isfinite(u).all() for u in jax.tree_util.tree_leaves(updates))
+        losses.append(float(loss))
+    assert float(loss_fn(params)) < losses[0], losses
+
+
+def test_muon_orthogonalises_matrices_and_conv_kernels_and_leaves_the_rest_to_adam():
+    from experiments import peers
+
+    cnn = models.make_model("cnn")
+    shapes = jax.eval_shape(lambda: cnn.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))))
+    params = shapes["params"]
+    dims = peers._muon_dimension_numbers(params, adam_for_output_layer=True)
+    assert dims["Conv_0"]["kernel"] == optax.contrib.MuonDimensionNumbers((0, 1, 2), 3)
+    assert dims["Dense_0"]["kernel"] == optax.contrib.MuonDimensionNumbers(0, 1)
+    assert dims["Dense_1"]["kernel"] is None  # the output layer
+    assert all(dims[layer]["bias"] is None for layer in params)
+    dims = peers._muon_dimension_numbers(params, adam_for_output_layer=False)
+    assert dims["Dense_1"]["kernel"] == optax.contrib.MuonDimensionNumbers(0, 1)
+    # A conv kernel's Muon step is an orthogonal matrix (times lr and optax's width scaling).
+    params = {
+        "Conv_0": {"kernel": jnp.zeros((3, 3, 4, 8)), "bias": jnp.zeros(8)},
+        "Dense_0": {"kernel": jnp.zeros((8, 3)), "bias": jnp.zeros(3)},
+    }
+    tx = peers.muon(learning_rate=1.0, nesterov=False)
+    grads = jax.tree_util.tree_map(
+        lambda x: jax.random.normal(jax.random.PRNGKey(1), x.shape), params
+    )
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    k = np.asarray(updates["Conv_0"]["kernel"]).reshape(36, 8)
+    s = np.linalg.svd(k / np.sqrt(max(1.0, 8 / 36)), compute_uv=False)
+    assert s.min() > 0.5 and s.max() < 1.5  # Newton-Schulz's quintic: singular values ~0.7-1.2
+
+
+def test_psgd_kron_import_shim_leaves_optax_as_it_was():
+    _skip_unless_installed("psgd_jax")
+    from experiments import peers
+
+    had_alias = "optax._src.clipping" in sys.modules
+    assert peers.psgd_kron_unavailable_reason() is None
+    assert ("optax._src.clipping" in sys.modules) == had_alias
+    assert registry.available_optimizers(["psgd_kron"]) == ["psgd_kron"]
+
+
+def _inverse_root(m, p, eps):
+    lam = np.linalg.eigvalsh(m).max()
+    w, v = np.linalg.eigh(m + eps * lam * np.eye(len(m)))
+    return (v * w ** (-1.0 / p)) @ v.T
+
+
+def test_shampoo_matches_a_numpy_shampoo():
+    """The shimmed distributed_shampoo against Shampoo written out in NumPy (float64).
+
+    A (12, 10) matrix (two Kronecker factors, ``merge_small_dims_block_size=1`` keeps it 2-D)
+    and an (18,) vector (one full-matrix factor); statistics w₁·S + w₂·GGᵀ from ε·I, the
+    inverse 4th root of S + ε·λ_max·I, the step grafted to the gradient's norm, heavy-ball
+    momenta for both the grafted and the Shampoo step, Nesterov; Shampoo from step 2.
+    """
+    _skip_unless_installed("precondition")
+    from experiments import peers
+
+    lr, b1, b2, eps, start = 0.1, 0.9, 0.99, 1e-5, 2
+    jax_had_tree_map = hasattr(jax, "tree_map")
+    tx = peers.shampoo(
+        lr,
+        beta1=b1,
+        beta2=b2,
+        matrix_epsilon=eps,
+        start_preconditioning_step=start,
+        merge_small_dims_block_size=1,
+    )
+    assert hasattr(jax, "tree_map") == jax_had_tree_map  # the shim leaves the process's jax alone
+    rng = np.random.default_rng(0)
+    shapes = {"m": (12, 10), "v": (18,)}
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    state, update = tx.init(params), jax.jit(tx.update)
+    stats = {"m": [eps * np.eye(12), eps * np.eye(10)], "v": [eps * np.eye(18)]}
+    mom = {k: (np.zeros(s), np.zeros(s)) for k, s in shapes.items()}  # (grafted, Shampoo)
+    for step in range(5):
+        grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        updates, state = update({k: jnp.asarray(g) for k, g in grads.items()}, state, params)
+        for k, g32 in grads.items():
+            g = g32.astype(np.float64)
+            if g.ndim == 2:
+                left, right = stats[k]
+                stats[k] = [b2 * left + (1 - b2) * g @ g.T, b2 * right + (1 - b2) * g.T @ g]
+                pre = _inverse_root(stats[k][0], 4, eps) @ g @ _inverse_root(stats[k][1], 4, eps)
+            else:
+                stats[k] = [b2 * stats[k][0] + (1 - b2) * np.outer(g, g)]
+                pre = _inverse_root(stats[k][0], 4, eps) @ g
+            shampoo_step = pre * np.linalg.norm(g) / np.linalg.norm(pre)
+            mom[k] = (b1 * mom[k][0] + g, b1 * mom[k][1] + shampoo_step)
+            u, m = (shampoo_step, mom[k][1]) if step >= start else (g, mom[k][0])
+            expected = -lr * (u + b1 * m)
+            np.testing.assert_allclose(
+                np.asarray(updates[k]), expected, rtol=0, atol=2e-3 * np.abs(expected).max()
+            )
 
 
 # ---------------------------------------------------------------------------

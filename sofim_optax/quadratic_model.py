@@ -51,7 +51,12 @@ from sofim_optax import hyperparameters as hp
 from sofim_optax.curvature import quadratic_forms
 from sofim_optax.hyperparameters import Scalar
 
-__all__ = ["QuadraticModelState", "scale_by_quadratic_model", "solve_quadratic_model"]
+__all__ = [
+    "QuadraticModelState",
+    "scale_by_quadratic_model",
+    "solve_quadratic_model",
+    "adapt_damping",
+]
 
 _NAME = "scale_by_quadratic_model"
 CURVATURES = ("gauss_newton", "hessian")
@@ -116,19 +121,49 @@ def solve_quadratic_model(a_damped: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(both, joint, jnp.where(usable[0], first_alone, alone))
 
 
-def _gram(vectors: list[Any]) -> jax.Array:
+def adapt_damping(
+    damping: jax.Array,
+    reduction_ratio: jax.Array,
+    *,
+    omega: jax.Array,
+    lower_threshold: Scalar,
+    upper_threshold: Scalar,
+    min_damping: Scalar,
+    max_damping: Scalar,
+) -> jax.Array:
+    """The Levenberg-Marquardt rule: ``λ/ω`` if ``ρ < lower``, ``λω`` if ``ρ > upper``, else
+    ``λ``; clipped to ``[min_damping, max_damping]``. A non-finite ``ρ`` counts as ``-100``
+    (a failed step: ``λ`` grows)."""
+    rho = jnp.where(jnp.isfinite(reduction_ratio), reduction_ratio, -100.0)
+    new = jnp.where(
+        rho < lower_threshold,
+        damping / omega,
+        jnp.where(rho > upper_threshold, damping * omega, damping),
+    )
+    return jnp.clip(new, min_damping, max_damping)
+
+
+def _vdot(a: Any, b: Any, dtype: Any) -> jax.Array:
+    return sum(
+        jnp.vdot(x.astype(dtype), y.astype(dtype))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def _gram(vectors: list[Any], dtype: Any) -> jax.Array:
     k = len(vectors)
-    rows = [[optax.tree.vdot(vectors[i], vectors[j]) for j in range(k)] for i in range(k)]
-    return jnp.asarray(rows, jnp.float32)
+    return jnp.stack(
+        [jnp.stack([_vdot(vectors[i], vectors[j], dtype) for j in range(k)]) for i in range(k)]
+    )
 
 
-def _inner_products(g: Any, vectors: list[Any]) -> jax.Array:
-    return jnp.asarray([optax.tree.vdot(g, v) for v in vectors], jnp.float32)
+def _inner_products(g: Any, vectors: list[Any], dtype: Any) -> jax.Array:
+    return jnp.stack([_vdot(g, v, dtype) for v in vectors])
 
 
 def _combine(coefficients: jax.Array, vectors: list[Any], like: Any) -> Any:
     def leaf(p, *vs):
-        total = sum(c * v.astype(jnp.float32) for c, v in zip(coefficients, vs))
+        total = sum(c * v.astype(coefficients.dtype) for c, v in zip(coefficients, vs))
         return total.astype(jnp.result_type(p))
 
     return jax.tree.map(leaf, like, *vectors)
@@ -249,15 +284,18 @@ def scale_by_quadratic_model(
 
     def init(params: Any) -> QuadraticModelState:
         lam = jnp.asarray(initial_damping, jnp.float32)
-        zero = jnp.zeros((), jnp.float32)
+
+        def zero():  # (distinct arrays, so that a jitted step may donate the state)
+            return jnp.zeros((), jnp.float32)
+
         return QuadraticModelState(
             count=jnp.zeros((), jnp.int32),
             damping=lam,
             previous_update=jax.tree.map(jnp.zeros_like, params),
             direction_state=inner(preconditioner_damping(lam)).init(params),
-            learning_rate=zero,
-            momentum=zero,
-            reduction_ratio=zero,
+            learning_rate=zero(),
+            momentum=zero(),
+            reduction_ratio=zero(),
             rejected=jnp.zeros((), jnp.int32),
         )
 
@@ -275,20 +313,25 @@ def scale_by_quadratic_model(
         vectors = [jax.tree.map(jnp.negative, u)]
         if momentum:
             vectors.append(state.previous_update)
+        # (the 2×2 model in the parameters' precision, at least float32)
+        dtype = hp.accumulation_dtype(*jax.tree.leaves(params))
         loss, curv = forms(obj_fn, params, vectors)
-        gram = _gram(vectors)
-        eta = jnp.asarray(l2_regularization, jnp.float32)
-        a = curv.astype(jnp.float32) + eta * gram
-        b = _inner_products(updates, vectors)
-        w = solve_quadratic_model(a + lam * gram, b)
+        loss = loss.astype(dtype)
+        gram = _gram(vectors, dtype)
+        eta = jnp.asarray(l2_regularization, dtype)
+        a = curv.astype(dtype) + eta * gram
+        b = _inner_products(updates, vectors, dtype)
+        w = solve_quadratic_model(a + lam.astype(dtype) * gram, b)
         if norm_constraint is not None:
             curvature_norm = jnp.dot(w, a @ w)
-            c = jnp.asarray(norm_constraint, jnp.float32)
+            c = jnp.asarray(norm_constraint, dtype)
             w = w * jnp.minimum(1.0, jnp.sqrt(c / jnp.maximum(curvature_norm, 1e-30)))
         predicted = 0.5 * jnp.dot(w, a @ w) + jnp.dot(b, w)
-        # A model that is not finite, or predicts an increase (an indefinite Hessian, or a
-        # non-finite gradient), gives no step.
-        valid = jnp.all(jnp.isfinite(w)) & jnp.isfinite(predicted) & (predicted <= 0)
+        # A model that is not finite, predicts an increase, or has no direction of positive
+        # damped curvature although the gradient is not zero (an indefinite Hessian, a
+        # non-finite gradient) gives no step, and λ grows.
+        stalled = (predicted == 0) & jnp.any(b != 0)
+        valid = jnp.all(jnp.isfinite(w)) & jnp.isfinite(predicted) & (predicted <= 0) & ~stalled
         w = jnp.where(valid, w, 0.0)
         step = _combine(w, vectors, params)
 
@@ -297,18 +340,28 @@ def scale_by_quadratic_model(
         measure = adapt & valid & (predicted < 0)
         new_loss = lax.cond(
             measure,
-            lambda: jnp.asarray(obj_fn(optax.apply_updates(params, step)), jnp.float32),
-            lambda: jnp.asarray(loss, jnp.float32),
+            lambda: jnp.asarray(obj_fn(optax.apply_updates(params, step))).astype(dtype),
+            lambda: loss,
         )
         rho = (new_loss - loss) / jnp.where(measure, predicted, -1.0)
         rho = jnp.where(jnp.isfinite(rho), rho, -100.0)
-        omega = jnp.asarray(damping_decay, jnp.float32) ** period.astype(jnp.float32)
-        grown = lam / omega
-        adapted = jnp.where(
-            rho < lower_threshold, grown, jnp.where(rho > upper_threshold, lam * omega, lam)
-        )
-        lam_new = jnp.where(measure, adapted, jnp.where(valid, lam, grown))
-        lam_new = jnp.clip(lam_new, min_damping, max_damping).astype(jnp.float32)
+        omega = jnp.asarray(damping_decay, dtype) ** period.astype(dtype)
+
+        def rule(ratio):
+            return adapt_damping(
+                lam.astype(dtype),
+                ratio,
+                omega=omega,
+                lower_threshold=lower_threshold,
+                upper_threshold=upper_threshold,
+                min_damping=min_damping,
+                max_damping=max_damping,
+            )
+
+        # A measured step follows the rule; an invalid model is a failed step (λ grows);
+        # otherwise λ stays until the next measurement.
+        lam_new = jnp.where(measure, rule(rho), jnp.where(valid, lam, rule(-jnp.inf)))
+        lam_new = lam_new.astype(jnp.float32)
 
         taken = valid
         if reject_increasing_steps:

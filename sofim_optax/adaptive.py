@@ -95,7 +95,7 @@ _QUADRATIC_MODEL_DOC = """
         ``{lower_threshold!r}``).
       upper_threshold: reduction ratio above which ``λ`` shrinks (default
         ``{upper_threshold!r}``).
-      momentum: adapt a momentum on the previous step (default ``{momentum!r}``).
+      adapt_momentum: adapt a momentum on the previous step (default ``{adapt_momentum!r}``).
       curvature: ``"gauss_newton"`` or ``"hessian"`` (default ``{curvature!r}``).
       l2_regularization: ``η`` of an ``(η/2)‖θ‖²`` term inside ``obj_fn`` (default
         ``{l2_regularization!r}``).
@@ -109,6 +109,12 @@ _QUADRATIC_MODEL_DOC = """
       An ``optax.GradientTransformationExtraArgs`` whose updates are the step itself (no
       learning rate after it); ``update`` needs ``obj_fn`` and the method's extra arguments
       ({needs}). Its state is a :class:`sofim_optax.QuadraticModelState` around the method's.
+
+    References:
+      Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored Approximate
+      Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015 (sections 6-7: the
+      quadratic model, the Levenberg-Marquardt damping; section 10: the update clipping).
+      {reference}
 """
 
 
@@ -119,6 +125,7 @@ def make_adaptive_alias(
     summary: str,
     needs: str,
     feeds_damping: bool,
+    reference: str,
     overrides: Mapping[str, Any] | None = None,
 ) -> Callable[..., optax.GradientTransformationExtraArgs]:
     """Builds ``name(*, **quadratic-model arguments, **scale_by's arguments)``.
@@ -133,6 +140,7 @@ def make_adaptive_alias(
       summary: the first paragraph of its docstring.
       needs: the extra ``update`` arguments, for the docstring.
       feeds_damping: feed ``λ + η`` into ``scale_by``'s ``damping``.
+      reference: the method's paper, one reST line for the ``References:`` section.
       overrides: ``scale_by`` arguments whose default differs in this alias.
     """
     overrides = dict(overrides or {})
@@ -183,7 +191,7 @@ def make_adaptive_alias(
         summary.rstrip()
         + "\n"
         + _QUADRATIC_MODEL_DOC.format(
-            fed=fed, needs=needs, scale_by_arguments=SCALE_BY_ARGUMENTS, **own
+            fed=fed, needs=needs, scale_by_arguments=SCALE_BY_ARGUMENTS, reference=reference, **own
         )
     )
     alias.__signature__ = signature
@@ -205,9 +213,40 @@ def _summary(method: str, scale_by: str, extra: str = "") -> str:
 
 
 _STATS = "``layer_stats``"
+_KPSVD = (
+    "Its direction: Koroko et al., `Efficient Approximations of the Fisher Matrix in Neural "
+    "Networks using Kronecker Product Singular Value Decomposition "
+    "<https://arxiv.org/abs/2201.10285>`_, 2023."
+)
+_KBFGS = (
+    "Its direction: Goldfarb, Ren & Bahamou, `Practical Quasi-Newton Methods for Training Deep "
+    "Neural Networks <https://arxiv.org/abs/2006.08877>`_, NeurIPS 2020."
+)
+_REFERENCES = {
+    "kfac_adaptive": "Its direction is the same paper's KFAC.",
+    "kpsvd_adaptive": _KPSVD,
+    "kpsvd_deflation_adaptive": _KPSVD,
+    "kfac_corrected_adaptive": _KPSVD,
+    "kpsvd_lanczos_adaptive": _KPSVD,
+    "mbf_adaptive": (
+        "Its direction: Bahamou, Goldfarb & Ren, `A Mini-Block Fisher Method for Deep Neural "
+        "Networks <https://arxiv.org/abs/2202.04124>`_, AISTATS 2023."
+    ),
+    "kbfgs_adaptive": _KBFGS,
+    "kbfgs_l_adaptive": _KBFGS,
+    "sofim_adaptive": (
+        "Its direction: Sen et al., `SOFIM: Stochastic Optimization Using Regularized Fisher "
+        "Information Matrix <https://arxiv.org/abs/2403.02833>`_, 2024."
+    ),
+    "adahessian_adaptive": (
+        "Its direction: Yao et al., `ADAHESSIAN: An Adaptive Second Order Optimizer for Machine "
+        "Learning <https://arxiv.org/abs/2006.00719>`_, AAAI 2021."
+    ),
+}
 
 kfac_adaptive = make_adaptive_alias(
     scale_by_kfac,
+    reference=_REFERENCES["kfac_adaptive"],
     name="kfac_adaptive",
     summary=_summary("KFAC", "scale_by_kfac"),
     needs=_STATS,
@@ -215,6 +254,7 @@ kfac_adaptive = make_adaptive_alias(
 )
 kpsvd_adaptive = make_adaptive_alias(
     scale_by_kpsvd,
+    reference=_REFERENCES["kpsvd_adaptive"],
     name="kpsvd_adaptive",
     summary=_summary("KPSVD", "scale_by_kpsvd"),
     needs=_STATS,
@@ -222,6 +262,7 @@ kpsvd_adaptive = make_adaptive_alias(
 )
 kpsvd_deflation_adaptive = make_adaptive_alias(
     scale_by_kpsvd_deflation,
+    reference=_REFERENCES["kpsvd_deflation_adaptive"],
     name="kpsvd_deflation_adaptive",
     summary=_summary("KPSVD with deflation", "scale_by_kpsvd_deflation"),
     needs=_STATS,
@@ -229,6 +270,7 @@ kpsvd_deflation_adaptive = make_adaptive_alias(
 )
 kfac_corrected_adaptive = make_adaptive_alias(
     scale_by_kfac_corrected,
+    reference=_REFERENCES["kfac_corrected_adaptive"],
     name="kfac_corrected_adaptive",
     summary=_summary("KFAC-corrected", "scale_by_kfac_corrected"),
     needs=_STATS,
@@ -236,6 +278,7 @@ kfac_corrected_adaptive = make_adaptive_alias(
 )
 kpsvd_lanczos_adaptive = make_adaptive_alias(
     scale_by_kpsvd_lanczos,
+    reference=_REFERENCES["kpsvd_lanczos_adaptive"],
     name="kpsvd_lanczos_adaptive",
     summary=_summary("KPSVD-Lanczos", "scale_by_kpsvd_lanczos"),
     needs=_STATS,
@@ -243,6 +286,7 @@ kpsvd_lanczos_adaptive = make_adaptive_alias(
 )
 mbf_adaptive = make_adaptive_alias(
     scale_by_mini_block_fisher,
+    reference=_REFERENCES["mbf_adaptive"],
     name="mbf_adaptive",
     summary=_summary(
         "Mini-Block Fisher",
@@ -256,6 +300,7 @@ mbf_adaptive = make_adaptive_alias(
 )
 kbfgs_adaptive = make_adaptive_alias(
     scale_by_kbfgs,
+    reference=_REFERENCES["kbfgs_adaptive"],
     name="kbfgs_adaptive",
     summary=_summary("K-BFGS", "scale_by_kbfgs"),
     needs="``layer_stats`` and ``previous_batch_stats``",
@@ -263,6 +308,7 @@ kbfgs_adaptive = make_adaptive_alias(
 )
 kbfgs_l_adaptive = make_adaptive_alias(
     scale_by_kbfgs,
+    reference=_REFERENCES["kbfgs_l_adaptive"],
     name="kbfgs_l_adaptive",
     summary=_summary("K-BFGS(L)", "scale_by_kbfgs", " ``memory`` defaults to ``100`` here."),
     needs="``layer_stats`` and ``previous_batch_stats``",
@@ -271,6 +317,7 @@ kbfgs_l_adaptive = make_adaptive_alias(
 )
 sofim_adaptive = make_adaptive_alias(
     scale_by_sofim,
+    reference=_REFERENCES["sofim_adaptive"],
     name="sofim_adaptive",
     summary=_summary(
         "SOFIM",
@@ -282,6 +329,7 @@ sofim_adaptive = make_adaptive_alias(
 )
 adahessian_adaptive = make_adaptive_alias(
     scale_by_adahessian,
+    reference=_REFERENCES["adahessian_adaptive"],
     name="adahessian_adaptive",
     summary=_summary("AdaHessian", "scale_by_adahessian", " ``λ`` damps the model only."),
     needs="``obj_fn`` (also AdaHessian's own)",

@@ -19,7 +19,7 @@ for a curvature method), ``δ₋`` the previous step and ``λ`` the damping:
    = -(A + \lambda D)^{-1} b,\qquad \delta = \alpha v_1 + \mu v_2,
 
 ``C`` the Gauss-Newton matrix of ``obj_fn`` (or its Hessian), ``η`` the L2 coefficient.
-The 2×2 system becomes 1×1 at the first step (``δ₋ = 0``) and without momentum. Every
+The 2×2 system becomes 1×1 at the first step (``δ₋ = 0``) and with ``adapt_momentum=False``. Every
 ``damping_period`` steps the loss is evaluated at ``θ + δ`` and the reduction ratio
 
 .. math::
@@ -179,7 +179,7 @@ def scale_by_quadratic_model(
     max_damping: Scalar = 1e8,
     lower_threshold: Scalar = 0.25,
     upper_threshold: Scalar = 0.75,
-    momentum: bool = True,
+    adapt_momentum: bool = True,
     curvature: str = "gauss_newton",
     l2_regularization: Scalar = 0.0,
     norm_constraint: Scalar | None = None,
@@ -227,7 +227,7 @@ def scale_by_quadratic_model(
       max_damping: ceiling of ``λ`` (default ``1e8``).
       lower_threshold: ``ρ`` below which ``λ`` grows (default ``0.25``).
       upper_threshold: ``ρ`` above which ``λ`` shrinks (default ``0.75``).
-      momentum: adapt a momentum ``μ`` on the previous step (default ``True``); ``False``
+      adapt_momentum: adapt a momentum ``μ`` on the previous step (default ``True``); ``False``
         solves for ``α`` alone and saves one tangent per step.
       curvature: ``"gauss_newton"`` (default: the Gauss-Newton/Fisher matrix of the losses
         registered by the helpers; positive semi-definite) or ``"hessian"`` (Hessian-vector
@@ -248,6 +248,10 @@ def scale_by_quadratic_model(
     Raises:
       ValueError: a bad hyperparameter (at construction), or ``obj_fn`` missing or
         registering no predictions with ``curvature="gauss_newton"`` (at trace time).
+
+    References:
+      Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored Approximate
+      Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015 (sections 6-7 and 10).
     """
     hp.check_damping(_NAME, initial_damping, "initial_damping")
     hp.check_positive_int(_NAME, "damping_period", damping_period)
@@ -258,9 +262,9 @@ def scale_by_quadratic_model(
     if norm_constraint is not None:
         hp.check_positive(_NAME, "norm_constraint", norm_constraint)
     hp.check_nonnegative(_NAME, "l2_regularization", l2_regularization)
-    if not isinstance(momentum, bool) or not isinstance(reject_increasing_steps, bool):
+    if not isinstance(adapt_momentum, bool) or not isinstance(reject_increasing_steps, bool):
         raise TypeError(
-            f"{_NAME}: momentum and reject_increasing_steps must be Python bools (under "
+            f"{_NAME}: adapt_momentum and reject_increasing_steps must be Python bools (under "
             "optax.inject_hyperparams list them in static_args)."
         )
     forms = (
@@ -311,7 +315,7 @@ def scale_by_quadratic_model(
             updates, state.direction_state, params, **extra
         )
         vectors = [jax.tree.map(jnp.negative, u)]
-        if momentum:
+        if adapt_momentum:
             vectors.append(state.previous_update)
         # (the 2×2 model in the parameters' precision, at least float32)
         dtype = hp.accumulation_dtype(*jax.tree.leaves(params))
@@ -376,7 +380,7 @@ def scale_by_quadratic_model(
             previous_update=previous,
             direction_state=direction_state,
             learning_rate=jnp.where(taken, w[0], 0.0).astype(jnp.float32),
-            momentum=jnp.where(taken, w[1] if momentum else 0.0, 0.0).astype(jnp.float32),
+            momentum=jnp.where(taken, w[1] if adapt_momentum else 0.0, 0.0).astype(jnp.float32),
             reduction_ratio=jnp.where(measure, rho, state.reduction_ratio).astype(jnp.float32),
             rejected=state.rejected + (~taken).astype(jnp.int32),
         )
@@ -385,4 +389,4 @@ def scale_by_quadratic_model(
     return optax.GradientTransformationExtraArgs(init, update)
 
 
-scale_by_quadratic_model.static_args = ("momentum", "curvature", "reject_increasing_steps")
+scale_by_quadratic_model.static_args = ("adapt_momentum", "curvature", "reject_increasing_steps")

@@ -19,6 +19,7 @@ PAGES = [
     "README.md",
     "docs/quickstart.md",
     "docs/periods_and_damping.md",
+    "docs/adaptive.md",
     "docs/layer_stats.md",
     "docs/captured_layers.md",
     "docs/checkpointing.md",

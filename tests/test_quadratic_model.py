@@ -332,7 +332,7 @@ def test_bad_arguments_are_refused_with_a_clear_message():
     with pytest.raises(TypeError, match="direction must be an optax.GradientTransformation"):
         scale_by_quadratic_model(3)
     with pytest.raises(TypeError, match="static_args"):
-        scale_by_quadratic_model(optax.identity(), momentum=1)
+        scale_by_quadratic_model(optax.identity(), adapt_momentum=1)
     params, obj_fn = _least_squares()
     tx = scale_by_quadratic_model(optax.identity())
     with pytest.raises(ValueError, match="obj_fn"):

@@ -499,19 +499,25 @@ WRAPPED = sorted(
         if not any(REGISTRY[a].scale_by is REGISTRY[k].factory for a in ALIASES)
     ]
 )
-# The adaptive methods run the whole matrix in the slow suite, except KFAC's and the bare
-# wrapper's (around Adam); the fast suite checks every adaptive alias against its explicit
-# composition (test_chain_equals_alias), three jitted steps included.
-FAST_ADAPTIVE = {"kfac_adaptive", "scale_by_quadratic_model"}
+# The adaptive methods run the whole matrix in the slow suite, except KFAC's; the fast suite
+# also checks one adaptive alias per kind of direction against its explicit composition
+# (test_chain_equals_alias: Kronecker factors, mini-blocks, K-BFGS's two passes, SOFIM, and
+# the bare wrapper around Adam), three jitted steps each. (Each compiles the method and the
+# quadratic model: a few seconds per test, so the rest waits for `make test-slow`.)
+FAST_ADAPTIVE = {"kfac_adaptive"}
+FAST_COMPOSITION = {
+    "kfac_adaptive",
+    "mbf_adaptive",
+    "kbfgs_adaptive",
+    "sofim_adaptive",
+    "scale_by_quadratic_model",
+}
 
 
-def matrix(names, *, fast_for_all_adaptive=False):
-    """``names`` as pytest parameters, the adaptive methods outside ``FAST_ADAPTIVE`` marked
-    slow (unless ``fast_for_all_adaptive``)."""
+def matrix(names, fast=FAST_ADAPTIVE):
+    """``names`` as pytest parameters, the adaptive methods outside ``fast`` marked slow."""
     return [
-        pytest.param(n, marks=pytest.mark.slow)
-        if REGISTRY[n].adaptive and n not in FAST_ADAPTIVE and not fast_for_all_adaptive
-        else n
+        pytest.param(n, marks=pytest.mark.slow) if REGISTRY[n].adaptive and n not in fast else n
         for n in names
     ]
 
@@ -713,7 +719,7 @@ def test_jit_equals_eager_no_retrace_and_stable_state(name):
     case.check_state(state, STEPS)
 
 
-@pytest.mark.parametrize("name", matrix(ALL, fast_for_all_adaptive=True))
+@pytest.mark.parametrize("name", matrix(ALL, fast=FAST_COMPOSITION))
 def test_chain_equals_alias(name):
     """scale_by_*: ``chain(scale_by(**kw), scale(-lr))`` equals the alias (with the alias's
     momentum off) and, if linear, ``chain(scale(2), scale_by, scale(-1/2))`` is minus

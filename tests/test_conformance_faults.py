@@ -33,6 +33,10 @@ from test_conformance import MODEL, REGISTRY, WRAPPED, assert_finite, linen_capt
 
 from sofim_optax import guards
 
+# The adaptive step answers a fault with its own rule (a non-finite model or loss: no step,
+# the damping grows; tests/test_quadratic_model.py), not with the skip counters checked here.
+WRAPPED = [n for n in WRAPPED if not REGISTRY[n].adaptive]
+
 N_STEPS = 6
 # Small enough that every method's clean run decreases the loss smoothly on this problem, so
 # that "the same loss as without the faulty batch" is a meaningful comparison.

@@ -339,3 +339,40 @@ def test_bad_arguments_are_refused_with_a_clear_message():
         tx.update(jax.grad(obj_fn)(params), tx.init(params), params)
     with pytest.raises(ValueError, match="ema"):
         sofim_optax.kfac_adaptive(ema=2.0)  # the method's own check, at construction
+
+
+def test_an_adaptive_alias_skips_a_nonfinite_gradient_and_survives_a_nonfinite_loss():
+    """``kfac_adaptive`` on the conv model: a NaN in the gradient skips the whole step (the
+    state unchanged but for the method's ``skipped.steps``); a NaN loss (``obj_fn``) gives no
+    step, a larger damping and a finite state; the next clean step is taken."""
+    from sofim_optax.curvature import linen as capture
+
+    params, _, obj_fn = _problem("categorical")
+    tx = sofim_optax.kfac_adaptive(inverse_period=2)
+
+    def loss_of(p, scale):
+        return obj_fn(p) * scale
+
+    @jax.jit
+    def step(params, state, poison_grad, poison_loss):
+        _, grads, stats = capture.value_grad_and_stats(loss_of, params, jnp.float32(1.0))
+        grads = jax.tree.map(lambda g: g + poison_grad, grads)
+        return tx.update(
+            grads, state, params, layer_stats=stats, obj_fn=lambda p: loss_of(p, 1.0 + poison_loss)
+        )
+
+    state = tx.init(params)
+    update, state = step(params, state, 0.0, 0.0)
+    params = optax.apply_updates(params, update)
+    skipped, after = step(params, state, jnp.nan, 0.0)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(skipped))
+    assert int(sofim_optax.guards.skip_counts(after).steps) == 1
+    kept = (after.count, after.damping, after.previous_update, after.direction_state.curvature)
+    was = (state.count, state.damping, state.previous_update, state.direction_state.curvature)
+    jax.tree.map(np.testing.assert_array_equal, kept, was)
+    nan_loss, after = step(params, state, 0.0, jnp.nan)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(nan_loss))
+    assert float(after.damping) > float(state.damping) and int(after.rejected) == 1
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(after))
+    update, after = step(params, after, 0.0, 0.0)
+    assert any(float(jnp.abs(u).max()) > 0.0 for u in jax.tree.leaves(update))

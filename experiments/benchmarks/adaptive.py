@@ -102,6 +102,20 @@ def _step_for(problem, name: str, **overrides: Any) -> tuple[Any, Callable]:
     return tx, step
 
 
+def _variant(name: str) -> tuple[str, dict[str, Any]]:
+    """``"kfac_adaptive:inverse=cholesky"`` -> ``("kfac_adaptive", {"inverse": "cholesky"})``:
+    one of :data:`OURS` with changed defaults (numbers are parsed as JSON)."""
+    base, _, rest = name.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return base, overrides
+
+
 def _mean_last(losses: Sequence[float], end: int, k: int = SELECT_LAST) -> float:
     window = [v for v in losses[max(0, end - k) : end]]
     return float(np.mean(window)) if window and np.all(np.isfinite(window)) else float("nan")
@@ -148,8 +162,9 @@ def _train(args: argparse.Namespace) -> None:
             result = _train_ours(problem, x_train, name, steps, args.seed, **best)
             result.update(hparams=best, tuning=tuning)
         else:
-            result = _train_ours(problem, x_train, name, args.steps, args.seed)
-            result["hparams"] = {}
+            base, overrides = _variant(name)
+            result = _train_ours(problem, x_train, base, args.steps, args.seed, **overrides)
+            result["hparams"] = overrides
         result["name"] = name
         result["train_seconds"] = time.perf_counter() - t0
         path.write_text(json.dumps(result))
@@ -247,8 +262,10 @@ def _time(args: argparse.Namespace) -> None:
     # (every contender trains on the same fixed batch from the initial parameters while it is
     # timed; at the tuned or adaptive settings none diverges, so no step is a skipped one)
     add("sgdm", "sgdm", learning_rate=1e-4)
-    for name in [n for n in (*OURS, *PEERS) if n in trained or args.all_methods]:
-        add(name, name, **trained.get(name, {}).get("hparams", {}))
+    variants = [n for n in trained if ":" in n]
+    for name in [n for n in (*OURS, *PEERS) if n in trained or args.all_methods] + variants:
+        base, _ = _variant(name)
+        add(name, base, **trained.get(name, {}).get("hparams", {}))
     for name in OURS if args.adaptive_cost else ():
         add(f"{name} damping_period=1", name, damping_period=1)
         add_fixed(f"{name} fixed", name)
@@ -336,7 +353,11 @@ def _machine() -> str:
 def _label(name: str) -> str:
     from experiments.registry import OPTIMIZERS
 
-    return "kfac-jax adaptive" if name == KFAC_JAX else OPTIMIZERS[name].label
+    if name == KFAC_JAX:
+        return "kfac-jax adaptive"
+    base, overrides = _variant(name)
+    extra = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    return OPTIMIZERS[base].label + (f" [{extra}]" if extra else "")
 
 
 def _report(args: argparse.Namespace) -> str:
@@ -345,6 +366,7 @@ def _report(args: argparse.Namespace) -> str:
     timing_path = out / "timing.json"
     times = json.loads(timing_path.read_text())["times"] if timing_path.exists() else {}
     order = [n for n in (*OURS, KFAC_JAX, *PEERS) if n in trained]
+    order[1:1] = sorted(n for n in trained if ":" in n)
     step_time = {n: times.get(n) or trained[n]["mean_step_time"] for n in order}
     budgets = [float(b) for b in args.budgets.split(",")]
     lines = [
@@ -416,7 +438,7 @@ def _plot(out: Path, trained, order, step_time) -> None:
         k = SELECT_LAST
         smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
         x = np.arange(k, len(losses) + 1)
-        color = None if n == KFAC_JAX else OPTIMIZERS[n].color
+        color = None if n == KFAC_JAX or ":" in n else OPTIMIZERS[n].color
         style = "--" if n in PEERS or n == KFAC_JAX else "-"
         ax_steps.plot(x, smooth, style, color=color, label=_label(n))
         ax_time.plot(x * step_time[n], smooth, style, color=color, label=_label(n))

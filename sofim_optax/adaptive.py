@@ -103,7 +103,8 @@ _QUADRATIC_MODEL_DOC = """
         ``{norm_constraint!r}``, off).
       reject_increasing_steps: take no step when the measured loss goes up (default
         ``{reject_increasing_steps!r}``).
-      {scale_by_arguments}
+
+    {scale_by_arguments}
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose updates are the step itself (no
@@ -208,7 +209,7 @@ def _summary(method: str, scale_by: str, extra: str = "") -> str:
     return (
         f"{method} with the adaptive step: :func:`sofim_optax.scale_by_quadratic_model` around "
         f":func:`sofim_optax.{scale_by}`.{extra}\n\n"
-        "    No learning rate, momentum or damping to tune (see :mod:`sofim_optax.adaptive`).\n"
+        "    No learning rate, momentum or damping to tune (see ``sofim_optax.adaptive``).\n"
     )
 
 

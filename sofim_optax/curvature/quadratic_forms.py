@@ -19,7 +19,7 @@ through the user's own loss function ``obj_fn(params) -> scalar``:
 
 How the Gauss-Newton forms are computed. Each helper returns ``z + ε`` for a zero
 perturbation ``ε`` of its predictions ``z`` (see
-:func:`sofim_optax.curvature._capture.register_predictions`). The map
+``sofim_optax.curvature._capture.register_predictions``). The map
 ``θ ↦ (z(θ), ∇_ε obj_fn(θ, ε)|_{ε=0})`` is linearised at ``θ`` once
 (:func:`jax.linearize`), and its linear part is applied to the ``k`` directions at once
 (``jax.vmap``). Its tangents along ``u`` are ``J u`` and ``H_z J u`` (the loss depends on

@@ -8,6 +8,12 @@ processes use a 2-core machine; the timing part must run alone on a quiet machin
     python -m experiments.benchmarks.adaptive time  --out runs/adaptive
     python -m experiments.benchmarks.adaptive report --out runs/adaptive
 
+``time`` may also be split over two processes pinned to one core each, each with its own
+SGD-momentum baseline (``--contenders`` picks what it times, ``--cost-for`` the methods of
+its fixed-against-adaptive table, ``--tag`` names its ``timing_TAG.json``); ``report``
+merges the files. A contender ``name:arg=value;arg=value`` is one of ours with changed
+defaults (or a peer at a fixed point, not tuned).
+
 or ``... all --out runs/adaptive`` for the three in sequence in one process. ``--quick``
 (20 steps, one timing round) is a smoke run.
 
@@ -248,30 +254,35 @@ def _time(args: argparse.Namespace) -> None:
     block = args.block_steps
     runners: dict[str, Callable[[], float]] = {}
 
+    # Warm-up: the compilation and one step; every timed block of `block` steps then holds
+    # the same number of refreshes (one per 20 steps for every method at its defaults).
     def add(label: str, name: str, **overrides: Any) -> None:
         tx, step = _step_for(problem, name, **overrides)
-        timer = _timer(problem, tx, step, warmup=block + 1)
+        timer = _timer(problem, tx, step, warmup=2)
         runners[label] = lambda t=timer: t.seconds_per_step(block)
 
     def add_fixed(label: str, name: str) -> None:
         tx, needs = _fixed_twin(name)
         step = jitted_step(problem, tx, needs=needs, fisher="sampled" if needs else "empirical")
-        timer = _timer(problem, tx, step, warmup=block + 1)
+        timer = _timer(problem, tx, step, warmup=2)
         runners[label] = lambda t=timer: t.seconds_per_step(block)
 
     # (every contender trains on the same fixed batch from the initial parameters while it is
     # timed; at the tuned or adaptive settings none diverges, so no step is a skipped one)
     add("sgdm", "sgdm", learning_rate=1e-4)
     variants = [n for n in trained if ":" in n]
+    wanted = set(args.contenders.split(",")) if args.contenders else None
     for name in [n for n in (*OURS, *PEERS) if n in trained or args.all_methods] + variants:
-        base, _ = _variant(name)
-        add(name, base, **trained.get(name, {}).get("hparams", {}))
-    for name in OURS if args.adaptive_cost else ():
+        if wanted is None or name in wanted:
+            base, _ = _variant(name)
+            add(name, base, **trained.get(name, {}).get("hparams", {}))
+    cost_for = args.cost_for.split(",") if args.cost_for else list(OURS)
+    for name in cost_for if args.adaptive_cost else ():
         add(f"{name} damping_period=1", name, damping_period=1)
         add_fixed(f"{name} fixed", name)
     server = None
     with tempfile.TemporaryDirectory(prefix="adaptive_time_") as tmp:
-        if KFAC_JAX in trained:
+        if KFAC_JAX in trained and (wanted is None or KFAC_JAX in wanted):
             workdir = Path(tmp)
             data = workdir / "data.npz"
             export_npz(data, x_train, problem.params)
@@ -280,7 +291,7 @@ def _time(args: argparse.Namespace) -> None:
                 _kfac_jax_python(args),
                 workdir,
                 data,
-                runner_config(runs, batch_size=BATCH, seed=args.seed, warmup_steps=block + 1),
+                runner_config(runs, batch_size=BATCH, seed=args.seed, warmup_steps=2),
             )
             runners[KFAC_JAX] = lambda: server.time_steps(KFAC_JAX, block)
         try:
@@ -290,7 +301,7 @@ def _time(args: argparse.Namespace) -> None:
                 server.close()
     result["block_steps"] = block
     result["machine"] = _machine()
-    (out / "timing.json").write_text(json.dumps(result))
+    (out / f"timing{('_' + args.tag) if args.tag else ''}.json").write_text(json.dumps(result))
     for label, t in result["times"].items():
         _say(f"{label}: {1e3 * t:.0f} ms/step, {result['ratios'][label]:.2f}x SGD-m")
 
@@ -363,8 +374,10 @@ def _label(name: str) -> str:
 def _report(args: argparse.Namespace) -> str:
     out = Path(args.out)
     trained = {p.stem[len("train_") :]: json.loads(p.read_text()) for p in out.glob("train_*.json")}
-    timing_path = out / "timing.json"
-    times = json.loads(timing_path.read_text())["times"] if timing_path.exists() else {}
+    times: dict[str, float] = {}
+    for path in sorted(out.glob("timing*.json")):  # (one file per timing process)
+        for label, t in json.loads(path.read_text())["times"].items():
+            times.setdefault(label, t)
     order = [n for n in (*OURS, KFAC_JAX, *PEERS) if n in trained]
     order[1:1] = sorted(n for n in trained if ":" in n)
     step_time = {n: times.get(n) or trained[n]["mean_step_time"] for n in order}
@@ -460,7 +473,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("part", choices=["train", "time", "report", "all"])
     p.add_argument("--out", default="runs/adaptive")
-    p.add_argument("--contenders", default="", help="comma-separated (train); default: all")
+    p.add_argument("--contenders", default="", help="comma-separated (train, time); default: all")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--tune-steps", type=int, default=50)
     p.add_argument("--peer-step-factor", type=int, default=3)
@@ -469,6 +482,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", default="30,60,120", help="wall-time budgets in seconds")
     p.add_argument("--no-adaptive-cost", dest="adaptive_cost", action="store_false")
     p.add_argument("--all-methods", action="store_true", help="time untrained contenders too")
+    p.add_argument("--cost-for", default="", help="methods of the fixed-vs-adaptive table")
+    p.add_argument("--tag", default="", help="time: write timing_TAG.json (one per process)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seed", type=int, default=0)

@@ -234,7 +234,9 @@ def make_method(
     def init(param_layout, dtype):
         la, lg = layouts(param_layout.layers)
         n, m = len(param_layout.layers), memory or 0
-        rings = {k: jnp.zeros((c, m, lg.dims[k]), dtype) for k, c in lg.sizes.items()}
+        def rings():  # (distinct arrays for S and Y, so that a jitted step may donate them)
+            return {k: jnp.zeros((c, m, lg.dims[k]), dtype) for k, c in lg.sizes.items()}
+
         flags = {k: jnp.zeros((c, m), bool) for k, c in lg.sizes.items()}
         return KbfgsCurvature(
             A=la.zeros(dtype),
@@ -243,8 +245,8 @@ def make_method(
             Hg={}
             if lbfgs
             else jax.tree.map(lambda e: jnp.asarray(hg_init, dtype) * e, lg.eyes(dtype)),
-            S=rings if lbfgs else {},
-            Y=dict(rings) if lbfgs else {},
+            S=rings() if lbfgs else {},
+            Y=rings() if lbfgs else {},
             valid=flags if lbfgs else {},
             head=jnp.zeros((n,), jnp.int32),
             s_ema=lg.vectors(dtype),

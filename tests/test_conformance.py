@@ -700,6 +700,9 @@ def test_jit_equals_eager_no_retrace_and_stable_state(name):
     jax.tree.map(
         lambda a, b: a.dtype == b.dtype or pytest.fail(f"{name}: {a} {b}"), eager_state, state0
     )
+    # Every state leaf is its own buffer, so that a jitted step may donate the state.
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(eager_state)]
+    assert len(pointers) == len(set(pointers)), f"{name}: state leaves share a buffer"
     for t, (params, grads, inputs) in enumerate(eager_steps):
         eager_u, eager_state = opt.update(grads, eager_state, params, **extra_args(case, inputs))
         assert_trees_close(eager_u, jitted[t], err_msg=f"{name} step {t}")

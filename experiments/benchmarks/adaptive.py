@@ -343,7 +343,7 @@ def _timer(problem, tx, step, warmup):
     from experiments.benchmarks.problems import copy_tree
 
     params = copy_tree(problem.params)
-    state = tx.init(params)
+    state = copy_tree(tx.init(params))  # (the step donates its inputs: no shared buffers)
 
     def advance(params, opt_state, index):
         params, opt_state, _ = step(params, opt_state, np.int32(index), *problem.batch)

@@ -400,7 +400,7 @@ def _report(args: argparse.Namespace) -> str:
         for b in budgets:
             k = int(b / step_time[n])
             at_time.append(f"{_mean_last(losses, k):.1f}" if 0 < k <= len(losses) else "—")
-        hp = ", ".join(f"{k}={v:g}" for k, v in r.get("hparams", {}).items()) or "defaults"
+        hp = ", ".join(f"{k}={v}" for k, v in r.get("hparams", {}).items()) or "defaults"
         lines.append(
             f"| {_label(n)} | {hp} | {1e3 * step_time[n]:.0f} | "
             + " | ".join(at_steps)

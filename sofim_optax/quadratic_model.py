@@ -175,7 +175,7 @@ def scale_by_quadratic_model(
     initial_damping: Scalar = 1.0,
     damping_period: int | jax.Array = 5,
     damping_decay: Scalar = 0.9,
-    min_damping: Scalar = 1e-4,
+    min_damping: Scalar = 1e-2,
     max_damping: Scalar = 1e8,
     lower_threshold: Scalar = 0.25,
     upper_threshold: Scalar = 0.75,
@@ -221,9 +221,10 @@ def scale_by_quadratic_model(
         adaptation costs one forward pass.
       damping_decay: per-step factor; ``λ`` is multiplied or divided by
         ``ω = damping_decay ** damping_period`` (default ``0.9``: ``ω ≈ 0.59``).
-      min_damping: floor of ``λ`` (default ``1e-4``). Near a minimum of the minibatch loss
-        its Gauss-Newton curvature vanishes and ``ρ ≈ 1`` keeps shrinking ``λ``, while the
-        step grows like ``g/λ``; this floor keeps that step bounded (kfac-jax: ``1e-8``).
+      min_damping: floor of ``λ`` (default ``1e-2``, on the curvature's scale). Near a
+        minimum of the minibatch loss its Gauss-Newton curvature vanishes and ``ρ ≈ 1``
+        keeps shrinking ``λ``, while the step grows like ``g/λ`` in the directions the
+        minibatch does not see; the floor keeps that step bounded (kfac-jax: ``1e-8``).
       max_damping: ceiling of ``λ`` (default ``1e8``).
       lower_threshold: ``ρ`` below which ``λ`` grows (default ``0.25``).
       upper_threshold: ``ρ`` above which ``λ`` shrinks (default ``0.75``).

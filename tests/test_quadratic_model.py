@@ -249,7 +249,9 @@ def _quartic():
 
 def test_a_step_that_raises_the_loss_is_rejected_and_raises_the_damping(x64):
     params, obj_fn = _quartic()
-    tx = scale_by_quadratic_model(optax.identity(), initial_damping=1e-3, damping_period=1)
+    tx = scale_by_quadratic_model(
+        optax.identity(), initial_damping=1e-3, min_damping=1e-6, damping_period=1
+    )
     state = tx.init(params)
     update, new_state = tx.update(jax.grad(obj_fn)(params), state, params, obj_fn=obj_fn)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(update))
@@ -258,7 +260,11 @@ def test_a_step_that_raises_the_loss_is_rejected_and_raises_the_damping(x64):
     assert float(new_state.reduction_ratio) < 0.25
     # Without rejection the same step is taken (and the loss does rise).
     loose = scale_by_quadratic_model(
-        optax.identity(), initial_damping=1e-3, damping_period=1, reject_increasing_steps=False
+        optax.identity(),
+        initial_damping=1e-3,
+        min_damping=1e-6,
+        damping_period=1,
+        reject_increasing_steps=False,
     )
     taken, _ = loose.update(jax.grad(obj_fn)(params), loose.init(params), params, obj_fn=obj_fn)
     assert float(obj_fn(optax.apply_updates(params, taken))) > float(obj_fn(params))

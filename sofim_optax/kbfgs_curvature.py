@@ -234,6 +234,7 @@ def make_method(
     def init(param_layout, dtype):
         la, lg = layouts(param_layout.layers)
         n, m = len(param_layout.layers), memory or 0
+
         def rings():  # (distinct arrays for S and Y, so that a jitted step may donate them)
             return {k: jnp.zeros((c, m, lg.dims[k]), dtype) for k, c in lg.sizes.items()}
 

@@ -275,16 +275,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             l2_argument="l2_regularization",
         )
         for name, label, needs, color in (
-            ("kfac", "KFAC", ("layer_stats",), "tab:red"),
-            ("kpsvd", "KPSVD", ("layer_stats",), "tab:green"),
-            ("kpsvd_deflation", "Deflation", ("layer_stats",), "tab:pink"),
-            ("kfac_corrected", "KFAC-corrected", ("layer_stats",), "tab:blue"),
-            ("kpsvd_lanczos", "Lanczos", ("layer_stats",), "black"),
-            ("mbf", "MBF", ("layer_stats",), "tab:brown"),
-            ("kbfgs", "K-BFGS", ("layer_stats", "previous_batch_stats"), "tab:olive"),
-            ("kbfgs_l", "K-BFGS(L)", ("layer_stats", "previous_batch_stats"), "tab:cyan"),
-            ("sofim", "SOFIM", (), "tab:purple"),
-            ("adahessian", "AdaHessian", (), "tab:gray"),
+            ("kfac", "KFAC", ("layer_stats",), "maroon"),
+            ("kpsvd", "KPSVD", ("layer_stats",), "seagreen"),
+            ("kpsvd_deflation", "Deflation", ("layer_stats",), "orchid"),
+            ("kfac_corrected", "KFAC-corrected", ("layer_stats",), "royalblue"),
+            ("kpsvd_lanczos", "Lanczos", ("layer_stats",), "slategray"),
+            ("mbf", "MBF", ("layer_stats",), "sienna"),
+            ("kbfgs", "K-BFGS", ("layer_stats", "previous_batch_stats"), "yellowgreen"),
+            ("kbfgs_l", "K-BFGS(L)", ("layer_stats", "previous_batch_stats"), "cadetblue"),
+            ("sofim", "SOFIM", (), "mediumpurple"),
+            ("adahessian", "AdaHessian", (), "rosybrown"),
         )
     },
     "lbfgs": OptimizerSpec(

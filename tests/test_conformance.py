@@ -501,11 +501,11 @@ WRAPPED = sorted(
 )
 # The adaptive methods run the whole matrix in the slow suite (`make test-slow`: each test
 # compiles a method and the quadratic model, a few seconds each, which `make test`'s budget
-# does not hold); the fast suite checks kfac_adaptive and the bare wrapper around Adam
-# against their explicit compositions (test_chain_equals_alias, three jitted steps each).
+# does not hold); the fast suite checks the bare wrapper around Adam (test_chain_equals_alias,
+# three jitted steps).
 # tests/test_quadratic_model.py checks the step itself, in the fast suite.
 FAST_ADAPTIVE: set[str] = set()
-FAST_COMPOSITION = {"kfac_adaptive", "scale_by_quadratic_model"}
+FAST_COMPOSITION = {"scale_by_quadratic_model"}
 
 
 def matrix(names, fast=FAST_ADAPTIVE):

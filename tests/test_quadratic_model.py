@@ -347,6 +347,7 @@ def test_bad_arguments_are_refused_with_a_clear_message():
         sofim_optax.kfac_adaptive(ema=2.0)  # the method's own check, at construction
 
 
+@pytest.mark.slow  # (compiles KFAC and the quadratic model: `make test-slow`)
 def test_an_adaptive_alias_skips_a_nonfinite_gradient_and_survives_a_nonfinite_loss():
     """``kfac_adaptive`` on the conv model: a NaN in the gradient skips the whole step (the
     state unchanged but for the method's ``skipped.steps``); a NaN loss (``obj_fn``) gives no

@@ -44,7 +44,7 @@ import optax
 
 from sofim_optax import guards
 from sofim_optax.adahessian import scale_by_adahessian
-from sofim_optax.aliases import SCALE_BY_ARGUMENTS, with_scale_by_arguments
+from sofim_optax.aliases import SCALE_BY_ARGUMENTS, bind_arguments, with_scale_by_arguments
 from sofim_optax.kbfgs import scale_by_kbfgs
 from sofim_optax.kfac import scale_by_kfac
 from sofim_optax.kpsvd import (
@@ -163,12 +163,7 @@ def make_adaptive_alias(
     )
 
     def alias(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as err:
-            raise TypeError(f"{name}{signature}: {err}") from None
-        bound.apply_defaults()
-        values = dict(bound.arguments)
+        values = bind_arguments(signature, name, args, kwargs)
         model = {arg: values.pop(arg) for arg in own}
         if feeds_damping:
             scale_by(damping=model["initial_damping"], **values)  # bad arguments fail here
@@ -199,6 +194,8 @@ def make_adaptive_alias(
     alias.__name__ = alias.__qualname__ = name
     alias.__doc__ = with_scale_by_arguments(doc, scale_by.__name__, parameters, own)
     alias.__module__ = __name__
+    alias.scale_by = scale_by  # (the method it wraps, for tools that build its fixed twin)
+    alias.feeds_damping = feeds_damping
     alias.static_args = tuple(
         dict.fromkeys(scale_by_quadratic_model.static_args + getattr(scale_by, "static_args", ()))
     )

@@ -28,6 +28,7 @@ from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 __all__ = [
     "make_alias",
     "with_scale_by_arguments",
+    "bind_arguments",
     "specialize",
     "momentum_chain",
     "decay_chain",
@@ -159,12 +160,7 @@ def make_alias(
     )
 
     def alias(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as err:
-            raise TypeError(f"{name}{signature}: {err}") from None
-        bound.apply_defaults()
-        values = dict(bound.arguments)
+        values = bind_arguments(signature, name, args, kwargs)
         learning_rate = values.pop("learning_rate")
         own = {arg: values.pop(arg) for arg in alias_arguments}
         tx = chain(scale_by(**values), learning_rate=learning_rate, **own)
@@ -181,6 +177,19 @@ def make_alias(
     if hasattr(scale_by, "static_args"):
         alias.static_args = scale_by.static_args
     return alias
+
+
+def bind_arguments(
+    signature: inspect.Signature, name: str, args: tuple, kwargs: dict
+) -> dict[str, Any]:
+    """``args``/``kwargs`` bound to ``signature`` with its defaults applied, as a dict; a
+    ``TypeError`` that shows ``name`` and the full signature otherwise."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{name}{signature}: {err}") from None
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def with_scale_by_arguments(

@@ -316,24 +316,14 @@ def _fixed_twin(name: str) -> tuple[Any, tuple[str, ...]]:
     from experiments.registry import OPTIMIZERS
 
     alias = getattr(sofim_optax, name)
-    method = {
-        "kfac_adaptive": sofim_optax.scale_by_kfac,
-        "kpsvd_adaptive": sofim_optax.scale_by_kpsvd,
-        "kpsvd_deflation_adaptive": sofim_optax.scale_by_kpsvd_deflation,
-        "kfac_corrected_adaptive": sofim_optax.scale_by_kfac_corrected,
-        "kpsvd_lanczos_adaptive": sofim_optax.scale_by_kpsvd_lanczos,
-        "mbf_adaptive": sofim_optax.scale_by_mini_block_fisher,
-        "kbfgs_adaptive": sofim_optax.scale_by_kbfgs,
-        "kbfgs_l_adaptive": sofim_optax.scale_by_kbfgs,
-        "sofim_adaptive": sofim_optax.scale_by_sofim,
-    }[name]
+    method = alias.scale_by
     defaults = {
         k: p.default
         for k, p in inspect.signature(alias).parameters.items()
         if k in inspect.signature(method).parameters
     }
-    if "damping" in inspect.signature(method).parameters:
-        defaults.setdefault("damping", 1.0)
+    if alias.feeds_damping:
+        defaults["damping"] = 1.0
     needs = tuple(n for n in OPTIMIZERS[name].needs if n != "obj_fn")
     return optax.chain(method(**defaults), optax.scale(-1e-4)), needs
 

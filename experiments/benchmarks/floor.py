@@ -1,0 +1,258 @@
+"""Every method against its FLOP floor: ms per step, × SGD-m, the cost model's floor, measured / floor.
+
+For each model and method (library defaults, and the same with amortised periods) the script
+
+1. compiles the whole jitted train step (gradient, statistics, optimizer, parameter update;
+   K-BFGS's previous-batch pass included) and compares XLA's ``cost_analysis()`` with the
+   cost model's view of the compiled step (:mod:`experiments.benchmarks.cost_model`);
+2. times it in interleaved rounds, SGD-momentum first in every round, each block a multiple
+   of the method's refresh period so that refreshes are in proportion;
+3. prints the table: ms per step, × SGD-m, the floor (the model's amortised MACs over
+   SGD-m's, i.e. the time the step would take at SGD-m's rate of multiply-adds) and
+   measured / floor.
+
+A ratio near 1 means the step runs its algorithm's arithmetic as fast as SGD-m runs its
+own; above 1, time goes to something the arithmetic does not explain (small or memory-bound
+kernels, LAPACK calls, loops). Usage::
+
+    taskset -c 1 python -m experiments.benchmarks.floor --models autoencoder,cnn,mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import sofim_optax
+from experiments import models, timing
+from experiments.benchmarks import cost_model
+from experiments.benchmarks.problems import Problem, autoencoder_problem, cnn_problem
+from experiments.registry import OPTIMIZERS
+from experiments.step import make_train_step
+from sofim_optax.curvature import losses
+
+#: The methods timed, in table order (registry names; cost_model.METHODS has their costs).
+METHODS = (
+    "sgdm",
+    "adam",
+    "sofim",
+    "kfac",
+    "kpsvd",
+    "kpsvd_deflation",
+    "kfac_corrected",
+    "kpsvd_lanczos",
+    "mbf",
+    "kbfgs",
+    "kbfgs_l",
+    "adahessian",
+    "kfac_adaptive",
+)
+
+#: Methods with refresh periods, and the amortised periods timed besides their defaults.
+AMORTISED = {"stats_period": 10, "inverse_period": 100}
+_PERIODIC = {"kfac", "kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos", "mbf"}
+_PERIODIC |= {f"{name}_adaptive" for name in _PERIODIC}
+#: The Fisher each method's statistics use here (the registry's loop default; every adaptive
+#: entry of a layer-wise method samples it).
+SAMPLED = {"kfac", "kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos"}
+SAMPLED |= {f"{name}_adaptive" for name in (*SAMPLED, "mbf", "kbfgs", "kbfgs_l")}
+
+
+def mlp_problem(batch_size: int = 128, seed: int = 0) -> Problem:
+    """The classification MLP of the main job on random 28×28 images."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch_size, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, batch_size).astype(np.int32)
+    return Problem(
+        "mlp",
+        models.make_model("mlp"),
+        lambda logits, x, y: losses.softmax_cross_entropy(logits, y),
+        (x, y),
+    )
+
+
+PROBLEMS = {"autoencoder": autoencoder_problem, "cnn": cnn_problem, "mlp": mlp_problem}
+
+
+def make_tx(name: str, hparams: dict[str, Any]) -> optax.GradientTransformation:
+    """The method with its library defaults, a learning rate small enough never to diverge
+    on the fixed batch, and ``hparams``."""
+    if name == "sgdm":
+        return optax.sgd(1e-4, momentum=0.9)
+    if name == "adam":
+        return optax.adam(1e-5)
+    if name.endswith("_adaptive"):  # no learning rate: the quadratic model picks it
+        return getattr(sofim_optax, name)(**hparams)
+    alias = cost_model.METHODS[name][0]
+    return alias(learning_rate=1e-5, **hparams)
+
+
+def jitted_step(problem: Problem, name: str, tx: optax.GradientTransformation):
+    """``step(params, state, index) -> (params, state, index + 1)`` on the problem's batch,
+    with the previous-batch pass (the same batch, passed again) for K-BFGS."""
+    needs = OPTIMIZERS[name].needs
+    fisher = "sampled" if name in SAMPLED else "empirical"
+    train_step = make_train_step(problem.loss_fn, tx, needs=needs, fisher=fisher)
+    key = jax.random.PRNGKey(12345)
+
+    def step(params, state, index, batch, previous):
+        out = train_step(params, state, batch, previous, rng=jax.random.fold_in(key, index))
+        return out.params, out.opt_state, index + 1
+
+    compiled = jax.jit(step, donate_argnums=(0, 1))
+    previous = tuple(jnp.array(b, copy=True) for b in problem.batch)
+    return compiled, fisher, previous
+
+
+def xla_macs(compiled, *args) -> float:
+    analysis = compiled.lower(*args).compile().cost_analysis()
+    if isinstance(analysis, list):  # older jax
+        analysis = analysis[0]
+    return float(analysis["flops"]) / 2
+
+
+def _iterations(state: Any) -> Any:
+    """The KPSVD family's ``solver_iterations`` in a state, or ``None``."""
+    found = []
+
+    def visit(x):
+        if hasattr(x, "solver_iterations"):
+            found.append(np.asarray(x.solver_iterations))
+            return
+        if isinstance(x, tuple):
+            for y in x:
+                visit(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                visit(y)
+
+    visit(state)
+    return found[0] if found else None
+
+
+def run_model(problem: Problem, methods: Sequence[str], rounds: int) -> list[dict[str, Any]]:
+    layers = cost_model.captured_layers(problem.loss_fn, problem.params, *problem.batch)
+    variants = []
+    for name in methods:
+        variants.append((name, "defaults", {}))
+        if name in _PERIODIC:
+            variants.append((name, "amortised", dict(AMORTISED)))
+    rows, runners = [], {}
+    for name, label, hparams in variants:
+        tx = make_tx(name, hparams)
+        step, fisher, previous = jitted_step(problem, name, tx)
+        params = jax.tree.map(lambda a: jnp.array(a, copy=True), problem.params)
+        state = tx.init(params)
+        args = (params, state, jnp.int32(0), problem.batch, previous)
+        xla = xla_macs(step, *args)
+        period = hparams.get("inverse_period") or _default(name, "inverse_period") or 1
+        block = int(max(period, 10))
+        timer = timing.StepTimer(
+            lambda p, s, i, step=step, prev=previous: step(p, s, i, problem.batch, prev),
+            (params, state, jnp.int32(0)),
+            warmup_steps=2,
+        )
+        key = f"{name} ({label})"
+        runners[key] = lambda t=timer, n=block: t.seconds_per_step(n)
+        rows.append(
+            dict(
+                key=key,
+                name=name,
+                label=label,
+                hparams=hparams,
+                fisher=fisher,
+                xla=xla,
+                timer=timer,
+                state_floats=cost_model.tree_floats(state),
+            )
+        )
+    result = timing.compare(runners, rounds=rounds, baseline="sgdm (defaults)")
+    base_macs = cost_model.step_cost("sgdm", layers).total
+    out = []
+    for row in rows:
+        measured = {"solver_iterations": _iterations(row["timer"].carry[1])}
+        cost = cost_model.step_cost(
+            row["name"], layers, fisher=row["fisher"], hparams=row["hparams"], measured=measured
+        )
+        ratio = result["ratios"][row["key"]]
+        floor = cost.total / base_macs
+        iterations = measured["solver_iterations"]
+        out.append(
+            dict(
+                model=problem.name,
+                method=row["name"],
+                periods=row["label"],
+                ms=1e3 * result["times"][row["key"]],
+                x_sgdm=ratio,
+                floor=floor,
+                measured_over_floor=ratio / floor,
+                xla_over_model=row["xla"] / cost.xla_view,
+                components={k: v / 1e9 for k, v in cost.amortised.items()},
+                state_mb_measured=4 * row["state_floats"] / 2**20,
+                state_mb_model=4 * cost.state_floats / 2**20,
+                solver_iterations=None
+                if iterations is None
+                else float(np.mean(iterations[iterations > 0]))
+                if np.any(iterations > 0)
+                else 0.0,
+            )
+        )
+    return out
+
+
+def _default(name: str, argument: str) -> Any:
+    alias = (
+        getattr(sofim_optax, name) if name.endswith("_adaptive") else cost_model.METHODS[name][0]
+    )
+    return cost_model._defaults(alias, {}).get(argument) if alias is not None else None
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [
+        "| model | method | periods | ms/step | × SGD-m | floor (× SGD-m) | measured / floor "
+        "| XLA / model | solver iters | state MB (model / actual) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        iters = "" if r["solver_iterations"] is None else f"{r['solver_iterations']:.1f}"
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['periods']} | {r['ms']:.1f} | "
+            f"{r['x_sgdm']:.2f} | {r['floor']:.2f} | {r['measured_over_floor']:.2f} | "
+            f"{r['xla_over_model']:.2f} | {iters} | "
+            f"{r['state_mb_model']:.0f} / {r['state_mb_measured']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="autoencoder,cnn,mlp")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="runs/floor")
+    args = parser.parse_args(argv)
+    sofim_optax.configure_cpu_runtime()
+    methods = [m for m in args.methods.split(",") if m]
+    if methods[0] != "sgdm":
+        methods = ["sgdm"] + [m for m in methods if m != "sgdm"]
+    print(f"jax {jax.__version__} on {jax.default_backend()}; median of {args.rounds} rounds")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for model in [m for m in args.models.split(",") if m]:
+        rows += run_model(PROBLEMS[model](), methods, args.rounds)
+        (out_dir / "floor.json").write_text(json.dumps(rows, indent=1, default=float))
+        print(table([r for r in rows if r["model"] == rows[-1]["model"]]), flush=True)
+    (out_dir / "floor.md").write_text(table(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

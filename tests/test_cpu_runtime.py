@@ -11,6 +11,7 @@ import sys
 import pytest
 
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+COPY_FLAG = "--xla_cpu_copy_insertion_use_region_analysis=true"
 
 
 def run_python(code: str, **env_overrides: str) -> subprocess.CompletedProcess:
@@ -42,7 +43,7 @@ def test_configure_sets_scheduler_flag_and_single_threaded_openblas():
     out = run_python(REPORT.format(call=CONFIGURE))
     assert out.returncode == 0, out.stderr
     flags, threads = out.stdout.strip().splitlines()
-    assert FLAG in flags
+    assert FLAG in flags and COPY_FLAG in flags
     assert threads == "'1'"
 
 
@@ -61,11 +62,19 @@ def test_existing_flags_are_kept_and_user_choices_respected():
     )
     assert (
         out.stdout.strip().splitlines()[0]
-        == "'--xla_cpu_enable_concurrency_optimized_scheduler=true'"
+        == f"'--xla_cpu_enable_concurrency_optimized_scheduler=true {COPY_FLAG}'"
+    )
+    out = run_python(
+        REPORT.format(call=CONFIGURE),
+        XLA_FLAGS="--xla_cpu_copy_insertion_use_region_analysis=false",
+    )
+    assert out.stdout.strip().splitlines()[0] == (
+        f"'--xla_cpu_copy_insertion_use_region_analysis=false {FLAG}'"
     )
     # Calling it twice adds nothing more.
     out = run_python(REPORT.format(call=CONFIGURE + CONFIGURE))
-    assert out.stdout.strip().splitlines()[0].count(FLAG) == 1
+    first = out.stdout.strip().splitlines()[0]
+    assert first.count(FLAG) == 1 and first.count(COPY_FLAG) == 1
 
 
 DECOMPOSE = """
@@ -163,3 +172,37 @@ def test_map_stack_matches_vmap_and_is_sequential_on_old_cpu_jaxlib(monkeypatch)
     jaxpr = str(jax.make_jaxpr(lambda a, s: cpu_runtime.map_stack(fn, a, s))(stack, shifts))
     assert "scan" not in jaxpr
     np.testing.assert_allclose(cpu_runtime.map_stack(fn, stack, shifts), expected, rtol=1e-6)
+
+
+COPIES = """
+import re, sofim_optax
+{call}
+import jax, jax.numpy as jnp, numpy as np, optax
+from flax import linen as nn
+model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
+x = jnp.asarray(np.random.default_rng(0).random((32, 600)), jnp.float32)
+y = jnp.zeros((32,), jnp.int32)
+params = model.init(jax.random.PRNGKey(0), x[:1])
+loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
+tx = sofim_optax.mbf(learning_rate=1e-3, stats_period=10, inverse_period=100)
+def step(p, s):
+    _, g, st = sofim_optax.curvature.linen.value_grad_and_stats(loss, p, x, y)
+    u, s = tx.update(g, s, p, layer_stats=st)
+    return optax.apply_updates(p, u), s
+text = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params)).compile().as_text()
+# copies of the blocks of the 600-wide layer (64 units x 10 chunks of 61) passed through a
+# branch unchanged (a copy of a tuple element, not of a computed value)
+print(len(re.findall(r"f32\\[640,61,61\\][^ ]* copy\\(%get-tuple-element", text)))
+"""
+
+
+@pytest.mark.slow
+def test_region_analysis_drops_the_copies_of_untaken_branches():
+    without = run_python(COPIES.format(call=""))
+    assert without.returncode == 0, without.stderr[-2000:]
+    configured = run_python(COPIES.format(call="sofim_optax.configure_cpu_runtime()"))
+    assert configured.returncode == 0, configured.stderr[-2000:]
+    # XLA's default copy insertion copies the block stack in the branches not taken; with the
+    # region analysis of configure_cpu_runtime() the compiled step holds no copy of it.
+    assert int(without.stdout.split()[-1]) > 0
+    assert int(configured.stdout.split()[-1]) == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ def run_model(problem: Problem, methods: Sequence[str], rounds: int) -> list[dic
             warmup_steps=2,
         )
         key = f"{name} ({label})"
+        print(f"  compiled {problem.name} {key}", file=sys.stderr, flush=True)
         runners[key] = lambda t=timer, n=block: t.seconds_per_step(n)
         rows.append(
             dict(

@@ -5,11 +5,20 @@ runtime settings (``sofim_optax/cpu_runtime.py``) apply to the whole suite. The 
 fixture is shared by every test that compares against a float64 reference.
 """
 
+import os
+
 import sofim_optax
 
+# The suite compiles thousands of tiny programs once each: XLA's region analysis for copy
+# insertion (which configure_cpu_runtime turns on, to save copies at run time) costs about
+# 13% more compile time and saves nothing here, so the suite keeps XLA's default.
+# tests/test_cpu_runtime.py checks the setting itself, in fresh interpreters.
+if "xla_cpu_copy_insertion_use_region_analysis" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_cpu_copy_insertion_use_region_analysis=false"
+    ).strip()
 sofim_optax.configure_cpu_runtime()  # before the first JAX computation
 
-import os  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402

@@ -506,12 +506,19 @@ WRAPPED = sorted(
 # tests/test_quadratic_model.py checks the step itself, in the fast suite.
 FAST_ADAPTIVE: set[str] = set()
 FAST_COMPOSITION = {"scale_by_quadratic_model"}
+# The rank-two KPSVD members' scale_by_* compile the costliest programs of the composition
+# test (about 10 s each); their aliases, whose check runs the same scale_by_* inside the
+# documented chain, stay in the fast suite.
+SLOW_COMPOSITION = {"scale_by_kpsvd_deflation", "scale_by_kfac_corrected", "scale_by_kpsvd_lanczos"}
 
 
-def matrix(names, fast=FAST_ADAPTIVE):
-    """``names`` as pytest parameters, the adaptive methods outside ``fast`` marked slow."""
+def matrix(names, fast=FAST_ADAPTIVE, slow=frozenset()):
+    """``names`` as pytest parameters: the adaptive methods outside ``fast``, and those in
+    ``slow``, marked slow."""
     return [
-        pytest.param(n, marks=pytest.mark.slow) if REGISTRY[n].adaptive and n not in fast else n
+        pytest.param(n, marks=pytest.mark.slow)
+        if (REGISTRY[n].adaptive and n not in fast) or n in slow
+        else n
         for n in names
     ]
 
@@ -716,7 +723,7 @@ def test_jit_equals_eager_no_retrace_and_stable_state(name):
     case.check_state(state, STEPS)
 
 
-@pytest.mark.parametrize("name", matrix(ALL, fast=FAST_COMPOSITION))
+@pytest.mark.parametrize("name", matrix(ALL, fast=FAST_COMPOSITION, slow=SLOW_COMPOSITION))
 def test_chain_equals_alias(name):
     """scale_by_*: ``chain(scale_by(**kw), scale(-lr))`` equals the alias (with the alias's
     momentum off) and, if linear, ``chain(scale(2), scale_by, scale(-1/2))`` is minus

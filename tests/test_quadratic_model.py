@@ -105,6 +105,7 @@ def test_gauss_newton_forms_equal_the_explicit_matrix(kind, x64):
     assert np.linalg.eigvalsh(np.asarray(forms)).min() > -1e-10  # positive semi-definite
 
 
+@pytest.mark.slow  # the explicit float64 Hessian of the tiny model (about 12 s, `make test-slow`)
 def test_hessian_forms_equal_the_explicit_hessian(x64):
     params, _, obj_fn = _problem("categorical")
     directions = _random_directions(params, 2)

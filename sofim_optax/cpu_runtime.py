@@ -38,7 +38,8 @@ decomposition on CPU with jaxlib older than 0.11 and the scheduler setting below
    most of the step time at amortised periods. XLA's region analysis
    (``--xla_cpu_copy_insertion_use_region_analysis=true``) proves it and drops the copies;
    :func:`configure_cpu_runtime` appends that flag too, under the same rule as the
-   scheduler's. On GPU the same option is ``--xla_gpu_copy_insertion_use_region_analysis``
+   scheduler's. It costs compile time (about 13% more on the test suite's tiny programs,
+   which therefore opts out with ``...=false``). On GPU the same option is ``--xla_gpu_copy_insertion_use_region_analysis``
    (not set by this function).
 """
 

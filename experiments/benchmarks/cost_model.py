@@ -81,33 +81,41 @@ def xla_counted_inverse(d: float) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
-    """One captured layer as the cost model sees it.
+    """One captured layer as the cost model sees it: the library's own
+    :class:`sofim_optax.layerwise.Layer` (path, kind, ``d_in``, ``d_out``, bias) and what the
+    statistics add.
 
     Attributes:
-      path: its key in ``layer_stats``.
-      kind: ``"dense"`` or ``"conv"``.
-      kernel_shape: the kernel's shape.
+      layer: the layer as :func:`sofim_optax.layerwise.discover_layers` finds it.
       batch: ``N``.
       positions: ``T``, output positions per example (1 for a dense layer on vectors).
-      has_bias: whether the layer has a bias (folded into ``d_a``).
       first: whether its input is the model's input (no input gradient is computed).
     """
 
-    path: str
-    kind: str
-    kernel_shape: tuple[int, ...]
+    layer: layerwise.Layer
     batch: int
     positions: int
-    has_bias: bool
     first: bool
 
     @property
+    def path(self) -> str:
+        return self.layer.path
+
+    @property
+    def kind(self) -> str:
+        return self.layer.kind
+
+    @property
     def d_in(self) -> int:
-        return math.prod(self.kernel_shape[:-1])
+        return self.layer.d_in
 
     @property
     def d_out(self) -> int:
-        return self.kernel_shape[-1]
+        return self.layer.d_out
+
+    @property
+    def has_bias(self) -> bool:
+        return self.layer.has_bias
 
     @property
     def d_a(self) -> int:
@@ -169,17 +177,7 @@ def captured_layers(loss_fn: Callable, params: Any, *batch: Any) -> list[LayerSh
         first = (layer.kind == "conv" and layer.kernel_shape[-2] == features) or (
             layer.kind == "dense" and layer.d_in == flat_width
         )
-        shapes.append(
-            LayerShape(
-                layer.path,
-                layer.kind,
-                tuple(layer.kernel_shape),
-                int(inputs.shape[0]),
-                int(positions),
-                layer.has_bias,
-                first,
-            )
-        )
+        shapes.append(LayerShape(layer, int(inputs.shape[0]), int(positions), first))
     return shapes
 
 
@@ -295,7 +293,7 @@ def _mbf(layers, h, measured) -> StepCost:
     sp, ip, inverse = h["stats_period"], h["inverse_period"], h["inverse"]
     stats = xla_stats = refresh = refresh_xla = precondition = stored = 0.0
     for la in layers:
-        blocking = mini_blocks.layer_blocking(_as_layer(la), h["dense_block_size"])
+        blocking = mini_blocks.layer_blocking(la.layer, h["dense_block_size"])
         segments = blocking.segments  # ((size, count), ...)
         if la.kind == "dense" and la.positions == 1:
             tri = blocking.chunk * (blocking.chunk + 1) // 2
@@ -321,10 +319,6 @@ def _mbf(layers, h, measured) -> StepCost:
         xla_stats + refresh_xla + precondition,
         stored + 2 * params,  # + the gradient momentum and the fallback's diagonal
     )
-
-
-def _as_layer(la: LayerShape) -> layerwise.Layer:
-    return layerwise.Layer(la.path, 0, 1 if la.has_bias else None, la.kernel_shape)
 
 
 def _kbfgs(layers, h, measured) -> StepCost:

@@ -39,8 +39,8 @@ decomposition on CPU with jaxlib older than 0.11 and the scheduler setting below
    (``--xla_cpu_copy_insertion_use_region_analysis=true``) proves it and drops the copies;
    :func:`configure_cpu_runtime` appends that flag too, under the same rule as the
    scheduler's. It costs compile time (about 13% more on the test suite's tiny programs,
-   which therefore opts out with ``...=false``). On GPU the same option is ``--xla_gpu_copy_insertion_use_region_analysis``
-   (not set by this function).
+   which therefore opts out with ``...=false``). On GPU the same option is
+   ``--xla_gpu_copy_insertion_use_region_analysis`` (not set by this function).
 """
 
 from __future__ import annotations

@@ -132,14 +132,12 @@ class OptimizerSpec:
         return {**self.defaults, **self.task_defaults.get(task_kind, {})}
 
 
-# The KPSVD family: KFAC's tuned values, and the factors (a power SVD / Lanczos
-# each) refreshed every 10 steps to amortise them (Koroko et al.'s driver: 100).
+# The KPSVD family: KFAC's tuned values, with the library's periods (the factors, a power
+# SVD or Lanczos each, every 10 steps; Koroko et al.'s driver: 100).
 _KPSVD_DEFAULTS = {
     "learning_rate": 0.03,
     "damping": 0.1,
     "momentum": 0.9,
-    "stats_period": 10,
-    "inverse_period": 20,
 }
 _KPSVD_AE_DEFAULTS = {
     "learning_rate": 0.1,

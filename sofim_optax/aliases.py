@@ -233,20 +233,27 @@ def specialize(
     name: str,
     doc: str,
     fixed: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
     static_args: tuple[str, ...] = (),
 ) -> Callable[..., Any]:
     """``factory`` with the arguments in ``fixed`` bound, as a public function of its own.
 
-    The result's signature is ``factory``'s without the ``fixed`` arguments (so
-    ``inspect.signature`` and ``optax.inject_hyperparams`` see exactly what it takes); the
+    The result's signature is ``factory``'s without the ``fixed`` arguments and with the
+    defaults in ``defaults`` replacing ``factory``'s (so ``inspect.signature`` and
+    ``optax.inject_hyperparams`` see exactly what it takes and what it defaults to); the
     KPSVD family's four ``scale_by_*`` are one factory specialised by ``kind``.
     """
+    defaults = dict(defaults or {})
     signature = inspect.signature(factory)
-    unknown = set(fixed) - set(signature.parameters)
+    unknown = (set(fixed) | set(defaults)) - set(signature.parameters)
     if unknown:
         raise TypeError(f"specialize: {factory.__name__} has no arguments {sorted(unknown)}")
     public = signature.replace(
-        parameters=[p for p in signature.parameters.values() if p.name not in fixed]
+        parameters=[
+            p.replace(default=defaults.get(p.name, p.default))
+            for p in signature.parameters.values()
+            if p.name not in fixed
+        ]
     )
 
     def specialized(*args: Any, **kwargs: Any) -> Any:
@@ -254,6 +261,7 @@ def specialize(
             bound = public.bind(*args, **kwargs)
         except TypeError as err:
             raise TypeError(f"{name}{public}: {err}") from None
+        bound.apply_defaults()
         return factory(**fixed, **bound.arguments)
 
     specialized.__signature__ = public

@@ -105,11 +105,11 @@ def _scale_by_family(
     *,
     damping: Scalar = 1e-3,
     ema: Scalar = 0.95,
-    stats_period: int | jax.Array = 1,
+    stats_period: int | jax.Array = 10,
     inverse_period: int | jax.Array = 20,
     pi_adjusted: bool = True,
     tol: Scalar = 1e-5,
-    max_iters: int | jax.Array = 100,
+    max_iters: int | jax.Array = 5,
     krylov_dim: int | None = 4,
     indefinite: str = "abs",
     fallback: optax.GradientTransformation | str | None = "diagonal",
@@ -148,8 +148,22 @@ def _member(kind: str, doc: str):
     fixed = {"kind": kind, **unused.get(kind, {"krylov_dim": None})}
     static = ("krylov_dim",) if kind == "lanczos" else ()
     return aliases.specialize(
-        _scale_by_family, name=_NAMES[kind], doc=doc, fixed=fixed, static_args=static
+        _scale_by_family,
+        name=_NAMES[kind],
+        doc=doc,
+        fixed=fixed,
+        defaults={"max_iters": MAX_ITERS[kind]},
+        static_args=static,
     )
+
+
+#: Default solver budget per statistics update: power iterations per term, or Lanczos passes
+#: of ``krylov_dim`` steps (each step one product with 𝓡 and one with 𝓡ᵀ, like a power
+#: iteration). The solver starts from the averaged factors of the last update, so a small
+#: budget keeps refining the same triplets from update to update; where it stops short, the
+#: next singular values are close together, and then every vector of their span fits the
+#: block about equally well.
+MAX_ITERS = {"kpsvd": 5, "deflation": 5, "kfac_corrected": 5, "lanczos": 2}
 
 
 _SHARED_ARGS = r"""
@@ -161,8 +175,11 @@ _SHARED_ARGS = r"""
         ``√λ/π`` on the output side. {damping_effect}
       ema: upper bound of the factors' EMA decay ``ρ = min(1 − 1/k, ema)`` (default
         ``0.95``, the paper's).
-      stats_period: recompute the factors every this many updates (default ``1``; the paper
-        uses 100 for both periods). Pass ``layer_stats`` on every update anyway.
+      stats_period: recompute the factors every this many updates (default ``10``; the
+        paper uses 100 for both periods). A statistics update runs the solver, several
+        products with the whole batch each; every 10 updates it costs about a tenth of the
+        gradient per step on the deep autoencoder (docs/benchmarks.md). Pass ``layer_stats`` on
+        every update anyway.
       inverse_period: refresh the eigendecompositions (KPSVD) or the simultaneous
         diagonalisation (rank two) every this many updates (default ``20``).
       pi_adjusted: balance the damping with ``π = sqrt((tr R1/d_a)/(tr S1/d_g))`` (default
@@ -170,9 +187,9 @@ _SHARED_ARGS = r"""
       tol: relative stopping tolerance of the solver (default ``1e-5``; the paper's ``1e-6``
         is absolute).
       max_iters: cap on solver iterations per statistics update (power iterations per term,
-        or Lanczos passes; default ``100``, the paper's 1000). The warm start from the
-        averaged factors usually converges in a few; the cost is proportional to the
-        iterations run (``lax.while_loop``), recorded in
+        or Lanczos passes; default ``{max_iters}``, the paper's 1000). Each update starts
+        from the averaged factors of the last one, so the iterations carry on across updates;
+        the cost is proportional to the iterations run (``lax.while_loop``), recorded in
         ``state.curvature.solver_iterations``.{extra}
       fallback: transformation for the parameters no captured layer covers (default
         ``"diagonal"``: a diagonal Fisher step with the same damping; ``None``: identity); see
@@ -206,8 +223,10 @@ _DAMPING_AT_REFRESH = (
 )
 
 
-def _member_doc(summary: str, damping_effect: str, extra: str = "") -> str:
-    return summary + _SHARED_ARGS.format(damping_effect=damping_effect, extra=extra)
+def _member_doc(kind: str, summary: str, damping_effect: str, extra: str = "") -> str:
+    return summary + _SHARED_ARGS.format(
+        damping_effect=damping_effect, extra=extra, max_iters=MAX_ITERS[kind]
+    )
 
 
 _SCALE_BY_KPSVD_DOC = r"""Precondition each captured layer by the damped inverse of its KPSVD approximation.
@@ -235,7 +254,7 @@ _SCALE_BY_KPSVD_DOC = r"""Precondition each captured layer by the damped inverse
     every step, so a schedule on it through ``optax.inject_hyperparams`` acts at once.
 
     """
-scale_by_kpsvd = _member("kpsvd", _member_doc(_SCALE_BY_KPSVD_DOC, _DAMPING_AT_ONCE, ""))
+scale_by_kpsvd = _member("kpsvd", _member_doc("kpsvd", _SCALE_BY_KPSVD_DOC, _DAMPING_AT_ONCE, ""))
 
 _SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank-two Kronecker approximation.
 
@@ -269,7 +288,8 @@ _SCALE_BY_KPSVD_DEFLATION_DOC = r"""Deflation: precondition each layer by a rank
 
     """
 scale_by_kpsvd_deflation = _member(
-    "deflation", _member_doc(_SCALE_BY_KPSVD_DEFLATION_DOC, _DAMPING_AT_REFRESH, _INDEFINITE_ARG)
+    "deflation",
+    _member_doc("deflation", _SCALE_BY_KPSVD_DEFLATION_DOC, _DAMPING_AT_REFRESH, _INDEFINITE_ARG),
 )
 
 _SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus a Kronecker correction.
@@ -304,7 +324,9 @@ _SCALE_BY_KFAC_CORRECTED_DOC = r"""Precondition each captured layer by KFAC plus
     """
 scale_by_kfac_corrected = _member(
     "kfac_corrected",
-    _member_doc(_SCALE_BY_KFAC_CORRECTED_DOC, _DAMPING_AT_REFRESH, _INDEFINITE_ARG),
+    _member_doc(
+        "kfac_corrected", _SCALE_BY_KFAC_CORRECTED_DOC, _DAMPING_AT_REFRESH, _INDEFINITE_ARG
+    ),
 )
 
 _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two Kronecker approximation.
@@ -328,7 +350,9 @@ _SCALE_BY_KPSVD_LANCZOS_DOC = r"""Lanczos: precondition each layer by a rank-two
     """
 scale_by_kpsvd_lanczos = _member(
     "lanczos",
-    _member_doc(_SCALE_BY_KPSVD_LANCZOS_DOC, _DAMPING_AT_REFRESH, _KRYLOV_ARG + _INDEFINITE_ARG),
+    _member_doc(
+        "lanczos", _SCALE_BY_KPSVD_LANCZOS_DOC, _DAMPING_AT_REFRESH, _KRYLOV_ARG + _INDEFINITE_ARG
+    ),
 )
 
 

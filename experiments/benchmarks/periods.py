@@ -1,0 +1,106 @@
+"""What the default periods cost in training loss: each method at its defaults against the
+same method with every curvature refresh on every step.
+
+The library's defaults amortise the expensive parts of a step: statistics every
+``stats_period`` updates, inverses or decompositions every ``inverse_period``, and (the KPSVD
+family) a few warm-started solver iterations per statistics update. This script trains the
+classification MLP (784-256-128-10) on Fashion-MNIST with each method twice, from the same
+initial parameters over the same batches:
+
+* **defaults**: the harness's hyperparameters for the task (its learning rate and damping;
+  the periods are the library's);
+* **every step**: the same with ``stats_period=1, inverse_period=1`` and, for the KPSVD
+  family, the solver run to convergence (``max_iters=100``).
+
+and prints the final training loss of both (the mean minibatch loss of the last epoch) and
+how much the defaults lose, in per cent (the target: at most 1%). Usage::
+
+    python -m experiments.benchmarks.periods --optimizers kfac,kpsvd,mbf --epochs 2 \\
+        --train-subset 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from experiments import harness, loop, registry, tasks
+
+#: Methods with periods, in table order.
+METHODS = (
+    "kfac",
+    "kpsvd",
+    "kpsvd_deflation",
+    "kfac_corrected",
+    "kpsvd_lanczos",
+    "mbf",
+    "adahessian",
+)
+KPSVD_FAMILY = ("kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos")
+EVERY_STEP = {"stats_period": 1, "inverse_period": 1}
+
+
+def every_step(name: str) -> dict[str, Any]:
+    """The hyperparameters that refresh everything on every step, for ``name``."""
+    if name == "adahessian":  # (its Hessian diagonal is its only period)
+        return {"stats_period": 1}
+    if name in KPSVD_FAMILY:
+        return {**EVERY_STEP, "max_iters": 100}
+    return dict(EVERY_STEP)
+
+
+def final_loss(result: loop.RunResult) -> float:
+    return float(result.epochs[-1].train_loss)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = harness.build_parser("classification", __doc__)
+    parser.set_defaults(optimizers=",".join(METHODS), epochs=2, out="runs/periods")
+    args = parser.parse_args(argv)
+    names = harness.resolve_optimizers(args.optimizers, parser)
+    data = harness.load_task_data("classification", args)
+    model = harness._make_model("classification", args, data)
+    rows = []
+    for name in names:
+        losses = {}
+        for variant, hparams in (("defaults", {}), ("every step", every_step(name))):
+            print(f"{name} {variant} {hparams}", file=sys.stderr, flush=True)
+            result = loop.train(
+                model,
+                name,
+                data,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                hparams=hparams,
+                progress=not args.no_progress,
+                task=tasks.Task("classification"),
+                model_name=args.model,
+                resume=False,
+            )
+            losses[variant] = final_loss(result)
+        loss_pct = 100.0 * (losses["defaults"] / losses["every step"] - 1.0)
+        rows.append({"method": name, **losses, "defaults lose (%)": loss_pct})
+        print(
+            f"{name}: defaults {losses['defaults']:.4f}, every step {losses['every step']:.4f}, "
+            f"{loss_pct:+.2f}%",
+            file=sys.stderr,
+            flush=True,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "periods.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1))
+    print("| method | defaults | every step | defaults lose |")
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {registry.OPTIMIZERS[r['method']].label} | {r['defaults']:.4f} | "
+            f"{r['every step']:.4f} | {r['defaults lose (%)']:+.2f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -294,7 +294,7 @@ def _decay_after(inner):
 def _scale_cases():
     so = sofim_optax
     kf = {"damping": 1e-2, "inverse_period": 2}
-    kp = {"damping": 1e-2, "inverse_period": 2, "max_iters": 20}
+    kp = {"damping": 1e-2, "stats_period": 1, "inverse_period": 2, "max_iters": 20}
     mb = {"damping": 1e-2, "inverse_period": 2, "dense_block_size": 3}
     kb = {"damping": 0.1}
     ah = {"stats_period": 2, "num_probes": 2}

@@ -6,6 +6,7 @@ solves); the common optax checks are in ``tests/test_conformance.py``.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +173,7 @@ def test_second_step_averages_the_factors(x64):
     }
     s1, s2 = (rand_stats(seed, 7, 3, 2, dtype=jnp.float64) for seed in (1, 2))
     txs = {
-        k: make(damping=0.1, tol=1e-13, max_iters=5000, inverse_period=1)
+        k: make(damping=0.1, tol=1e-13, max_iters=5000, stats_period=1, inverse_period=1)
         for k, make in SCALES.items()
     }
     grads = rand_like(3, params)
@@ -393,3 +394,31 @@ def test_public_exports():
         assert getattr(sofim_optax, name) is not None
     for name in ("nearest_kronecker", "kron_sum_solve"):
         assert getattr(sofim_optax.linalg, name) is not None
+
+
+@pytest.mark.parametrize("kind", list(SCALES))
+def test_member_defaults_amortise_the_solver(kind):
+    """Each member's signature (and its alias's) carries its own defaults, statistics every
+    10 updates and a solver budget of 5 iterations per term (Lanczos: 2 passes), and a
+    factory built without them runs exactly that budget, whatever the tolerance asks for."""
+    budget = 2 if kind == "lanczos" else 5
+    for factory in (SCALES[kind], ALIASES[kind]):
+        parameters = inspect.signature(factory).parameters
+        assert parameters["stats_period"].default == 10, factory.__name__
+        assert parameters["max_iters"].default == budget, factory.__name__
+    params = {"dense": {"kernel": arr(np.zeros((6, 5))), "bias": arr(np.zeros(5))}}
+    stats = {"dense": rand_stats(0, 32, 6, 5)}
+    grads = rand_like(1, params)
+
+    def first_step(tx):
+        state = tx.init(params)
+        updates, state = jax.jit(lambda g, s: tx.update(g, s, params, layer_stats=stats))(
+            grads, state
+        )
+        return updates, state.curvature.solver_iterations
+
+    # (tol=0 never converges: every term runs to the cap)
+    by_default, iterations = first_step(SCALES[kind](tol=0.0))
+    explicit, _ = first_step(SCALES[kind](tol=0.0, max_iters=budget, stats_period=10))
+    assert int(np.max(iterations)) == budget
+    jax.tree.map(np.testing.assert_array_equal, by_default, explicit)

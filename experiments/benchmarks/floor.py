@@ -16,6 +16,9 @@ own; above 1, time goes to something the arithmetic does not explain (small or m
 kernels, LAPACK calls, loops). Usage::
 
     taskset -c 1 python -m experiments.benchmarks.floor --models autoencoder,cnn,mlp
+    # and any other settings, as extra rows:
+    taskset -c 1 python -m experiments.benchmarks.floor --models cnn --methods sgdm,mbf \
+        --variant mbf:stats_period=50,dense_block_size=32
 """
 
 from __future__ import annotations
@@ -139,13 +142,32 @@ def _iterations(state: Any) -> Any:
     return found[0] if found else None
 
 
-def run_model(problem: Problem, methods: Sequence[str], rounds: int) -> list[dict[str, Any]]:
+def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``"mbf:stats_period=50,dense_block_size=32"`` → ``("mbf", label, hparams)``."""
+    name, _, settings = text.partition(":")
+    hparams = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            hparams[key] = json.loads(value)
+        except json.JSONDecodeError:
+            hparams[key] = value
+    return name, " ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults", hparams
+
+
+def run_model(
+    problem: Problem,
+    methods: Sequence[str],
+    rounds: int,
+    extra: Sequence[tuple[str, str, dict[str, Any]]] = (),
+) -> list[dict[str, Any]]:
     layers = cost_model.captured_layers(problem.loss_fn, problem.params, *problem.batch)
     variants = []
     for name in methods:
         variants.append((name, "defaults", {}))
         if name in _PERIODIC:
             variants.append((name, "amortised", dict(AMORTISED)))
+        variants += [v for v in extra if v[0] == name]
     rows, runners = [], {}
     for name, label, hparams in variants:
         tx = make_tx(name, hparams)
@@ -239,10 +261,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="autoencoder,cnn,mlp")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="METHOD:PARAM=VALUE,...",
+        help="also time METHOD with these hyperparameters (repeatable)",
+    )
     parser.add_argument("--out", default="runs/floor")
     args = parser.parse_args(argv)
     sofim_optax.configure_cpu_runtime()
+    extra = [parse_variant(v) for v in args.variant]
     methods = [m for m in args.methods.split(",") if m]
+    methods += [name for name, _, _ in extra if name not in methods]
     if methods[0] != "sgdm":
         methods = ["sgdm"] + [m for m in methods if m != "sgdm"]
     print(f"jax {jax.__version__} on {jax.default_backend()}; median of {args.rounds} rounds")
@@ -250,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for model in [m for m in args.models.split(",") if m]:
-        rows += run_model(PROBLEMS[model](), methods, args.rounds)
+        rows += run_model(PROBLEMS[model](), methods, args.rounds, extra)
         (out_dir / "floor.json").write_text(json.dumps(rows, indent=1, default=float))
         print(table([r for r in rows if r["model"] == rows[-1]["model"]]), flush=True)
     (out_dir / "floor.md").write_text(table(rows) + "\n")

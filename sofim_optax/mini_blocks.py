@@ -41,13 +41,16 @@ __all__ = [
 #: blocks and their damped inverses, or with ``inverse="eigh"`` their eigenvectors plus one
 #: float per parameter of eigenvalues), i.e. ``2 · 4 B · s`` per parameter in float32. With
 #: chunks of at most 64 (balanced to 61 and 63, plus 31 for the 31-entry columns; padding
-#: under 1 %) the state is 1.44 GB (measured with ``jax.eval_shape``); at most 32: 0.75 GB;
-#: at most 128: 2.8 GB. Unchunked (``None``, blocks of ``d_in + 1`` up to 1001) it is 18.0 GB,
-#: plus the temporaries of an inverse refresh (a stack-sized identity and Cholesky factor per
-#: block size), which does not fit a 24 GB machine. Time grows with ``s`` as well: the
+#: under 1 %) the state is 1.44 GB (measured with ``jax.eval_shape``); at most 32 (the
+#: default): 0.75 GB; at most 128: 2.8 GB. Unchunked (``None``, blocks of ``d_in + 1`` up to
+#: 1001) it is 18.0 GB, plus the temporaries of an inverse refresh (a stack-sized identity
+#: and Cholesky factor per block size), which does not fit a 24 GB machine. Time grows with ``s`` as well: the
 #: statistics cost ``N · P · s / 2`` multiply-adds per refresh (upper triangles only) and the
-#: preconditioning ``P · s`` per step; 64 keeps both moderate.
-DEFAULT_DENSE_BLOCK_SIZE = 64
+#: preconditioning ``P · s`` per step, and the preconditioning reads the ``P · s`` floats of the
+#: inverses at every step, so that on a CPU it is bound by memory: 32 instead of 64 took the
+#: autoencoder's step (statistics every 50, inverses every 100) from 2.55× to 2.03× SGD-m's
+#: and the small CNN's from 3.95× to 3.23× (docs/benchmarks.md).
+DEFAULT_DENSE_BLOCK_SIZE = 32
 
 #: Target number of floats of the per-chunk temporaries of the statistics einsums (about
 #: 128 MB in float32) when ``batch_chunk=None``.

@@ -295,7 +295,7 @@ def _scale_cases():
     so = sofim_optax
     kf = {"damping": 1e-2, "inverse_period": 2}
     kp = {"damping": 1e-2, "stats_period": 1, "inverse_period": 2, "max_iters": 20}
-    mb = {"damping": 1e-2, "inverse_period": 2, "dense_block_size": 3}
+    mb = {"damping": 1e-2, "stats_period": 1, "inverse_period": 2, "dense_block_size": 3}
     kb = {"damping": 0.1}
     ah = {"stats_period": 2, "num_probes": 2}
     ny = {"rank": 3, "stats_period": 2, "damping": 0.1}

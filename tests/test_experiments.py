@@ -121,3 +121,26 @@ def test_benchmark_runs_and_reports_every_contender(monkeypatch):
     res = benchmark_step_time.benchmark_model("mlp", batch_size=16, rounds=2, steps=2)
     assert set(res) == set(contenders)
     assert all(v["train step"] > 0 and v["update only"] > 0 for v in res.values())
+
+
+def test_periods_check_trains_both_variants(fixture_dir, tmp_path, capsys):
+    from experiments.benchmarks import periods
+
+    rows = periods.main(
+        [
+            *("--data-dir", str(fixture_dir), "--no-verify", "--no-progress"),
+            *("--optimizers", "kfac,kpsvd", "--epochs", "1", "--batch-size", "32"),
+            *("--out", str(tmp_path)),
+        ]
+    )
+    assert [r["method"] for r in rows] == ["kfac", "kpsvd"]
+    for r in rows:
+        assert np.isfinite(r["defaults"]) and np.isfinite(r["every step"])
+        # three steps: refreshing at every step changes the second and third
+        assert r["defaults"] != r["every step"]
+        np.testing.assert_allclose(
+            r["defaults lose (%)"], 100 * (r["defaults"] / r["every step"] - 1)
+        )
+    assert periods.every_step("kpsvd")["max_iters"] == 100
+    assert "| KPSVD |" in capsys.readouterr().out
+    assert (tmp_path / "periods.json").exists()

@@ -483,7 +483,12 @@ def _assert_matches(upd, want, err_msg):
 def _injected(inverse, damping):
     f = scale_by_mini_block_fisher
     return optax.inject_hyperparams(f, static_args=f.static_args)(
-        damping=damping, ema=0.9, inverse_period=_PERIOD, dense_block_size=_BLOCK, inverse=inverse
+        damping=damping,
+        ema=0.9,
+        stats_period=1,
+        inverse_period=_PERIOD,
+        dense_block_size=_BLOCK,
+        inverse=inverse,
     )
 
 
@@ -512,7 +517,7 @@ def test_eigh_applies_a_damping_change_at_once(x64):
     assert not np.allclose(_flat(got), _flat(same))
 
     chol = scale_by_mini_block_fisher(
-        damping=lam1, ema=0.9, inverse_period=_PERIOD, dense_block_size=_BLOCK
+        damping=lam1, ema=0.9, stats_period=1, inverse_period=_PERIOD, dense_block_size=_BLOCK
     )
     chol_update = jax.jit(lambda g, s, st: chol.update(g, s, params, layer_stats=st))
     chol_state = chol.init(params)

@@ -8,15 +8,18 @@ classification MLP (784-256-128-10) on Fashion-MNIST with each method twice, fro
 initial parameters over the same batches:
 
 * **defaults**: the harness's hyperparameters for the task (its learning rate and damping;
-  the periods are the library's);
+  the periods are the library's), with any ``--set`` overrides (to try candidate defaults);
 * **every step**: the same with ``stats_period=1, inverse_period=1`` and, for the KPSVD
   family, the solver run to convergence (``max_iters=100``).
 
 and prints the final training loss of both (the mean minibatch loss of the last epoch) and
-how much the defaults lose, in per cent (the target: at most 1%). Usage::
+how much the defaults lose, in per cent (the target: at most 1%). ``--task autoencoder``
+trains an autoencoder instead (``--model small``: 784-256-128-64-16 mirrored). Usage::
 
     python -m experiments.benchmarks.periods --optimizers kfac,kpsvd,mbf --epochs 2 \\
         --train-subset 20000
+    python -m experiments.benchmarks.periods --task autoencoder --model small \\
+        --optimizers kfac,mbf --epochs 2 --train-subset 20000
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments import harness, loop, registry, tasks
+from experiments import datasets, harness, loop, registry, tasks
 
 #: Methods with periods, in table order.
 METHODS = (
@@ -56,17 +59,39 @@ def final_loss(result: loop.RunResult) -> float:
     return float(result.epochs[-1].train_loss)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = harness.build_parser("classification", __doc__)
-    parser.set_defaults(optimizers=",".join(METHODS), epochs=2, out="runs/periods")
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    task_parser = argparse.ArgumentParser(add_help=False)
+    task_parser.add_argument(
+        "--task", default="classification", choices=("classification", "autoencoder")
+    )
+    known, argv = task_parser.parse_known_args(argv)
+    kind = known.task
+    parser = harness.build_parser(kind, __doc__)
+    parser.add_argument("--task", default=kind, help="classification (default) or autoencoder")
+    parser.set_defaults(optimizers=",".join(METHODS), epochs=2, out=f"runs/periods_{kind}")
     args = parser.parse_args(argv)
     names = harness.resolve_optimizers(args.optimizers, parser)
-    data = harness.load_task_data("classification", args)
-    model = harness._make_model("classification", args, data)
+    overrides = harness.parse_overrides(args.set)
+    data = harness.load_task_data(kind, args)
+    model = harness._make_model(kind, args, data)
+    task = (
+        tasks.Task("classification")
+        if kind == "classification"
+        else tasks.Task(
+            "autoencoder",
+            reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"),
+            l2=args.l2,
+        )
+    )
     rows = []
     for name in names:
         losses = {}
-        for variant, hparams in (("defaults", {}), ("every step", every_step(name))):
+        chosen = overrides.get(name, {})  # (--set: candidate defaults, in both runs)
+        for variant, hparams in (
+            ("defaults", chosen),
+            ("every step", {**chosen, **every_step(name)}),
+        ):
             print(f"{name} {variant} {hparams}", file=sys.stderr, flush=True)
             result = loop.train(
                 model,
@@ -77,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                 seed=args.seed,
                 hparams=hparams,
                 progress=not args.no_progress,
-                task=tasks.Task("classification"),
+                task=task,
                 model_name=args.model,
                 resume=False,
             )
@@ -93,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "periods.json").write_text(json.dumps({"config": vars(args), "rows": rows}, indent=1))
+    print(f"{kind}, {args.model}, {args.epochs} epochs, batch {args.batch_size}")
     print("| method | defaults | every step | defaults lose |")
     print("|---|---:|---:|---:|")
     for r in rows:
@@ -100,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {registry.OPTIMIZERS[r['method']].label} | {r['defaults']:.4f} | "
             f"{r['every step']:.4f} | {r['defaults lose (%)']:+.2f}% |"
         )
+    return rows
 
 
 if __name__ == "__main__":

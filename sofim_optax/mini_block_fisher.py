@@ -314,7 +314,7 @@ def scale_by_mini_block_fisher(
       ema: upper bound of the EMA decay of the blocks (default ``0.9``, the authors' group's
         value in their TNT code).
       stats_period: refresh the statistics every this many updates (default ``20``: the
-        per-example blocks of one update cost about ten gradients on the deep autoencoder;
+        per-example blocks of one update cost about six gradients on the deep autoencoder;
         pass ``layer_stats`` on every update anyway, its keys select the preconditioned
         layers).
       inverse_period: refresh the inverses (or eigendecompositions) every this many updates

@@ -120,11 +120,17 @@ def resolve_fallback(
     *,
     damping: Scalar,
     ema: Scalar,
-    stats_period: int | jax.Array = 1,
 ) -> optax.GradientTransformation | None:
     """The ``fallback`` argument of the layer-wise methods: ``"diagonal"`` becomes
-    :func:`scale_by_diagonal_fisher` with the method's own ``damping``, ``ema`` and
-    ``stats_period``; ``None`` (identity) and a transformation pass through.
+    :func:`scale_by_diagonal_fisher` with the method's own ``damping`` and ``ema``, its
+    squared gradients averaged at **every** step whatever the method's ``stats_period``;
+    ``None`` (identity) and a transformation pass through.
+
+    Why every step: the diagonal costs one element-wise product, so amortising it saves
+    nothing, and a stale diagonal is dangerous. With statistics every 10 steps and the
+    default small damping, a parameter whose gradient grows after the last update takes a step
+    of about ``g / g_old²``: on a small conv model with a LayerNorm, KPSVD at its defaults went
+    from loss 1.4 to 64 in twelve steps that way (1.1 with the diagonal refreshed every step).
 
     Why ``"diagonal"`` is their default: the uncaptured parameters (norm scales, embeddings,
     layers without statistics) then take a step on the same scale as the preconditioned
@@ -139,5 +145,5 @@ def resolve_fallback(
                 f'{where}: fallback must be "diagonal", None or an optax transformation, '
                 f"got {fallback!r}"
             )
-        return scale_by_diagonal_fisher(damping=damping, ema=ema, stats_period=stats_period)
+        return scale_by_diagonal_fisher(damping=damping, ema=ema)
     return fallback

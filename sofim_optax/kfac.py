@@ -269,7 +269,7 @@ def scale_by_kfac(
         either).
       fallback: transformation for the parameters no captured layer covers. ``"diagonal"``
         (default): :func:`sofim_optax.diagonal_fisher.scale_by_diagonal_fisher` with the same
-        ``damping``, ``ema`` and ``stats_period`` (a diagonal Fisher step on the same scale as
+        ``damping`` and ``ema``, refreshed every step (a diagonal Fisher step on the same scale as
         the preconditioned layers'; see
         :func:`sofim_optax.diagonal_fisher.resolve_fallback` for why). ``None`` passes their
         gradient through unchanged (a plain gradient step, which grows with the loss's scale).
@@ -306,7 +306,7 @@ def scale_by_kfac(
         stats_period=stats_period,
         inverse_period=inverse_period,
         fallback=diagonal_fisher.resolve_fallback(
-            "scale_by_kfac", fallback, damping=damping, ema=ema, stats_period=stats_period
+            "scale_by_kfac", fallback, damping=damping, ema=ema
         ),
     )
 

@@ -125,9 +125,7 @@ def _scale_by_family(
         krylov_dim=krylov_dim,
         indefinite=indefinite,
     )
-    fallback = diagonal_fisher.resolve_fallback(
-        _NAMES[kind], fallback, damping=damping, ema=ema, stats_period=stats_period
-    )
+    fallback = diagonal_fisher.resolve_fallback(_NAMES[kind], fallback, damping=damping, ema=ema)
     return family.transformation(
         _NAMES[kind], ScaleByKpsvdState, cfg, stats_period, inverse_period, fallback
     )
@@ -180,6 +178,8 @@ _SHARED_ARGS = r"""
         two products with the whole batch (twice KFAC's statistics); at 10, every member's
         step is within 1.4× KFAC's default step on the deep autoencoder, and 312 steps on the
         Fashion-MNIST MLP end no higher than with every period at 1 (docs/benchmarks.md).
+        At a learning rate near the edge of stability (0.1 on a small autoencoder) every 10
+        diverged where every update trained: pass ``1`` there, or use the adaptive alias.
         Pass ``layer_stats`` on every update anyway.
       inverse_period: refresh the eigendecompositions (KPSVD) or the simultaneous
         diagonalisation (rank two) every this many updates (default ``20``).

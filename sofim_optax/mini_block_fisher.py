@@ -319,8 +319,10 @@ def scale_by_mini_block_fisher(
         layers).
       inverse_period: refresh the inverses (or eigendecompositions) every this many updates
         (default ``100``). With both defaults, 312 steps on the Fashion-MNIST MLP end 0.4%
-        lower than with both periods at 1; statistics every 50 ended 1.8% higher
-        (docs/benchmarks.md).
+        lower than with both periods at 1; statistics every 50 ended 1.8% higher. At a
+        learning rate near the edge of stability (0.01 on a small autoencoder) it diverged
+        unless refreshed often (statistics every update, inverses every 5): see
+        docs/benchmarks.md.
       dense_block_size: maximum dense block size ``B`` (default ``32``, see
         :data:`sofim_optax.mini_blocks.DEFAULT_DENSE_BLOCK_SIZE` for the memory arithmetic);
         ``None`` for whole columns (``d_in + 1`` entries: ``d_in + 1`` floats per parameter,
@@ -335,8 +337,9 @@ def scale_by_mini_block_fisher(
       batch_chunk: examples per chunk of the statistics einsums (default ``None``: as many as
         keep the temporaries near 2²⁵ floats).
       fallback: transformation for the parameters no captured layer covers: ``"diagonal"``
-        (default) for :func:`scale_by_diagonal_fisher` with the same ``damping``, ``ema`` and
-        ``stats_period``; ``None`` for the identity; or any optax transformation.
+        (default) for :func:`scale_by_diagonal_fisher` with the same ``damping`` and ``ema``,
+        refreshed every step (see :func:`sofim_optax.diagonal_fisher.resolve_fallback`);
+        ``None`` for the identity; or any optax transformation.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
@@ -358,9 +361,7 @@ def scale_by_mini_block_fisher(
     for arg, value in (("dense_block_size", dense_block_size), ("batch_chunk", batch_chunk)):
         if value is not None:  # they fix the shapes of the state
             hp.check_positive_int(where, arg, value, static=True)
-    fallback = resolve_fallback(
-        where, fallback, damping=damping, ema=ema, stats_period=stats_period
-    )
+    fallback = resolve_fallback(where, fallback, damping=damping, ema=ema)
     return layerwise.layerwise_transformation(
         name="scale_by_mini_block_fisher",
         method=_mbf_method(damping, ema, dense_block_size, inverse, batch_chunk),

@@ -184,7 +184,7 @@ x = jnp.asarray(np.random.default_rng(0).random((32, 600)), jnp.float32)
 y = jnp.zeros((32,), jnp.int32)
 params = model.init(jax.random.PRNGKey(0), x[:1])
 loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y).mean()
-tx = sofim_optax.mbf(learning_rate=1e-3, stats_period=10, inverse_period=100)
+tx = sofim_optax.mbf(learning_rate=1e-3, stats_period=10, inverse_period=100, dense_block_size=64)
 def step(p, s):
     _, g, st = sofim_optax.curvature.linen.value_grad_and_stats(loss, p, x, y)
     u, s = tx.update(g, s, p, layer_stats=st)

@@ -422,3 +422,30 @@ def test_member_defaults_amortise_the_solver(kind):
     explicit, _ = first_step(SCALES[kind](tol=0.0, max_iters=budget, stats_period=10))
     assert int(np.max(iterations)) == budget
     jax.tree.map(np.testing.assert_array_equal, by_default, explicit)
+
+
+@pytest.mark.parametrize("factory", [scale_by_kpsvd, sofim_optax.scale_by_kfac])
+def test_diagonal_fallback_refreshes_every_step_whatever_the_stats_period(factory):
+    """The uncovered parameters' diagonal Fisher is refreshed at every step: a stale one (from
+    the method's last statistics update) with a small damping turns a gradient that grows
+    into a step of about ``g / g_old²``."""
+    params = {
+        "dense": {"kernel": arr(np.zeros((3, 2))), "bias": arr(np.zeros(2))},
+        "norm": {"scale": arr(np.ones(4))},  # no statistics: the fallback's
+    }
+    stats = {"dense": rand_stats(0, 8, 3, 2)}
+    steps = [
+        jax.tree.map(lambda x, t=t: (1.0 + 10.0 * t) * x, rand_like(t, params)) for t in range(3)
+    ]
+
+    def norm_updates(tx):
+        state, out = tx.init(params), []
+        for grads in steps:
+            updates, state = tx.update(grads, state, params, layer_stats=stats)
+            out.append(np.asarray(updates["norm"]["scale"]))
+        return out
+
+    every = norm_updates(factory(damping=1e-3, stats_period=1))
+    amortised = norm_updates(factory(damping=1e-3, stats_period=10))
+    for a, b in zip(every, amortised):
+        np.testing.assert_array_equal(a, b)

@@ -37,7 +37,7 @@ from typing import Any
 from experiments import datasets, loop, models, registry, reporting, tasks
 from experiments.registry import grid_points
 
-__all__ = ["TARGETS", "build_parser", "run", "parse_overrides", "select_best"]
+__all__ = ["TARGETS", "build_parser", "run", "parse_overrides", "select_best", "train_on_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +236,47 @@ def _make_model(kind: str, args: argparse.Namespace, data: tasks.Data):
     return models.make_autoencoder(args.model, args.dataset, input_dim=int(data.x_train.shape[1]))
 
 
+def _make_task(kind: str, args: argparse.Namespace) -> tasks.Task:
+    if kind == "classification":
+        return tasks.Task("classification")
+    return tasks.Task(
+        "autoencoder",
+        reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"),
+        l2=args.l2,
+    )
+
+
+def train_on_task(
+    kind: str,
+    args: argparse.Namespace,
+    data: tasks.Data,
+    name: str,
+    hparams: Mapping[str, Any],
+    *,
+    epochs: int,
+    checkpoint: Path | None = None,
+    on_epoch_end: Any = None,
+) -> loop.RunResult:
+    """One training run of optimizer ``name`` with ``hparams`` on the task the parsed
+    ``args`` (of :func:`build_parser`) describe: its model, loss, batch size, seed and
+    progress bar; ``checkpoint`` resumes unless ``--no-resume``."""
+    return loop.train(
+        _make_model(kind, args, data),
+        name,
+        data,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        hparams=hparams,
+        progress=not args.no_progress,
+        task=_make_task(kind, args),
+        model_name=args.model,
+        checkpoint=checkpoint,
+        resume=not args.no_resume,
+        on_epoch_end=on_epoch_end,
+    )
+
+
 def run(
     kind: str, argv: Sequence[str] | None = None, description: str | None = None
 ) -> list[loop.RunResult]:
@@ -253,14 +294,6 @@ def run_args(
     if bad:
         parser.error(f"--set names unknown optimizers {bad}")
     data = load_task_data(kind, args)
-    if kind == "classification":
-        task = tasks.Task("classification")
-    else:
-        task = tasks.Task(
-            "autoencoder",
-            reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"),
-            l2=args.l2,
-        )
     targets = dict(TARGETS.get((kind, args.dataset), {}))
     for metric, attr in (
         ("train_loss", "target_train_loss"),
@@ -280,19 +313,14 @@ def run_args(
         def on_epoch_end(result: loop.RunResult) -> None:
             reporting.write_run_json(stem.with_suffix(".json"), result, config, versions)
 
-        return loop.train(
-            _make_model(kind, args, data),
-            name,
+        return train_on_task(
+            kind,
+            args,
             data,
+            name,
+            hparams,
             epochs=epochs,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            hparams=hparams,
-            progress=not args.no_progress,
-            task=task,
-            model_name=args.model,
             checkpoint=stem.with_suffix(".ckpt"),
-            resume=not args.no_resume,
             on_epoch_end=on_epoch_end,
         )
 

@@ -97,33 +97,12 @@ class LayerShape:
     positions: int
     first: bool
 
-    @property
-    def path(self) -> str:
-        return self.layer.path
-
-    @property
-    def kind(self) -> str:
-        return self.layer.kind
-
-    @property
-    def d_in(self) -> int:
-        return self.layer.d_in
-
-    @property
-    def d_out(self) -> int:
-        return self.layer.d_out
-
-    @property
-    def has_bias(self) -> bool:
-        return self.layer.has_bias
-
-    @property
-    def d_a(self) -> int:
-        return self.d_in + int(self.has_bias)
-
-    @property
-    def d_g(self) -> int:
-        return self.d_out
+    def __getattr__(self, name: str) -> Any:
+        # The shape attributes are the layer's own (path, kind, d_in, d_out, has_bias, d_a,
+        # d_g), read through: one definition of d_a and d_g for the library and the model.
+        if name == "layer":  # (not set yet, e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.layer, name)
 
     @property
     def rows(self) -> int:

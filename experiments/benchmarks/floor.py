@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 import sofim_optax
-from experiments import models, timing
+from experiments import harness, models, timing
 from experiments.benchmarks import cost_model
 from experiments.benchmarks.problems import Problem, autoencoder_problem, cnn_problem
 from experiments.registry import OPTIMIZERS
@@ -62,8 +62,8 @@ METHODS = (
 
 #: Methods with refresh periods, and the amortised periods timed besides their defaults.
 AMORTISED = {"stats_period": 10, "inverse_period": 100}
-_PERIODIC = {"kfac", "kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos", "mbf"}
-_PERIODIC |= {f"{name}_adaptive" for name in _PERIODIC}
+PERIODIC = {"kfac", "kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos", "mbf"}
+PERIODIC |= {f"{name}_adaptive" for name in PERIODIC}
 #: The Fisher each method's statistics use here (the registry's loop default; every adaptive
 #: entry of a layer-wise method samples it).
 SAMPLED = {"kfac", "kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos"}
@@ -145,13 +145,8 @@ def _iterations(state: Any) -> Any:
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     """``"mbf:stats_period=50,dense_block_size=32"`` → ``("mbf", label, hparams)``."""
     name, _, settings = text.partition(":")
-    hparams = {}
-    for item in filter(None, settings.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            hparams[key] = json.loads(value)
-        except json.JSONDecodeError:
-            hparams[key] = value
+    items = [f"{name}.{item}" for item in settings.split(",") if item]
+    hparams = harness.parse_overrides(items).get(name, {})
     return name, " ".join(f"{k}={v}" for k, v in hparams.items()) or "defaults", hparams
 
 
@@ -165,7 +160,7 @@ def run_model(
     variants = []
     for name in methods:
         variants.append((name, "defaults", {}))
-        if name in _PERIODIC:
+        if name in PERIODIC:
             variants.append((name, "amortised", dict(AMORTISED)))
         variants += [v for v in extra if v[0] == name]
     rows, runners = [], {}

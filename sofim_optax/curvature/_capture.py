@@ -329,6 +329,38 @@ def _sampled_nll(
     return total
 
 
+@dataclasses.dataclass(frozen=True)
+class _CapturedView:
+    """The contract's views of one captured layer call (a :class:`LayerStats` view).
+
+    The deferred statistics hold ``(layer input, layer output, cotangent at the output)``;
+    each field keeps the first ``batch`` examples (``fisher_batch_size``), takes the spec's
+    rows (the patches of a convolution), casts to ``dtype``, and the output gradients are
+    multiplied by ``grad_scale`` (``N`` for a batch-mean loss, so that they are per-example
+    gradients).
+    """
+
+    spec: LayerSpec
+    batch: int | None
+    grad_scale: int
+    dtype: Any
+
+    def _cut(self, a: jax.Array) -> jax.Array:
+        return a if self.batch is None else a[: self.batch]
+
+    def inputs(self, arrays: tuple[Any, ...]) -> jax.Array:
+        return self.spec.input_rows(self._cut(arrays[0])).astype(self.dtype)
+
+    def outputs(self, arrays: tuple[Any, ...]) -> jax.Array:
+        x = self._cut(arrays[0])
+        return self.spec.output_rows(self._cut(arrays[1]), x).astype(self.dtype)
+
+    def output_grads(self, arrays: tuple[Any, ...]) -> jax.Array:
+        x = self._cut(arrays[0])
+        g = self.spec.output_rows(self._cut(arrays[2]), x).astype(self.dtype)
+        return g if self.grad_scale == 1 else g * jnp.asarray(self.grad_scale, self.dtype)
+
+
 def _layer_stats(
     spec: LayerSpec,
     inputs: jax.Array,
@@ -337,16 +369,13 @@ def _layer_stats(
     scale: Literal["batch", "one"],
     fisher_batch_size: int | None,
 ) -> LayerStats:
-    dtype = accumulation_dtype(inputs, outputs)
-    n = inputs.shape[0]
-    if fisher_batch_size is not None:
-        inputs, outputs, cotangent = (a[:fisher_batch_size] for a in (inputs, outputs, cotangent))
-    a = spec.input_rows(inputs).astype(dtype)
-    s = spec.output_rows(outputs, inputs).astype(dtype)
-    g = spec.output_rows(cotangent, inputs).astype(dtype)
-    if scale == "batch":
-        g = g * jnp.asarray(n, dtype)
-    return LayerStats(inputs=a, output_grads=g, outputs=s)
+    view = _CapturedView(
+        spec=spec,
+        batch=fisher_batch_size,
+        grad_scale=int(inputs.shape[0]) if scale == "batch" else 1,
+        dtype=jnp.dtype(accumulation_dtype(inputs, outputs)),
+    )
+    return LayerStats.deferred(view, (inputs, outputs, cotangent))
 
 
 #: The keyword options both adapters take and hand over unchanged to :func:`value_grad_and_stats`.

@@ -27,7 +27,7 @@ from sofim_optax import hyperparameters as hp
 from sofim_optax.cpu_runtime import map_stack
 from sofim_optax.diagonal_fisher import resolve_fallback
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
-from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE, BlockLayout, batch_blocks
+from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE, BlockLayout, batch_blocks, unpack
 
 __all__ = [
     "MiniBlockFisherCurvature",
@@ -56,8 +56,11 @@ class MiniBlockFisherCurvature(NamedTuple):
 
     Attributes:
       stat_updates: ``(n_layers,)`` int32, statistics updates received per layer.
-      blocks: ``{"b{s}": (n_s, s, s)}``, the EMA empirical-Fisher blocks (undamped), in the
-        accumulation dtype (float32, or float64 for float64 kernels).
+      blocks: ``{"b{s}": (n_s, s(s+1)/2)}``, the EMA empirical-Fisher blocks (undamped),
+        packed: the upper triangle of each symmetric block, row by row
+        (:func:`sofim_optax.mini_blocks.pack`; half the memory and half the traffic of the
+        statistics update), in the accumulation dtype (float32, or float64 for float64
+        kernels).
       eigvals: ``inverse="eigh"`` only (else ``{}``): ``{"b{s}": (n_s, s)}``, eigenvalues
         ``w`` of the undamped blocks at the last refresh, clamped at 0 (a padded coordinate
         of a dense chunk has eigenvalue 1, see :func:`scale_by_mini_block_fisher`).
@@ -172,7 +175,7 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
                 f = f + pads[k][:, :, None] * jnp.eye(f.shape[-1], dtype=f.dtype)
             return f
 
-        blocks = {k: decoupled(k, f) for k, f in curv.blocks.items()}
+        blocks = {k: decoupled(k, unpack(f, bl.dims[k])) for k, f in curv.blocks.items()}
         if eigh:
             # The undamped blocks' eigendecompositions; λ is applied in `precondition`.
             eig = {k: map_stack(jnp.linalg.eigh, f) for k, f in blocks.items()}

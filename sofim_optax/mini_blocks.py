@@ -6,7 +6,9 @@ unit of a dense layer (its incoming weights and bias, optionally cut into chunks
 ``dense_block_size`` entries) and one ``k×k`` block per (input channel, output channel) pair
 of a convolution. Blocks of every layer are stacked by size (:class:`BlockLayout`), and
 :func:`batch_blocks` computes a batch's blocks ``mean_n v_n v_nᵀ`` from ``LayerStats`` without
-materialising the per-example gradients of the whole batch.
+materialising the per-example gradients of the whole batch. The symmetric blocks are kept
+**packed**: the ``s(s+1)/2`` entries of each upper triangle, row by row (``numpy.triu_indices``
+order); :func:`unpack` makes the square blocks that a refresh decomposes.
 
 The structure is our reading of the paper's "a large number of mini-blocks of modest size"
 for both layer kinds (the paper gives no exact partition for dense layers), with the dense
@@ -33,6 +35,9 @@ __all__ = [
     "BlockLayout",
     "layer_blocking",
     "batch_blocks",
+    "packed_size",
+    "pack",
+    "unpack",
 ]
 
 #: Default ``dense_block_size``. Memory arithmetic for the deep autoencoder
@@ -200,7 +205,8 @@ class BlockLayout:
         return cls(blockings, {k: tuple(v) for k, v in entries.items()}, sizes, dims)
 
     def zeros(self, dtype: Any) -> dict[str, jax.Array]:
-        return layerwise.stack_zeros(self.sizes, self.dims, dtype)
+        """``{key: zeros (n_s, s(s+1)/2)}``: empty stacks of packed blocks (:func:`pack`)."""
+        return {k: jnp.zeros((n, packed_size(self.dims[k])), dtype) for k, n in self.sizes.items()}
 
     def eyes(self, dtype: Any) -> dict[str, jax.Array]:
         return layerwise.stack_eyes(self.sizes, self.dims, dtype)
@@ -246,6 +252,31 @@ class BlockLayout:
 
 
 # --------------------------------------------------------------------------------------
+# Packed symmetric blocks.
+# --------------------------------------------------------------------------------------
+
+
+def packed_size(size: int) -> int:
+    """Entries of a packed ``size × size`` symmetric block: ``size (size + 1) / 2``."""
+    return size * (size + 1) // 2
+
+
+def pack(blocks: jax.Array) -> jax.Array:
+    """``(n, s, s)`` symmetric blocks → ``(n, s(s+1)/2)``: each upper triangle, row by row."""
+    rows, cols = np.triu_indices(blocks.shape[-1])
+    return blocks[:, rows, cols]
+
+
+def unpack(packed: jax.Array, size: int) -> jax.Array:
+    """Inverse of :func:`pack`: ``(n, s(s+1)/2)`` → the symmetric ``(n, s, s)`` blocks."""
+    rows, cols = np.triu_indices(size)
+    position = np.zeros((size, size), np.int32)  # (i, k) -> where (min, max) is packed
+    position[rows, cols] = np.arange(len(rows))
+    position[cols, rows] = np.arange(len(rows))
+    return packed[:, position]
+
+
+# --------------------------------------------------------------------------------------
 # Empirical Fisher blocks of one batch.
 # --------------------------------------------------------------------------------------
 
@@ -288,13 +319,13 @@ def batch_blocks(
 
     ``v_n = Σ_t ā_{n,t} g_{n,t}ᵀ`` is example ``n``'s gradient matrix (``d_a × d_out``; a
     dense layer on ``(N, d_in)`` statistics has one position), and ``v_{n,b}`` its entries in
-    block ``b`` (:meth:`LayerBlocking.blockify`). Returns one ``(count, size, size)`` array per
-    segment.
+    block ``b`` (:meth:`LayerBlocking.blockify`). Returns one ``(count, size (size + 1) / 2)``
+    array of packed blocks (:func:`pack`) per segment.
 
     Dense layers with ``(N, d_in)`` statistics use ``v_{n,(j,c)} = g_{n,j} ā_{n,c}``, so that
     ``F̂_{(j,c)} = (1/N) Σ_n g_{n,j}² ā_{n,c} ā_{n,c}ᵀ``: one matrix product
     ``(g²)ᵀ [ā_{n,c} ā_{n,c}ᵀ]_n`` of ``(d_out × N)`` by ``(N × n_chunks·chunk(chunk+1)/2)``
-    (upper triangles only, then mirrored). Every other
+    (upper triangles only, which is what is kept). Every other
     case forms the per-example gradients of a chunk of examples, blockifies them and contracts
     over the examples. Either way only ``batch_chunk`` examples are held at once (``None``: as
     many as fit in about 2²⁵ floats of temporaries).
@@ -310,18 +341,13 @@ def batch_blocks(
         tri = len(rows)
         chunk = _batch_chunks(n, c * tri + blocking.d_out, batch_chunk)
 
-        full_index = np.zeros((s, s), np.int32)  # (i, k) -> position of (min, max) in the triangle
-        full_index[rows, cols] = np.arange(tri)
-        full_index[cols, rows] = np.arange(tri)
-
         def fn(w, x):
             outer = (x[:, :, rows] * x[:, :, cols]).reshape(x.shape[0], c * tri)
             outer = lax.optimization_barrier(outer)  # a plain matrix product, not a fused loop
             return w.T @ outer
 
         f = _scan_over_batch(fn, [w, x], chunk, jnp.zeros((blocking.d_out, c * tri), dtype))
-        f = (f / n).reshape(blocking.d_out * c, tri)
-        return [f[:, full_index]]
+        return [(f / n).reshape(blocking.d_out * c, tri)]
     if x.ndim == 2:  # conv-shaped kernel with dense statistics: one position
         x, g = x[:, None], g[:, None]
     per_example = blocking.d_a * blocking.d_out + x.shape[1] * (x.shape[2] + g.shape[2])
@@ -330,7 +356,7 @@ def batch_blocks(
     def fn(x, g):
         vn = jnp.einsum("ntk,nto->nko", x, g)
         parts = jax.vmap(blocking.blockify)(vn)
-        return [jnp.einsum("nbi,nbj->bij", p, p) for p in parts]
+        return [pack(jnp.einsum("nbi,nbj->bij", p, p)) for p in parts]
 
-    init = [jnp.zeros((count, size, size), dtype) for size, count in blocking.segments]
+    init = [jnp.zeros((count, packed_size(size)), dtype) for size, count in blocking.segments]
     return [f / n for f in _scan_over_batch(fn, [x, g], chunk, init)]

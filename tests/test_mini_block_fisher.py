@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from sofim_optax import layerwise
+from sofim_optax import layerwise, mini_blocks
 from sofim_optax.curvature import LayerStats
 from sofim_optax.diagonal_fisher import scale_by_diagonal_fisher
 from sofim_optax.mini_block_fisher import (
@@ -328,7 +328,8 @@ def test_padding_does_not_leak(x64):
     layer = layerwise.Layer("l", 0, 1, (7, 2))
     b = layer_blocking(layer, 3)
     st = rand_stats(0, 6, 7, 2, dtype=jnp.float64)
-    f = np.asarray(batch_blocks(b, st.inputs, st.output_grads, jnp.float64, batch_chunk=4)[0])
+    packed = batch_blocks(b, st.inputs, st.output_grads, jnp.float64, batch_chunk=4)[0]
+    f = np.asarray(mini_blocks.unpack(packed, b.chunk))
     last = f[b.n_chunks - 1 :: b.n_chunks]  # last chunk of every column
     np.testing.assert_array_equal(last[:, -1, :], 0.0)
     np.testing.assert_array_equal(last[:, :, -1], 0.0)
@@ -355,10 +356,22 @@ def test_block_layout_stacks_by_size():
     # b9: 8 + 16 conv pairs, then the dense column (d_a 9, one chunk) of 3 units; b1: 4 + 4 biases.
     assert dict(layout.sizes) == {"b9": 8 + 16 + 3, "b1": 8}
     state = jax.eval_shape(scale_by_mini_block_fisher(dense_block_size=9).init, params)
+    # Packed upper triangles: 9·10/2 = 45 entries per 9×9 block, 1 per 1×1 block.
     assert {k: v.shape for k, v in state.curvature.blocks.items()} == {
-        "b9": (27, 9, 9),
-        "b1": (8, 1, 1),
+        "b9": (27, 45),
+        "b1": (8, 1),
     }
+
+
+def test_pack_and_unpack_are_inverse(x64):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 5, 5))
+    sym = a + np.swapaxes(a, 1, 2)
+    packed = mini_blocks.pack(jnp.asarray(sym))
+    assert packed.shape == (4, mini_blocks.packed_size(5)) == (4, 15)
+    rows, cols = np.triu_indices(5)
+    np.testing.assert_array_equal(np.asarray(packed), sym[:, rows, cols])
+    np.testing.assert_array_equal(np.asarray(mini_blocks.unpack(packed, 5)), sym)
 
 
 # ----------------------------------------------------------------------------------------
@@ -404,7 +417,7 @@ def test_ema_and_period_semantics(x64):
                 else {key: rho * F_ref[key] + (1 - rho) * hat[key] for key in hat}
             )
         assert int(state.curvature.stat_updates[0]) == k
-        blocks = np.asarray(state.curvature.blocks["b2"])
+        blocks = np.asarray(mini_blocks.unpack(state.curvature.blocks["b2"], block))
         for (j, c), f in F_ref.items():
             np.testing.assert_allclose(blocks[j * len(chunks) + c], f, rtol=1e-12)
         if count % 3 == 0:

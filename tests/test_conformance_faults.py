@@ -309,3 +309,24 @@ def test_a_nonfinite_direction_from_a_finite_gradient_is_a_skipped_step():
         jax.tree.map(np.testing.assert_array_equal, new, variables)
     assert_finite(state, "kfac state after non-finite directions")
     assert int(guards.skip_counts(state).steps) == 2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.complex64])
+def test_all_finite_agrees_with_the_entrywise_test(dtype):
+    # Large leaves go through their sum first; finite entries whose sum overflows, and every
+    # kind of non-finite entry, must still get the entry-by-entry answer, jitted or not.
+    big = 6e4 if dtype == jnp.float16 else 3e38
+    large = jnp.full((130, 130), big, dtype)  # past the size tested through the sum
+    small = jnp.ones((3,), dtype)
+    cases = {"finite, overflowing sum": ([large, small], True)}
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        cases[f"{bad} in the large leaf"] = ([large.at[7, 9].set(bad), small], False)
+        cases[f"{bad} in the small leaf"] = ([large, small.at[1].set(bad)], False)
+    cases["+inf and -inf"] = ([large.at[0, 0].set(jnp.inf).at[1, 1].set(-jnp.inf)], False)
+    jitted = jax.jit(guards.all_finite)
+    for name, (tree, want) in cases.items():
+        exact = all(bool(jnp.all(jnp.isfinite(x))) for x in tree)
+        assert exact == want, name
+        assert bool(guards.all_finite(tree)) == want, name
+        assert bool(jitted(tree)) == want, name
+    assert bool(guards.all_finite({"ints": jnp.arange(3)}))  # only floating leaves count

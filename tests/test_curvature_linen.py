@@ -467,6 +467,39 @@ def test_eager_equals_jit():
     )  # N dL/ds
 
 
+def test_captured_stats_are_deferred_and_behave_like_plain_ones():
+    # The capture's LayerStats hold the layer's own input (not its patches) as a pytree leaf
+    # and form the fields when read; a plain LayerStats of those fields is interchangeable.
+    model, geometries, x, y = _data("cnn")
+    params = _params(model, x)
+
+    def loss_fn(p, xb, yb):
+        return losses.softmax_cross_entropy(model.apply(p, xb), yb)
+
+    _, _, stats = cl.value_grad_and_stats(loss_fn, params, x, y)
+    conv = next(k for k in stats if k in geometries)
+    st = stats[conv]
+    leaf_shapes = [a.shape for a in jax.tree.leaves(st)]
+    assert st.inputs.ndim == 3 and st.inputs.shape not in leaf_shapes  # patches not held
+    assert "deferred" in repr(st) and str(st.inputs.shape) in repr(st)
+    plain = LayerStats(*st)
+    again = jax.tree.unflatten(jax.tree.structure(st), jax.tree.leaves(st))
+    jitted = fast_jit(lambda s: s)(st)
+    for other in (plain, again, jitted, st._replace()):
+        for a, b in zip(st, other):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    abstract = jax.eval_shape(lambda p: cl.value_grad_and_stats(loss_fn, p, x, y)[2], params)
+    assert abstract[conv].inputs.shape == st.inputs.shape
+    assert st._asdict().keys() == {"inputs", "output_grads", "outputs"}
+    assert st[0].shape == st.inputs.shape and len(st) == 3
+    with pytest.raises(ValueError, match="no field"):
+        st._replace(patches=None)
+    # fisher_batch_size keeps the first examples of every field.
+    cut = cl.value_grad_and_stats(loss_fn, params, x, y, fisher_batch_size=2)[2][conv]
+    for a, b in zip(cut, st):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b)[:2], rtol=1e-12)
+
+
 def test_bfloat16_model_gives_float32_stats_and_param_dtype_grads():
     class Low(nn.Module):
         @nn.compact

@@ -230,6 +230,40 @@ def test_first_step_matches_per_example_reference(x64):
             )
 
 
+def test_steps_without_a_statistics_update_do_not_cut_patches(x64):
+    # The captured statistics are deferred: with stats_period > 1 the convolution's patches
+    # (N, T, k·c_in) may only be formed inside the statistics update's lax.cond branch, never
+    # in the step's top-level program, which runs on every step.
+    from sofim_optax.curvature import linen as linen_capture
+
+    model = _model()
+    x = jnp.ones((5, 4, 4, 2), jnp.float64)
+    y = jnp.zeros((5,), jnp.int32)
+    params = model.init(jax.random.key(0), x)
+
+    def loss_fn(p):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply(p, x), y))
+
+    def top_level_shapes(materialised):
+        tx = scale_by_mini_block_fisher(stats_period=3, inverse_period=10)
+        state = tx.init(params)
+
+        def step(p, s):
+            _, grads, stats = linen_capture.value_grad_and_stats(loss_fn, p)
+            if materialised:  # plain statistics: their fields are formed where they are built
+                stats = {k: LayerStats(*v) for k, v in stats.items()}
+            return tx.update(grads, s, p, layer_stats=stats)
+
+        patches = linen_capture.value_grad_and_stats(loss_fn, params)[2]["Conv_0"].inputs.shape
+        eqns = jax.make_jaxpr(step)(params, state).jaxpr.eqns
+        return patches, {tuple(v.aval.shape) for e in eqns for v in e.outvars}
+
+    patches, plain = top_level_shapes(True)
+    assert patches == (5, 9, 8) and patches in plain  # the check can see them
+    patches, deferred = top_level_shapes(False)
+    assert patches not in deferred
+
+
 def test_dense_with_positions_and_conv_with_one_position(x64):
     # A Dense applied over positions (stats (N, T, d)) and a 1-D conv with one output position
     # (stats (N, 1, d); a convolution's statistics always keep the position axis).

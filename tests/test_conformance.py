@@ -11,7 +11,8 @@ optimizer the suite checks:
 
 * every argument after ``learning_rate`` is keyword-only (for every factory found in
   ``sofim_optax.__all__``, so that a new factory cannot escape the suite);
-* ``jax.jit`` of ``init``/``update`` equals eager execution, extra arguments the method does
+* ``jax.jit`` of ``init``/``update`` equals eager execution (and the step calls no host
+  function: no Python callback, infeed, outfeed, send or recv), extra arguments the method does
   not use are ignored, and the second and third steps do not retrace;
 * ``chain(scale_by_*, scale(-lr))`` equals the alias, the alias's documented composition
   (momentum, weight decay) equals the explicit optax chain, and, where the direction is
@@ -40,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -721,6 +723,12 @@ def test_jit_equals_eager_no_retrace_and_stable_state(name):
     )
     assert_finite(state, name)
     case.check_state(state, STEPS)
+    # No host round-trip in the step: no Python callback, no infeed/outfeed, no send/recv.
+    params, grads, inputs = steps[0]
+    program = update.lower(grads, state, params, inputs).as_text()
+    calls = r"custom_call @\w*(?:python|callback)\w*|stablehlo\.(?:infeed|outfeed|send|recv)\b"
+    host = re.findall(calls, program)
+    assert not host, f"{name}: the step calls the host ({sorted(set(host))})"
 
 
 @pytest.mark.parametrize("name", matrix(ALL, fast=FAST_COMPOSITION, slow=SLOW_COMPOSITION))

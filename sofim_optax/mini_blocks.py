@@ -42,19 +42,19 @@ __all__ = [
 
 #: Default ``dense_block_size``. Memory arithmetic for the deep autoencoder
 #: 784-1000-500-250-30-250-500-1000-784 (P = 2 837 314 weights and biases, all dense): a block
-#: of size ``s`` stores ``s`` floats per parameter, and MBF keeps two such stacks (the EMA
-#: blocks and their damped inverses, or with ``inverse="eigh"`` their eigenvectors plus one
-#: float per parameter of eigenvalues), i.e. ``2 · 4 B · s`` per parameter in float32. With
-#: chunks of at most 64 (balanced to 61 and 63, plus 31 for the 31-entry columns; padding
-#: under 1 %) the state is 1.44 GB (measured with ``jax.eval_shape``); at most 32 (the
-#: default): 0.75 GB; at most 128: 2.8 GB. Unchunked (``None``, blocks of ``d_in + 1`` up to
-#: 1001) it is 18.0 GB, plus the temporaries of an inverse refresh (a stack-sized identity
-#: and Cholesky factor per block size), which does not fit a 24 GB machine. Time grows with ``s`` as well: the
-#: statistics cost ``N · P · s / 2`` multiply-adds per refresh (upper triangles only) and the
-#: preconditioning ``P · s`` per step, and the preconditioning reads the ``P · s`` floats of the
-#: inverses at every step, so that on a CPU it is bound by memory: 32 instead of 64 took the
-#: autoencoder's step (statistics every 50, inverses every 100) from 2.55× to 2.03× SGD-m's
-#: and the small CNN's from 3.95× to 3.23× (docs/benchmarks.md).
+#: of size ``s`` stores ``s(s+1)/2`` floats of packed EMA statistics and ``s²`` of inverse (or,
+#: with ``inverse="eigh"``, eigenvectors plus ``s`` eigenvalues), i.e. about ``4 B · 1.5 s``
+#: per parameter in float32. With chunks of at most 32 (the default; balanced to 31 and 32,
+#: padding under 1 %) the state is 0.57 GB (measured with ``jax.eval_shape``); at most 64:
+#: 1.09 GB; at most 128: about 2.1 GB. Unchunked (``None``, blocks of ``d_in + 1`` up to
+#: 1001) it is about 13.5 GB, plus the temporaries of an inverse refresh (a stack-sized
+#: identity and Cholesky factor per block size), which does not fit a 24 GB machine. Time
+#: grows with ``s`` as well: the statistics cost ``N · P · s / 2`` multiply-adds per refresh
+#: (upper triangles only) and the preconditioning ``P · s`` per step, and the preconditioning
+#: reads the ``P · s`` floats of the inverses at every step, so that on a CPU it is bound by
+#: memory: 32 instead of 64 took the autoencoder's step (statistics every 50, inverses every
+#: 100) from 2.55× to 2.03× SGD-m's and the small CNN's from 3.95× to 3.23×
+#: (docs/benchmarks.md).
 DEFAULT_DENSE_BLOCK_SIZE = 32
 
 #: Target number of floats of the per-chunk temporaries of the statistics einsums (about

@@ -81,6 +81,12 @@ def _is_float(x: Any) -> bool:
 _SUMMED_SIZE = 1 << 14
 
 
+def _concrete(x: Any) -> bool:
+    """Whether ``x`` is a value rather than a tracer: outside ``jit`` the guards branch in
+    plain Python, op by op, instead of compiling a ``lax.cond``."""
+    return not isinstance(x, jax.core.Tracer)
+
+
 def _wide_sum(x: jax.Array) -> jax.Array:
     """The sum of ``x``'s entries, in float32 at least (a float16 sum overflows early)."""
     x = jnp.asarray(x)
@@ -111,7 +117,7 @@ def all_finite(tree: Any) -> jax.Array:
     ok = _exactly_finite(small)
     if large:
         quick = jnp.isfinite(sum(_wide_sum(x) for x in large))
-        if not isinstance(quick, jax.core.Tracer):  # concrete: plain Python
+        if _concrete(quick):
             exact = quick if bool(quick) else _exactly_finite(large)
         else:
             exact = lax.cond(quick, lambda xs: jnp.asarray(True), _exactly_finite, large)
@@ -258,11 +264,6 @@ def skip_nonfinite_steps(
         if covered == "all":  # a guarded fallback inside a method: nothing to repeat
             return update_fn(updates, state, params, **extra)
 
-        # Outside jit (a concrete test), plain Python branches keep eager execution op by op
-        # instead of compiling the whole update as one lax.cond.
-        def concrete(test):
-            return not isinstance(test, jax.core.Tracer)
-
         def step(_):
             token = _inside_guard.set("all" if covers_nested else "gradient")
             try:
@@ -282,7 +283,7 @@ def skip_nonfinite_steps(
         if covered == "gradient":  # inside an alias's guard: the gradient is finite
             return step(None)
         finite = all_finite(updates)
-        if concrete(finite):
+        if _concrete(finite):
             return step(None) if bool(finite) else skip(None)
         return lax.cond(finite, step, skip, None)
 

@@ -120,7 +120,7 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
         bl = layout_of(param_layout)
         return MiniBlockFisherCurvature(
             stat_updates=jnp.zeros((len(param_layout.layers),), jnp.int32),
-            blocks=bl.zeros(dtype),
+            blocks=bl.packed_zeros(dtype),
             eigvals=bl.vectors(dtype) if eigh else {},
             eigvecs=bl.eyes(dtype) if eigh else {},
             inverses={} if eigh else bl.eyes(dtype),

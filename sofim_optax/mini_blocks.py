@@ -204,7 +204,7 @@ class BlockLayout:
                 dims[k] = size
         return cls(blockings, {k: tuple(v) for k, v in entries.items()}, sizes, dims)
 
-    def zeros(self, dtype: Any) -> dict[str, jax.Array]:
+    def packed_zeros(self, dtype: Any) -> dict[str, jax.Array]:
         """``{key: zeros (n_s, s(s+1)/2)}``: empty stacks of packed blocks (:func:`pack`)."""
         return {k: jnp.zeros((n, packed_size(self.dims[k])), dtype) for k, n in self.sizes.items()}
 

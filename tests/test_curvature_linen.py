@@ -491,7 +491,8 @@ def test_captured_stats_are_deferred_and_behave_like_plain_ones():
     abstract = jax.eval_shape(lambda p: cl.value_grad_and_stats(loss_fn, p, x, y)[2], params)
     assert abstract[conv].inputs.shape == st.inputs.shape
     assert st._asdict().keys() == {"inputs", "output_grads", "outputs"}
-    assert st[0].shape == st.inputs.shape and len(st) == 3
+    assert st[0].shape == st.inputs.shape and st[-1].shape == st.outputs.shape and len(st) == 3
+    assert [a.shape for a in st[1:]] == [st.output_grads.shape, st.outputs.shape]
     with pytest.raises(ValueError, match="no field"):
         st._replace(patches=None)
     # fisher_batch_size keeps the first examples of every field.

@@ -113,8 +113,10 @@ class LayerStats:
     def __len__(self) -> int:
         return 3
 
-    def __getitem__(self, index: int) -> Any:
-        return tuple(self)[index]
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        return self._field(range(len(self._fields))[index])  # (only that field is formed)
 
     def _replace(self, **fields: Any) -> LayerStats:
         """New (plain) statistics with the given fields replaced, as ``NamedTuple._replace``."""

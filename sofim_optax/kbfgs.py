@@ -18,6 +18,7 @@ The extra forward/backward pass that K-BFGS needs for its ``(s, y)`` pairs is ma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -75,6 +76,7 @@ def scale_by_kbfgs(
     skip_threshold: Scalar = 1e-4,
     lbfgs_method: str = "compact",
     fallback: optax.GradientTransformation | str | None = "diagonal",
+    kernel_output_axes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition each captured layer's gradient by K-BFGS's ``H_a ⊗ H_g`` (K-BFGS(L) with ``memory``).
 
@@ -161,6 +163,9 @@ def scale_by_kbfgs(
         ``"diagonal"``: :func:`sofim_optax.diagonal_fisher.scale_by_diagonal_fisher` with the
         same ``damping`` and ``ema``, applied to the incoming vector; ``None``: identity); see
         :func:`sofim_optax.scale_by_kfac`.
+      kernel_output_axes: ``{layer path: number of output axes}`` for a bias-less
+        ``DenseGeneral`` with several output axes (see :func:`sofim_optax.scale_by_kfac`).
+        Default ``None``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
@@ -199,6 +204,7 @@ def scale_by_kbfgs(
         stats_period=1,
         inverse_period=1,
         fallback=diagonal_fisher.resolve_fallback(_NAME, fallback, damping=damping, ema=ema),
+        kernel_output_axes=kernel_output_axes,
     )
 
 

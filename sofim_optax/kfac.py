@@ -38,6 +38,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -196,6 +197,7 @@ def scale_by_kfac(
     pi_adjusted: bool = True,
     inverse: str = "eigh",
     fallback: optax.GradientTransformation | str | None = "diagonal",
+    kernel_output_axes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition each captured layer's gradient by its damped KFAC Fisher block inverse.
 
@@ -282,6 +284,12 @@ def scale_by_kfac(
         only known at update time, a stateful fallback allocates its state for every candidate
         layer too.
 
+      kernel_output_axes: ``{layer path: number of output axes}`` for dense maps over several
+        axes that the parameter tree cannot tell from a convolution: a bias-less
+        ``DenseGeneral`` / ``LinearGeneral`` with ``features=(heads, head_dim)`` needs ``2``
+        (the message of a misread layer gives the entry). Rules:
+        :func:`sofim_optax.layerwise.discover_layers`. Default ``None``.
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
       *, layer_stats, **extra)`` requires ``layer_stats`` (a ``dict[str, LayerStats]`` as made by
@@ -308,6 +316,7 @@ def scale_by_kfac(
         fallback=diagonal_fisher.resolve_fallback(
             "scale_by_kfac", fallback, damping=damping, ema=ema
         ),
+        kernel_output_axes=kernel_output_axes,
     )
 
 

@@ -58,6 +58,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -113,6 +114,7 @@ def _scale_by_family(
     krylov_dim: int | None = 4,
     indefinite: str = "abs",
     fallback: optax.GradientTransformation | str | None = "diagonal",
+    kernel_output_axes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The one factory of the family; ``kind`` is one of ``kpsvd_curvature.KINDS``."""
     cfg = family.FamilyConfig(
@@ -127,7 +129,13 @@ def _scale_by_family(
     )
     fallback = diagonal_fisher.resolve_fallback(_NAMES[kind], fallback, damping=damping, ema=ema)
     return family.transformation(
-        _NAMES[kind], ScaleByKpsvdState, cfg, stats_period, inverse_period, fallback
+        _NAMES[kind],
+        ScaleByKpsvdState,
+        cfg,
+        stats_period,
+        inverse_period,
+        fallback,
+        kernel_output_axes=kernel_output_axes,
     )
 
 
@@ -195,6 +203,9 @@ _SHARED_ARGS = r"""
       fallback: transformation for the parameters no captured layer covers (default
         ``"diagonal"``: a diagonal Fisher step with the same damping; ``None``: identity); see
         :func:`sofim_optax.scale_by_kfac`.
+      kernel_output_axes: ``{{layer path: number of output axes}}`` for a bias-less
+        ``DenseGeneral`` with several output axes (see :func:`sofim_optax.scale_by_kfac`).
+        Default ``None``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,

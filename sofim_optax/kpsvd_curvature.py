@@ -69,6 +69,7 @@ see ``indefinite``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -347,6 +348,8 @@ def transformation(
     stats_period: Any,
     inverse_period: Any,
     fallback: optax.GradientTransformation | None,
+    *,
+    kernel_output_axes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The ``scale_by_*`` transformation of one family member, on KFAC's skeleton."""
     _validate(name, cfg)
@@ -357,4 +360,5 @@ def transformation(
         stats_period=stats_period,
         inverse_period=inverse_period,
         fallback=fallback,
+        kernel_output_axes=kernel_output_axes,
     )

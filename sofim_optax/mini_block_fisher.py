@@ -16,6 +16,7 @@ the diagonal fallback in :mod:`sofim_optax.diagonal_fisher`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -209,7 +210,10 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
         split = bl.split(out_stacks, list(grads))
         return {i: bl.blockings[i].deblockify(split[i]) for i in grads}, curv
 
-    return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
+    # kind_sensitive: the partition of a kernel differs for a dense map and a convolution.
+    return layerwise.LayerwiseMethod(
+        init, update_statistics, refresh, precondition, kind_sensitive=True
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -233,6 +237,7 @@ def scale_by_mini_block_fisher(
     inverse: str = "cholesky",
     batch_chunk: int | None = None,
     fallback: optax.GradientTransformation | str | None = "diagonal",
+    kernel_output_axes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition each captured layer's gradient by its damped mini-block empirical Fisher.
 
@@ -343,6 +348,12 @@ def scale_by_mini_block_fisher(
         (default) for :func:`scale_by_diagonal_fisher` with the same ``damping`` and ``ema``,
         refreshed every step (see :func:`sofim_optax.diagonal_fisher.resolve_fallback`);
         ``None`` for the identity; or any optax transformation.
+      kernel_output_axes: ``{layer path: number of output axes}`` for dense maps over several
+        axes that the parameter tree cannot tell from a convolution (a ``DenseGeneral`` /
+        ``LinearGeneral`` over several input axes, such as attention's output projection, or a
+        bias-less one with several output axes); listed layers get the dense blocks. A layer
+        that needs an entry is refused at trace time with the entry in the message. Rules:
+        :func:`sofim_optax.layerwise.discover_layers`. Default ``None``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
@@ -372,6 +383,7 @@ def scale_by_mini_block_fisher(
         stats_period=stats_period,
         inverse_period=inverse_period,
         fallback=fallback,
+        kernel_output_axes=kernel_output_axes,
     )
 
 

@@ -151,9 +151,11 @@ class LayerBlocking:
 
 
 def layer_blocking(layer: layerwise.Layer, dense_block_size: int | None) -> LayerBlocking:
-    """The :class:`LayerBlocking` of a layer: ``ndim(kernel) == 2`` is dense, ``>= 3`` conv."""
+    """The :class:`LayerBlocking` of a layer, by its :attr:`~sofim_optax.layerwise.Layer.kind`:
+    a dense layer (2-D kernel, or a general dense map such as a ``DenseGeneral``, whose input
+    and output axes are flattened) has dense blocks, any other kernel conv blocks."""
     shape = layer.kernel_shape
-    if len(shape) == 2:
+    if layer.kind == "dense":
         d_a = layer.d_a
         size = d_a if dense_block_size is None else min(int(dense_block_size), d_a)
         n_chunks = -(-d_a // size)

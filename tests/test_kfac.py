@@ -229,10 +229,44 @@ def test_layer_discovery_rules():
     assert sorted(by_path) == ["conv", "dense", "layers/0", "odd_bias"]
     assert (by_path["conv"].d_a, by_path["conv"].d_g) == (19, 5)
     assert (by_path["dense"].d_a, by_path["dense"].d_g) == (4, 2)
-    assert not by_path["odd_bias"].has_bias and by_path["odd_bias"].d_a == 8
+    # A bias shaped like the kernel's last two axes: a DenseGeneral with features (2, 3).
+    general = by_path["odd_bias"]
+    assert general.has_bias and general.kind == "dense" and general.output_axes == 2
+    assert (general.d_in, general.d_a, general.d_g) == (4, 5, 6)
     assert not by_path["layers/0"].has_bias
     others = sorted(layout.leaf_paths[i] for i in layout.other_leaves)
-    assert others == ["norm/bias", "norm/scale", "odd_bias/bias", "vec/kernel"]
+    assert others == ["norm/bias", "norm/scale", "vec/kernel"]
+
+
+def test_kernel_output_axes_decide_the_reading():
+    params = {
+        "q": {"kernel": zeros((6, 2, 3))},  # a bias-less DenseGeneral(features=(2, 3))
+        "out": {"kernel": zeros((2, 3, 6)), "bias": zeros((6,))},  # attention's output projection
+        "odd": {"kernel": zeros((4, 5)), "bias": zeros((4,))},  # bias of the wrong size
+    }
+    by_path = {layer.path: layer for layer in layerwise.discover_layers(params).layers}
+    assert (by_path["q"].kind, by_path["q"].d_in, by_path["q"].d_out) == ("conv", 12, 3)
+    assert (by_path["out"].kind, by_path["out"].d_a, by_path["out"].d_out) == ("conv", 7, 6)
+    assert not by_path["odd"].has_bias
+    hinted = layerwise.discover_layers(params, {"q": 2, "out": 1})
+    by_path = {layer.path: layer for layer in hinted.layers}
+    assert (by_path["q"].kind, by_path["q"].d_in, by_path["q"].d_out) == ("dense", 6, 6)
+    assert (by_path["out"].kind, by_path["out"].d_a, by_path["out"].d_out) == ("dense", 7, 6)
+    with pytest.raises(ValueError, match=r"names \['nope'\].*Layer paths"):
+        layerwise.discover_layers(params, {"nope": 1})
+    with pytest.raises(ValueError, match=r"kernel_output_axes\['q'\] = 3.*give 1 to 2"):
+        layerwise.discover_layers(params, {"q": 3})
+    with pytest.raises(ValueError, match="must be an int"):
+        layerwise.discover_layers(params, {"q": True})
+    # A misread layer is refused with the entry that fixes it.
+    stats = {"q": LayerStats(zeros((4, 1, 6)), zeros((4, 1, 6)))}
+    grads = {"q": {"kernel": zeros((6, 2, 3))}}
+    tx = scale_by_kfac()
+    with pytest.raises(ValueError, match=r"kernel_output_axes=\{'q': 2\}"):
+        tx.update(grads, tx.init(grads), layer_stats=stats)
+    tx = scale_by_kfac(kernel_output_axes={"q": 2})
+    upd, _ = tx.update(grads, tx.init(grads), layer_stats=stats)
+    assert upd["q"]["kernel"].shape == (6, 2, 3)
 
 
 def test_nnx_state_and_optimizer():

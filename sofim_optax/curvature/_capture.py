@@ -36,7 +36,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 from jax import lax
 
-from sofim_optax.curvature._layer_specs import CaptureError, LayerSpec
+from sofim_optax.curvature._layer_specs import CaptureError, DenseGeneralSpec, LayerSpec
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
 from sofim_optax.hyperparameters import accumulation_dtype
 
@@ -345,6 +345,10 @@ class _CapturedView:
     grad_scale: int
     dtype: Any
 
+    @property
+    def layer_kind(self) -> str:
+        return self.spec.layer_kind
+
     def _cut(self, a: jax.Array) -> jax.Array:
         return a if self.batch is None else a[: self.batch]
 
@@ -376,6 +380,37 @@ def _layer_stats(
         dtype=jnp.dtype(accumulation_dtype(inputs, outputs)),
     )
     return LayerStats.deferred(view, (inputs, outputs, cotangent))
+
+
+def _discover(
+    run: Callable[[Any], tuple[Any, Any]], primal: Any, fisher: FisherType, has_aux: bool
+) -> Session:
+    """The discovery trace (shapes only, :func:`jax.eval_shape`): the session it filled."""
+    discovery = Session("discover", fisher)
+
+    def discover(p: Any) -> jax.Array:
+        with _activate(discovery):
+            out, _ = run(p)
+        loss, _ = _split_output(out, has_aux)
+        _check_scalar_loss(loss)
+        return loss
+
+    jax.eval_shape(discover, primal)
+    return discovery
+
+
+def kernel_output_axes(
+    run: Callable[[Any], tuple[Any, Any]], primal: Any, *, has_aux: bool
+) -> dict[str, int]:
+    """Shared implementation of the adapters' ``kernel_output_axes``: ``{path: number of
+    feature axes}`` of every captured dense map over several axes, from one shape-only
+    trace."""
+    session = _discover(run, primal, "empirical", has_aux)
+    return {
+        path: rec.spec.n_features
+        for path, rec in session.layers.items()
+        if isinstance(rec.spec, DenseGeneralSpec)
+    }
 
 
 #: The keyword options both adapters take and hand over unchanged to :func:`value_grad_and_stats`.
@@ -431,16 +466,7 @@ def value_grad_and_stats(
         )
 
     # 1. Discovery: shapes only.
-    discovery = Session("discover", fisher)
-
-    def discover(p: Any) -> jax.Array:
-        with _activate(discovery):
-            out, _ = run(p)
-        loss, _ = _split_output(out, has_aux)
-        _check_scalar_loss(loss)
-        return loss
-
-    jax.eval_shape(discover, primal)
+    discovery = _discover(run, primal, fisher, has_aux)
     logger.debug(
         "sofim_optax.curvature: capturing %d layers: %s",
         len(discovery.layers),

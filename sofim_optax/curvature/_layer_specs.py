@@ -9,6 +9,7 @@ capture cannot handle, naming the layer.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -29,6 +30,8 @@ class CaptureError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class DenseSpec:
     """A dense layer ``outputs = inputs @ kernel (+ bias)`` over the last axis."""
+
+    layer_kind = "dense"
 
     def check_inputs(self, path: str, x: Any) -> None:
         """Refuses inputs without a batch axis.
@@ -74,6 +77,7 @@ class ConvSpec:
     """A shared-weight convolution with the given geometry (channels last)."""
 
     geometry: ConvGeometry
+    layer_kind = "conv"
 
     def check_inputs(self, path: str, x: Any) -> None:
         """Refuses inputs without a batch axis.
@@ -119,7 +123,79 @@ class ConvSpec:
         return y.reshape(x.shape[0], -1, y.shape[-1])
 
 
-LayerSpec = DenseSpec | ConvSpec
+@dataclasses.dataclass(frozen=True)
+class DenseGeneralSpec:
+    """A dense map over several axes: ``flax.linen.DenseGeneral`` / ``flax.nnx.LinearGeneral``.
+
+    The layer contracts the input axes ``contracted`` (sorted, non-negative, never the batch
+    axis 0) with the kernel's leading axes and puts ``n_features`` feature axes last, after
+    the input's other axes. Its statistics flatten the contracted axes into ``d_in`` (in the
+    kernel's axis order) and the feature axes into ``d_out``, so that
+    ``inputs @ kernel.reshape(d_in, d_out) + bias.reshape(d_out) == outputs``; the
+    non-contracted axes after the batch become positions ``T``. They are ``(N, T, ·)``
+    always (``T = 1`` when there are none), except for a plain ``(N, d_in) → (N, d_out)`` map,
+    which is ``(N, ·)`` as for ``Dense``: a kernel of ``ndim >= 3`` may be read as a
+    convolution by the transformations, which take ``(N, T, ·)`` only.
+
+    Attributes:
+      contracted: the contracted input axes, normalised and sorted.
+      n_features: the number of feature (output) axes.
+    """
+
+    contracted: tuple[int, ...]
+    n_features: int
+    layer_kind = "dense"
+
+    def _flat(self, x: Any) -> bool:
+        return len(x.shape) == 2 and self.contracted == (1,) and self.n_features == 1
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Refuses inputs without a batch axis and maps that contract the batch axis.
+
+        Args:
+          path: the layer's key, for the message.
+          x: the layer input (array or abstract value).
+        """
+        if len(x.shape) < 2 or 0 in self.contracted:
+            raise CaptureError(
+                f"Layer '{path}' (a dense map over axes {self.contracted}) was applied to an "
+                f"input of shape {tuple(x.shape)}; capture needs a leading batch axis that the "
+                "layer does not contract: (N, ..., contracted axes ...)."
+            )
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """``(N, T, d_in)``: the contracted axes moved last and flattened.
+
+        Args:
+          x: the layer input.
+
+        Returns:
+          The statistics view of the input.
+        """
+        if self._flat(x):
+            return x
+        kept = [a for a in range(x.ndim) if a not in self.contracted]
+        moved = x.transpose(kept + list(self.contracted))
+        d_in = math.prod(x.shape[a] for a in self.contracted)
+        return moved.reshape(x.shape[0], -1, d_in)
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """``(N, T, d_out)``: the feature axes (last) flattened.
+
+        Args:
+          y: an array shaped like the layer output ``(N, ..., *features)``.
+          x: the layer input.
+
+        Returns:
+          The statistics view.
+        """
+        if self._flat(x):
+            return y
+        d_out = math.prod(y.shape[y.ndim - self.n_features :])
+        return y.reshape(y.shape[0], -1, d_out)
+
+
+LayerSpec = DenseSpec | ConvSpec | DenseGeneralSpec
 
 
 def refuse(path: str, layer_type: str, what: str) -> CaptureError:
@@ -207,3 +283,41 @@ def conv_spec(
     except (TypeError, ValueError) as e:
         raise refuse(path, layer_type, f"has options capture cannot read ({e})") from e
     return ConvSpec(geometry)
+
+
+def dense_general_spec(
+    path: str,
+    layer_type: str,
+    *,
+    axis: int | tuple[int, ...],
+    n_features: int,
+    input_ndim: int,
+    batch_dims: tuple[int, ...],
+    custom_dot_general: bool,
+) -> DenseGeneralSpec:
+    """Validates a ``DenseGeneral`` / ``LinearGeneral``'s options and returns its spec.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      axis: the layer's contracted ``axis`` (int or tuple, negative allowed).
+      n_features: the number of feature axes (``len(features)`` / ``len(out_features)``).
+      input_ndim: the rank of the layer's input.
+      batch_dims: the layer's ``batch_dims`` / ``batch_axis`` (refused when not empty).
+      custom_dot_general: whether the layer replaces ``lax.dot_general`` (refused).
+
+    Returns:
+      The spec.
+    """
+    if batch_dims:
+        raise refuse(
+            path,
+            layer_type,
+            f"has batch_dims={tuple(batch_dims)} (a separate kernel per batch slice, not one "
+            "dense map)",
+        )
+    if custom_dot_general:
+        raise refuse(path, layer_type, "uses a custom dot_general")
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    contracted = tuple(sorted(a % input_ndim for a in axes))
+    return DenseGeneralSpec(contracted, int(n_features))

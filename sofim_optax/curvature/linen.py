@@ -2,8 +2,8 @@
 
 Interception: :func:`flax.linen.intercept_methods` wraps every module method
 call while the user's loss runs. The interceptor acts only when the method
-being run is exactly ``flax.linen.Dense.__call__`` or the shared-weight
-``flax.linen.Conv.__call__`` (so a subclass that overrides ``__call__`` and
+being run is exactly ``flax.linen.Dense.__call__``, ``flax.linen.DenseGeneral.__call__``
+or the shared-weight ``flax.linen.Conv.__call__`` (so a subclass that overrides ``__call__`` and
 calls ``super().__call__`` is captured at the super call, and a subclass whose
 own ``__call__`` does something else is left alone). For such a call it records
 the layer input, runs the layer, and returns ``output + perturbation`` where
@@ -25,7 +25,7 @@ from sofim_optax.curvature import _capture, _layer_specs
 from sofim_optax.curvature._capture import FisherType, LossReduction
 from sofim_optax.curvature.stats import LayerStatsDict
 
-__all__ = ["value_grad_and_stats"]
+__all__ = ["kernel_output_axes", "value_grad_and_stats"]
 
 
 def _raw(method: Any) -> Any:
@@ -35,12 +35,30 @@ def _raw(method: Any) -> Any:
 
 _DENSE_CALL = _raw(nn.Dense.__call__)
 _CONV_CALL = _raw(nn.Conv.__call__)  # ``_Conv.__call__``, also used by ConvLocal
+_DENSE_GENERAL_CALL = _raw(nn.DenseGeneral.__call__)
 
 
 def _dense_spec(path: str, module: nn.Dense) -> _layer_specs.DenseSpec:
     return _layer_specs.dense_spec(
         path,
         type(module).__name__,
+        custom_dot_general=module.dot_general is not None or module.dot_general_cls is not None,
+    )
+
+
+def _dense_general_spec(
+    path: str, module: nn.DenseGeneral, inputs: Any
+) -> _layer_specs.DenseGeneralSpec:
+    features = module.features
+    return _layer_specs.dense_general_spec(
+        path,
+        type(module).__name__,
+        axis=module.axis,
+        n_features=1 if isinstance(features, int) else len(features),
+        input_ndim=len(inputs.shape),
+        batch_dims=(module.batch_dims,)
+        if isinstance(module.batch_dims, int)
+        else module.batch_dims,
         custom_dot_general=module.dot_general is not None or module.dot_general_cls is not None,
     )
 
@@ -81,20 +99,36 @@ def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> 
             return next_fun(*args, **kwargs)
         func = getattr(context.orig_method, "func", None)
         module = context.module
+        inputs = args[0] if args else kwargs.get("inputs")
+        path = "/".join(str(p) for p in module.path)
         if func is _DENSE_CALL and isinstance(module, nn.Dense):
-            make_spec: Callable[[str, Any], _capture.LayerSpec] = _dense_spec
+            spec: _capture.LayerSpec = _dense_spec(path, module)
         elif func is _CONV_CALL and isinstance(module, nn.Conv):
-            make_spec = _conv_spec
+            spec = _conv_spec(path, module)
+        elif func is _DENSE_GENERAL_CALL and isinstance(module, nn.DenseGeneral):
+            spec = _dense_general_spec(path, module, inputs)
         else:
             return next_fun(*args, **kwargs)
-        path = "/".join(str(p) for p in module.path)
-        spec = make_spec(path, module)
-        inputs = args[0] if args else kwargs["inputs"]
         return _capture.capture_layer(
             session, path, spec, inputs, lambda: next_fun(*args, **kwargs)
         )
 
     return interceptor
+
+
+def _runner(loss_fn: Callable[..., Any], args: tuple) -> Callable[[Any], tuple[Any, None]]:
+    """``run(params)``: ``loss_fn(params, *args)`` with this capture's interceptor installed."""
+
+    def run(p: Any) -> tuple[Any, None]:
+        session = _capture.current_session()
+        interceptor = _make_interceptor(
+            lambda: session if _capture.current_session() is session else None
+        )
+        with nn.intercept_methods(interceptor):
+            out = loss_fn(p, *args)
+        return out, None
+
+    return run
 
 
 def value_grad_and_stats(
@@ -112,7 +146,8 @@ def value_grad_and_stats(
     ``value, grads, layer_stats = value_grad_and_stats(loss_fn, params, x, y)``
     returns what ``jax.value_and_grad(loss_fn, has_aux=has_aux)(params, x, y)``
     returns, plus a :class:`~sofim_optax.curvature.LayerStats` for every
-    ``flax.linen.Dense`` and ``flax.linen.Conv`` call made by ``loss_fn``, at
+    ``flax.linen.Dense``, ``flax.linen.DenseGeneral`` and ``flax.linen.Conv`` call made
+    by ``loss_fn`` (the projections of ``MultiHeadDotProductAttention`` included), at
     any depth of nesting, computed in ONE forward and ONE backward pass (plus a
     shape-only :func:`jax.eval_shape` trace that discovers the layers; it
     computes nothing). Works inside the user's :func:`jax.jit`.
@@ -127,6 +162,14 @@ def value_grad_and_stats(
       ``outputs (N, d_out)``. On ``(N, L_1, ..., d_in)`` the middle axes are
       flattened into positions like a convolution's: ``(N, T, d)``,
       ``T = L_1 * ...``.
+    * ``DenseGeneral`` (contracted ``axis``, ``features``): the contracted axes flattened
+      into ``d_in`` and the feature axes into ``d_out``, in the kernel's own order, so that
+      ``inputs @ kernel.reshape(d_in, d_out) + bias.reshape(d_out) == outputs``; the input's
+      other axes after ``N`` become positions: ``(N, T, d_in)`` and ``(N, T, d_out)``, with
+      ``T = 1`` when there are none (``(N, d)`` only for a plain ``(N, d_in) → (N, d_out)``
+      map). ``batch_dims`` and a contracted batch axis are refused. A kernel the parameter
+      tree cannot read on its own needs the methods' ``kernel_output_axes``
+      (:func:`kernel_output_axes`).
     * ``Conv`` (any number of spatial dimensions): ``inputs (N, T, k_1*...*k_d*c_in)``,
       the patches flattened in the kernel's own ``(k_1, ..., k_d, c_in)`` order
       with the layer's strides, padding (``SAME``, ``SAME_LOWER``, ``VALID``,
@@ -142,7 +185,7 @@ def value_grad_and_stats(
     * Statistics are at least float32 (bfloat16/float16 models get float32;
       float64 stays float64); ``grads`` are in the parameters' dtypes.
 
-    Parameters of other layers (``BatchNorm``, ``Embed``, ``DenseGeneral``,
+    Parameters of other layers (``BatchNorm``, ``Embed``, ``LayerNorm``,
     ``ConvLocal``, ``ConvTranspose``, ``Einsum``, subclasses whose own
     ``__call__`` does not run ``Dense.__call__`` / ``Conv.__call__``, ...) get no
     statistics but do get gradients.
@@ -200,14 +243,33 @@ def value_grad_and_stats(
     """
     options = _capture.capture_options(locals())  # handed over unchanged
 
-    def run(p: Any) -> tuple[Any, None]:
-        session = _capture.current_session()
-        interceptor = _make_interceptor(
-            lambda: session if _capture.current_session() is session else None
-        )
-        with nn.intercept_methods(interceptor):
-            out = loss_fn(p, *args)
-        return out, None
-
+    run = _runner(loss_fn, args)
     value, grads, stats, _ = _capture.value_grad_and_stats(run, params, **options)
     return value, grads, stats
+
+
+def kernel_output_axes(
+    loss_fn: Callable[..., Any], params: Any, *args: Any, has_aux: bool = False
+) -> dict[str, int]:
+    """How many output axes each ``DenseGeneral`` kernel that ``loss_fn`` calls has.
+
+    The parameter tree alone cannot always tell a dense map over several axes from a
+    convolution (a ``(heads, head_dim, d_model)`` kernel with a ``(d_model,)`` bias reads as
+    either). Pass the result as the ``kernel_output_axes`` argument of a layer-wise method
+    (``scale_by_kfac``, ``scale_by_mini_block_fisher``, ...) to make every such layer read as
+    the dense map it is; Mini-Block Fisher needs it for attention's output projections, and
+    every method for a bias-less ``DenseGeneral`` with several feature axes. One shape-only trace
+    (:func:`jax.eval_shape`), nothing computed.
+
+    Args:
+      loss_fn: as for :func:`value_grad_and_stats`.
+      params: the parameters, as for :func:`value_grad_and_stats`.
+      *args: further arguments of ``loss_fn``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``. Default ``False``.
+
+    Returns:
+      ``{layer path: number of feature axes}`` of every captured ``DenseGeneral`` (including the
+      projections inside attention).
+    """
+
+    return _capture.kernel_output_axes(_runner(loss_fn, args), params, has_aux=has_aux)

@@ -8,7 +8,7 @@ on a private copy of the model:
 1. ``nnx.split(model, nnx.Param, ...)`` separates the parameters (what is
    differentiated) from the rest of the state.
 2. Inside the differentiated function, ``nnx.merge`` builds a fresh copy. Every
-   ``nnx.Linear`` / ``nnx.Conv`` instance of the copy whose class does not
+   ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` instance of the copy whose class does not
    override ``__call__`` has its ``__class__`` switched to a cached subclass
    whose ``__call__`` records the input, runs the original ``__call__`` and
    adds the layer's zero perturbation. The classes are switched back before
@@ -33,19 +33,31 @@ from sofim_optax.curvature import _capture, _layer_specs
 from sofim_optax.curvature._capture import FisherType, LossReduction
 from sofim_optax.curvature.stats import LayerStatsDict
 
-__all__ = ["value_grad_and_stats"]
+__all__ = ["kernel_output_axes", "value_grad_and_stats"]
 
 _LINEAR_CALL = nnx.Linear.__call__
 _CONV_CALL = nnx.Conv.__call__
+_LINEAR_GENERAL_CALL = nnx.LinearGeneral.__call__
+_CAPTURED_CALLS = (_LINEAR_CALL, _CONV_CALL, _LINEAR_GENERAL_CALL)
 _PATHS_KEY = "nnx_paths"
 
 _capturing_classes: dict[type, type] = {}
 _capturing_lock = threading.Lock()
 
 
-def _layer_spec(path: str, module: Any) -> _capture.LayerSpec:
+def _layer_spec(path: str, module: Any, inputs: Any) -> _capture.LayerSpec:
     """Validates a captured NNX layer's options and returns its spec."""
     name = type(module).__name__
+    if isinstance(module, nnx.LinearGeneral):
+        return _layer_specs.dense_general_spec(
+            path,
+            name,
+            axis=module.axis,
+            n_features=len(module.out_features),
+            input_ndim=len(inputs.shape),
+            batch_dims=tuple(module.batch_axis),
+            custom_dot_general=module.dot_general is not None or module.dot_general_cls is not None,
+        )
     if isinstance(module, nnx.Conv):
         return _layer_specs.conv_spec(
             path,
@@ -112,10 +124,42 @@ def _captured_call(
             "transformation within loss_fn (nnx.vmap / nnx.scan / nnx.remat / nnx.jit / ...). Capture only "
             "supports layers that run at the top level of loss_fn's trace."
         )
-    spec = _layer_spec(path, module)
+    spec = _layer_spec(path, module, inputs)
     return _capture.capture_layer(
         session, path, spec, inputs, lambda: original(module, inputs, *args, **kwargs)
     )
+
+
+def _runner(
+    loss_fn: Callable[..., Any], graphdef: Any, rest: Any, args: tuple
+) -> Callable[[Any], tuple[Any, Any]]:
+    """``run(params) -> (loss_fn output, updated non-parameter state)`` on a private copy of
+    the model whose captured layers record their calls."""
+
+    def run(p: Any) -> tuple[Any, Any]:
+        session = _capture.current_session()
+        assert session is not None
+        # Rebuild the non-differentiated variables inside this trace so that
+        # loss_fn may update them (NNX refuses updates across trace levels).
+        copy = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
+        table: dict[int, str] = {}
+        switched: list[tuple[Any, type]] = []
+        for path, module in nnx.iter_modules(copy):
+            cls = type(module)
+            if getattr(cls, "__call__", None) in _CAPTURED_CALLS:
+                table[id(module)] = "/".join(str(k) for k in path)
+                object.__setattr__(module, "__class__", _capturing_class(cls))
+                switched.append((module, cls))
+        session.scratch[_PATHS_KEY] = table
+        try:
+            out = loss_fn(copy, *args)
+        finally:
+            for module, cls in switched:
+                object.__setattr__(module, "__class__", cls)
+        _, _, new_rest = nnx.split(copy, nnx.Param, ...)
+        return out, new_rest
+
+    return run
 
 
 def value_grad_and_stats(
@@ -134,7 +178,8 @@ def value_grad_and_stats(
     returns ``value`` and ``grads`` as
     ``nnx.value_and_grad(loss_fn, has_aux=has_aux)(model, x, y)`` does (``grads``
     is an ``nnx.State`` of the model's ``nnx.Param`` variables), plus a
-    :class:`~sofim_optax.curvature.LayerStats` for every ``nnx.Linear`` and
+    :class:`~sofim_optax.curvature.LayerStats` for every ``nnx.Linear``,
+    ``nnx.LinearGeneral`` (the projections of ``nnx.MultiHeadAttention`` included) and
     ``nnx.Conv`` of ``model`` that ``loss_fn`` calls, in ONE forward and ONE
     backward pass (plus a shape-only :func:`jax.eval_shape` trace that
     discovers the layers). Works inside :func:`jax.jit` / :func:`nnx.jit`.
@@ -150,6 +195,9 @@ def value_grad_and_stats(
     * ``Linear`` on ``(N, d_in)``: ``inputs (N, d_in)``, ``output_grads`` and
       ``outputs (N, d_out)``; on ``(N, L_1, ..., d_in)`` the middle axes are
       flattened into positions, ``(N, T, d)``.
+    * ``LinearGeneral``: the contracted axes flattened into ``d_in``, the feature axes into
+      ``d_out``, the other axes after ``N`` into positions, ``(N, T, ·)`` with ``T >= 1``
+      (as ``DenseGeneral`` in the Linen adapter); ``batch_axis`` is refused.
     * ``Conv`` (any number of spatial dimensions): ``inputs (N, T, k_1*...*k_d*c_in)``
       patches in the kernel's own order with the layer's strides, padding
       (``SAME``, ``SAME_LOWER``, ``VALID``, explicit, ``CIRCULAR``,
@@ -160,9 +208,9 @@ def value_grad_and_stats(
       ``fisher="sampled"``, gradients of the per-example negative
       log-likelihood of a sampled target. Statistics are at least float32.
 
-    Only instances of ``nnx.Linear`` / ``nnx.Conv`` (or subclasses that do not
-    override ``__call__``) reachable from ``model`` are captured; other
-    parameters (``BatchNorm``, ``Embed``, ``LinearGeneral``, ``Einsum``,
+    Only instances of ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` (or
+    subclasses that do not override ``__call__``) reachable from ``model`` are captured;
+    other parameters (``BatchNorm``, ``Embed``, ``LayerNorm``, ``Einsum``,
     ``ConvTranspose``, layers passed in ``args``, ...) get gradients only.
 
     Refused, with an error naming the layer: a layer applied more than once in
@@ -204,30 +252,35 @@ def value_grad_and_stats(
     """
     options = _capture.capture_options(locals())  # handed over unchanged
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def run(p: Any) -> tuple[Any, Any]:
-        session = _capture.current_session()
-        assert session is not None
-        # Rebuild the non-differentiated variables inside this trace so that
-        # loss_fn may update them (NNX refuses updates across trace levels).
-        copy = nnx.merge(graphdef, p, jax.tree.map(lambda v: v, rest))
-        table: dict[int, str] = {}
-        switched: list[tuple[Any, type]] = []
-        for path, module in nnx.iter_modules(copy):
-            cls = type(module)
-            if getattr(cls, "__call__", None) in (_LINEAR_CALL, _CONV_CALL):
-                table[id(module)] = "/".join(str(k) for k in path)
-                object.__setattr__(module, "__class__", _capturing_class(cls))
-                switched.append((module, cls))
-        session.scratch[_PATHS_KEY] = table
-        try:
-            out = loss_fn(copy, *args)
-        finally:
-            for module, cls in switched:
-                object.__setattr__(module, "__class__", cls)
-        _, _, new_rest = nnx.split(copy, nnx.Param, ...)
-        return out, new_rest
-
+    run = _runner(loss_fn, graphdef, rest, args)
     value, grads, stats, new_rest = _capture.value_grad_and_stats(run, params, **options)
     nnx.update(model, new_rest)
     return value, grads, stats
+
+
+def kernel_output_axes(
+    loss_fn: Callable[..., Any], model: nnx.Module, *args: Any, has_aux: bool = False
+) -> dict[str, int]:
+    """How many output axes each ``LinearGeneral`` kernel that ``loss_fn`` calls has.
+
+    The parameter tree alone cannot always tell a dense map over several axes from a
+    convolution (a ``(heads, head_dim, d_model)`` kernel with a ``(d_model,)`` bias reads as
+    either). Pass the result as the ``kernel_output_axes`` argument of a layer-wise method
+    (``scale_by_kfac``, ``scale_by_mini_block_fisher``, ...) to make every such layer read as
+    the dense map it is; Mini-Block Fisher needs it for attention's output projections, and
+    every method for a bias-less ``LinearGeneral`` with several feature axes. One shape-only
+    trace (:func:`jax.eval_shape`) on a private copy; ``model`` is not changed.
+
+    Args:
+      loss_fn: as for :func:`value_grad_and_stats`.
+      model: the ``nnx.Module``.
+      *args: further arguments of ``loss_fn``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``. Default ``False``.
+
+    Returns:
+      ``{layer path: number of feature axes}`` of every captured ``LinearGeneral``
+      (including the projections inside attention).
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    run = _runner(loss_fn, graphdef, rest, args)
+    return _capture.kernel_output_axes(run, params, has_aux=has_aux)

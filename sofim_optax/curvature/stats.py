@@ -53,6 +53,10 @@ class StatsView(Protocol):
 
     def outputs(self, arrays: tuple[Any, ...]) -> jax.Array: ...
 
+    #: Optional: ``"dense"`` or ``"conv"``, the kind of layer call the view was captured
+    #: from (see :attr:`LayerStats.layer_kind`).
+    layer_kind: str
+
 
 @jax.tree_util.register_pytree_node_class
 class LayerStats:
@@ -94,6 +98,14 @@ class LayerStats:
         if any(isinstance(a, jax.ShapeDtypeStruct) for a in self._arrays):
             return jax.eval_shape(form, self._arrays)  # e.g. the result of jax.eval_shape
         return form(self._arrays)
+
+    @property
+    def layer_kind(self) -> str | None:
+        """``"dense"`` or ``"conv"`` for statistics the capture made (the kind of layer call
+        they come from), ``None`` for statistics built from arrays. The transformations use it
+        only to tell a dense map over several input axes from a convolution with the same
+        kernel shape."""
+        return None if self._view is None else getattr(self._view, "layer_kind", None)
 
     @property
     def inputs(self) -> Any:

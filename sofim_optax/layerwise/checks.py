@@ -9,6 +9,7 @@ method, the argument and the layer, and says how to fix it.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,8 @@ def check_layer_stats(
     layer_stats: Mapping[str, Any] | None,
     method: str,
     argument: str = "layer_stats",
+    *,
+    kind_sensitive: bool = False,
 ) -> tuple[int, ...]:
     """Validates per-layer statistics against the layers of ``layout`` (at trace time).
 
@@ -56,6 +59,10 @@ def check_layer_stats(
       method: the transformation's name, for the messages.
       argument: the name of the checked ``update`` argument, for the messages (default
         ``"layer_stats"``; K-BFGS also checks its ``"previous_batch_stats"``).
+      kind_sensitive: the method treats dense layers and convolutions differently even when
+        their ``d_in`` and ``d_out`` agree (Mini-Block Fisher's partition): statistics that the
+        capture made for a dense map are then refused on a layer read as a convolution, with
+        the ``kernel_output_axes`` entry that fixes it. Default ``False``.
 
     Returns:
       The sorted indices (into ``layout.layers``) of the layers present in the statistics; the
@@ -91,7 +98,7 @@ def check_layer_stats(
                 f"`kernel` of ndim >= 2) at that path.{hint} Available layer paths: {list(paths)}."
             )
         layer = layout.layers[paths.index(key)]
-        _check_one(layer, stats, method, argument)
+        _check_one(layer, stats, method, argument, kind_sensitive)
         active.append(paths.index(key))
     return tuple(sorted(active))
 
@@ -111,7 +118,24 @@ def _expected(layer: Layer) -> str:
     )
 
 
-def _check_one(layer: Layer, stats: Any, method: str, argument: str) -> None:
+def _other_split(layer: Layer, d_in: Any, d_out: Any) -> int | None:
+    """The number of output axes that would make the kernel a ``d_in → d_out`` dense map."""
+    shape = layer.kernel_shape
+    for k in range(1, len(shape)):
+        if math.prod(shape[:-k]) == d_in and math.prod(shape[-k:]) == d_out:
+            return k
+    return None
+
+
+def _hint(method: str, layer: Layer, axes: int) -> str:
+    return (
+        f" The kernel reads as a dense map with {axes} output axes (a DenseGeneral / "
+        "LinearGeneral / Einsum whose reading the parameter tree cannot tell on its own): "
+        f"construct {method} with kernel_output_axes={{{layer.path!r}: {axes}}}."
+    )
+
+
+def _check_one(layer: Layer, stats: Any, method: str, argument: str, kind_sensitive: bool) -> None:
     kind = "dense layer" if layer.kind == "dense" else "convolution"
     where = f"{method}: {argument} of layer {layer.path!r} (kernel {layer.kernel_shape}, a {kind})"
     try:
@@ -133,6 +157,26 @@ def _check_one(layer: Layer, stats: Any, method: str, argument: str) -> None:
             "sofim_optax.curvature.linen.value_grad_and_stats / "
             "sofim_optax.curvature.nnx.value_grad_and_stats return them, or reshape each "
             "array of N examples with `a.reshape(N, -1, a.shape[-1])`."
+        )
+    if (
+        len(in_shape) >= 2
+        and len(g_shape) >= 2
+        and (in_shape[-1], g_shape[-1])
+        != (
+            layer.d_in,
+            layer.d_out,
+        )
+    ):
+        axes = _other_split(layer, in_shape[-1], g_shape[-1])
+        if axes is not None:
+            raise ValueError(
+                f"{where}: expected {_expected(layer)}; {got}." + _hint(method, layer, axes)
+            )
+    if kind_sensitive and layer.kind == "conv" and getattr(stats, "layer_kind", None) == "dense":
+        raise ValueError(
+            f"{where}: these statistics were captured from a dense map (a DenseGeneral / "
+            f"LinearGeneral over several input axes), which {method} would cut into blocks as "
+            "a convolution." + _hint(method, layer, layer.output_axes)
         )
     if len(in_shape) not in ranks or len(g_shape) != len(in_shape):
         raise ValueError(f"{where}: expected {_expected(layer)}; {got}.")

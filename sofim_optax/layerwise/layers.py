@@ -1,8 +1,10 @@
 """Layers of a parameter tree: discovery, paths and the gradient matrix of a layer.
 
 A *layer* is any node of the parameter tree holding a ``kernel`` leaf with ``ndim >= 2``
-(dense ``(d_in, d_out)``, conv ``(kh, kw, c_in, c_out)`` or any spatial rank), together with
-its sibling ``bias`` of ``d_out`` entries when present. Its *path* is the ``"/"``-joined key
+(dense ``(d_in, d_out)``, conv ``(kh, kw, c_in, c_out)`` or any spatial rank, or a dense map
+over several axes such as a ``DenseGeneral`` kernel ``(*in_features, *out_features)``),
+together with its sibling ``bias`` when present. How a kernel's axes split into inputs and
+outputs is read by :func:`discover_layers` (its rules are there). Its *path* is the ``"/"``-joined key
 path without a leading ``"params"`` collection key (Flax variables dicts), without the
 trailing ``"kernel"``/``"bias"``, and without the ``.value`` attribute of NNX variables: the
 same string the capture adapters use as the key of ``layer_stats``.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -66,35 +68,45 @@ class Layer:
       path: the layer's key in ``layer_stats`` (e.g. ``"Encoder_0/Dense_1"``).
       kernel_leaf: index of the kernel among the tree's flattened leaves.
       bias_leaf: index of the bias, or ``None`` for a layer without bias.
-      kernel_shape: e.g. ``(d_in, d_out)`` or ``(kh, kw, c_in, c_out)``.
+      kernel_shape: e.g. ``(d_in, d_out)``, ``(kh, kw, c_in, c_out)`` or a ``DenseGeneral``'s
+        ``(*in_features, *out_features)``.
+      output_axes: how many trailing kernel axes are the layer's outputs (default 1; a
+        ``DenseGeneral`` with ``features=(heads, head_dim)`` has 2).
+      general: the kernel is a dense map over several axes (``DenseGeneral``,
+        ``LinearGeneral``, ``Einsum``), not a convolution, although it has ``ndim >= 3``.
     """
 
     path: str
     kernel_leaf: int
     bias_leaf: int | None
     kernel_shape: tuple[int, ...]
+    output_axes: int = 1
+    general: bool = False
 
     @property
     def kind(self) -> str:
-        """``"dense"`` for a 2-D kernel ``(d_in, d_out)``, ``"conv"`` for a kernel of ``ndim >= 3``.
+        """``"dense"`` for a 2-D kernel ``(d_in, d_out)`` or a general dense map
+        (:attr:`general`), ``"conv"`` for any other kernel of ``ndim >= 3``.
 
         The kind fixes the rank of the layer's statistics (:mod:`sofim_optax.layerwise.checks`):
         a dense layer takes ``(N, ·)`` statistics, or ``(N, T, ·)`` when it is applied to
         sequences of ``T`` positions; a convolution (``(k_1, ..., k_d, c_in, c_out)``, what
         ``flax.linen.Conv`` and ``flax.nnx.Conv`` hold) always takes ``(N, T, ·)``, ``T`` its
         output positions, because its per-example gradient is a sum over positions. Any other
-        layer with such a kernel is treated as a convolution.
+        layer with such a kernel is treated as a convolution unless it is :attr:`general`.
         """
-        return "dense" if len(self.kernel_shape) == 2 else "conv"
+        return "dense" if len(self.kernel_shape) == 2 or self.general else "conv"
 
     @property
     def d_in(self) -> int:
-        """``kh·kw·c_in`` (or ``d_in``): the width of the layer's inputs/patches."""
-        return math.prod(self.kernel_shape[:-1])
+        """``kh·kw·c_in`` (or ``d_in``, or the product of a general map's input axes): the
+        width of the layer's inputs/patches."""
+        return math.prod(self.kernel_shape[: -self.output_axes])
 
     @property
     def d_out(self) -> int:
-        return self.kernel_shape[-1]
+        """The product of the kernel's :attr:`output_axes` trailing axes."""
+        return math.prod(self.kernel_shape[-self.output_axes :])
 
     @property
     def has_bias(self) -> bool:
@@ -117,8 +129,10 @@ class Layer:
     def describe(self) -> str:
         shape = "x".join(map(str, self.kernel_shape))
         bias = " + bias" if self.has_bias else ""
+        general = f", a dense map with {self.output_axes} output axes" if self.general else ""
         return (
-            f"{self.path} (kernel {shape}{bias}; A {self.d_a}x{self.d_a}, G {self.d_g}x{self.d_g})"
+            f"{self.path} (kernel {shape}{bias}{general}; A {self.d_a}x{self.d_a}, "
+            f"G {self.d_g}x{self.d_g})"
         )
 
 
@@ -145,19 +159,49 @@ class ParamLayout:
         return self.layer_paths.index(path)
 
 
-def discover_layers(tree: Any) -> ParamLayout:
+def discover_layers(tree: Any, kernel_output_axes: Mapping[str, int] | None = None) -> ParamLayout:
     """Finds the Kronecker-factorable layers of a parameter tree.
 
-    A layer is a node with a ``kernel`` array of ``ndim >= 2``; its sibling ``bias`` is folded
-    in when it holds exactly ``d_out = kernel.shape[-1]`` entries (any other bias, e.g. of a
-    multi-axis ``DenseGeneral``, is left to the fallback). Works on plain nested dicts, Flax
-    linen variables dicts ``{"params": ...}``, ``FrozenDict`` and ``nnx.State`` (leaves may
-    be wrapped in ``nnx.Param``/``VariableState``).
+    A layer is a node with a ``kernel`` array of ``ndim >= 2``. Its axes are read as follows
+    (the parameter tree alone cannot always tell a convolution from a dense map over several
+    axes, so the rules look at the bias and at ``kernel_output_axes``):
+
+    1. a path listed in ``kernel_output_axes`` is a general dense map with that many trailing
+       output axes (``DenseGeneral``'s ``len(features)``);
+    2. a ``kernel`` of ``ndim >= 3`` whose sibling ``bias`` has the shape of the kernel's last
+       ``k >= 2`` axes is a general dense map with ``k`` output axes (a ``DenseGeneral`` /
+       ``LinearGeneral`` with ``features=(heads, head_dim)`` and a bias, as in the query, key
+       and value projections of Flax's attention);
+    3. otherwise a 2-D kernel is dense and a kernel of ``ndim >= 3`` a convolution
+       ``(k_1, ..., k_r, c_in, c_out)``, one output axis. A ``DenseGeneral`` over several
+       input axes with one output axis (the output projection of attention, ``(heads,
+       head_dim, d_model)``) reads the same way: the same ``d_in`` and ``d_out``, so the
+       Kronecker-factored methods treat it exactly as a dense map; only Mini-Block Fisher's
+       block partition differs, and it asks for rule 1.
+
+    The sibling ``bias`` is folded in when it holds exactly ``d_out`` entries in the shape of
+    the output axes (or flat); any other bias is left to the fallback. Works on plain nested
+    dicts, Flax linen variables dicts ``{"params": ...}``, ``FrozenDict`` and ``nnx.State``
+    (leaves may be wrapped in ``nnx.Param``/``VariableState``).
+
+    Args:
+      tree: the parameters (or gradients).
+      kernel_output_axes: ``{layer path: number of output axes}`` for general dense maps the
+        rules above cannot recognise (a bias-less ``DenseGeneral`` with several output axes).
+        Default ``None``.
+
+    Returns:
+      The layout.
+
+    Raises:
+      ValueError: ``kernel_output_axes`` names no layer, or gives a count that leaves no
+        input axis.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     names = [_leaf_names(path) for path, _ in flat]
     leaf_paths = tuple("/".join(n) for n in names)
     by_path = {p: i for i, p in enumerate(leaf_paths)}
+    hints = dict(kernel_output_axes or {})
     layers = []
     used: set[int] = set()
     for i, ((_, leaf), n) in enumerate(zip(flat, names)):
@@ -166,12 +210,35 @@ def discover_layers(tree: Any) -> ParamLayout:
             continue
         parent = "/".join(n[:-1])
         bias_i = by_path.get(f"{parent}/{_BIAS}" if parent else _BIAS)
-        if bias_i is not None:
-            bshape = tuple(getattr(flat[bias_i][1], "shape", ()))
-            if math.prod(bshape) != shape[-1] or (bshape and bshape[-1] != shape[-1]):
-                bias_i = None
-        layers.append(Layer(parent, i, bias_i, shape))
+        bshape = () if bias_i is None else tuple(getattr(flat[bias_i][1], "shape", ()))
+        if parent in hints:
+            out_axes = hints.pop(parent)
+            if isinstance(out_axes, bool) or not isinstance(out_axes, int):
+                raise ValueError(
+                    f"kernel_output_axes[{parent!r}] must be an int, got {out_axes!r}."
+                )
+            if not 1 <= out_axes < len(shape):
+                raise ValueError(
+                    f"kernel_output_axes[{parent!r}] = {out_axes}, but its kernel {shape} needs "
+                    f"at least one input axis: give 1 to {len(shape) - 1}."
+                )
+            general = True
+        elif len(shape) >= 3 and len(bshape) >= 2 and shape[-len(bshape) :] == bshape:
+            out_axes, general = len(bshape), True
+        else:
+            out_axes, general = 1, False
+        d_out = math.prod(shape[-out_axes:])
+        if bias_i is not None and not (
+            math.prod(bshape) == d_out and bshape in (shape[-out_axes:], (d_out,))
+        ):
+            bias_i = None
+        layers.append(Layer(parent, i, bias_i, shape, out_axes, general))
         used.update(layers[-1].leaves)
+    if hints:
+        raise ValueError(
+            f"kernel_output_axes names {sorted(hints)}, but params hold no layer (a node with a "
+            f"`kernel` of ndim >= 2) at that path. Layer paths: {sorted(l.path for l in layers)}."
+        )
     layers.sort(key=lambda layer: layer.path)
     other = tuple(i for i in range(len(flat)) if i not in used)
     return ParamLayout(leaf_paths, tuple(layers), other)

@@ -63,6 +63,9 @@ class LayerwiseMethod:
       extra_statistics: the names of the extra ``update`` arguments that hold statistics of
         the captured layers, like ``layer_stats`` (K-BFGS: ``("previous_batch_stats",)``); a
         non-finite value in them discards the statistics update too. Default ``()``.
+      kind_sensitive: the method's state differs between a dense map and a convolution of
+        the same kernel shape (Mini-Block Fisher's partition); see
+        :func:`~sofim_optax.layerwise.check_layer_stats`. Default ``False``.
     """
 
     init: Callable[..., Any]
@@ -71,6 +74,7 @@ class LayerwiseMethod:
     precondition: Callable[..., dict[int, jax.Array]]
     after_discarded_statistics: Callable[[Any], Any] | None = None
     extra_statistics: tuple[str, ...] = ()
+    kind_sensitive: bool = False
 
 
 def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
@@ -122,6 +126,7 @@ def layerwise_transformation(
     stats_period: Any,
     inverse_period: Any,
     fallback: optax.GradientTransformation | None,
+    kernel_output_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a Kronecker-family ``GradientTransformationExtraArgs`` from a method.
 
@@ -144,6 +149,9 @@ def layerwise_transformation(
     gradient skips the step (zero update, state unchanged) and a non-finite direction zeroes
     the update, both counted in ``skipped.steps``.
 
+    ``kernel_output_axes`` (``{layer path: number of output axes}``, default ``None``) is
+    handed to :func:`~sofim_optax.layerwise.discover_layers` at ``init`` and ``update``.
+
     A one-time ``logging`` INFO line (logger ``"sofim_optax"``) names the preconditioned layers
     and the leaves that take the fallback path, at the first trace of this instance.
     """
@@ -152,10 +160,11 @@ def layerwise_transformation(
     fb = optax.with_extra_args_support(optax.identity() if fallback is None else fallback)
     fb_name = "identity" if fallback is None else "the fallback transformation"
     logged = [False]
+    output_axes = None if kernel_output_axes is None else dict(kernel_output_axes)
 
     def init_fn(params):
         leaves = jax.tree_util.tree_leaves(params)
-        layout = discover_layers(params)
+        layout = discover_layers(params, output_axes)
         dtype = _accumulation_dtype(leaves, layout)
         return state_cls(
             count=jnp.zeros([], jnp.int32),
@@ -166,8 +175,8 @@ def layerwise_transformation(
 
     def update_fn(updates, state, params=None, *, layer_stats=None, **extra):
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        layout = discover_layers(updates)
-        active = check_layer_stats(layout, layer_stats, name)
+        layout = discover_layers(updates, output_axes)
+        active = check_layer_stats(layout, layer_stats, name, kind_sensitive=method.kind_sensitive)
         if not logged[0]:
             logged[0] = True
             described = [layout.layers[i].describe() for i in active]

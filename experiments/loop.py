@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import sofim_optax.curvature.linen
 from experiments.checkpoint import CheckpointMismatch, fingerprint, load_checkpoint, save_checkpoint
 from experiments.registry import OPTIMIZERS, make_optimizer
 from experiments.step import make_train_step
@@ -129,6 +130,16 @@ def _takes_train(model: nn.Module) -> bool:
         return False
 
 
+def _kernel_output_axes(model: Any, params: Any, model_state: Any, x: Any) -> dict[str, int]:
+    """The ``kernel_output_axes`` of the model's ``DenseGeneral`` layers (one shape-only trace)."""
+
+    def outputs(p):
+        out, _ = _call_model(model, p, model_state, jnp.asarray(x), train=True)
+        return jnp.sum(out)
+
+    return sofim_optax.curvature.linen.kernel_output_axes(outputs, params)
+
+
 def train(
     model: nn.Module,
     optimizer: str,
@@ -186,8 +197,6 @@ def train(
     spec = OPTIMIZERS[optimizer] if optimizer in OPTIMIZERS else None
     if spec is not None and spec.l2_argument and task.l2:
         hparams.setdefault(spec.l2_argument, task.l2)  # the curvature of the task's L2 term
-    spec, tx, used = make_optimizer(optimizer, task.kind, **hparams)
-    needs_previous_batch = "previous_batch_stats" in spec.needs
     x_train, y_train, x_test, y_test = data
     if task.kind == "autoencoder":
         y_train = y_test = None
@@ -196,6 +205,13 @@ def train(
 
     variables = model.init(jax.random.PRNGKey(seed), jnp.asarray(x_train[:1]))
     params, model_state = _split_variables(variables)
+    if spec is not None and "layer_stats" in spec.needs and "kernel_output_axes" not in hparams:
+        # Dense maps over several axes (attention's projections) read as such by every method.
+        axes = _kernel_output_axes(model, params, model_state, x_train[:2])
+        if axes:
+            hparams["kernel_output_axes"] = axes
+    spec, tx, used = make_optimizer(optimizer, task.kind, **hparams)
+    needs_previous_batch = "previous_batch_stats" in spec.needs
     opt_state = tx.init(params)
     base_key = jax.random.PRNGKey(seed)
 

@@ -3,9 +3,11 @@
 Classifiers map a batch of images ``(N, H, W, C)`` (or flat ``(N, D)``
 vectors, reshaped to square single-channel images where a model needs a grid)
 to logits; autoencoders map ``(N, D)`` to reconstruction logits (or means)
-of the same size. Weight layers are ``nn.Dense`` and ``nn.Conv``, the layers
-whose statistics the curvature-based optimizers capture; other parameters
-(normalisation scales and offsets) get the optimizers' documented fallback.
+of the same size. Weight layers are ``nn.Dense``, ``nn.Conv`` and (in the vision
+transformer's attention) ``nn.DenseGeneral``, the layers whose statistics the
+curvature-based optimizers capture; other parameters (normalisation scales and
+offsets, the transformer's class token and position embeddings) get the optimizers'
+documented fallback.
 
 Normalisation in the residual and VGG nets (``norm=``):
 
@@ -35,6 +37,7 @@ __all__ = [
     "Autoencoder",
     "ResNet",
     "VGG",
+    "ViT",
     "CLASSIFIERS",
     "MODELS",
     "AUTOENCODERS",
@@ -229,6 +232,52 @@ class VGG(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+class ViT(nn.Module):
+    """A small vision transformer: non-overlapping patches, a class token, pre-norm blocks.
+
+    The image is cut into ``patch × patch`` patches (7×7 on 28×28 images: 16 tokens), each
+    flattened and mapped to ``width`` by a ``Dense`` (``patch_embed``); a learnt class token
+    is prepended and learnt position embeddings added (17 tokens). Each of the ``depth``
+    blocks is ``x + attention(LayerNorm(x))`` then ``x + MLP(LayerNorm(x))``, with
+    ``nn.MultiHeadDotProductAttention`` (``heads`` heads; its query, key, value and output
+    projections are ``DenseGeneral`` layers) and an MLP ``Dense(mlp_ratio·width) → GELU →
+    Dense(width)``. The logits are a ``Dense`` of the class token after a final LayerNorm.
+
+    Captured by the curvature methods: the patch embedding, the four projections of each
+    attention, both MLP layers and the head. The class token, the position embeddings and the
+    LayerNorm scales and biases take the methods' fallback.
+    """
+
+    patch: int = 7
+    width: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 2
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = _as_image(x)
+        n, h, w, c = x.shape
+        p = self.patch
+        if h % p or w % p:
+            raise ValueError(f"ViT: image {h}x{w} is not a whole number of {p}x{p} patches")
+        x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = nn.Dense(self.width, name="patch_embed")(x.reshape(n, -1, p * p * c))
+        cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.width))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)), x], axis=1)
+        pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, x.shape[1], self.width))
+        x = x + pos
+        for i in range(self.depth):
+            y = nn.LayerNorm(name=f"norm_attn_{i}")(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name=f"attn_{i}")(y)
+            y = nn.LayerNorm(name=f"norm_mlp_{i}")(x)
+            y = nn.gelu(nn.Dense(self.mlp_ratio * self.width, name=f"mlp_in_{i}")(y))
+            x = x + nn.Dense(self.width, name=f"mlp_out_{i}")(y)
+        x = nn.LayerNorm(name="norm_out")(x[:, 0])
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": SmallCNN,
@@ -237,6 +286,7 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": partial(ResNet, stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512)),
     "vgg16": partial(VGG, config="16"),
     "vgg11": partial(VGG, config="11"),
+    "vit": ViT,
 }
 MODELS = CLASSIFIERS  # the name used before the autoencoders got their own registry
 

@@ -354,6 +354,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         grid={"learning_rate": [3e-4, 1e-3, 3e-3, 1e-2]},
         color="tab:orange",
     ),
+    "adamw": OptimizerSpec(
+        "AdamW",
+        optax.adamw,
+        {"learning_rate": 1e-3, "weight_decay": 1e-4},
+        grid={"learning_rate": [3e-4, 1e-3, 3e-3]},
+        color="darkorange",
+    ),
     "rmsprop": OptimizerSpec(
         "RMSprop",
         "experiments.peers:rmsprop",

@@ -138,9 +138,12 @@ def time_to_target(result: RunResult, metric: str, target: float) -> tuple[int, 
 
 
 def _fmt_hparams(hparams: Mapping[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in hparams.items()
-    )
+    def fmt(k: str, v: Any) -> str:
+        if k == "kernel_output_axes":  # the model's structure, not a tuned value
+            return f"{k}=({len(v)} layers)"
+        return f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+
+    return ", ".join(fmt(k, v) for k, v in hparams.items())
 
 
 def format_final_table(results: Sequence[RunResult]) -> str:

@@ -38,6 +38,7 @@ True
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -48,6 +49,9 @@ import optax
 from sofim_optax import aliases, diagonal_fisher, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
+from sofim_optax.layerwise import block_diagonal
+
+logger = logging.getLogger("sofim_optax")
 
 __all__ = ["KfacCurvature", "ScaleByKfacState", "scale_by_kfac", "kfac"]
 
@@ -103,14 +107,34 @@ class ScaleByKfacState(NamedTuple):
     skipped: guards.SkipCounts
 
 
+def _log_split_factors(fl: layerwise.FactorLayout, param_layout, max_factor_dim: int) -> None:
+    for i, layer in enumerate(param_layout.layers):
+        for role, dim in (("A", layer.d_a), ("G", layer.d_g)):
+            count = fl.count(i, role)
+            if count > 1:
+                size = layerwise.block_split(dim, max_factor_dim)[1]
+                logger.info(
+                    "scale_by_kfac: factor %s of layer %r has dimension %d > max_factor_dim=%d; "
+                    "it is kept block-diagonal, %d blocks of %d",
+                    role,
+                    layer.path,
+                    dim,
+                    max_factor_dim,
+                    count,
+                    size,
+                )
+
+
 def _kfac_method(
-    damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str
+    damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str, max_factor_dim: int | None
 ) -> layerwise.LayerwiseMethod:
     def layout_of(param_layout: layerwise.ParamLayout) -> layerwise.FactorLayout:
-        return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"))
+        return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"), max_dim=max_factor_dim)
 
     def init(param_layout, dtype):
         fl = layout_of(param_layout)
+        if max_factor_dim is not None:
+            _log_split_factors(fl, param_layout, max_factor_dim)
         eigh = inverse == "eigh"
         return KfacCurvature(
             stat_updates=jnp.zeros((len(param_layout.layers),), jnp.int32),
@@ -130,8 +154,18 @@ def _kfac_method(
             old_a = fl.get(curv.factors, i, "A")
             dtype = old_a.dtype
             decay = layerwise.ema_decay(k[i] + 1, ema, dtype)
-            a_hat = layerwise.input_factor(st.inputs, layer.has_bias, dtype)
-            g_hat = layerwise.output_factor(st.output_grads, dtype)
+            a_blocks = layerwise.block_split(layer.d_a, max_factor_dim)
+            g_blocks = layerwise.block_split(layer.d_g, max_factor_dim)
+            if a_blocks[0] == 1:
+                a_hat = layerwise.input_factor(st.inputs, layer.has_bias, dtype)
+            else:
+                a_hat = block_diagonal.block_input_factor(
+                    st.inputs, layer.has_bias, *a_blocks, dtype
+                )
+            if g_blocks[0] == 1:
+                g_hat = layerwise.output_factor(st.output_grads, dtype)
+            else:
+                g_hat = block_diagonal.block_output_factor(st.output_grads, *g_blocks, dtype)
             values[(i, "A")] = decay * old_a + (1 - decay) * a_hat
             values[(i, "G")] = decay * fl.get(curv.factors, i, "G") + (1 - decay) * g_hat
         active = jnp.asarray(sorted(stats), jnp.int32)
@@ -155,9 +189,9 @@ def _kfac_method(
         def shift(i, role):
             layer = layers[i]
             s_a, s_g = linalg.factored_damping(
-                fl.get(traces, i, "A"),
+                jnp.sum(fl.get(traces, i, "A")),  # (the sum over the blocks, if in blocks)
                 layer.d_a,
-                fl.get(traces, i, "G"),
+                jnp.sum(fl.get(traces, i, "G")),
                 layer.d_g,
                 damping,
                 pi_adjusted,
@@ -177,6 +211,9 @@ def _kfac_method(
         fl = layout_of(param_layout)
         out = {}
         for i, v in grads.items():
+            if fl.count(i, "A") > 1 or fl.count(i, "G") > 1:
+                out[i] = _block_precondition(fl, curv, param_layout.layers[i], i, v)
+                continue
             if inverse == "eigh":
                 a = (fl.get(curv.eigvals, i, "A"), fl.get(curv.eigvecs, i, "A"))
                 g = (fl.get(curv.eigvals, i, "G"), fl.get(curv.eigvecs, i, "G"))
@@ -184,6 +221,21 @@ def _kfac_method(
             else:
                 out[i] = fl.get(curv.inverses, i, "A") @ v @ fl.get(curv.inverses, i, "G")
         return out, curv
+
+    def _block_precondition(fl, curv, layer, i, v):
+        def stacked(stacks, role):  # a whole factor as one block
+            x = fl.get(stacks, i, role)
+            return x if fl.count(i, role) > 1 else x[None]
+
+        if inverse == "eigh":
+            a = (stacked(curv.eigvals, "A"), stacked(curv.eigvecs, "A"))
+            g = (stacked(curv.eigvals, "G"), stacked(curv.eigvecs, "G"))
+            return block_diagonal.block_kron_solve_eigh(
+                a, g, v, (layer.d_a, layer.d_g), damping, pi_adjusted
+            )
+        return block_diagonal.block_kron_apply(
+            stacked(curv.inverses, "A"), v, stacked(curv.inverses, "G")
+        )
 
     return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
 
@@ -196,6 +248,7 @@ def scale_by_kfac(
     inverse_period: int | jax.Array = 20,
     pi_adjusted: bool = True,
     inverse: str = "eigh",
+    max_factor_dim: int | None = 4096,
     fallback: optax.GradientTransformation | str | None = "diagonal",
     kernel_output_axes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -269,6 +322,13 @@ def scale_by_kfac(
         run time, never NaN); ``"cholesky"`` or ``"inv"`` store explicit damped inverses
         (cheaper to apply; a Cholesky breakdown falls back to the eigendecomposition, so no NaN
         either).
+      max_factor_dim: the largest factor kept whole (default ``4096``; ``None``: no limit). A
+        factor of dimension ``d`` above it (a vocabulary-sized ``G``) is kept block-diagonal:
+        ``c = ⌈d / max_factor_dim⌉`` diagonal blocks of ``⌈d / c⌉``, formed, decomposed and
+        applied block by block (``(A ⊗ G)⁻¹`` acts on each block of ``V`` as
+        ``A_ii⁻¹ V_ij G_jj⁻¹``), so its memory is about ``d · d / c`` and its refresh ``c`` times
+        a ``d / c`` decomposition; ``1`` makes every factor diagonal. An INFO log line names
+        each factor it splits (:mod:`sofim_optax.layerwise.block_diagonal`).
       fallback: transformation for the parameters no captured layer covers. ``"diagonal"``
         (default): :func:`sofim_optax.diagonal_fisher.scale_by_diagonal_fisher` with the same
         ``damping`` and ``ema``, refreshed every step (a diagonal Fisher step on the same scale as
@@ -307,9 +367,11 @@ def scale_by_kfac(
     hp.check_choice("scale_by_kfac", "inverse", inverse, _INVERSES)
     hp.check_decay("scale_by_kfac", "ema", ema)
     hp.check_damping("scale_by_kfac", damping)
+    if max_factor_dim is not None:  # it fixes the shapes of the state
+        hp.check_positive_int("scale_by_kfac", "max_factor_dim", max_factor_dim, static=True)
     return layerwise.layerwise_transformation(
         name="scale_by_kfac",
-        method=_kfac_method(damping, ema, pi_adjusted, inverse),
+        method=_kfac_method(damping, ema, pi_adjusted, inverse, max_factor_dim),
         state_cls=ScaleByKfacState,
         stats_period=stats_period,
         inverse_period=inverse_period,

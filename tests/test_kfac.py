@@ -821,3 +821,67 @@ def test_kfac_beats_tuned_sgd_on_softmax_regression():
     # The optimum is about 0.88 (a long KFAC run); KFAC gets to about 0.93, SGD to 1.02 at best.
     assert kfac_loss < 0.7 * start, (kfac_loss, start)
     assert kfac_loss < min(sgd_losses) - 0.05, (kfac_loss, sgd_losses)
+
+
+def _block_diagonal(F, max_dim):
+    """The dense matrix of F's diagonal blocks, cut as ``max_factor_dim`` cuts it."""
+    d = F.shape[0]
+    if max_dim is None or d <= max_dim:
+        return F
+    count = -(-d // max_dim)
+    size = -(-d // count)
+    out = np.zeros_like(F)
+    for j in range(count):
+        s = slice(j * size, (j + 1) * size)
+        out[s, s] = F[s, s]
+    return out
+
+
+@pytest.mark.parametrize("inverse", ["eigh", "cholesky"])
+@pytest.mark.parametrize("max_factor_dim", [None, 4, 3, 1])
+def test_max_factor_dim_keeps_big_factors_block_diagonal(x64, inverse, max_factor_dim, caplog):
+    rng = _rng(5)
+    n, t, d_in, d_out, damping = 9, 3, 7, 10, 0.1
+    stats = {
+        "l": LayerStats(
+            arr(rng.standard_normal((n, t, d_in)), jnp.float64),
+            arr(rng.standard_normal((n, t, d_out)), jnp.float64),
+        )
+    }
+    grads = {
+        "l": {
+            "kernel": arr(rng.standard_normal((d_in, d_out)), jnp.float64),
+            "bias": arr(rng.standard_normal(d_out), jnp.float64),
+        }
+    }
+    tx = scale_by_kfac(damping=damping, max_factor_dim=max_factor_dim, inverse=inverse)
+    with caplog.at_level(logging.INFO, logger="sofim_optax"):
+        state = tx.init(grads)
+    upd, state = tx.update(grads, state, layer_stats=stats)
+    A, G = ref_factors(stats["l"].inputs, stats["l"].output_grads, True)
+    A, G = (
+        _block_diagonal(np.asarray(A), max_factor_dim),
+        _block_diagonal(np.asarray(G), max_factor_dim),
+    )
+    want = ref_solve(A, G, grad_matrix(grads["l"]["kernel"], grads["l"]["bias"]), damping, True)
+    got = grad_matrix(upd["l"]["kernel"], upd["l"]["bias"])
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    # Only the blocks are stored: A (8) and G (10) in blocks of at most max_factor_dim.
+    sizes = {k: v.shape for k, v in state.curvature.factors.items()}
+    expected = {
+        None: {"d8": (1, 8, 8), "d10": (1, 10, 10)},
+        4: {"d4": (5, 4, 4)},
+        3: {"d3": (7, 3, 3)},
+        1: {"d1": (18, 1, 1)},
+    }[max_factor_dim]
+    assert sizes == expected
+    split = [r.getMessage() for r in caplog.records if "block-diagonal" in r.getMessage()]
+    assert len(split) == (0 if max_factor_dim is None else 2), split
+    if max_factor_dim == 3:
+        assert "factor G of layer 'l' has dimension 10 > max_factor_dim=3" in split[1]
+        assert "4 blocks of 3" in split[1]
+
+
+def test_max_factor_dim_is_checked():
+    with pytest.raises(ValueError, match="max_factor_dim"):
+        scale_by_kfac(max_factor_dim=0)

@@ -17,6 +17,8 @@ module                                      what it holds
 :mod:`sofim_optax.layerwise.factors`        second moments ``A``, ``G``, the EMA warm-up rule,
                                             :class:`FactorLayout` (stacks by size),
                                             :func:`stacked_damped_inverse`
+:mod:`sofim_optax.layerwise.block_diagonal` block-diagonal factors (the size cap
+                                            ``max_factor_dim``): their statistics and solves
 :mod:`sofim_optax.layerwise.fallback`       :class:`FallbackState` and the routing of uncovered
                                             parameters
 :mod:`sofim_optax.layerwise.transformation` :class:`LayerwiseMethod` and
@@ -32,7 +34,14 @@ chain a method with momentum, weight decay and the learning rate are built by
 """
 
 # Each module's __all__ is its public API; the package re-exports all of them.
-from sofim_optax.layerwise import checks, factors, fallback, layers, transformation
+from sofim_optax.layerwise import (
+    block_diagonal,  # noqa: F401  (used by name, not re-exported)
+    checks,
+    factors,
+    fallback,
+    layers,
+    transformation,
+)
 from sofim_optax.layerwise.checks import *  # noqa: F403
 from sofim_optax.layerwise.factors import *  # noqa: F403
 from sofim_optax.layerwise.fallback import *  # noqa: F403

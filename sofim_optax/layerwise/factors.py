@@ -32,6 +32,7 @@ __all__ = [
     "stack_zeros",
     "stack_eyes",
     "stacked_damped_inverse",
+    "block_split",
 ]
 
 
@@ -111,17 +112,25 @@ class FactorLayout:
     any per-factor computation is one ``jax.vmap``-ed call per distinct dimension
     (:meth:`map`).
 
+    A factor larger than ``max_dim`` (see :meth:`build`) is kept **block-diagonal**: its
+    dimension ``d`` is cut into ``c = ⌈d / max_dim⌉`` consecutive blocks of ``b = ⌈d / c⌉``
+    coordinates (the last block zero-padded to ``b``), which take ``c`` consecutive positions
+    of the stack ``"d{b}"``. :meth:`get` then returns the ``(c, b, b)`` blocks, and :meth:`set`
+    takes them.
+
     Attributes:
       roles: the role names.
-      slots: ``slots[layer][role] = (key, position)``.
+      slots: ``slots[layer][role] = (key, position)`` (of the first block).
       sizes: ``{key: n_d}``.
       dims: ``{key: d}``.
+      counts: ``counts[layer][role]``, the number of blocks (1 for a whole factor).
     """
 
     roles: tuple[str, ...]
     slots: tuple[tuple[tuple[str, int], ...], ...]
     sizes: Mapping[str, int]
     dims: Mapping[str, int]
+    counts: tuple[tuple[int, ...], ...] = ()
 
     @staticmethod
     def key(dim: int) -> str:
@@ -134,24 +143,32 @@ class FactorLayout:
         layers: Sequence[Layer],
         roles: Sequence[str] = ("A", "G"),
         role_dim: Callable[[Layer, str], int] | None = None,
+        max_dim: int | None = None,
     ) -> FactorLayout:
         """Layout for ``layers``; ``role_dim(layer, role)`` defaults to ``d_a`` for roles
-        starting with ``"A"`` and ``d_g`` otherwise."""
+        starting with ``"A"`` and ``d_g`` otherwise; factors larger than ``max_dim`` (default
+        ``None``: no limit) are block-diagonal (see the class docstring)."""
         if role_dim is None:
             role_dim = lambda layer, role: layer.d_a if role.startswith("A") else layer.d_g
         sizes: dict[str, int] = {}
         dims: dict[str, int] = {}
-        slots = []
+        slots, counts = [], []
         for layer in layers:
-            row = []
+            row, row_counts = [], []
             for role in roles:
-                d = int(role_dim(layer, role))
-                k = cls.key(d)
+                c, b = block_split(int(role_dim(layer, role)), max_dim)
+                k = cls.key(b)
                 row.append((k, sizes.get(k, 0)))
-                sizes[k] = sizes.get(k, 0) + 1
-                dims[k] = d
+                row_counts.append(c)
+                sizes[k] = sizes.get(k, 0) + c
+                dims[k] = b
             slots.append(tuple(row))
-        return cls(tuple(roles), tuple(slots), dict(sizes), dict(dims))
+            counts.append(tuple(row_counts))
+        return cls(tuple(roles), tuple(slots), dict(sizes), dict(dims), tuple(counts))
+
+    def count(self, layer: int, role: str) -> int:
+        """The number of blocks of a factor (1 when it is whole)."""
+        return self.counts[layer][self.roles.index(role)] if self.counts else 1
 
     def zeros(self, dtype: Any) -> dict[str, jax.Array]:
         return stack_zeros(self.sizes, self.dims, dtype)
@@ -168,8 +185,10 @@ class FactorLayout:
         return {k: jnp.full((n,), fill, dtype) for k, n in self.sizes.items()}
 
     def get(self, stacks: Mapping[str, jax.Array], layer: int, role: str) -> jax.Array:
+        """The factor's entry: ``stacks[key][position]``, or its ``(c, ...)`` blocks."""
         k, pos = self.slots[layer][self.roles.index(role)]
-        return stacks[k][pos]
+        c = self.count(layer, role)
+        return stacks[k][pos] if c == 1 else stacks[k][pos : pos + c]
 
     def set(
         self, stacks: Mapping[str, jax.Array], values: Mapping[tuple[int, str], jax.Array]
@@ -182,7 +201,9 @@ class FactorLayout:
         by_key: dict[str, dict[int, jax.Array]] = {}
         for (layer, role), v in values.items():
             k, pos = self.slots[layer][self.roles.index(role)]
-            by_key.setdefault(k, {})[pos] = v
+            c = self.count(layer, role)
+            for j in range(c):  # (the blocks of a block-diagonal factor)
+                by_key.setdefault(k, {})[pos + j] = v if c == 1 else v[j]
         out = dict(stacks)
         for k, members in by_key.items():
             old = stacks[k]
@@ -195,11 +216,14 @@ class FactorLayout:
         return out
 
     def per_factor(self, fn: Callable[[int, str], jax.Array]) -> dict[str, jax.Array]:
-        """Stacks ``fn(layer, role)`` (e.g. a per-factor shift) into arrays keyed like the stacks."""
+        """Stacks ``fn(layer, role)`` (e.g. a per-factor shift) into arrays keyed like the stacks
+        (every block of a block-diagonal factor gets its factor's value)."""
         out: dict[str, list] = {k: [None] * n for k, n in self.sizes.items()}
         for layer, row in enumerate(self.slots):
             for role, (k, pos) in zip(self.roles, row):
-                out[k][pos] = fn(layer, role)
+                value = fn(layer, role)
+                for j in range(self.count(layer, role)):
+                    out[k][pos + j] = value
         return {k: jnp.stack(v) for k, v in out.items()}
 
     @staticmethod
@@ -207,6 +231,15 @@ class FactorLayout:
         """``{key: jax.vmap(fn)(*(s[key] for s in stacks))}``: one batched call per dimension
         (``lax.map`` where batched LAPACK calls can deadlock, see ``cpu_runtime.map_stack``)."""
         return {k: cpu_runtime.map_stack(fn, *(s[k] for s in stacks)) for k in stacks[0]}
+
+
+def block_split(dim: int, max_dim: int | None) -> tuple[int, int]:
+    """``(c, b)``: a factor of ``dim`` cut into ``c = ⌈dim / max_dim⌉`` blocks of
+    ``b = ⌈dim / c⌉`` (``(1, dim)`` when ``max_dim`` is ``None`` or not exceeded)."""
+    if max_dim is None or dim <= max_dim:
+        return 1, dim
+    c = -(-dim // max_dim)
+    return c, -(-dim // c)
 
 
 def stacked_damped_inverse(

@@ -53,7 +53,7 @@ from sofim_optax.layerwise import block_diagonal
 
 logger = logging.getLogger("sofim_optax")
 
-__all__ = ["KfacCurvature", "ScaleByKfacState", "scale_by_kfac", "kfac"]
+__all__ = ["DEFAULT_MAX_FACTOR_DIM", "KfacCurvature", "ScaleByKfacState", "scale_by_kfac", "kfac"]
 
 _INVERSES = ("eigh", "cholesky", "inv")
 
@@ -126,15 +126,14 @@ def _log_split_factors(fl: layerwise.FactorLayout, param_layout, max_factor_dim:
 
 
 def _kfac_method(
-    damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str, max_factor_dim: int | None
+    damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str, max_factor_dim: int
 ) -> layerwise.LayerwiseMethod:
     def layout_of(param_layout: layerwise.ParamLayout) -> layerwise.FactorLayout:
         return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"), max_dim=max_factor_dim)
 
     def init(param_layout, dtype):
         fl = layout_of(param_layout)
-        if max_factor_dim is not None:
-            _log_split_factors(fl, param_layout, max_factor_dim)
+        _log_split_factors(fl, param_layout, max_factor_dim)
         eigh = inverse == "eigh"
         return KfacCurvature(
             stat_updates=jnp.zeros((len(param_layout.layers),), jnp.int32),
@@ -240,6 +239,12 @@ def _kfac_method(
     return layerwise.LayerwiseMethod(init, update_statistics, refresh, precondition)
 
 
+#: The largest Kronecker factor :func:`scale_by_kfac` keeps whole by default; larger ones are
+#: kept block-diagonal (its ``max_factor_dim``).
+DEFAULT_MAX_FACTOR_DIM = 4096
+
+
+@hp.structural("max_factor_dim")
 def scale_by_kfac(
     *,
     damping: Scalar = 1e-3,
@@ -248,7 +253,7 @@ def scale_by_kfac(
     inverse_period: int | jax.Array = 20,
     pi_adjusted: bool = True,
     inverse: str = "eigh",
-    max_factor_dim: int | None = 4096,
+    max_factor_dim: int | None = None,
     fallback: optax.GradientTransformation | str | None = "diagonal",
     kernel_output_axes: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -322,13 +327,16 @@ def scale_by_kfac(
         run time, never NaN); ``"cholesky"`` or ``"inv"`` store explicit damped inverses
         (cheaper to apply; a Cholesky breakdown falls back to the eigendecomposition, so no NaN
         either).
-      max_factor_dim: the largest factor kept whole (default ``4096``; ``None``: no limit). A
-        factor of dimension ``d`` above it (a vocabulary-sized ``G``) is kept block-diagonal:
+      max_factor_dim: the largest factor kept whole; ``None`` (default) means
+        :data:`sofim_optax.kfac.DEFAULT_MAX_FACTOR_DIM` ``= 4096`` (``None`` rather than a
+        number, so that ``optax.inject_hyperparams`` leaves it alone; a number passed there
+        must be listed in ``static_args``, as ``scale_by_kfac.static_args`` does). A factor of
+        dimension ``d`` above it (a vocabulary-sized ``G``) is kept block-diagonal:
         ``c = ⌈d / max_factor_dim⌉`` diagonal blocks of ``⌈d / c⌉``, formed, decomposed and
         applied block by block (``(A ⊗ G)⁻¹`` acts on each block of ``V`` as
-        ``A_ii⁻¹ V_ij G_jj⁻¹``), so its memory is about ``d · d / c`` and its refresh ``c`` times
-        a ``d / c`` decomposition; ``1`` makes every factor diagonal. An INFO log line names
-        each factor it splits (:mod:`sofim_optax.layerwise.block_diagonal`).
+        ``A_ii⁻¹ V_ij G_jj⁻¹``), so its memory is about ``d · d / c`` and its refresh ``c``
+        times a ``d / c`` decomposition; ``1`` makes every factor diagonal. An INFO log line
+        names each factor it splits (:mod:`sofim_optax.layerwise.block_diagonal`).
       fallback: transformation for the parameters no captured layer covers. ``"diagonal"``
         (default): :func:`sofim_optax.diagonal_fisher.scale_by_diagonal_fisher` with the same
         ``damping`` and ``ema``, refreshed every step (a diagonal Fisher step on the same scale as
@@ -367,8 +375,9 @@ def scale_by_kfac(
     hp.check_choice("scale_by_kfac", "inverse", inverse, _INVERSES)
     hp.check_decay("scale_by_kfac", "ema", ema)
     hp.check_damping("scale_by_kfac", damping)
-    if max_factor_dim is not None:  # it fixes the shapes of the state
-        hp.check_positive_int("scale_by_kfac", "max_factor_dim", max_factor_dim, static=True)
+    if max_factor_dim is None:
+        max_factor_dim = DEFAULT_MAX_FACTOR_DIM
+    hp.check_positive_int("scale_by_kfac", "max_factor_dim", max_factor_dim, static=True)
     return layerwise.layerwise_transformation(
         name="scale_by_kfac",
         method=_kfac_method(damping, ema, pi_adjusted, inverse, max_factor_dim),

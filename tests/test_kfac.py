@@ -838,7 +838,7 @@ def _block_diagonal(F, max_dim):
 
 
 @pytest.mark.parametrize("inverse", ["eigh", "cholesky"])
-@pytest.mark.parametrize("max_factor_dim", [None, 4, 3, 1])
+@pytest.mark.parametrize("max_factor_dim", [100, 4, 3, 1])
 def test_max_factor_dim_keeps_big_factors_block_diagonal(x64, inverse, max_factor_dim, caplog):
     rng = _rng(5)
     n, t, d_in, d_out, damping = 9, 3, 7, 10, 0.1
@@ -869,19 +869,25 @@ def test_max_factor_dim_keeps_big_factors_block_diagonal(x64, inverse, max_facto
     # Only the blocks are stored: A (8) and G (10) in blocks of at most max_factor_dim.
     sizes = {k: v.shape for k, v in state.curvature.factors.items()}
     expected = {
-        None: {"d8": (1, 8, 8), "d10": (1, 10, 10)},
+        100: {"d8": (1, 8, 8), "d10": (1, 10, 10)},
         4: {"d4": (5, 4, 4)},
         3: {"d3": (7, 3, 3)},
         1: {"d1": (18, 1, 1)},
     }[max_factor_dim]
     assert sizes == expected
     split = [r.getMessage() for r in caplog.records if "block-diagonal" in r.getMessage()]
-    assert len(split) == (0 if max_factor_dim is None else 2), split
+    assert len(split) == (0 if max_factor_dim == 100 else 2), split
     if max_factor_dim == 3:
         assert "factor G of layer 'l' has dimension 10 > max_factor_dim=3" in split[1]
         assert "4 blocks of 3" in split[1]
 
 
-def test_max_factor_dim_is_checked():
+def test_max_factor_dim_is_checked_and_static():
     with pytest.raises(ValueError, match="max_factor_dim"):
         scale_by_kfac(max_factor_dim=0)
+    assert "max_factor_dim" in kfac.static_args
+    # Its default is not a number, so inject_hyperparams leaves it alone.
+    tx = optax.inject_hyperparams(kfac)(learning_rate=0.5, damping=0.1)
+    params = {"l": {"kernel": jnp.zeros((3, 2))}}
+    stats = {"l": LayerStats(jnp.ones((4, 3)), jnp.ones((4, 2)))}
+    jax.jit(lambda s: tx.update(params, s, params, layer_stats=stats))(tx.init(params))

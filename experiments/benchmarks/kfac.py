@@ -102,6 +102,7 @@ from experiments.benchmarks.problems import (
     MOMENTUM,
     autoencoder_problem,
     cnn_problem,
+    vit_problem,
 )
 
 __all__ = ["GRIDS", "QUICK_GRIDS", "KFAC_FAMILY", "compare_with_kfac_jax", "main"]
@@ -237,6 +238,7 @@ def _main(args: argparse.Namespace, workaround: bool) -> dict[str, Any]:
             for problem, batch in (
                 (ae or autoencoder_problem(1000, seed=args.seed), 1000),
                 (cnn_problem(128, args.seed), 128),
+                (vit_problem(128, args.seed), 128),
             ):
                 r = capture_cost(
                     problem,

@@ -42,6 +42,7 @@ __all__ = [
     "train_run",
     "full_loss",
     "layer_widths",
+    "vit_problem",
 ]
 
 L2_REG = 1e-5
@@ -119,6 +120,22 @@ def cnn_problem(
     return Problem(
         "SmallCNN",
         model,
+        lambda logits, x, y: losses.softmax_cross_entropy(logits, y),
+        (x, y),
+        0.0,
+        seed,
+    )
+
+
+def vit_problem(batch_size: int = 128, seed: int = 0) -> Problem:
+    """The small vision transformer (``models.ViT``: 16 patches of 7×7 plus a class token,
+    width 64, 4 blocks of 4 heads) on random 28×28 images, softmax cross-entropy."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch_size, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, batch_size).astype(np.int32)
+    return Problem(
+        "ViT",
+        models.ViT(),
         lambda logits, x, y: losses.softmax_cross_entropy(logits, y),
         (x, y),
         0.0,

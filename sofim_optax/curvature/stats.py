@@ -54,7 +54,7 @@ class StatsView(Protocol):
     def outputs(self, arrays: tuple[Any, ...]) -> jax.Array: ...
 
     #: Optional: ``"dense"`` or ``"conv"``, the kind of layer call the view was captured
-    #: from (see :attr:`LayerStats.layer_kind`).
+    #: from (see ``LayerStats.layer_kind``).
     layer_kind: str
 
 

@@ -16,7 +16,7 @@ before the first JAX computation (see :mod:`sofim_optax.cpu_runtime`).
 """
 
 from sofim_optax import adaptive as adaptive_module
-from sofim_optax import curvature, guards, hyperparameters, layerwise, linalg
+from sofim_optax import curvature, distributed, guards, hyperparameters, layerwise, linalg
 from sofim_optax import kpsvd as kpsvd_module
 from sofim_optax.adahessian import ScaleByAdaHessianState, adahessian, scale_by_adahessian
 from sofim_optax.adaptive import *  # noqa: F403  (the adaptive aliases)
@@ -44,6 +44,7 @@ __all__ = [
     "__version__",
     "configure_cpu_runtime",
     "curvature",
+    "distributed",
     "guards",
     "hyperparameters",
     "layerwise",

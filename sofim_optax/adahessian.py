@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases, guards
+from sofim_optax import aliases, distributed, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
@@ -348,7 +348,9 @@ def scale_by_adahessian(
             count=count, hessian_count=hessian_count, key=key, mu=mu, nu=nu, skipped=skipped
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
+    return optax.GradientTransformationExtraArgs(
+        init_fn, distributed.mesh_agnostic(guards.skip_nonfinite_steps(update_fn))
+    )
 
 
 _ADAHESSIAN_DOC = r"""The AdaHessian optimiser with decoupled weight decay.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sofim_optax import guards, layerwise, linalg
+from sofim_optax import distributed, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
@@ -111,7 +111,9 @@ def scale_by_diagonal_fisher(
         out = jax.tree.map(apply, updates, nu)
         return out, DiagonalFisherState(count=optax.safe_increment(count), nu=nu, skipped=skipped)
 
-    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
+    return optax.GradientTransformationExtraArgs(
+        init_fn, distributed.mesh_agnostic(guards.skip_nonfinite_steps(update_fn))
+    )
 
 
 def resolve_fallback(

@@ -182,7 +182,7 @@ def _kfac_method(
                 eigvals={k: jnp.maximum(w, 0.0) for k, (w, _) in eig.items()},
                 eigvecs={k: v for k, (_, v) in eig.items()},
             )
-        traces = fl.map(jnp.trace, curv.factors)
+        traces = fl.traces(curv.factors)
         layers = param_layout.layers
 
         def shift(i, role):
@@ -199,10 +199,7 @@ def _kfac_method(
 
         shifts = fl.per_factor(shift)
         return curv._replace(
-            inverses={
-                k: layerwise.stacked_damped_inverse(f, shifts[k].astype(f.dtype), inverse)
-                for k, f in curv.factors.items()
-            }
+            inverses=layerwise.stacked_damped_inverses(curv.factors, shifts, inverse)
         )
 
     def precondition(curv: KfacCurvature, param_layout, grads, **extra):

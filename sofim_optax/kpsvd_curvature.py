@@ -278,7 +278,7 @@ def make_method(cfg: FamilyConfig) -> layerwise.LayerwiseMethod:
             )
         fl2 = layout2(param_layout)
         layers = param_layout.layers
-        traces = fl.map(jnp.trace, curv.factors)
+        traces = fl.traces(curv.factors)
 
         def shift(i, role):
             s_a, s_g = linalg.factored_damping(

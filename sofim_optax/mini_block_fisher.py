@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases, guards, layerwise, linalg
+from sofim_optax import aliases, distributed, guards, layerwise, linalg
 from sofim_optax import hyperparameters as hp
-from sofim_optax.cpu_runtime import map_stack
 from sofim_optax.diagonal_fisher import resolve_fallback
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE, BlockLayout, batch_blocks, unpack
@@ -179,18 +178,15 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
         blocks = {k: decoupled(k, unpack(f, bl.dims[k])) for k, f in curv.blocks.items()}
         if eigh:
             # The undamped blocks' eigendecompositions; λ is applied in `precondition`.
-            eig = {k: map_stack(jnp.linalg.eigh, f) for k, f in blocks.items()}
+            eig = distributed.map_stacks(jnp.linalg.eigh, blocks)
             return curv._replace(
                 eigvals={k: jnp.maximum(w, 0.0) for k, (w, _) in eig.items()},
                 eigvecs={k: q for k, (_, q) in eig.items()},
             )
         lam = damping_of(dtype)
 
-        def inv(f):
-            shifts = jnp.full((f.shape[0],), lam, f.dtype)
-            return layerwise.stacked_damped_inverse(f, shifts, inverse)
-
-        return curv._replace(inverses={k: inv(f) for k, f in blocks.items()})
+        shifts = {k: jnp.full((f.shape[0],), lam, f.dtype) for k, f in blocks.items()}
+        return curv._replace(inverses=layerwise.stacked_damped_inverses(blocks, shifts, inverse))
 
     def apply(curv, k, v):
         """``(F_b + λI)⁻¹ v_b`` for every block of the stack ``k``; ``v`` is ``(n_s, s)``."""
@@ -401,7 +397,7 @@ def _gradient_momentum_first(
         out, inner_state = inner.update(m, state.inner, params, gradients=updates, **extra)
         return out, GradientMomentumState(momentum=ts, inner=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, distributed.mesh_agnostic(update_fn))
 
 
 def _gradient_momentum_chain(

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sofim_optax import aliases, guards
+from sofim_optax import aliases, distributed, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.adahessian import _require_obj_fn
 from sofim_optax.hyperparameters import Scalar
@@ -377,7 +377,9 @@ def scale_by_nystrom_sgd(
             skipped=skipped,
         )
 
-    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
+    return optax.GradientTransformationExtraArgs(
+        init_fn, distributed.mesh_agnostic(guards.skip_nonfinite_steps(update_fn))
+    )
 
 
 _NYSTROM_SGD_DOC = r"""Nyström-SGD (SketchySGD): the sketch preconditioner, weight decay, momentum.

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from sofim_optax import distributed
 from sofim_optax import hyperparameters as hp
 from sofim_optax.curvature import quadratic_forms
 from sofim_optax.hyperparameters import Scalar
@@ -387,7 +388,7 @@ def scale_by_quadratic_model(
         )
         return step, new_state
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return optax.GradientTransformationExtraArgs(init, distributed.mesh_agnostic(update))
 
 
 scale_by_quadratic_model.static_args = ("adapt_momentum", "curvature", "reject_increasing_steps")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sofim_optax import aliases, guards
+from sofim_optax import aliases, distributed, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar
 
@@ -210,7 +210,9 @@ def scale_by_sofim(
         return new_updates, state._replace(count=count, mu=mu)
 
     # A non-finite gradient would stay in ``mu`` for good: such a step is skipped.
-    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
+    return optax.GradientTransformationExtraArgs(
+        init_fn, distributed.mesh_agnostic(guards.skip_nonfinite_steps(update_fn))
+    )
 
 
 _SOFIM_DOC = r"""The SOFIM optimiser: :func:`scale_by_sofim`, decoupled weight decay, learning rate.

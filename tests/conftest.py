@@ -20,6 +20,8 @@ import sofim_optax
 # module per program instead of several compiled in parallel (the suite's two workers already
 # fill both cores). SOFIM_OPTAX_TEST_OPTIMIZE=1 (below) compiles with XLA's defaults instead.
 _TEST_FLAGS = {"xla_cpu_copy_insertion_use_region_analysis": "false"}
+# Eight simulated CPU devices, for tests/test_sharding.py (the other tests use the first).
+_TEST_FLAGS["xla_force_host_platform_device_count"] = "8"
 if os.environ.get("SOFIM_OPTAX_TEST_OPTIMIZE", "") != "1":
     _TEST_FLAGS["xla_cpu_use_fusion_emitters"] = "false"
     _TEST_FLAGS["xla_cpu_parallel_codegen_split_count"] = "1"

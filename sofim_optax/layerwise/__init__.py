@@ -16,7 +16,7 @@ module                                      what it holds
                                             layer)
 :mod:`sofim_optax.layerwise.factors`        second moments ``A``, ``G``, the EMA warm-up rule,
                                             :class:`FactorLayout` (stacks by size),
-                                            :func:`stacked_damped_inverse`
+                                            :func:`stacked_damped_inverses`
 :mod:`sofim_optax.layerwise.block_diagonal` block-diagonal factors (the size cap
                                             ``max_factor_dim``): their statistics and solves
 :mod:`sofim_optax.layerwise.fallback`       :class:`FallbackState` and the routing of uncovered

@@ -7,7 +7,8 @@
 * :class:`FactorLayout`: all factors of the same dimension, whatever their layer and role,
   live in one ``(n, d, d)`` array, so that an eigendecomposition or an inverse is one
   ``vmap``-ed call per distinct dimension.
-* :func:`stacked_damped_inverse`: damped inverses of a stack, never NaN.
+* :func:`stacked_damped_inverses` / :func:`stacked_damped_inverse`: damped inverses of
+  stacks, never NaN.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sofim_optax import cpu_runtime, linalg
+from sofim_optax import distributed, guards, linalg
 from sofim_optax.layerwise.layers import Layer
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "stack_zeros",
     "stack_eyes",
     "stacked_damped_inverse",
+    "stacked_damped_inverses",
     "block_split",
 ]
 
@@ -229,8 +231,15 @@ class FactorLayout:
     @staticmethod
     def map(fn: Callable[..., Any], *stacks: Mapping[str, Any]) -> dict[str, Any]:
         """``{key: jax.vmap(fn)(*(s[key] for s in stacks))}``: one batched call per dimension
-        (``lax.map`` where batched LAPACK calls can deadlock, see ``cpu_runtime.map_stack``)."""
-        return {k: cpu_runtime.map_stack(fn, *(s[k] for s in stacks)) for k in stacks[0]}
+        (``lax.map`` where batched LAPACK calls can deadlock, see ``cpu_runtime.map_stack``),
+        split over the devices of the current mesh (:func:`sofim_optax.distributed.map_stacks`).
+        For decompositions; cheap per-factor maps use :meth:`traces` or plain ``jnp``."""
+        return distributed.map_stacks(fn, *stacks)
+
+    @staticmethod
+    def traces(stacks: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """``{key: (n_d,) traces}`` of the stacks."""
+        return {k: jnp.trace(s, axis1=-2, axis2=-1) for k, s in stacks.items()}
 
 
 def block_split(dim: int, max_dim: int | None) -> tuple[int, int]:
@@ -245,19 +254,29 @@ def block_split(dim: int, max_dim: int | None) -> tuple[int, int]:
 def stacked_damped_inverse(
     factors: jax.Array, shifts: jax.Array, method: str = "cholesky"
 ) -> jax.Array:
-    """``(F_i + shift_i I)⁻¹`` for a stack ``(n, d, d)``, in one ``vmap``-ed call, never NaN.
+    """``(F_i + shift_i I)⁻¹`` for one stack ``(n, d, d)``: :func:`stacked_damped_inverses` of
+    a single stack."""
+    return stacked_damped_inverses({"d": factors}, {"d": shifts}, method)["d"]
 
-    If any entry of the batch comes out non-finite (a Cholesky breakdown when round-off makes a
-    barely damped factor indefinite), the whole stack is recomputed through the
-    eigendecomposition (:func:`sofim_optax.linalg.damped_inverse` with ``"eigh"``, eigenvalues
-    clamped at 0), which is finite for finite input. The fallback runs under ``lax.cond``, so it
-    costs nothing when not needed.
+
+def stacked_damped_inverses(
+    factors: Mapping[str, jax.Array], shifts: Mapping[str, jax.Array], method: str = "cholesky"
+) -> dict[str, jax.Array]:
+    """``{key: (F_i + shift_i I)⁻¹}`` for stacks ``(n, d, d)`` keyed alike, never NaN.
+
+    One batched call per stack, split over the devices of the current mesh
+    (:func:`sofim_optax.distributed.map_stacks`). If any result comes out non-finite (a
+    Cholesky breakdown when round-off makes a barely damped factor indefinite), every stack is
+    recomputed through the eigendecomposition (:func:`sofim_optax.linalg.damped_inverse` with
+    ``"eigh"``, eigenvalues clamped at 0), which is finite for finite input. The fallback runs
+    under ``lax.cond``, so it costs nothing when not needed.
     """
-    inv = cpu_runtime.map_stack(lambda f, s: linalg.damped_inverse(f, s, method), factors, shifts)
+    shifts = {k: shifts[k].astype(f.dtype) for k, f in factors.items()}
+    inv = distributed.map_stacks(lambda f, s: linalg.damped_inverse(f, s, method), factors, shifts)
     if method == "eigh":
         return inv
-    safe = lambda: cpu_runtime.map_stack(
+    safe = lambda: distributed.map_stacks(
         lambda f, s: linalg.damped_inverse(f, s, "eigh"), factors, shifts
     )
-    inputs_finite = jnp.all(jnp.isfinite(factors))
-    return lax.cond(jnp.all(jnp.isfinite(inv)) | ~inputs_finite, lambda: inv, safe)
+    inputs_finite = guards.all_finite(factors)
+    return lax.cond(guards.all_finite(inv) | ~inputs_finite, lambda: inv, safe)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sofim_optax import guards
+from sofim_optax import distributed, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.layerwise.checks import check_layer_stats
 from sofim_optax.layerwise.fallback import fallback_init, fallback_update
@@ -247,4 +247,6 @@ def layerwise_transformation(
         )
         return jax.tree_util.tree_unflatten(treedef, new_leaves), new_state
 
-    return optax.GradientTransformationExtraArgs(init_fn, guards.skip_nonfinite_steps(update_fn))
+    return optax.GradientTransformationExtraArgs(
+        init_fn, distributed.mesh_agnostic(guards.skip_nonfinite_steps(update_fn))
+    )

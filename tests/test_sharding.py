@@ -1,0 +1,280 @@
+"""Every method under the user's sharded ``jax.jit`` on 8 simulated CPU devices.
+
+``tests/conftest.py`` starts the suite with ``--xla_force_host_platform_device_count=8``.
+A data-parallel step (the batch sharded over a ``("data",)`` mesh, ``jax.set_mesh`` around
+it) must give the single-device parameters over three steps that include a refresh: with the
+state replicated, and with the state sharded by ``sofim_optax.distributed.state_sharding`` and
+the Dense kernel sharded FSDP-style. The refresh must really be split: each device's branch of
+the distributed refresh decomposes its own share of the matrices, and nothing is decomposed
+outside it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_conformance import MODEL, REGISTRY, loss_fn
+
+import sofim_optax
+from sofim_optax import distributed
+from sofim_optax.curvature import linen as capture
+
+DEVICES = 8
+BATCH = 16
+STEPS = 3
+# Every scale_by_* (each method once), K-BFGS(L) (its memory) and one adaptive alias (the
+# quadratic model's products through obj_fn).
+METHODS = sorted(
+    [n for n, c in REGISTRY.items() if not c.is_alias and not c.adaptive]
+    + ["kbfgs_l", "kfac_adaptive"]
+)
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < DEVICES, reason="needs 8 (simulated) devices; see tests/conftest.py"
+)
+
+
+def _batches():
+    rng = np.random.default_rng(1)
+    return [
+        (rng.standard_normal((BATCH, 3, 3, 1)).astype(np.float32), np.arange(BATCH) % 3)
+        for _ in range(STEPS)
+    ]
+
+
+def _step(opt, case):
+    """One train step as a user writes it: gradients and statistics, then the update."""
+
+    def step(params, state, batch, previous):
+        _, grads, stats = capture.value_grad_and_stats(loss_fn, params, *batch)
+        extra = {
+            "layer_stats": stats,
+            "previous_batch_stats": capture.value_grad_and_stats(loss_fn, params, *previous)[2],
+            "obj_fn": lambda p: loss_fn(p, *batch),
+        }
+        updates, state = opt.update(grads, state, params, **{k: extra[k] for k in case.needs})
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _make(name):
+    case = REGISTRY[name]
+    return case.make(), case
+
+
+@functools.lru_cache(maxsize=None)
+def _single_device(name):
+    opt, case = _make(name)
+    batches = _batches()
+    params = MODEL.init(jax.random.key(0), batches[0][0])
+    step = jax.jit(_step(opt, case))
+    state = opt.init(params)
+    for t in range(STEPS):
+        params, state = step(params, state, batches[t], batches[t - 1])
+    return jax.device_get(params)
+
+
+def _mesh(name=""):
+    # The adaptive step calls the user's obj_fn, whose closed-over batch carries its explicit
+    # sharding into the methods' auto_axes region, which JAX refuses; it runs under an Auto
+    # mesh (a known limitation, see docs/scaling_out.md).
+    auto = name.endswith("_adaptive")
+    kind = jax.sharding.AxisType.Auto if auto else jax.sharding.AxisType.Explicit
+    return jax.make_mesh((DEVICES,), ("data",), axis_types=(kind,))
+
+
+def _sharded_run(name, *, shard_state, fsdp):
+    opt, case = _make(name)
+    mesh = _mesh(name)
+    batches = _batches()
+    with jax.set_mesh(mesh):
+        rows = NamedSharding(mesh, P("data"))
+        data = [jax.device_put(b, rows) for b in batches]
+        params = MODEL.init(jax.random.key(0), batches[0][0])
+        if fsdp:  # the Dense kernel (8, 3) split over its input axis
+            params = jax.tree_util.tree_map_with_path(
+                lambda path, x: jax.device_put(
+                    x,
+                    NamedSharding(
+                        mesh, P("data") if "Dense_0" in str(path) and x.ndim == 2 else P()
+                    ),
+                ),
+                params,
+            )
+        state = opt.init(params)
+        if shard_state:
+            state = jax.device_put(state, distributed.state_sharding(state, mesh))
+        traces = []
+
+        def counted(*args):
+            traces.append(1)
+            return _step(opt, case)(*args)
+
+        step = jax.jit(counted)
+        params, state = step(params, state, data[0], data[-1])
+        with jax.transfer_guard("disallow"):  # no host round-trip inside a step
+            for t in range(1, STEPS):
+                params, state = step(params, state, data[t], data[t - 1])
+    return jax.device_get(params), len(traces)
+
+
+def _assert_same(params, reference, name):
+    initial = jax.device_get(MODEL.init(jax.random.key(0), _batches()[0][0]))
+    moved = max(
+        float(np.abs(np.asarray(r) - np.asarray(i)).max())
+        for r, i in zip(jax.tree.leaves(reference), jax.tree.leaves(initial))
+    )
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * moved, err_msg=name)
+
+
+@pytest.mark.xfail(
+    reason="in progress (issue 19): several methods' sharded steps do not yet match; see the note",
+    strict=False,
+)
+@pytest.mark.parametrize("name", METHODS)
+def test_data_parallel_step_equals_single_device(name):
+    params, traces = _sharded_run(name, shard_state=False, fsdp=False)
+    _assert_same(params, _single_device(name), name)
+    assert traces == 1, f"{name} retraced"
+
+
+@pytest.mark.xfail(
+    reason="in progress (issue 19): several methods' sharded steps do not yet match; see the note",
+    strict=False,
+)
+@pytest.mark.parametrize("name", METHODS)
+def test_sharded_state_and_fsdp_parameters_give_the_same_steps(name):
+    params, traces = _sharded_run(name, shard_state=True, fsdp=True)
+    _assert_same(params, _single_device(name), name)
+    assert traces == 1, f"{name} retraced"
+
+
+def test_state_sharding_splits_the_curvature_stacks():
+    mesh = _mesh()
+    opt = sofim_optax.scale_by_mini_block_fisher(damping=0.1, dense_block_size=2)
+    params = {"Dense_0": {"kernel": jnp.zeros((8, 16)), "bias": jnp.zeros((16,))}}
+    shapes = jax.eval_shape(opt.init, params)
+    shardings = distributed.state_sharding(shapes, mesh)
+    split = [
+        (leaf.shape, s.spec)
+        for leaf, s in zip(jax.tree.leaves(shapes.curvature), jax.tree.leaves(shardings.curvature))
+        if s.spec == P("data")
+    ]
+    assert split, "no curvature stack was sharded"
+    assert all(shape[0] % DEVICES == 0 for shape, _ in split)
+    assert jax.tree.leaves(shardings.count)[0].spec == P()
+
+
+# ----------------------------------------------------------------------------------------
+# The refresh is really split.
+# ----------------------------------------------------------------------------------------
+
+
+def _decomposed(jaxpr) -> int:
+    """The number of matrices ``eigh`` decomposes in a jaxpr (through scans and calls)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "eigh":
+            shape = eqn.invars[0].aval.shape
+            count += int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+        for sub in _subjaxprs(eqn):
+            inner = _decomposed(sub)
+            if eqn.primitive.name == "scan":
+                inner *= eqn.params["length"]
+            count += inner
+    return count
+
+
+def _subjaxprs(eqn):
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(v, "jaxpr") and hasattr(v, "consts"):  # ClosedJaxpr
+                yield v.jaxpr
+            elif hasattr(v, "eqns"):
+                yield v
+
+
+def _find(jaxpr, primitive):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive:
+            yield eqn
+        for sub in _subjaxprs(eqn):
+            yield from _find(sub, primitive)
+
+
+@pytest.mark.parametrize(
+    "factory", [sofim_optax.scale_by_kfac, sofim_optax.scale_by_mini_block_fisher]
+)
+def test_each_device_decomposes_its_share(factory):
+    """In the traced program every ``eigh`` lies in one device's branch of the distributed
+    refresh; together the branches decompose each matrix once, and the busiest device does at
+    most its fair share plus one piece."""
+    opt = factory(damping=0.1, inverse="eigh")
+    params = {
+        f"Dense_{i}": {"kernel": jnp.zeros((d, 6)), "bias": jnp.zeros(6)}
+        for i, d in enumerate((5, 6, 6, 6))
+    }
+    x = jnp.ones((BATCH, 5))
+
+    def loss(p, x):
+        for i in range(4):
+            x = jnp.tanh(x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"])
+        return jnp.mean(x**2)
+
+    def step(p, s, x):
+        g = jax.grad(loss)(p, x)
+        stats = {
+            k: sofim_optax.LayerStats(
+                jnp.cos(jnp.arange(BATCH * p[k]["kernel"].shape[0])).reshape(BATCH, -1),
+                jnp.sin(jnp.arange(BATCH * 6.0)).reshape(BATCH, 6),
+            )
+            for k in p
+        }
+        return opt.update(g, s, p, layer_stats=stats)
+
+    state = opt.init(params)
+    single = jax.make_jaxpr(step)(params, state, x).jaxpr
+    total = _decomposed(single)
+    with jax.set_mesh(_mesh()):
+        jaxpr = jax.make_jaxpr(step)(params, state, x).jaxpr
+    (shard,) = list(_find(jaxpr, "shard_map"))
+    assert _decomposed(jaxpr) == _decomposed(shard.params["jaxpr"])  # nothing outside
+    (switch,) = list(_find(shard.params["jaxpr"], "cond"))
+    per_device = [_decomposed(b.jaxpr) for b in switch.params["branches"]]
+    assert len(per_device) == DEVICES
+    assert sum(per_device) == total
+    assert max(per_device) <= -(-total // DEVICES) + 1, per_device
+
+
+def test_plan_balances_and_covers_every_matrix():
+    sizes, dims = (
+        {"d785": 1, "d1000": 2, "d30": 3, "d10": 100},
+        {"d785": 785, "d1000": 1000, "d30": 30, "d10": 10},
+    )
+    work = distributed.plan(sizes, dims, 4)
+    covered = {k: np.zeros(n, int) for k, n in sizes.items()}
+    for pieces in work.pieces:
+        for key, start, stop in pieces:
+            covered[key][start:stop] += 1
+    assert all((c == 1).all() for c in covered.values())
+    assert sum(work.loads) == sum(n * dims[k] ** 3.0 for k, n in sizes.items())
+    # no device can do less than the largest single matrix, or than a quarter of the total
+    assert max(work.loads) <= 1.2 * max(1000.0**3, sum(work.loads) / 4)
+    assert max(work.loads) == 1000.0**3  # the two 1000s on their own devices
+
+
+def test_refresh_axes_names_an_unknown_axis():
+    with jax.set_mesh(_mesh()), distributed.refresh_axes("model"):
+        with pytest.raises(ValueError, match="not axes of the current mesh"):
+            distributed.current_refresh_axes()
+    with jax.set_mesh(_mesh()), distributed.refresh_axes(()):
+        assert distributed.current_refresh_axes() == ((), 1)

@@ -141,19 +141,12 @@ def _assert_same(params, reference, name):
     strict=False,
 )
 @pytest.mark.parametrize("name", METHODS)
-def test_data_parallel_step_equals_single_device(name):
-    params, traces = _sharded_run(name, shard_state=False, fsdp=False)
-    _assert_same(params, _single_device(name), name)
-    assert traces == 1, f"{name} retraced"
-
-
-@pytest.mark.xfail(
-    reason="in progress (issue 19): several methods' sharded steps do not yet match; see the note",
-    strict=False,
+@pytest.mark.parametrize(
+    "shard_state, fsdp", [(False, False), (True, True)], ids=["replicated", "sharded_state_fsdp"]
 )
-@pytest.mark.parametrize("name", METHODS)
-def test_sharded_state_and_fsdp_parameters_give_the_same_steps(name):
-    params, traces = _sharded_run(name, shard_state=True, fsdp=True)
+def test_data_parallel_step_equals_single_device(name, shard_state, fsdp):
+    """Replicated state and parameters, or the state sharded and the Dense kernel FSDP-split."""
+    params, traces = _sharded_run(name, shard_state=shard_state, fsdp=fsdp)
     _assert_same(params, _single_device(name), name)
     assert traces == 1, f"{name} retraced"
 

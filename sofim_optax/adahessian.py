@@ -126,7 +126,7 @@ def hutchinson_hessian_diagonal(
             hz,
         )
 
-    products = jax.vmap(one)(z)
+    products = distributed.map_directions(one, z)
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), products)
 
 

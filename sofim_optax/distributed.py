@@ -36,6 +36,7 @@ replicated gradients) and of the factors at a refresh.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import math
 import threading
@@ -58,9 +59,15 @@ __all__ = [
     "map_stacks",
     "state_sharding",
     "mesh_agnostic",
+    "keep_shardings",
+    "map_directions",
 ]
 
 _override = threading.local()
+# True while a method's update runs in mesh_agnostic's auto_axes region.
+_AUTO_FROM_EXPLICIT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "sofim_optax_auto_from_explicit", default=False
+)
 
 
 @contextlib.contextmanager
@@ -258,6 +265,25 @@ def _explicit_axes() -> tuple[str, ...]:
     return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == explicit)
 
 
+def keep_shardings(new: Any, old: Any) -> Any:
+    """``new`` with each array resharded to the sharding of its counterpart in ``old`` (same
+    tree structure) under a mesh with ``Explicit`` axes; ``new`` itself otherwise.
+
+    Under explicit sharding the two branches of a ``lax.cond`` must give the same sharded
+    types, so a guard that returns either the new state or the old one keeps the old one's
+    layout (the layout the user chose, e.g. with :func:`state_sharding`)."""
+    if not _explicit_axes():
+        return new
+
+    def like(x, y):
+        if not isinstance(x, jax.Array) or not isinstance(y, jax.Array):
+            return x
+        want = jax.typeof(y).sharding.spec
+        return x if jax.typeof(x).sharding.spec == want else jax.sharding.reshard(x, want)
+
+    return jax.tree.map(like, new, old)
+
+
 def mesh_agnostic(update_fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
     """Wraps an optax ``update(updates, state, params=None, **extra)`` so that it also runs
     under a mesh with ``Explicit`` axes (``jax.make_mesh``'s default).
@@ -266,7 +292,10 @@ def mesh_agnostic(update_fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tu
     sharding; the methods' statistics contract the batch axis everywhere. Under such a mesh the
     update therefore runs inside ``jax.sharding.auto_axes`` (XLA propagates shardings, as under
     an ``Auto`` mesh) and returns the updates and the state with the shardings they came in
-    with. Without explicit axes it is ``update_fn`` itself.
+    with. A callable extra argument (``obj_fn``, the user's loss) runs back in explicit mode
+    (``jax.sharding.explicit_axes``), its parameters in the shardings of ``params``, since the
+    user's model was written for explicit types (its closed-over batch carries them). Without
+    explicit axes it is ``update_fn`` itself.
     """
 
     def update(updates, state, params=None, **extra):
@@ -274,14 +303,68 @@ def mesh_agnostic(update_fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tu
         if not axes:
             return update_fn(updates, state, params, **extra)
         arrays = {k: v for k, v in extra.items() if not callable(v)}
-        others = {k: v for k, v in extra.items() if callable(v)}
         shardings = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, (updates, state))
+        like = params if params is not None else updates
+        param_specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, like)
+        others = {k: _explicit_call(v, axes, param_specs) for k, v in extra.items() if callable(v)}
 
         def run(u, s, p, e):
-            return update_fn(u, s, p, **e, **others)
+            token = _AUTO_FROM_EXPLICIT.set(True)
+            try:
+                return update_fn(u, s, p, **e, **others)
+            finally:
+                _AUTO_FROM_EXPLICIT.reset(token)
 
         return jax.sharding.auto_axes(run, axes=axes, out_sharding=shardings)(
             updates, state, params, arrays
         )
 
     return update
+
+
+def map_directions(fn: Callable[[Any], Any], directions: Any) -> Any:
+    """``jax.vmap(fn)(directions)`` (a pytree with a leading direction axis), or ``lax.map``
+    over that axis under a mesh with ``Explicit`` axes, where JAX cannot batch some of the
+    reshapes a user's model applies to explicitly sharded activations. Used for the few
+    curvature-vector products through ``obj_fn`` (AdaHessian's probes, Nyström-SGD's sketch,
+    the quadratic model's directions)."""
+    if _explicit_axes() or _AUTO_FROM_EXPLICIT.get():
+        return lax.map(fn, directions)
+    return jax.vmap(fn)(directions)
+
+
+def _explicit_call(fn: Callable[..., Any], axes: tuple[str, ...], specs: Any) -> Callable:
+    """``fn(p)`` called from an ``auto_axes`` region: ``p`` (the parameters' structure) enters
+    explicit mode in ``specs``; any other call goes to ``fn`` unchanged.
+
+    Under a prediction probe (the quadratic model's Gauss-Newton products) the probe's
+    perturbations go in as arguments and the registered predictions come out as results, so
+    that no traced value crosses the explicit region's boundary by closure."""
+    from sofim_optax.curvature import _capture  # the probe (imports this module)
+
+    structure = jax.tree.structure(specs)
+
+    def call(*args, **kwargs):
+        if len(args) != 1 or kwargs or jax.tree.structure(args[0]) != structure:
+            return fn(*args, **kwargs)
+        outer = _capture._PROBE.get()
+        if outer is None:
+            return jax.sharding.explicit_axes(fn, axes=axes, in_sharding=(specs,))(args[0])
+        likelihoods = []
+
+        def probed(p, perturbations):
+            with _capture.probe_predictions(perturbations) as probe:
+                loss = fn(p)
+            likelihoods[:] = probe.likelihoods
+            return loss, probe.predictions
+
+        eps = outer.perturbations
+        eps_specs = None if eps is None else [P()] * len(eps)
+        loss, predictions = jax.sharding.explicit_axes(
+            probed, axes=axes, in_sharding=(specs, eps_specs)
+        )(args[0], eps)
+        outer.likelihoods.extend(likelihoods)
+        outer.predictions.extend(predictions)
+        return loss
+
+    return call

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sofim_optax.distributed import keep_shardings
+
 __all__ = [
     "SkipCounts",
     "no_skips",
@@ -275,7 +277,8 @@ def skip_nonfinite_steps(
             def zero_unless_ok(d):
                 return jnp.where(ok, d, jnp.zeros_like(d)) if _is_float(d) else d
 
-            return jax.tree.map(zero_unless_ok, directions), count_skipped_step(new_state, ~ok)
+            directions = keep_shardings(jax.tree.map(zero_unless_ok, directions), updates)
+            return directions, keep_shardings(count_skipped_step(new_state, ~ok), state)
 
         def skip(_):
             return jax.tree.map(jnp.zeros_like, updates), count_skipped_step(state)

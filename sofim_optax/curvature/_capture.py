@@ -36,6 +36,7 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 from jax import lax
 
+from sofim_optax import distributed
 from sofim_optax.curvature._layer_specs import CaptureError, DenseGeneralSpec, LayerSpec
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
 from sofim_optax.hyperparameters import accumulation_dtype
@@ -268,7 +269,9 @@ class PredictionProbe:
                 f"obj_fn's {likelihood.name} predictions changed shape between traces "
                 f"({jnp.shape(eps)} -> {jnp.shape(predictions)})."
             )
-        return predictions + eps.astype(jnp.result_type(predictions))
+        # (under an explicit mesh, in the predictions' sharding)
+        eps = distributed.keep_shardings(eps.astype(jnp.result_type(predictions)), predictions)
+        return predictions + eps
 
 
 _PROBE: contextvars.ContextVar[PredictionProbe | None] = contextvars.ContextVar(

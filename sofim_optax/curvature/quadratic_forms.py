@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sofim_optax import distributed
 from sofim_optax.curvature import _capture
 
 __all__ = ["gauss_newton_quadratic_forms", "hessian_quadratic_forms", "stack_directions"]
@@ -129,7 +130,7 @@ def gauss_newton_quadratic_forms(
         return (predictions, output_gradient), loss
 
     _, linear, loss = jax.linearize(predictions_and_output_gradient, params, has_aux=True)
-    jz, h_jz = jax.vmap(linear)(stack_directions(directions, params))
+    jz, h_jz = distributed.map_directions(linear, stack_directions(directions, params))
     return jnp.asarray(loss).astype(jnp.promote_types(jnp.result_type(loss), jnp.float32)), (
         _symmetric(_inner_products(jz, h_jz))
     )
@@ -156,5 +157,5 @@ def hessian_quadratic_forms(
     _, linear, loss = jax.linearize(gradient, params, has_aux=True)
     stacked = stack_directions(directions, params)
     return jnp.asarray(loss).astype(jnp.promote_types(jnp.result_type(loss), jnp.float32)), (
-        _symmetric(_inner_products(stacked, jax.vmap(linear)(stacked)))
+        _symmetric(_inner_products(stacked, distributed.map_directions(linear, stacked)))
     )

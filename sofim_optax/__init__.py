@@ -35,6 +35,7 @@ from sofim_optax.mini_block_fisher import (
     scale_by_mini_block_fisher,
 )
 from sofim_optax.nystrom_sgd import ScaleByNystromSgdState, nystrom_sgd, scale_by_nystrom_sgd
+from sofim_optax.partitioned_state import PartitionedState, partition_state
 from sofim_optax.quadratic_model import QuadraticModelState, scale_by_quadratic_model
 from sofim_optax.sofim import ScaleBySofimState, scale_by_sofim, sofim
 
@@ -45,6 +46,8 @@ __all__ = [
     "configure_cpu_runtime",
     "curvature",
     "distributed",
+    "partition_state",
+    "PartitionedState",
     "guards",
     "hyperparameters",
     "layerwise",

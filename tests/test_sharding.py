@@ -95,6 +95,8 @@ def _mesh():
 
 def _sharded_run(name, *, shard_state, fsdp):
     opt, case = _make(name)
+    if shard_state == "partitioned":
+        opt = sofim_optax.partition_state(opt, min_size=4)
     mesh = _mesh()
     batches = _batches()
     with jax.set_mesh(mesh), jax.enable_x64(True):
@@ -112,7 +114,7 @@ def _sharded_run(name, *, shard_state, fsdp):
                 params,
             )
         state = opt.init(params)
-        if shard_state:
+        if shard_state is True:
             state = jax.device_put(state, distributed.state_sharding(state, mesh))
         traces = []
 
@@ -141,7 +143,9 @@ def _assert_same(params, reference, name):
 
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize(
-    "shard_state, fsdp", [(False, False), (True, True)], ids=["replicated", "sharded_state_fsdp"]
+    "shard_state, fsdp",
+    [(False, False), (True, True), ("partitioned", False)],
+    ids=["replicated", "sharded_state_fsdp", "partitioned_state"],
 )
 def test_data_parallel_step_equals_single_device(name, shard_state, fsdp):
     """Replicated state and parameters, or the state sharded and the Dense kernel FSDP-split."""
@@ -164,6 +168,28 @@ def test_state_sharding_splits_the_curvature_stacks():
     assert split, "no curvature stack was sharded"
     assert all(shape[0] % DEVICES == 0 for shape, _ in split)
     assert jax.tree.leaves(shardings.count)[0].spec == P()
+
+
+def test_partition_state_holds_one_eighth_per_device():
+    """KFAC's factors here are stacks of one odd-sized matrix (state_sharding cannot split
+    them); the partitioned state holds 1/8 of every packed array per device, padded."""
+    mesh = _mesh()
+    params = {"Dense_0": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros((5,))}}
+    opt = sofim_optax.partition_state(sofim_optax.scale_by_kfac(damping=0.1), min_size=4)
+    with jax.set_mesh(mesh):
+        state = opt.init(params)
+    plain = jax.eval_shape(sofim_optax.scale_by_kfac(damping=0.1).init, params)
+    packed = sum(x.size for x in jax.tree.leaves(plain) if x.size >= 4 and x.dtype.kind == "f")
+    (buffer,) = state.buffers.values()
+    assert buffer.size == packed + (-packed % DEVICES)
+    assert {s.data.size for s in buffer.addressable_shards} == {buffer.size // DEVICES}
+    assert all(x.size < 4 or x.dtype.kind != "f" for x in jax.tree.leaves(state.rest))
+
+
+def test_partition_state_names_unknown_axes():
+    opt = sofim_optax.partition_state(optax.scale_by_adam(), axes="model")
+    with jax.set_mesh(_mesh()), pytest.raises(ValueError, match="not axes of the current mesh"):
+        opt.init({"w": jnp.zeros((64, 64))})
 
 
 # ----------------------------------------------------------------------------------------

@@ -92,6 +92,12 @@ def partition_state(
 
     Returns:
       A transformation whose state is a :class:`PartitionedState`.
+
+    References:
+      Rajbhandari, Rasley, Ruwase & He, "ZeRO: Memory optimizations toward training trillion
+      parameter models", SC 2020 (stage 1: the optimizer state partitioned over data-parallel
+      workers). Xu et al., "Automatic cross-replica sharding of weight update in
+      data-parallel training", arXiv:2004.13336, 2020.
     """
     if not isinstance(min_size, int) or min_size < 1:
         raise ValueError(f"partition_state: min_size must be a positive int, got {min_size!r}")

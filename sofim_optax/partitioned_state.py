@@ -85,7 +85,7 @@ def partition_state(
     Args:
       inner: any optax gradient transformation (extra ``update`` arguments such as
         ``layer_stats=`` or ``obj_fn=`` are passed through).
-      axes: the mesh axes the buffers are split over (default: all of the mesh's axes). The
+      axes: the mesh axes the buffers are split over (default ``None``: all of the mesh's axes). The
         mesh is the one in effect (``jax.set_mesh``) when ``init`` and the jitted step are
         traced.
       min_size: floating-point arrays with fewer entries stay unpacked (default 1024).

@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[loop.RunResult]]:
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    harness.add_devices_argument(parser)
     args = parser.parse_args(argv)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[loop.RunResult]]:
             common.append("--" + flag.replace("_", "-"))
     for item in args.set:
         common += ["--set", item]
+    common += ["--devices", "all" if args.devices is None else str(args.devices)]
     out = Path(args.out)
     results: dict[str, list[loop.RunResult]] = {}
     if "classify" in tasks:

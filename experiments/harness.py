@@ -183,7 +183,19 @@ def build_parser(kind: str, description: str | None = None) -> argparse.Argument
         "--no-resume", action="store_true", help="ignore existing checkpoints in --out"
     )
     parser.add_argument("--no-progress", action="store_true")
+    add_devices_argument(parser)
     return parser
+
+
+def add_devices_argument(parser: argparse.ArgumentParser) -> None:
+    """``--devices N`` (or ``all``): data-parallel training over N local devices."""
+    parser.add_argument(
+        "--devices",
+        default="1",
+        type=lambda text: None if text == "all" else int(text),
+        help="train data-parallel over N local devices, or 'all' (default 1; on CPU, "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N)",
+    )
 
 
 def resolve_optimizers(spec: str, parser: argparse.ArgumentParser) -> list[str]:
@@ -274,6 +286,7 @@ def train_on_task(
         checkpoint=checkpoint,
         resume=not args.no_resume,
         on_epoch_end=on_epoch_end,
+        devices=getattr(args, "devices", 1),
     )
 
 

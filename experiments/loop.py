@@ -40,7 +40,7 @@ from experiments.registry import OPTIMIZERS, make_optimizer
 from experiments.step import make_train_step
 from experiments.tasks import Task, batch_of
 
-__all__ = ["EpochMetrics", "RunResult", "train"]
+__all__ = ["EpochMetrics", "RunResult", "train", "data_parallel_mesh"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,25 @@ def _kernel_output_axes(model: Any, params: Any, model_state: Any, x: Any) -> di
     return sofim_optax.curvature.linen.kernel_output_axes(outputs, params)
 
 
+def data_parallel_mesh(devices: int | None, batch_size: int) -> jax.sharding.Mesh | None:
+    """The ``("data",)`` mesh of the first ``devices`` local devices (``None``: all of them),
+    or ``None`` for one device. Its axis is ``Auto``: XLA propagates the batch's sharding
+    through any model. The batch must split evenly."""
+    n = jax.local_device_count() if devices is None else devices
+    if not 1 <= n <= jax.local_device_count():
+        raise ValueError(
+            f"devices={n}: this process sees {jax.local_device_count()} local devices (on CPU, "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=N simulates N)"
+        )
+    if n == 1:
+        return None
+    if batch_size % n:
+        raise ValueError(f"batch size {batch_size} does not split over {n} devices evenly")
+    return jax.make_mesh(
+        (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.local_devices()[:n]
+    )
+
+
 def train(
     model: nn.Module,
     optimizer: str,
@@ -157,6 +176,7 @@ def train(
     resume: bool = True,
     on_epoch_end: Callable[[RunResult], None] | None = None,
     stop_on_divergence: bool = True,
+    devices: int | None = 1,
 ) -> RunResult:
     """Trains ``model`` with ``optimizer`` and evaluates on the test set after every epoch.
 
@@ -186,10 +206,69 @@ def train(
       on_epoch_end: called with the result so far after every epoch (the CLIs
         write the JSON there).
       stop_on_divergence: stop after an epoch whose training loss is not finite.
+      devices: data-parallel over this many local devices (``None``: all of them; default
+        1): every batch split over a ``("data",)`` mesh (:func:`data_parallel_mesh`),
+        parameters and optimizer state replicated, the step traced under ``jax.set_mesh``
+        so that the methods' refreshes are split over the devices too.
 
     Returns:
       A :class:`RunResult` with one :class:`EpochMetrics` per epoch.
     """
+    mesh = data_parallel_mesh(devices, batch_size)
+    arguments = dict(
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        hparams=hparams,
+        progress=progress,
+        eval_batch_size=eval_batch_size,
+        task=task,
+        model_name=model_name,
+        checkpoint=checkpoint,
+        resume=resume,
+        on_epoch_end=on_epoch_end,
+        stop_on_divergence=stop_on_divergence,
+    )
+    if mesh is None:
+        return _train(**arguments, rows=_same, replicated=_same)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with jax.set_mesh(mesh):
+        return _train(
+            **arguments,
+            rows=lambda tree: jax.device_put(tree, rows),
+            replicated=lambda tree: jax.device_put(tree, whole),
+        )
+
+
+def _same(tree: Any) -> Any:
+    return tree
+
+
+def _train(
+    model: nn.Module,
+    optimizer: str,
+    data: Sequence[np.ndarray | None],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    hparams: Mapping[str, Any] | None,
+    progress: bool,
+    eval_batch_size: int,
+    task: Task | str,
+    model_name: str,
+    checkpoint: str | os.PathLike | None,
+    resume: bool,
+    on_epoch_end: Callable[[RunResult], None] | None,
+    stop_on_divergence: bool,
+    rows: Callable[[Any], Any],
+    replicated: Callable[[Any], Any],
+) -> RunResult:
+    """:func:`train`'s body; ``rows`` places a batch, ``replicated`` everything else."""
     from tqdm.auto import tqdm  # optional dependency of the experiments
 
     task = Task(task) if isinstance(task, str) else task
@@ -212,6 +291,7 @@ def train(
             hparams["kernel_output_axes"] = axes
     spec, tx, used = make_optimizer(optimizer, task.kind, **hparams)
     needs_previous_batch = "previous_batch_stats" in spec.needs
+    params, model_state = replicated((params, model_state))
     opt_state = tx.init(params)
     base_key = jax.random.PRNGKey(seed)
 
@@ -251,7 +331,9 @@ def train(
         total_loss, correct = 0.0, 0
         for start in range(0, len(x_test), eval_batch_size):
             loss, hits = eval_batch(
-                p, state, batch_of(x_test, y_test, slice(start, start + eval_batch_size))
+                p,
+                state,
+                replicated(batch_of(x_test, y_test, slice(start, start + eval_batch_size))),
             )
             total_loss += float(loss)
             correct += int(hits)
@@ -269,7 +351,7 @@ def train(
     compiled: dict[str, Any] = {}
 
     def compile_steps() -> float:
-        example = batch_of(x_train, y_train, slice(0, batch_size))
+        example = rows(batch_of(x_train, y_train, slice(0, batch_size)))
         t0 = time.perf_counter()
         step0 = jnp.asarray(0, jnp.int32)
         compiled["first"] = jitted.lower(
@@ -314,6 +396,7 @@ def train(
                 f"{ckpt_path}: written by a different configuration ({meta.get('config')}); "
                 "delete it or choose another output folder"
             )
+        params, model_state, opt_state = replicated((params, model_state, opt_state))
         result.epochs = [EpochMetrics(**e) for e in meta["history"]]
         start_epoch, global_step, wall = meta["epoch"] + 1, meta["step"], meta["wall"]
         prev_idx = extra_arrays.get("prev_idx")
@@ -334,14 +417,14 @@ def train(
         )
         t_start = time.perf_counter()
         for i, idx in enumerate(bar):
-            batch = batch_of(x_train, y_train, idx)
+            batch = rows(batch_of(x_train, y_train, idx))
             step = jnp.asarray(global_step, jnp.int32)
             if prev_idx is None:
                 params, model_state, opt_state, loss = compiled_first(
                     params, model_state, opt_state, batch, None, step
                 )
             else:
-                prev = batch_of(x_train, y_train, prev_idx)
+                prev = rows(batch_of(x_train, y_train, prev_idx))
                 params, model_state, opt_state, loss = compiled_next(
                     params, model_state, opt_state, batch, prev, step
                 )

@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 from sofim_optax import cpu_runtime
 
 __all__ = [
+    "REFRESH_SCOPE",
     "refresh_axes",
     "current_refresh_axes",
     "plan",
@@ -62,6 +63,9 @@ __all__ = [
     "keep_shardings",
     "map_directions",
 ]
+
+#: The ``jax.named_scope`` of every refresh :func:`map_stacks` traces.
+REFRESH_SCOPE = "sofim_optax_refresh"
 
 _override = threading.local()
 # True while a method's update runs in mesh_agnostic's auto_axes region.
@@ -144,8 +148,15 @@ def map_stacks(fn: Callable[..., Any], *stacks: Mapping[str, jax.Array]) -> dict
     ``fn`` maps one matrix (and its companions of the other stacks, e.g. a shift) to a pytree
     of arrays, and must be a pure per-matrix function (an eigendecomposition, a damped
     inverse). See the module docstring for when and how the work is split; the result is
-    the same either way.
+    the same either way. The work is traced under ``jax.named_scope(REFRESH_SCOPE)`` (and
+    each device's share under ``REFRESH_SCOPE + "_split"``), so that profiles and the
+    benchmarks can find it.
     """
+    with jax.named_scope(REFRESH_SCOPE):
+        return _map_stacks(fn, *stacks)
+
+
+def _map_stacks(fn: Callable[..., Any], *stacks: Mapping[str, jax.Array]) -> dict[str, Any]:
     keys = list(stacks[0])
     axes, n = current_refresh_axes()
     if n <= 1 or not keys:
@@ -193,7 +204,8 @@ def map_stacks(fn: Callable[..., Any], *stacks: Mapping[str, jax.Array]) -> dict
         return run
 
     def local(*operands):
-        mine = lax.switch(lax.axis_index(axes), [branch(d) for d in range(n)], *operands)
+        with jax.named_scope(REFRESH_SCOPE + "_split"):
+            mine = lax.switch(lax.axis_index(axes), [branch(d) for d in range(n)], *operands)
         return tuple(lax.all_gather(buffer, axes) for buffer in mine)
 
     operands = [s[k] for s in stacks for k in keys]

@@ -1,9 +1,12 @@
 """Argument handling of the benchmark scripts (their runs are too slow for the suite)."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from experiments import harness
 from experiments.benchmarks import mbf as benchmark_mbf
+from sofim_optax import distributed
 
 
 def test_mbf_set_pins_the_named_optimizers_and_keeps_the_other_grids():
@@ -20,3 +23,37 @@ def test_mbf_set_pins_the_named_optimizers_and_keeps_the_other_grids():
 def test_mbf_set_refuses_unknown_optimizers():
     with pytest.raises(ValueError, match="lbfgs"):
         benchmark_mbf.grids_with_overrides({"lbfgs": {"learning_rate": 1.0}})
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices")
+def test_sharding_benchmark_counts_each_devices_share_of_a_refresh():
+    from experiments.benchmarks import sharding
+
+    stacks = {"a": jnp.stack([jnp.eye(5)] * 6), "b": jnp.stack([jnp.eye(3)] * 2)}
+    one = 4.0 * (6 * 5**3 + 2 * 3**3)  # eigh: 4 d³ multiply-adds per matrix
+    jaxpr = jax.make_jaxpr(lambda s: distributed.map_stacks(jnp.linalg.eigh, s))(stacks).jaxpr
+    assert sharding.refresh_macs(jaxpr, 0) == pytest.approx(one)
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    with jax.set_mesh(mesh):
+        jaxpr = jax.make_jaxpr(lambda s: distributed.map_stacks(jnp.linalg.eigh, s))(stacks).jaxpr
+    shares = [sharding.refresh_macs(jaxpr, d) for d in range(4)]
+    loads = distributed.plan({"a": 6, "b": 2}, {"a": 5, "b": 3}, 4).loads
+    assert shares == pytest.approx([4.0 * load for load in loads])
+    assert sum(shares) == pytest.approx(one)
+    rows = sharding.with_ratios(
+        [
+            {
+                "model": "m",
+                "method": "kfac",
+                "devices": n,
+                "refresh_macs": max(s),
+                "step_macs": 1.0,
+                "state_bytes_replicated": 8.0,
+                "state_bytes_sharded": 8.0 / n,
+                "state_bytes_partitioned": 8.0 / n,
+            }
+            for n, s in ((1, [one]), (4, shares))
+        ]
+    )
+    assert rows[1]["refresh_macs_vs_1/n"] == pytest.approx(4 * max(shares) / one)
+    assert "| m | kfac | 4 |" in sharding.table(rows)

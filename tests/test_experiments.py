@@ -85,6 +85,29 @@ def test_training_reduces_loss_on_fixture(fixture_dir):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize("optimizer", ["kfac", "mbf"])
+def test_data_parallel_training_equals_one_device(fixture_dir, optimizer):
+    """--devices: the same run split over 4 (simulated) devices gives the same losses."""
+    data = compare.load_data(str(fixture_dir), None, flatten=False, verify=False)
+    runs = [
+        loop.train(
+            models.make_model("mlp"),
+            optimizer,
+            data,
+            epochs=2,
+            batch_size=32,
+            progress=False,
+            devices=devices,
+            hparams={"inverse_period": 2},
+        )
+        for devices in (1, 4)
+    ]
+    one, four = ([(e.train_loss, e.test_loss) for e in r.epochs] for r in runs)
+    np.testing.assert_allclose(four, one, rtol=2e-4)
+    with pytest.raises(ValueError, match="does not split over 3 devices"):
+        loop.train(models.make_model("mlp"), optimizer, data, epochs=1, batch_size=32, devices=3)
+
+
 def test_unknown_optimizer_and_model_raise():
     with pytest.raises(ValueError, match="unknown optimizer"):
         registry.make_optimizer("nope")

@@ -79,7 +79,9 @@ def refresh_axes(axes: str | Sequence[str] | None) -> Iterator[None]:
     """Within the block, refreshes traced under a mesh split over ``axes`` (a mesh axis name or
     a tuple of them); ``()`` keeps them whole on every device; ``None`` restores the default
     (all of the current mesh's axes). It acts at trace time: wrap the first call of the jitted
-    step (or its ``.lower``)."""
+    step (or its ``.lower``). JAX caches traces per Python function, not per this setting: a
+    step function already traced under the same mesh keeps the split it was traced with, so
+    give a different setting its own function (e.g. ``jax.jit(lambda *a: step(*a))``)."""
     previous = getattr(_override, "axes", None)
     _override.axes = None if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
     try:

@@ -12,6 +12,7 @@ outside it.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -271,6 +272,58 @@ def test_each_device_decomposes_its_share(factory):
     assert len(per_device) == DEVICES
     assert sum(per_device) == total
     assert max(per_device) <= -(-total // DEVICES) + 1, per_device
+
+    # The same in the compiled per-device (SPMD) program: with refreshes kept whole every
+    # device runs every decomposition; split, each runs only its own branch's. (A new
+    # function for the whole refresh: JAX reuses the split trace of `step` made above.)
+    with jax.set_mesh(_mesh()):
+        with distributed.refresh_axes(()):
+            unsplit = jax.jit(lambda *a: step(*a)).lower(params, state, x).compile()
+            whole = _hlo_decompositions(unsplit.as_text())
+        split = _hlo_decompositions(jax.jit(step).lower(params, state, x).compile().as_text())
+    assert whole == [total] * DEVICES
+    assert split == per_device
+
+
+def _hlo_decompositions(text: str) -> list[int]:
+    """Matrices each device's program hands to LAPACK's ``syevd`` (eigh), from compiled HLO:
+    while bodies times their known trip count, the busiest branch of an ordinary
+    conditional, and branch ``d`` of a ``DEVICES``-way conditional (the distributed refresh)
+    for device ``d``."""
+    computations, current = {}, None
+    for line in text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = header.group(1)
+            computations[current] = []
+            if line.startswith("ENTRY"):
+                entry = current
+        elif current is not None and line.startswith("  "):
+            computations[current].append(line)
+
+    def count(name, device):
+        total = 0
+        for line in computations[name]:
+            if 'custom_call_target="lapack_' in line and "syevd" in line:
+                dims = re.search(r"= \(\w+\[([\d,]*)\]", line).group(1).split(",")
+                total += int(np.prod([int(d) for d in dims[:-2]])) if len(dims) > 2 else 1
+            loop = re.search(r"while\(.*body=%([\w.\-]+)", line)
+            if loop:
+                trips = int(re.search(r'"known_trip_count":\{"n":"(\d+)"', line).group(1))
+                total += trips * count(loop.group(1), device)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+            if branches:
+                names = [b.strip().lstrip("%") for b in branches.group(1).split(",")]
+                if len(names) == DEVICES:
+                    total += count(names[device], device)
+                else:
+                    total += max(count(b, device) for b in names)
+            called = re.search(r"\bcalls=%([\w.\-]+)|to_apply=%([\w.\-]+)", line)
+            if called and " call(" in line:
+                total += count(called.group(1) or called.group(2), device)
+        return total
+
+    return [count(entry, d) for d in range(DEVICES)]
 
 
 def test_plan_balances_and_covers_every_matrix():

@@ -86,6 +86,25 @@ cpu_runtime.map_stack(jnp.linalg.cholesky, jnp.eye(3)[None])
 """
 
 
+def test_coexists_with_simulated_devices():
+    """The settings keep a user's device-count flag: 8 simulated devices, each running
+    a refresh split over a mesh of all 8 with the runtime's own flags in effect."""
+    code = (
+        "import os, jax, jax.numpy as jnp, sofim_optax; sofim_optax.configure_cpu_runtime(); "
+        "from sofim_optax import distributed; "
+        "mesh = jax.make_mesh((8,), ('data',)); "
+        "x = {'a': jnp.stack([jnp.eye(4) * (i + 1) for i in range(8)])}; "
+        "f = jax.jit(lambda s: distributed.map_stacks(jnp.linalg.eigvalsh, s)); "
+        "ctx = jax.set_mesh(mesh); ctx.__enter__(); "
+        "print(jax.device_count(), float(f(x)['a'].sum())); print(os.environ['XLA_FLAGS'])"
+    )
+    out = run_python(code, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    assert out.returncode == 0, out.stderr
+    count, flags = out.stdout.strip().splitlines()
+    assert count == "8 144.0"  # 4 · (1 + … + 8)
+    assert "--xla_force_host_platform_device_count=8" in flags and FLAG in flags
+
+
 def test_warns_once_when_a_decomposition_runs_without_the_settings():
     import jax
     import jaxlib.version

@@ -51,9 +51,15 @@ def test_sharding_benchmark_counts_each_devices_share_of_a_refresh():
                 "state_bytes_replicated": 8.0,
                 "state_bytes_sharded": 8.0 / n,
                 "state_bytes_partitioned": 8.0 / n,
+                **{f"{c}_{f}": 0 for c in ("all-reduce", "all-gather") for f in ("count", "bytes")},
             }
             for n, s in ((1, [one]), (4, shares))
         ]
     )
     assert rows[1]["refresh_macs_vs_1/n"] == pytest.approx(4 * max(shares) / one)
     assert "| m | kfac | 4 |" in sharding.table(rows)
+    hlo = (
+        "  %a = f32[10,10]{1,0} all-reduce(%x), replica_groups={}\n"
+        "  %b = (f32[4], bf16[2]) all-gather-start(%y)"
+    )
+    assert sharding.collectives(hlo) == {"all-reduce": (1, 400.0), "all-gather": (1, 20.0)}

@@ -15,6 +15,9 @@ every ``n`` the script reports, per device:
 * **step MACs**: XLA's ``cost_analysis()`` of the compiled per-device program (LAPACK calls
   excluded, both sides of every ``lax.cond`` counted): the gradient and the statistics,
   which XLA splits along the batch;
+* **communication**: the all-reduce and all-gather instructions of the compiled per-device
+  program and the bytes they return (each counted once, wherever it lies: the refresh's
+  all-gather runs only on refresh steps);
 * **state MB**: the bytes of the optimizer state one device holds, replicated, with
   :func:`sofim_optax.distributed.state_sharding` and with
   :func:`sofim_optax.partition_state`;
@@ -39,6 +42,7 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):  # before JAX starts its CPU ba
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -109,6 +113,24 @@ def refresh_macs(jaxpr, device: int, inside: bool = False) -> float:
     return total
 
 
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "pred": 1}
+
+
+def collectives(hlo: str) -> dict[str, tuple[int, float]]:
+    """``{"all-reduce": (instructions, bytes), "all-gather": ...}`` of compiled HLO text."""
+    found = {"all-reduce": [0, 0.0], "all-gather": [0, 0.0]}
+    for line in hlo.splitlines():
+        match = re.search(r"= (.*?) (all-reduce|all-gather)(?:-start)?\(", line)
+        if not match:
+            continue
+        entry = found[match.group(2)]
+        entry[0] += 1
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+            size = math.prod(int(d) for d in dims.split(",") if d)
+            entry[1] += size * _DTYPE_BYTES.get(dtype, 4)
+    return {k: (v[0], v[1]) for k, v in found.items()}
+
+
 def _state_bytes(state: Any) -> float:
     """Bytes of ``state`` on the first device."""
     first = jax.devices()[0]
@@ -146,6 +168,8 @@ def measure(
         jaxpr = jax.make_jaxpr(step)(params, tx.init(params), batch, key).jaxpr
         row["refresh_macs"] = max(refresh_macs(jaxpr, d) for d in range(n))
         analysis = jax.jit(step).lower(params, tx.init(params), batch, key).compile()
+        for kind, (count, size) in collectives(analysis.as_text()).items():
+            row[f"{kind}_count"], row[f"{kind}_bytes"] = count, size
         costs = analysis.cost_analysis()
         costs = costs[0] if isinstance(costs, list) else costs
         row["step_macs"] = float(costs["flops"]) / 2
@@ -178,8 +202,9 @@ def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
         "| model | method | devices | refresh GMAC/device (×1/n) | step GMAC/device (×1/n) "
+        "| all-reduce: ops, MB | all-gather: ops, MB "
         "| state MB/device: replicated | state_sharding (×1/n) | partition_state (×1/n) |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
@@ -191,6 +216,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['method']} | {r['devices']} "
             f"| {pair('refresh_macs', 1e9)} | {pair('step_macs', 1e9)} "
+            f"| {r['all-reduce_count']}, {r['all-reduce_bytes'] / 1e6:.3g} "
+            f"| {r['all-gather_count']}, {r['all-gather_bytes'] / 1e6:.3g} "
             f"| {r['state_bytes_replicated'] / 1e6:.3g} "
             f"| {pair('state_bytes_sharded', 1e6)} | {pair('state_bytes_partitioned', 1e6)} |"
         )

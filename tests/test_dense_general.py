@@ -325,3 +325,53 @@ def test_mbf_refuses_a_misread_output_projection_with_the_fix(x64):
     a = plain.update(grads, plain.init(params), params, layer_stats=stats)[0]
     b = hinted.update(grads, hinted.init(params), params, layer_stats=stats)[0]
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-6), a, b)
+
+
+@pytest.mark.parametrize("name", ["two_feature_axes", "two_input_axes", "middle_axis"])
+def test_first_nnx_steps_of_kfac_and_mbf_against_dense_references(x64, name):
+    """The same for ``nnx.LinearGeneral``: KFAC's and MBF's first steps on the layer equal
+    the dense solves of its explicit Kronecker and mini-block Fisher blocks."""
+    model = _nnx_model(name, seed=3)
+    shape, _ = CASES[name]
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((7,) + shape))
+    y = jnp.asarray(np.arange(7) % 3)
+
+    def loss_fn(m, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    axes = capture_nnx.kernel_output_axes(loss_fn, model, x, y)
+    damping, block = 0.05, 5
+    _, grads, stats = capture_nnx.value_grad_and_stats(loss_fn, model, x, y)
+    graphdef, state = nnx.split(model, nnx.Param)
+    params, grads = nnx.to_pure_dict(state), nnx.to_pure_dict(grads)
+
+    def one(p, xi, yi):
+        return loss_fn(nnx.merge(graphdef, p), xi[None], yi[None])
+
+    per_example = nnx.to_pure_dict(jax.vmap(jax.grad(one), in_axes=(None, 0, 0))(state, x, y))
+    st = stats["gen"]
+    d_in, d_out = st.inputs.shape[-1], st.outputs.shape[-1]
+    v = _stack(grads["gen"]["kernel"], grads["gen"]["bias"], d_in, d_out)[0]
+    wants = {
+        "kfac": _kfac_reference(st.inputs, st.output_grads, v, damping),
+        "mbf": _mbf_reference(
+            _stack(per_example["gen"]["kernel"], per_example["gen"]["bias"], d_in, d_out),
+            v,
+            damping,
+            block,
+        ),
+    }
+    txs = {
+        "kfac": sofim_optax.scale_by_kfac(damping=damping, kernel_output_axes=axes),
+        "mbf": sofim_optax.scale_by_mini_block_fisher(
+            damping=damping, dense_block_size=block, kernel_output_axes=axes
+        ),
+    }
+    for key, tx in txs.items():
+        u = tx.update(grads, tx.init(params), params, layer_stats=stats)[0]["gen"]
+        got = _stack(u["kernel"], u["bias"], d_in, d_out)[0]
+        want = wants[key]
+        np.testing.assert_allclose(
+            got, want, rtol=1e-8, atol=1e-11 * np.abs(want).max(), err_msg=key
+        )

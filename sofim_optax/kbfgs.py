@@ -28,6 +28,7 @@ from sofim_optax import aliases, diagonal_fisher, guards, layerwise
 from sofim_optax import hyperparameters as hp
 from sofim_optax.hyperparameters import Scalar, ScalarOrSchedule
 from sofim_optax.kbfgs_curvature import KbfgsCurvature, forget_previous, make_method
+from sofim_optax.kfac import DEFAULT_MAX_FACTOR_DIM
 
 __all__ = [
     "KbfgsCurvature",
@@ -63,7 +64,7 @@ class ScaleByKbfgsState(NamedTuple):
         return self._replace(curvature=forget_previous(self.curvature))
 
 
-@hp.structural("memory")
+@hp.structural("memory", "max_factor_dim")
 def scale_by_kbfgs(
     *,
     damping: Scalar = 0.3,
@@ -77,6 +78,7 @@ def scale_by_kbfgs(
     lbfgs_method: str = "compact",
     fallback: optax.GradientTransformation | str | None = "diagonal",
     kernel_output_axes: Mapping[str, int] | None = None,
+    max_factor_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition each captured layer's gradient by K-BFGS's ``H_a ⊗ H_g`` (K-BFGS(L) with ``memory``).
 
@@ -166,6 +168,11 @@ def scale_by_kbfgs(
       kernel_output_axes: ``{layer path: number of output axes}`` for a bias-less
         ``DenseGeneral`` with several output axes (see :func:`sofim_optax.scale_by_kfac`).
         Default ``None``.
+      max_factor_dim: a layer whose ``d_a`` or ``d_g`` exceeds it (a vocabulary-sized head)
+        takes the fallback path, with an INFO log line, so that no dense ``H_a`` or ``H_g`` of
+        it is formed; ``None`` (default) means :data:`sofim_optax.kfac.DEFAULT_MAX_FACTOR_DIM`
+        ``= 4096`` (a number given through ``optax.inject_hyperparams`` must be listed in its
+        ``static_args``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params=None,
@@ -205,6 +212,7 @@ def scale_by_kbfgs(
         inverse_period=1,
         fallback=diagonal_fisher.resolve_fallback(_NAME, fallback, damping=damping, ema=ema),
         kernel_output_axes=kernel_output_axes,
+        max_factor_dim=DEFAULT_MAX_FACTOR_DIM if max_factor_dim is None else max_factor_dim,
     )
 
 

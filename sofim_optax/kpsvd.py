@@ -67,6 +67,7 @@ import optax
 from sofim_optax import aliases, diagonal_fisher, guards, layerwise
 from sofim_optax import kpsvd_curvature as family
 from sofim_optax.hyperparameters import Scalar
+from sofim_optax.kfac import DEFAULT_MAX_FACTOR_DIM
 from sofim_optax.kpsvd_curvature import KroneckerSvdCurvature
 
 __all__ = [
@@ -115,6 +116,7 @@ def _scale_by_family(
     indefinite: str = "abs",
     fallback: optax.GradientTransformation | str | None = "diagonal",
     kernel_output_axes: Mapping[str, int] | None = None,
+    max_factor_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The one factory of the family; ``kind`` is one of ``kpsvd_curvature.KINDS``."""
     cfg = family.FamilyConfig(
@@ -136,6 +138,7 @@ def _scale_by_family(
         inverse_period,
         fallback,
         kernel_output_axes=kernel_output_axes,
+        max_factor_dim=DEFAULT_MAX_FACTOR_DIM if max_factor_dim is None else max_factor_dim,
     )
 
 
@@ -152,7 +155,7 @@ def _member(kind: str, doc: str):
     the member does not use) bound."""
     unused = {"kpsvd": {"krylov_dim": None, "indefinite": "abs"}, "lanczos": {}}
     fixed = {"kind": kind, **unused.get(kind, {"krylov_dim": None})}
-    static = ("krylov_dim",) if kind == "lanczos" else ()
+    static = ("krylov_dim", "max_factor_dim") if kind == "lanczos" else ("max_factor_dim",)
     return aliases.specialize(
         _scale_by_family,
         name=_NAMES[kind],
@@ -206,6 +209,12 @@ _SHARED_ARGS = r"""
       kernel_output_axes: ``{{layer path: number of output axes}}`` for a bias-less
         ``DenseGeneral`` with several output axes (see :func:`sofim_optax.scale_by_kfac`).
         Default ``None``.
+      max_factor_dim: a layer whose ``d_a`` or ``d_g`` exceeds it (a vocabulary-sized head)
+        takes the fallback path, with an INFO log line, so that no ``d × d`` block of it is
+        ever formed; ``None`` (default) means
+        :data:`sofim_optax.kfac.DEFAULT_MAX_FACTOR_DIM` ``= 4096`` (a number given through
+        ``optax.inject_hyperparams`` must be listed in its ``static_args``). The family's
+        blocks mix both factors, so unlike KFAC it cannot keep them block-diagonal.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state,

@@ -350,6 +350,7 @@ def transformation(
     fallback: optax.GradientTransformation | None,
     *,
     kernel_output_axes: Mapping[str, int] | None = None,
+    max_factor_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The ``scale_by_*`` transformation of one family member, on KFAC's skeleton."""
     _validate(name, cfg)
@@ -361,4 +362,5 @@ def transformation(
         inverse_period=inverse_period,
         fallback=fallback,
         kernel_output_axes=kernel_output_axes,
+        max_factor_dim=max_factor_dim,
     )

@@ -636,6 +636,6 @@ def test_inject_hyperparams_needs_memory_as_a_static_argument():
     )
     state = injected.init(params)
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(0.1)
-    assert kbfgs.static_args == kbfgs_l.static_args == ("memory",)
+    assert kbfgs.static_args == kbfgs_l.static_args == ("memory", "max_factor_dim")
     with pytest.raises(TypeError, match=r"memory must be a Python int.*static_args"):
         optax.inject_hyperparams(kbfgs)(learning_rate=0.1, memory=5).init(params)

@@ -158,6 +158,17 @@ class ParamLayout:
     def index(self, path: str) -> int:
         return self.layer_paths.index(path)
 
+    def without(self, paths: Sequence[str]) -> ParamLayout:
+        """This layout with the layers at ``paths`` removed: their leaves join
+        :attr:`other_leaves` (the fallback's)."""
+        dropped = [layer for layer in self.layers if layer.path in paths]
+        freed = {leaf for layer in dropped for leaf in layer.leaves}
+        return ParamLayout(
+            self.leaf_paths,
+            tuple(layer for layer in self.layers if layer.path not in paths),
+            tuple(sorted(set(self.other_leaves) | freed)),
+        )
+
 
 def discover_layers(tree: Any, kernel_output_axes: Mapping[str, int] | None = None) -> ParamLayout:
     """Finds the Kronecker-factorable layers of a parameter tree.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -127,6 +127,7 @@ def layerwise_transformation(
     inverse_period: Any,
     fallback: optax.GradientTransformation | None,
     kernel_output_axes: Any = None,
+    max_factor_dim: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a Kronecker-family ``GradientTransformationExtraArgs`` from a method.
 
@@ -152,6 +153,12 @@ def layerwise_transformation(
     ``kernel_output_axes`` (``{layer path: number of output axes}``, default ``None``) is
     handed to :func:`~sofim_optax.layerwise.discover_layers` at ``init`` and ``update``.
 
+    ``max_factor_dim`` (default ``None``: no limit): a layer with ``d_a`` or ``d_g`` above it
+    is not given to the method at all (no state, no statistics) and takes the fallback path,
+    so a vocabulary-sized head never allocates a ``d × d`` matrix; its statistics, if passed,
+    are ignored. For methods whose factors cannot be made block-diagonal (the KPSVD family,
+    K-BFGS); KFAC keeps such factors block-diagonal instead.
+
     A one-time ``logging`` INFO line (logger ``"sofim_optax"``) names the preconditioned layers
     and the leaves that take the fallback path, at the first trace of this instance.
     """
@@ -159,12 +166,24 @@ def layerwise_transformation(
     hp.check_positive_int(name, "inverse_period", inverse_period)
     fb = optax.with_extra_args_support(optax.identity() if fallback is None else fallback)
     fb_name = "identity" if fallback is None else "the fallback transformation"
+    if max_factor_dim is not None:
+        hp.check_positive_int(name, "max_factor_dim", max_factor_dim, static=True)
     logged = [False]
     output_axes = None if kernel_output_axes is None else dict(kernel_output_axes)
 
+    def layers_of(tree):
+        """The layout the method sees, and the paths of the layers over the size cap."""
+        layout = discover_layers(tree, output_axes)
+        if max_factor_dim is None:
+            return layout, ()
+        over = tuple(
+            layer.path for layer in layout.layers if max(layer.d_a, layer.d_g) > max_factor_dim
+        )
+        return layout.without(over), over
+
     def init_fn(params):
         leaves = jax.tree_util.tree_leaves(params)
-        layout = discover_layers(params, output_axes)
+        layout, _ = layers_of(params)
         dtype = _accumulation_dtype(leaves, layout)
         return state_cls(
             count=jnp.zeros([], jnp.int32),
@@ -175,10 +194,27 @@ def layerwise_transformation(
 
     def update_fn(updates, state, params=None, *, layer_stats=None, **extra):
         leaves, treedef = jax.tree_util.tree_flatten(updates)
-        layout = discover_layers(updates, output_axes)
+        layout, over = layers_of(updates)
+        if over:  # (statistics of the layers over the cap are not the method's)
+
+            def kept(stats):
+                if not isinstance(stats, Mapping):
+                    return stats
+                return {k: v for k, v in stats.items() if k not in over}
+
+            layer_stats = kept(layer_stats)
+            extra = {k: kept(v) if k in method.extra_statistics else v for k, v in extra.items()}
         active = check_layer_stats(layout, layer_stats, name, kind_sensitive=method.kind_sensitive)
         if not logged[0]:
             logged[0] = True
+            if over:
+                logger.info(
+                    "%s: layer(s) %s have a factor larger than max_factor_dim=%d; they take the "
+                    "fallback path",
+                    name,
+                    list(over),
+                    max_factor_dim,
+                )
             described = [layout.layers[i].describe() for i in active]
             rest = sorted(
                 [layout.leaf_paths[i] for i in layout.other_leaves]

@@ -37,7 +37,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from sofim_optax import distributed
-from sofim_optax.curvature._layer_specs import CaptureError, DenseGeneralSpec, LayerSpec
+from sofim_optax.curvature._layer_specs import (
+    CaptureError,
+    DenseGeneralSpec,
+    EinsumSpec,
+    LayerSpec,
+)
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
 from sofim_optax.hyperparameters import accumulation_dtype
 
@@ -412,7 +417,7 @@ def kernel_output_axes(
     return {
         path: rec.spec.n_features
         for path, rec in session.layers.items()
-        if isinstance(rec.spec, DenseGeneralSpec)
+        if isinstance(rec.spec, (DenseGeneralSpec, EinsumSpec))
     }
 
 

@@ -195,7 +195,142 @@ class DenseGeneralSpec:
         return y.reshape(y.shape[0], -1, d_out)
 
 
-LayerSpec = DenseSpec | ConvSpec | DenseGeneralSpec
+@dataclasses.dataclass(frozen=True)
+class EinsumSpec:
+    """An einsum that is a dense map: ``flax.linen.Einsum`` / ``flax.nnx.Einsum``.
+
+    Read from the equation ``lhs,rhs->out`` (ellipses expanded): the input's letters are the
+    *kept* ones (also in ``out``: the batch first, then positions) and the *contracted* ones
+    (also in the kernel); the kernel lists the contracted letters first, then the *feature*
+    letters (also in ``out``). The statistics move the kept axes first and flatten the
+    contracted axes (in the kernel's order) into ``d_in`` and the feature axes (in the
+    kernel's order) into ``d_out``, so that ``inputs @ kernel.reshape(d_in, d_out) ==
+    outputs`` row by row, as for :class:`DenseGeneralSpec`.
+
+    Attributes:
+      input_order: the input axes, kept first then contracted (a transpose of the input).
+      output_order: the output axes, kept (in the input's order) first then the features.
+      n_features: the number of feature axes.
+      plain: a ``(N, d_in) → (N, d_out)`` map with a 2-D kernel (statistics ``(N, ·)``).
+    """
+
+    input_order: tuple[int, ...]
+    output_order: tuple[int, ...]
+    n_features: int
+    plain: bool
+    layer_kind = "dense"
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Nothing left to check: :func:`einsum_spec` read the equation against the input."""
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """``(N, T, d_in)`` (``(N, d_in)`` for a plain map)."""
+        moved = x.transpose(self.input_order)
+        d_in = math.prod(moved.shape[self.n_kept :])
+        return (
+            moved.reshape(x.shape[0], d_in) if self.plain else moved.reshape(x.shape[0], -1, d_in)
+        )
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """``(N, T, d_out)`` (``(N, d_out)`` for a plain map)."""
+        moved = y.transpose(self.output_order)
+        d_out = math.prod(moved.shape[y.ndim - self.n_features :])
+        return (
+            moved.reshape(y.shape[0], d_out) if self.plain else moved.reshape(y.shape[0], -1, d_out)
+        )
+
+    @property
+    def n_kept(self) -> int:
+        """The number of kept axes (the batch and the positions)."""
+        return len(self.output_order) - self.n_features
+
+
+def _expand_ellipsis(term: str, ndim: int, fresh: str) -> str:
+    if "..." not in term:
+        return term
+    return term.replace("...", fresh[: ndim - (len(term) - 3)])
+
+
+def einsum_spec(
+    path: str,
+    layer_type: str,
+    *,
+    equation: str,
+    input_ndim: int,
+    kernel_ndim: int,
+    custom_op: bool,
+) -> EinsumSpec:
+    """Reads an ``Einsum`` layer's equation as a dense map, or refuses it naming the pattern.
+
+    Args:
+      path: the layer's key.
+      layer_type: the layer's class name.
+      equation: the ``einsum_str`` the layer runs (two operands: the input, the kernel).
+      input_ndim: the rank of the layer's input.
+      kernel_ndim: the rank of its kernel.
+      custom_op: whether the layer replaces ``jnp.einsum`` (refused).
+
+    Returns:
+      The spec.
+    """
+    if custom_op:
+        raise refuse(path, layer_type, "uses a custom einsum_op")
+    equation = equation.replace(" ", "")
+
+    def no(why: str) -> CaptureError:
+        return refuse(
+            path,
+            layer_type,
+            f"runs einsum {equation!r}, which is not a dense map on contracted axes: {why}",
+        )
+
+    if "->" not in equation or equation.count(",") != 1:
+        raise no("it needs the explicit form 'input,kernel->output'")
+    operands, out = equation.split("->")
+    lhs, rhs = operands.split(",")
+    if "..." in rhs:
+        raise no("the kernel has an ellipsis")
+    fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation)
+    lhs = _expand_ellipsis(lhs, input_ndim, fresh)
+    out = _expand_ellipsis(out, input_ndim, fresh)
+    if len(lhs) != input_ndim or len(rhs) != kernel_ndim:
+        raise no("its operands do not match the input's and the kernel's ranks")
+    if any(len(set(t)) != len(t) for t in (lhs, rhs, out)):
+        raise no("a letter repeats within one operand (a diagonal or a trace)")
+    shared = set(lhs) & set(rhs)
+    if shared & set(out):
+        raise no(
+            f"axes {sorted(shared & set(out))} are in the input, the kernel and the output "
+            "(a separate kernel per slice)"
+        )
+    if set(lhs) - set(rhs) - set(out):
+        raise no(f"input axes {sorted(set(lhs) - set(rhs) - set(out))} are summed away")
+    if set(rhs) - set(lhs) - set(out):
+        raise no(f"kernel axes {sorted(set(rhs) - set(lhs) - set(out))} are summed away")
+    contracted = [c for c in rhs if c in lhs]
+    features = [c for c in rhs if c in out]
+    kept = [c for c in lhs if c in out]
+    if not contracted or not features:
+        raise no("it needs at least one contracted and one output axis of the kernel")
+    if rhs != "".join(contracted + features):
+        raise no(
+            f"the kernel must list its contracted axes before its output axes "
+            f"({''.join(contracted)} then {''.join(features)}, e.g. "
+            f"'{lhs},{''.join(contracted + features)}->{out}')"
+        )
+    if [c for c in out if c in features] != features:
+        raise no("the output axes must keep the kernel's order (so that the bias does too)")
+    if not kept or lhs[0] != kept[0]:
+        raise no("the input's first axis must be the batch, kept in the output")
+    return EinsumSpec(
+        input_order=tuple(lhs.index(c) for c in kept + contracted),
+        output_order=tuple(out.index(c) for c in kept + features),
+        n_features=len(features),
+        plain=kernel_ndim == 2 and len(kept) == 1,
+    )
+
+
+LayerSpec = DenseSpec | ConvSpec | DenseGeneralSpec | EinsumSpec
 
 
 def refuse(path: str, layer_type: str, what: str) -> CaptureError:

@@ -36,6 +36,7 @@ def _raw(method: Any) -> Any:
 _DENSE_CALL = _raw(nn.Dense.__call__)
 _CONV_CALL = _raw(nn.Conv.__call__)  # ``_Conv.__call__``, also used by ConvLocal
 _DENSE_GENERAL_CALL = _raw(nn.DenseGeneral.__call__)
+_EINSUM_CALL = _raw(nn.Einsum.__call__)
 
 
 def _dense_spec(path: str, module: nn.Dense) -> _layer_specs.DenseSpec:
@@ -107,6 +108,16 @@ def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> 
             spec = _conv_spec(path, module)
         elif func is _DENSE_GENERAL_CALL and isinstance(module, nn.DenseGeneral):
             spec = _dense_general_spec(path, module, inputs)
+        elif func is _EINSUM_CALL and isinstance(module, nn.Einsum):
+            given = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+            spec = _layer_specs.einsum_spec(
+                path,
+                type(module).__name__,
+                equation=given if given is not None else module.einsum_str,
+                input_ndim=len(inputs.shape),
+                kernel_ndim=len(module.shape),
+                custom_op=False,
+            )
         else:
             return next_fun(*args, **kwargs)
         return _capture.capture_layer(
@@ -185,8 +196,13 @@ def value_grad_and_stats(
     * Statistics are at least float32 (bfloat16/float16 models get float32;
       float64 stays float64); ``grads`` are in the parameters' dtypes.
 
+    * ``Einsum`` whose equation is a dense map on contracted axes: as ``DenseGeneral`` (the
+      contracted letters into ``d_in`` in the kernel's order, the kernel letters kept in the
+      output into ``d_out``, the input letters kept in the output into positions); other
+      equations are refused with the equation named.
+
     Parameters of other layers (``BatchNorm``, ``Embed``, ``LayerNorm``,
-    ``ConvLocal``, ``ConvTranspose``, ``Einsum``, subclasses whose own
+    ``ConvLocal``, ``ConvTranspose``, subclasses whose own
     ``__call__`` does not run ``Dense.__call__`` / ``Conv.__call__``, ...) get no
     statistics but do get gradients.
 

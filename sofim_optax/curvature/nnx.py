@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
@@ -38,16 +39,29 @@ __all__ = ["kernel_output_axes", "value_grad_and_stats"]
 _LINEAR_CALL = nnx.Linear.__call__
 _CONV_CALL = nnx.Conv.__call__
 _LINEAR_GENERAL_CALL = nnx.LinearGeneral.__call__
-_CAPTURED_CALLS = (_LINEAR_CALL, _CONV_CALL, _LINEAR_GENERAL_CALL)
+_EINSUM_CALL = nnx.Einsum.__call__
+_CAPTURED_CALLS = (_LINEAR_CALL, _CONV_CALL, _LINEAR_GENERAL_CALL, _EINSUM_CALL)
 _PATHS_KEY = "nnx_paths"
 
 _capturing_classes: dict[type, type] = {}
 _capturing_lock = threading.Lock()
 
 
-def _layer_spec(path: str, module: Any, inputs: Any) -> _capture.LayerSpec:
-    """Validates a captured NNX layer's options and returns its spec."""
+def _layer_spec(
+    path: str, module: Any, inputs: Any, einsum_str: str | None = None
+) -> _capture.LayerSpec:
+    """Validates a captured NNX layer's options and returns its spec (``einsum_str``: an
+    ``Einsum`` call's own equation, if given)."""
     name = type(module).__name__
+    if isinstance(module, nnx.Einsum):
+        return _layer_specs.einsum_spec(
+            path,
+            name,
+            equation=einsum_str if einsum_str is not None else module.einsum_str,
+            input_ndim=len(inputs.shape),
+            kernel_ndim=len(module.kernel.shape),
+            custom_op=module.einsum_op is not jnp.einsum,
+        )
     if isinstance(module, nnx.LinearGeneral):
         return _layer_specs.dense_general_spec(
             path,
@@ -124,7 +138,8 @@ def _captured_call(
             "transformation within loss_fn (nnx.vmap / nnx.scan / nnx.remat / nnx.jit / ...). Capture only "
             "supports layers that run at the top level of loss_fn's trace."
         )
-    spec = _layer_spec(path, module, inputs)
+    given = args[0] if args else kwargs.get("einsum_str")  # (an Einsum's call-time equation)
+    spec = _layer_spec(path, module, inputs, given if isinstance(module, nnx.Einsum) else None)
     return _capture.capture_layer(
         session, path, spec, inputs, lambda: original(module, inputs, *args, **kwargs)
     )
@@ -198,6 +213,8 @@ def value_grad_and_stats(
     * ``LinearGeneral``: the contracted axes flattened into ``d_in``, the feature axes into
       ``d_out``, the other axes after ``N`` into positions, ``(N, T, ·)`` with ``T >= 1``
       (as ``DenseGeneral`` in the Linen adapter); ``batch_axis`` is refused.
+    * ``Einsum`` with a dense-map equation: as in the Linen adapter (other equations and a
+      custom ``einsum_op`` are refused, naming the layer and the equation).
     * ``Conv`` (any number of spatial dimensions): ``inputs (N, T, k_1*...*k_d*c_in)``
       patches in the kernel's own order with the layer's strides, padding
       (``SAME``, ``SAME_LOWER``, ``VALID``, explicit, ``CIRCULAR``,
@@ -208,9 +225,9 @@ def value_grad_and_stats(
       ``fisher="sampled"``, gradients of the per-example negative
       log-likelihood of a sampled target. Statistics are at least float32.
 
-    Only instances of ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` (or
-    subclasses that do not override ``__call__``) reachable from ``model`` are captured;
-    other parameters (``BatchNorm``, ``Embed``, ``LayerNorm``, ``Einsum``,
+    Only instances of ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``
+    (or subclasses that do not override ``__call__``) reachable from ``model`` are captured;
+    other parameters (``BatchNorm``, ``Embed``, ``LayerNorm``,
     ``ConvTranspose``, layers passed in ``args``, ...) get gradients only.
 
     Refused, with an error naming the layer: a layer applied more than once in

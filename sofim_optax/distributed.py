@@ -16,9 +16,12 @@ to the ``n`` devices by a static plan (:func:`plan`): a stack of at least ``n`` 
 into ``n`` contiguous chunks, a smaller one into single matrices, and the pieces go, largest
 ``d³`` first, to the least-loaded device. Inside a ``jax.shard_map`` each device runs only its
 own pieces (a ``lax.switch`` on its axis index), packs the results into one flat buffer per
-dtype, and a single ``all_gather`` per dtype gives every device every result. So a refresh
+dtype, and a single collective per dtype gives every device every result: an ``all_gather``,
+or, when one device's share is so large that gathering every device's padded buffer would
+move more than twice the results, a ``psum`` of full-size buffers in which each device
+filled only its own range (exact, the rest being zeros). So a refresh
 costs a device about ``1/n`` of the decompositions (exactly ``max`` device load of the plan)
-plus one all-gather of the results; nothing is padded with dummy matrices, and stacks whose
+plus that collective; nothing is padded with dummy matrices, and stacks whose
 size does not divide ``n`` simply give some devices one piece more. Results equal the
 single-device ones (the same LAPACK calls on the same matrices). Without a mesh, or on one
 device, :func:`map_stacks` is :func:`sofim_optax.cpu_runtime.map_stack` per stack.
@@ -183,7 +186,16 @@ def _map_stacks(fn: Callable[..., Any], *stacks: Mapping[str, jax.Array]) -> dic
                 used[str(leaf.dtype)] += (stop - start) * math.prod(leaf.shape)
         offsets.append(at)
         lengths.append(used)
-    width = {dt: max(1, max(u[dt] for u in lengths)) for dt in dtypes}
+    # Each dtype's results come back by one collective: an all-gather of every device's
+    # buffer (padded to the longest), or, when the plan is so uneven that the gathered copies
+    # would hold more than twice the results (one large matrix), a sum of full-size buffers
+    # in which each device fills only its own range (exact: the other entries are zeros).
+    total = {dt: sum(u[dt] for u in lengths) for dt in dtypes}
+    base = [{dt: sum(u[dt] for u in lengths[:d]) for dt in dtypes} for d in range(n)]
+    summed = {dt for dt in dtypes if n * max(u[dt] for u in lengths) > 2 * total[dt]}
+    width = {
+        dt: max(1, total[dt] if dt in summed else max(u[dt] for u in lengths)) for dt in dtypes
+    }
 
     def branch(device):
         def run(*operands):
@@ -196,19 +208,25 @@ def _map_stacks(fn: Callable[..., Any], *stacks: Mapping[str, jax.Array]) -> dic
                 out = cpu_runtime.map_stack(fn, *(s[start:stop] for s in by_key[key]))
                 for leaf in jax.tree.leaves(out):
                     parts[str(leaf.dtype)].append(leaf.reshape(-1))
-            return tuple(
-                jnp.pad(jnp.concatenate(p), (0, width[dt] - sum(x.size for x in p)))
-                if p
-                else jnp.zeros((width[dt],), dt)
-                for dt, p in parts.items()
-            )
+            out = []
+            for dt, p in parts.items():
+                if not p:
+                    out.append(jnp.zeros((width[dt],), dt))
+                    continue
+                before = base[device][dt] if dt in summed else 0
+                flat = jnp.concatenate(p)
+                out.append(jnp.pad(flat, (before, width[dt] - before - flat.size)))
+            return tuple(out)
 
         return run
 
     def local(*operands):
         with jax.named_scope(REFRESH_SCOPE + "_split"):
             mine = lax.switch(lax.axis_index(axes), [branch(d) for d in range(n)], *operands)
-        return tuple(lax.all_gather(buffer, axes) for buffer in mine)
+        return tuple(
+            lax.psum(buffer, axes) if dt in summed else lax.all_gather(buffer, axes)
+            for dt, buffer in zip(dtypes, mine)
+        )
 
     operands = [s[k] for s in stacks for k in keys]
     gathered = jax.shard_map(
@@ -235,7 +253,12 @@ def _map_stacks(fn: Callable[..., Any], *stacks: Mapping[str, jax.Array]) -> dic
                 device, stop = owner[(k, start)]
                 o = offsets[device][(k, start, j)]
                 count = (stop - start) * math.prod(shape)
-                chunks.append(buffers[dt][device, o : o + count].reshape((stop - start, *shape)))
+                if dt in summed:
+                    o += base[device][dt]
+                    piece = buffers[dt][o : o + count]
+                else:
+                    piece = buffers[dt][device, o : o + count]
+                chunks.append(piece.reshape((stop - start, *shape)))
             out_leaves.append(jnp.concatenate(chunks) if len(chunks) > 1 else chunks[0])
         result[k] = jax.tree.unflatten(treedefs[k], out_leaves)
     return result

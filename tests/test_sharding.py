@@ -357,3 +357,25 @@ def test_refresh_axes_names_an_unknown_axis():
             distributed.current_refresh_axes()
     with jax.set_mesh(_mesh()), distributed.refresh_axes(()):
         assert distributed.current_refresh_axes() == ((), 1)
+
+
+@pytest.mark.parametrize("big", [3, 12], ids=["balanced_all_gather", "one_large_psum"])
+def test_split_refresh_returns_the_single_device_results(big):
+    """Both ways back (an all-gather, or a sum of disjoint ranges when one matrix dominates)
+    return exactly what the single-device refresh computes."""
+    rng = np.random.default_rng(0)
+
+    def spd(k, d):
+        m = rng.standard_normal((k, d, d)).astype(np.float32)
+        return jnp.asarray(m @ m.transpose(0, 2, 1) + d * np.eye(d, dtype=np.float32))
+
+    stacks = {"big": spd(1, big), "small": spd(8, 2)}
+    want = jax.jit(lambda s: distributed.map_stacks(jnp.linalg.eigh, s))(stacks)
+    with jax.set_mesh(_mesh()):
+        lowered = jax.jit(lambda s: distributed.map_stacks(jnp.linalg.eigh, s)).lower(stacks)
+        got = lowered.compile()(stacks)
+    hlo = lowered.compile().as_text()
+    assert ("all-reduce" in hlo) == (big == 12) and ("all-gather" in hlo) == (big == 3)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want
+    )

@@ -34,6 +34,8 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from sofim_optax import hyperparameters as hp
+
 __all__ = ["PartitionedState", "partition_state"]
 
 
@@ -74,6 +76,7 @@ def _constrain(x: jax.Array, spec: P) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+@hp.structural("min_size")
 def partition_state(
     inner: optax.GradientTransformation,
     *,
@@ -88,7 +91,9 @@ def partition_state(
       axes: the mesh axes the buffers are split over (default ``None``: all of the mesh's axes). The
         mesh is the one in effect (``jax.set_mesh``) when ``init`` and the jitted step are
         traced.
-      min_size: floating-point arrays with fewer entries stay unpacked (default 1024).
+      min_size: floating-point arrays with fewer entries stay unpacked (default 1024; it
+        decides the state's layout, so under ``optax.inject_hyperparams`` list it in
+        ``static_args``, as ``partition_state.static_args`` does).
 
     Returns:
       A transformation whose state is a :class:`PartitionedState`.
@@ -99,8 +104,7 @@ def partition_state(
       workers). Xu et al., "Automatic cross-replica sharding of weight update in
       data-parallel training", arXiv:2004.13336, 2020.
     """
-    if not isinstance(min_size, int) or min_size < 1:
-        raise ValueError(f"partition_state: min_size must be a positive int, got {min_size!r}")
+    hp.check_positive_int("partition_state", "min_size", min_size, static=True)
 
     def packed(leaf: Any) -> bool:
         return (

@@ -412,7 +412,32 @@ def _build_registry() -> dict[str, Case]:
             dtype_kwargs=_dtype_kwargs(factory),
         )
     registry.update(_adaptive_cases(scales))
+    # A wrapper: KFAC with its state partitioned (one device here: flat buffers, unsplit).
+    make, kwargs, needs, _, linear, _ = scales["kfac"]
+    registry["partition_state"] = Case(
+        so.partition_state,
+        {"min_size": 4},
+        needs,
+        _partitioned(),
+        direction=make(**kwargs),
+        linear=linear,
+    )
     return registry
+
+
+def _partitioned():
+    """The state check of KFAC partitioned: flat finite buffers holding at least the factors,
+    and KFAC's own count in the unpacked rest."""
+
+    def check_state(state, steps):
+        part = _find(state, sofim_optax.PartitionedState)
+        assert all(b.ndim == 1 and bool(jnp.all(jnp.isfinite(b))) for b in part.buffers.values())
+        inner = _find(part.rest, ScaleByKfacState)
+        assert inner.count.dtype == jnp.int32 and int(inner.count) == steps
+        assert all(f is None for f in inner.curvature.factors.values())  # packed
+        assert sum(b.size for b in part.buffers.values()) >= 4 * 4 + 9 * 9 + 3 * 3
+
+    return check_state
 
 
 def _quadratic_model_state(check=None):
@@ -645,11 +670,11 @@ def test_every_public_factory_is_in_the_registry_and_keyword_only():
     for name, factory in factories.items():
         case = REGISTRY[SAME_AS.get(name, name)]
         assert case.factory is factory, name
-        if not case.adaptive:
+        if not case.adaptive and case.direction is None:
             assert name.startswith("scale_by_") != case.is_alias, name
         params = list(inspect.signature(factory).parameters.values())
         if case.direction is not None:  # a wrapper: the transformation it wraps comes first
-            assert params[0].name == "direction", name
+            assert params[0].name in ("direction", "inner"), name
             assert params[0].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD, name
             params = params[1:]
         if case.is_alias:
@@ -747,6 +772,12 @@ def test_chain_equals_alias(name):
         for t, (u, w) in enumerate(zip(got, want)):
             assert_trees_close(u, w, rtol=1e-5, atol=1e-7, err_msg=f"{name} step {t}")
         return
+    if case.direction is not None:  # partition_state: the wrapped method's own updates
+        got, _ = run(optax.chain(case.make(), optax.scale(-LR)), case, steps)
+        want, _ = run(optax.chain(case.direction, optax.scale(-LR)), case, steps)
+        for t, (u, w) in enumerate(zip(got, want)):
+            assert_trees_close(u, w, rtol=1e-6, atol=1e-8, err_msg=f"{name} step {t}")
+        return
     if case.is_alias:
         alias_kwargs, parts = case.composed
         got, _ = run(case.make(**alias_kwargs), case, steps)
@@ -788,8 +819,8 @@ def test_inject_hyperparams(name):
     kwargs = {**case.kwargs, **case.plain}
     if case.is_alias:
         kwargs["learning_rate"] = LR
-    if case.direction is not None:
-        kwargs["direction"] = case.direction
+    if case.direction is not None:  # (the wrapper's first argument)
+        kwargs[next(iter(inspect.signature(case.factory).parameters))] = case.direction
     injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**kwargs)
     update = jitted_update(injected, case)
     state = jax.jit(injected.init)(steps[0][0])

@@ -273,7 +273,9 @@ def state_sharding(
     Arrays of rank ≥ 2 inside a field named ``curvature`` (the stacks of factors,
     decompositions and mini-blocks of every layer-wise method) are sharded over their
     leading axis across ``axes`` (default: all of ``mesh``'s axes) when its size divides the
-    number of devices on them; every other array is replicated.
+    number of devices on them, and so are the flat buffers of a
+    :class:`~sofim_optax.PartitionedState` (as :func:`~sofim_optax.partition_state` lays them
+    out); every other array is replicated.
     """
     names = (
         tuple(mesh.axis_names)
@@ -285,10 +287,12 @@ def state_sharding(
     stacked = NamedSharding(mesh, P(names if len(names) > 1 else names[0]))
 
     def of(path, leaf) -> NamedSharding:
-        in_curvature = any(getattr(entry, "name", None) == "curvature" for entry in path)
+        fields = [getattr(entry, "name", None) for entry in path]
         shape = getattr(leaf, "shape", ())
-        if in_curvature and len(shape) >= 2 and shape[0] % n == 0:
+        if "curvature" in fields and len(shape) >= 2 and shape[0] % n == 0:
             return stacked
+        if "buffers" in fields and len(shape) == 1 and shape[0] % n == 0:
+            return stacked  # a partition_state buffer, as partition_state lays it out
         return replicated
 
     return jax.tree_util.tree_map_with_path(of, state)

@@ -87,7 +87,8 @@ def optimizer(name, learning_rate, defaults, overrides=()):
     kwargs.update(dict(overrides))
     if case.is_alias:
         return case.factory(learning_rate, **kwargs)
-    return optax.chain(case.factory(**kwargs), optax.scale(-learning_rate))
+    wrapped = () if case.direction is None else (case.direction,)  # partition_state's method
+    return optax.chain(case.factory(*wrapped, **kwargs), optax.scale(-learning_rate))
 
 
 @functools.lru_cache(maxsize=None)

@@ -107,11 +107,18 @@ class ScaleByKfacState(NamedTuple):
     skipped: guards.SkipCounts
 
 
+def _block_limit(max_factor_dim: int):
+    """``max_dim(layer, role)`` of KFAC's factor layout: an embedding's input factor is
+    exactly diagonal (token frequencies), so it is kept as ``V`` blocks of one; every other
+    factor is split past ``max_factor_dim``."""
+    return lambda layer, role: 1 if layer.embedding and role == "A" else max_factor_dim
+
+
 def _log_split_factors(fl: layerwise.FactorLayout, param_layout, max_factor_dim: int) -> None:
     for i, layer in enumerate(param_layout.layers):
         for role, dim in (("A", layer.d_a), ("G", layer.d_g)):
             count = fl.count(i, role)
-            if count > 1:
+            if count > 1 and not (layer.embedding and role == "A"):
                 size = layerwise.block_split(dim, max_factor_dim)[1]
                 logger.info(
                     "scale_by_kfac: factor %s of layer %r has dimension %d > max_factor_dim=%d; "
@@ -129,7 +136,9 @@ def _kfac_method(
     damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str, max_factor_dim: int
 ) -> layerwise.LayerwiseMethod:
     def layout_of(param_layout: layerwise.ParamLayout) -> layerwise.FactorLayout:
-        return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"), max_dim=max_factor_dim)
+        return layerwise.FactorLayout.build(
+            param_layout.layers, ("A", "G"), max_dim=_block_limit(max_factor_dim)
+        )
 
     def init(param_layout, dtype):
         fl = layout_of(param_layout)
@@ -153,9 +162,12 @@ def _kfac_method(
             old_a = fl.get(curv.factors, i, "A")
             dtype = old_a.dtype
             decay = layerwise.ema_decay(k[i] + 1, ema, dtype)
-            a_blocks = layerwise.block_split(layer.d_a, max_factor_dim)
+            a_blocks = layerwise.block_split(layer.d_a, 1 if layer.embedding else max_factor_dim)
             g_blocks = layerwise.block_split(layer.d_g, max_factor_dim)
-            if a_blocks[0] == 1:
+            if layer.embedding and a_blocks[0] > 1:
+                # diag(A) = token frequencies, from the ids (no one-hot rows formed)
+                a_hat = st.input_square_mean().astype(dtype)[:, None, None]
+            elif a_blocks[0] == 1:
                 a_hat = layerwise.input_factor(st.inputs, layer.has_bias, dtype)
             else:
                 a_hat = block_diagonal.block_input_factor(
@@ -297,9 +309,12 @@ def scale_by_kfac(
 
     Which layers. ``init(params)`` allocates factors for every node of ``params`` holding a
     ``kernel`` with ``ndim >= 2`` (its sibling ``bias`` folded in as the homogeneous
-    coordinate). ``update`` preconditions the layers that have a key in ``layer_stats``; every
-    other parameter (norm scales, embeddings, layers absent from ``layer_stats``) goes to
-    ``fallback``. A one-time INFO log line (logger ``"sofim_optax"``) lists both groups.
+    coordinate), and for every 2-D ``embedding`` table (``Embed``), whose input factor is
+    exactly diagonal (``A = diag`` of the token frequencies, kept as ``V`` blocks of one:
+    ``LayerStats.input_square_mean``). ``update`` preconditions the layers that have a key in
+    ``layer_stats``; every other parameter (norm scales, tied tables, layers absent from
+    ``layer_stats``) goes to ``fallback``. A one-time INFO log line (logger
+    ``"sofim_optax"``) lists both groups.
 
     Args:
       damping: ``λ`` (default ``1e-3``), the Tikhonov damping of ``F + λI``, ``> 0`` (``0``

@@ -246,7 +246,9 @@ def scale_by_mini_block_fisher(
     * dense, kernel ``(d_in, d_out)``: for each output unit ``j`` the column ``V[:, j]`` (its
       ``d_in`` incoming weights followed by its bias), cut into ``⌈d_a/B⌉`` chunks of equal size
       ``≤ B = dense_block_size`` (the last one zero-padded; ``B = None``: one block of ``d_a``
-      per unit).
+      per unit);
+    * embedding table ``(V, D)`` (``Embed``, captured as one-hot rows): each row (one
+      token's vector) cut into ``⌈D/B⌉`` chunks of equal size ``≤ B``, ``V·⌈D/B⌉`` blocks.
 
     With ``v_n = Σ_t ā_{n,t} g_{n,t}ᵀ`` the gradient matrix of example ``n``'s loss (``ā`` the
     input or conv patch with a 1 appended for the bias, ``g`` = ``LayerStats.output_grads``,

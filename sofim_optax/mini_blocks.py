@@ -77,13 +77,20 @@ class LayerBlocking:
     each column zero-padded to ``chunk``); blocks are ordered unit-major: block
     ``j·n_chunks + c`` is chunk ``c`` of unit ``j``. One segment ``(chunk, d_out·n_chunks)``.
 
+    ``kind == "rows"`` (an embedding table ``(V, D)``, no bias): row ``v`` of ``V`` (the vector
+    of token ``v``) is cut into ``n_chunks`` chunks of ``chunk`` entries
+    (``n_chunks = ⌈D / dense_block_size⌉``), the last zero-padded; block ``v·n_chunks + c``
+    is chunk ``c`` of row ``v``. One segment ``(chunk, V·n_chunks)``. A token's gradient is the
+    sum of the output gradients at its positions, so the rows are the natural blocks (the
+    dense rule's per-output-unit blocks would mix tokens that rarely meet).
+
     ``kind == "conv"`` (kernel ``(k_1, …, k_r, c_in, c_out)``): one block of
     ``spatial = k_1⋯k_r`` entries per (input channel, output channel) pair, ordered
     ``c_in``-major (block ``i·c_out + o``), then, with a bias, one ``1×1`` block per output
     channel. Segments ``(spatial, c_in·c_out)`` and ``(1, c_out)``.
 
     Attributes:
-      kind: ``"dense"`` or ``"conv"``.
+      kind: ``"dense"``, ``"rows"`` or ``"conv"``.
       d_in: ``prod(kernel.shape[:-1])``.
       d_out: ``kernel.shape[-1]``.
       has_bias: whether ``V`` has a bias row.
@@ -107,6 +114,8 @@ class LayerBlocking:
     @property
     def padding(self) -> int:
         """Zero entries appended to each dense column (0 for conv)."""
+        if self.kind == "rows":
+            return self.n_chunks * self.chunk - self.d_out
         return self.n_chunks * self.chunk - self.d_a if self.kind == "dense" else 0
 
     @property
@@ -114,6 +123,8 @@ class LayerBlocking:
         """``((block size, number of blocks), ...)``."""
         if self.kind == "dense":
             return ((self.chunk, self.d_out * self.n_chunks),)
+        if self.kind == "rows":
+            return ((self.chunk, self.d_in * self.n_chunks),)
         segs = ((self.chunk, self.c_in * self.d_out),)
         return segs + ((1, self.d_out),) if self.has_bias else segs
 
@@ -123,6 +134,9 @@ class LayerBlocking:
             v = jnp.pad(v, ((0, self.padding), (0, 0)))
             v = v.reshape(self.n_chunks, self.chunk, self.d_out).transpose(2, 0, 1)
             return [v.reshape(self.d_out * self.n_chunks, self.chunk)]
+        if self.kind == "rows":
+            v = jnp.pad(v, ((0, 0), (0, self.padding)))
+            return [v.reshape(self.d_in * self.n_chunks, self.chunk)]
         k = v[: self.d_in].reshape(self.chunk, self.c_in, self.d_out).transpose(1, 2, 0)
         parts = [k.reshape(self.c_in * self.d_out, self.chunk)]
         if self.has_bias:
@@ -134,6 +148,8 @@ class LayerBlocking:
         if self.kind == "dense":
             v = parts[0].reshape(self.d_out, self.n_chunks * self.chunk).T
             return v[: self.d_a]
+        if self.kind == "rows":
+            return parts[0].reshape(self.d_in, self.n_chunks * self.chunk)[:, : self.d_out]
         k = parts[0].reshape(self.c_in, self.d_out, self.chunk).transpose(2, 0, 1)
         k = k.reshape(self.d_in, self.d_out)
         if self.has_bias:
@@ -142,8 +158,13 @@ class LayerBlocking:
 
     def pad_mask(self, dtype: Any) -> list[jax.Array | None]:
         """Per segment, ``(count, size)`` ones at padded entries (``None`` where none)."""
-        if self.kind != "dense" or self.padding == 0:
+        if self.kind == "conv" or self.padding == 0:
             return [None] * len(self.segments)
+        if self.kind == "rows":
+            pattern = np.zeros((self.n_chunks * self.chunk,), np.float32)
+            pattern[self.d_out :] = 1.0
+            m = jnp.broadcast_to(jnp.asarray(pattern, dtype), (self.d_in, pattern.size))
+            return [m.reshape(self.d_in * self.n_chunks, self.chunk)]
         pattern = np.zeros((self.n_chunks, self.chunk), np.float32)
         pattern.reshape(-1)[self.d_a :] = 1.0
         m = jnp.broadcast_to(jnp.asarray(pattern, dtype), (self.d_out, self.n_chunks, self.chunk))
@@ -152,9 +173,15 @@ class LayerBlocking:
 
 def layer_blocking(layer: layerwise.Layer, dense_block_size: int | None) -> LayerBlocking:
     """The :class:`LayerBlocking` of a layer, by its :attr:`~sofim_optax.layerwise.Layer.kind`:
-    a dense layer (2-D kernel, or a general dense map such as a ``DenseGeneral``, whose input
-    and output axes are flattened) has dense blocks, any other kernel conv blocks."""
+    an embedding table has row blocks, a dense layer (2-D kernel, or a general dense map such
+    as a ``DenseGeneral``, whose input and output axes are flattened) has dense blocks, any
+    other kernel conv blocks."""
     shape = layer.kernel_shape
+    if layer.embedding:
+        d = layer.d_out
+        size = d if dense_block_size is None else min(int(dense_block_size), d)
+        n_chunks = -(-d // size)
+        return LayerBlocking("rows", layer.d_in, d, False, -(-d // n_chunks), n_chunks, layer.d_in)
     if layer.kind == "dense":
         d_a = layer.d_a
         size = d_a if dense_block_size is None else min(int(dense_block_size), d_a)

@@ -41,6 +41,7 @@ from sofim_optax.curvature._layer_specs import (
     CaptureError,
     DenseGeneralSpec,
     EinsumSpec,
+    EmbedSpec,
     LayerSpec,
 )
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
@@ -99,6 +100,8 @@ class Session:
       trace: the JAX trace the loss runs at; layer calls at any other trace are
         inside a nested transformation and are refused.
       scratch: adapter-private data (e.g. NNX instance-to-path tables).
+      tied: embeddings also used by ``attend`` (a tied output head), found by discovery.
+      skip: layers run without capture (the tied embeddings, in the real trace).
     """
 
     mode: Literal["discover", "perturb"]
@@ -108,6 +111,8 @@ class Session:
     registrations: list[_Registration] = dataclasses.field(default_factory=list)
     trace: Any = None
     scratch: dict[Any, Any] = dataclasses.field(default_factory=dict)
+    tied: set[str] = dataclasses.field(default_factory=set)
+    skip: frozenset[str] = frozenset()
 
 
 _ACTIVE: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
@@ -154,6 +159,8 @@ def capture_layer(
       The layer output plus the layer's zero perturbation (``"perturb"`` mode),
       or the plain output (``"discover"`` mode).
     """
+    if path in session.skip:
+        return call()
     if path in session.layers:
         raise CaptureError(
             f"Layer '{path}' is applied more than once in one forward pass (shared weights, or "
@@ -192,6 +199,19 @@ def capture_layer(
         )
     session.layers[path] = _LayerRecord(spec, inputs, outputs)
     return outputs + session.perturbations[path]
+
+
+def note_attend(session: Session, path: str) -> None:
+    """Records that the embedding at ``path`` is also used by ``attend`` (a tied output
+    head, ``logits = h @ embeddingᵀ``).
+
+    The table then gets gradient from two maps with transposed roles (the lookup's one-hot
+    rows against the head's inputs), and no one Kronecker product describes both, so the
+    capture returns no statistics for it: the methods give it their fallback (a diagonal
+    Fisher-type step by default) and say so in their log line.
+    """
+    if session.mode == "discover" and _at_session_trace(session):
+        session.tied.add(path)
 
 
 def register_predictions(likelihood: Likelihood, predictions: jax.Array) -> jax.Array:
@@ -367,6 +387,16 @@ class _CapturedView:
         x = self._cut(arrays[0])
         return self.spec.output_rows(self._cut(arrays[1]), x).astype(self.dtype)
 
+    def input_square_mean(self, arrays: tuple[Any, ...]) -> jax.Array:
+        """``(d_in,)``, the mean over all rows of the squared inputs (an embedding's token
+        frequencies, without forming its one-hot rows)."""
+        x = self._cut(arrays[0])
+        shortcut = getattr(self.spec, "input_square_mean", None)
+        if shortcut is not None:
+            return shortcut(x, self.dtype)
+        rows = self.spec.input_rows(x).astype(self.dtype)
+        return jnp.mean(jnp.square(rows.reshape(-1, rows.shape[-1])), axis=0)
+
     def output_grads(self, arrays: tuple[Any, ...]) -> jax.Array:
         x = self._cut(arrays[0])
         g = self.spec.output_rows(self._cut(arrays[2]), x).astype(self.dtype)
@@ -388,6 +418,37 @@ def _layer_stats(
         dtype=jnp.dtype(accumulation_dtype(inputs, outputs)),
     )
     return LayerStats.deferred(view, (inputs, outputs, cotangent))
+
+
+def _check_lookup_batches(session: Session) -> None:
+    """Refuses an embedding lookup whose ids do not have the batch as their leading axis.
+
+    Position embeddings are often looked up once for the whole batch (``embed(jnp.arange(T))``
+    or ids of shape ``(1, T)``); every other layer's statistics are per example, but those
+    rows would be read as examples, and their gradients would mix the whole batch. The batch
+    size is that of the registered predictions, else the commonest leading size of the other
+    captured layers.
+    """
+    sizes = [int(r.predictions.shape[0]) for r in session.registrations]
+    if not sizes:
+        sizes = [
+            int(rec.inputs.shape[0])
+            for rec in session.layers.values()
+            if not isinstance(rec.spec, EmbedSpec)
+        ]
+    if not sizes:
+        return
+    batch = max(set(sizes), key=sizes.count)
+    for path, rec in session.layers.items():
+        if isinstance(rec.spec, EmbedSpec) and rec.inputs.shape[0] != batch:
+            raise CaptureError(
+                f"Embedding '{path}' looks up ids of shape {tuple(rec.inputs.shape)}, whose "
+                f"leading axis is not the batch (N = {batch} elsewhere in the model): a table "
+                "looked up once for the whole batch (positions, e.g. embed(jnp.arange(T))) "
+                "would have its rows read as examples. Look up ids of shape (N, ...), e.g. "
+                "jnp.broadcast_to(jnp.arange(T), (N, T)), or hold the table as a plain "
+                "parameter (self.param), which the methods' fallback preconditions."
+            )
 
 
 def _discover(
@@ -475,6 +536,13 @@ def value_grad_and_stats(
 
     # 1. Discovery: shapes only.
     discovery = _discover(run, primal, fisher, has_aux)
+    for path in sorted(discovery.tied):
+        if discovery.layers.pop(path, None) is not None:
+            logger.info(
+                "sofim_optax.curvature: embedding %r is also used by attend (a tied output "
+                "head); it gets no statistics, so the methods give it their fallback",
+                path,
+            )
     logger.debug(
         "sofim_optax.curvature: capturing %d layers: %s",
         len(discovery.layers),
@@ -483,6 +551,7 @@ def value_grad_and_stats(
         ),
     )
 
+    _check_lookup_batches(discovery)
     if fisher == "sampled" and not discovery.registrations:
         raise CaptureError(
             "fisher='sampled' needs to know the model's predictive distribution: compute the loss with "
@@ -512,7 +581,7 @@ def value_grad_and_stats(
     def forward(
         p: Any, perts: dict[str, jax.Array]
     ) -> tuple[Any, tuple[Any, Any, dict[str, tuple]]]:
-        session = Session("perturb", fisher, perturbations=perts)
+        session = Session("perturb", fisher, perturbations=perts, skip=frozenset(discovery.tied))
         with _activate(session):
             out, extra = run(p)
         loss, aux = _split_output(out, has_aux)

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from sofim_optax.curvature._patches import (
     PRE_PAD_MODES,
@@ -245,6 +246,91 @@ class EinsumSpec:
         return len(self.output_order) - self.n_features
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedSpec:
+    """A table lookup ``outputs = embedding[ids]``: ``flax.linen.Embed`` / ``flax.nnx.Embed``.
+
+    A lookup is the dense map ``outputs = onehot(ids) @ embedding`` (no bias), so its
+    statistics follow the dense contract with one-hot inputs of width ``vocab_size``: ids
+    ``(N,)`` give ``(N, V)`` and ``(N, D)``, ids ``(N, L_1, ...)`` give ``(N, T, V)`` and
+    ``(N, T, D)``. The one-hot rows are formed only when ``LayerStats.inputs`` is read; the
+    Kronecker-factored methods read :meth:`input_square_mean` instead (the token
+    frequencies, the exact diagonal of ``mean āāᵀ``), which costs one scatter-add. Ids are
+    expected in ``[0, V)``; one outside gives a zero row (Flax's lookup returns its fill value
+    there, which carries no gradient to any row).
+
+    Attributes:
+      vocab_size: ``V``, the number of rows of the table.
+    """
+
+    vocab_size: int
+    layer_kind = "dense"
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Refuses ids without a batch axis and ids that are not integers.
+
+        Args:
+          path: the layer's key, for the message.
+          x: the ids (array or abstract value).
+        """
+        if len(x.shape) < 1:
+            raise CaptureError(
+                f"Layer '{path}' (embedding lookup) was applied to ids of shape "
+                f"{tuple(x.shape)}; capture needs a leading batch axis (N, ...)."
+            )
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise CaptureError(
+                f"Layer '{path}' (embedding lookup) got ids of dtype {jnp.result_type(x)}; "
+                "capture needs integer token ids."
+            )
+
+    def _ids(self, x: jax.Array) -> jax.Array:
+        return x if x.ndim == 1 else x.reshape(x.shape[0], -1)
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """One-hot rows ``(N, V)`` or ``(N, T, V)`` of the ids.
+
+        Args:
+          x: the ids ``(N, ...)``.
+
+        Returns:
+          The one-hot view (``float32``; the capture casts it).
+        """
+        if self.vocab_size == 1:  # (Flax broadcasts its one row, whatever the id)
+            return jnp.ones(self._ids(x).shape + (1,), jnp.float32)
+        return jax.nn.one_hot(self._ids(x), self.vocab_size, dtype=jnp.float32)
+
+    def input_square_mean(self, x: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """``(V,)``: the mean over examples and positions of the squared one-hot rows, i.e.
+        each token's frequency (the diagonal of ``mean āāᵀ``, which is diagonal).
+
+        Args:
+          x: the ids ``(N, ...)``.
+          dtype: the result's dtype (default ``float32``).
+
+        Returns:
+          The frequencies.
+        """
+        ids = self._ids(x).reshape(-1)
+        if self.vocab_size == 1:
+            return jnp.ones((1,), dtype)
+        ids = jnp.where((ids >= 0) & (ids < self.vocab_size), ids, self.vocab_size)
+        counts = jnp.zeros((self.vocab_size,), dtype).at[ids].add(1.0, mode="drop")
+        return counts / ids.shape[0]
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """``(N, D)`` for ids ``(N,)``, ``(N, T, D)`` otherwise.
+
+        Args:
+          y: an array shaped like the layer output ``(N, ..., D)``.
+          x: the ids.
+
+        Returns:
+          The statistics view.
+        """
+        return y if x.ndim == 1 else y.reshape(y.shape[0], -1, y.shape[-1])
+
+
 def _expand_ellipsis(term: str, ndim: int, fresh: str) -> str:
     if "..." not in term:
         return term
@@ -330,7 +416,7 @@ def einsum_spec(
     )
 
 
-LayerSpec = DenseSpec | ConvSpec | DenseGeneralSpec | EinsumSpec
+LayerSpec = DenseSpec | ConvSpec | DenseGeneralSpec | EinsumSpec | EmbedSpec
 
 
 def refuse(path: str, layer_type: str, what: str) -> CaptureError:

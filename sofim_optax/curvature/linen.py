@@ -2,14 +2,16 @@
 
 Interception: :func:`flax.linen.intercept_methods` wraps every module method
 call while the user's loss runs. The interceptor acts only when the method
-being run is exactly ``flax.linen.Dense.__call__``, ``flax.linen.DenseGeneral.__call__``
-or the shared-weight ``flax.linen.Conv.__call__`` (so a subclass that overrides ``__call__`` and
+being run is exactly ``flax.linen.Dense.__call__``, ``flax.linen.DenseGeneral.__call__``,
+``flax.linen.Einsum.__call__``, ``flax.linen.Embed.__call__`` or the shared-weight
+``flax.linen.Conv.__call__`` (so a subclass that overrides ``__call__`` and
 calls ``super().__call__`` is captured at the super call, and a subclass whose
 own ``__call__`` does something else is left alone). For such a call it records
 the layer input, runs the layer, and returns ``output + perturbation`` where
 ``perturbation`` is a zero array that :func:`jax.vjp` differentiates together
 with the parameters. The model is not edited and no variable collection is
-added: the perturbations are closed-over arrays, not Flax variables.
+added: the perturbations are closed-over arrays, not Flax variables. Any ``attend`` call of
+an ``Embed`` is noted (a tied output head; see ``_capture.note_attend``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ _DENSE_CALL = _raw(nn.Dense.__call__)
 _CONV_CALL = _raw(nn.Conv.__call__)  # ``_Conv.__call__``, also used by ConvLocal
 _DENSE_GENERAL_CALL = _raw(nn.DenseGeneral.__call__)
 _EINSUM_CALL = _raw(nn.Einsum.__call__)
+_EMBED_CALL = _raw(nn.Embed.__call__)
 
 
 def _dense_spec(path: str, module: nn.Dense) -> _layer_specs.DenseSpec:
@@ -96,14 +99,21 @@ def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> 
         next_fun: Callable[..., Any], args: tuple, kwargs: dict, context: InterceptorContext
     ) -> Any:
         session = session_getter()
-        if session is None or context.method_name != "__call__":
+        if session is None or context.method_name not in ("__call__", "attend"):
             return next_fun(*args, **kwargs)
         func = getattr(context.orig_method, "func", None)
         module = context.module
-        inputs = args[0] if args else kwargs.get("inputs")
         path = "/".join(str(p) for p in module.path)
-        if func is _DENSE_CALL and isinstance(module, nn.Dense):
-            spec: _capture.LayerSpec = _dense_spec(path, module)
+        if context.method_name == "attend" and isinstance(module, nn.Embed):
+            _capture.note_attend(session, path)
+            return next_fun(*args, **kwargs)
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        inputs = args[0] if args else kwargs.get("inputs")
+        if func is _EMBED_CALL and isinstance(module, nn.Embed):
+            spec: _capture.LayerSpec = _layer_specs.EmbedSpec(module.num_embeddings)
+        elif func is _DENSE_CALL and isinstance(module, nn.Dense):
+            spec = _dense_spec(path, module)
         elif func is _CONV_CALL and isinstance(module, nn.Conv):
             spec = _conv_spec(path, module)
         elif func is _DENSE_GENERAL_CALL and isinstance(module, nn.DenseGeneral):
@@ -196,12 +206,18 @@ def value_grad_and_stats(
     * Statistics are at least float32 (bfloat16/float16 models get float32;
       float64 stays float64); ``grads`` are in the parameters' dtypes.
 
+    * ``Embed`` (a lookup ``embedding[ids]``, the dense map ``onehot(ids) @ embedding``):
+      ``inputs`` the one-hot rows ``(N, V)`` or ``(N, T, V)`` (formed only when read;
+      ``LayerStats.input_square_mean()`` gives the token frequencies from the ids),
+      ``output_grads`` and ``outputs (N, D)`` or ``(N, T, D)``. A table also used by
+      ``attend`` (a tied output head) gets no statistics (an INFO log line; the methods give
+      it their fallback). Ids whose leading axis is not the batch are refused.
     * ``Einsum`` whose equation is a dense map on contracted axes: as ``DenseGeneral`` (the
       contracted letters into ``d_in`` in the kernel's order, the kernel letters kept in the
       output into ``d_out``, the input letters kept in the output into positions); other
       equations are refused with the equation named.
 
-    Parameters of other layers (``BatchNorm``, ``Embed``, ``LayerNorm``,
+    Parameters of other layers (``BatchNorm``, ``LayerNorm``,
     ``ConvLocal``, ``ConvTranspose``, subclasses whose own
     ``__call__`` does not run ``Dense.__call__`` / ``Conv.__call__``, ...) get no
     statistics but do get gradients.

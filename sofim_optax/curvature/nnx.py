@@ -8,8 +8,9 @@ on a private copy of the model:
 1. ``nnx.split(model, nnx.Param, ...)`` separates the parameters (what is
    differentiated) from the rest of the state.
 2. Inside the differentiated function, ``nnx.merge`` builds a fresh copy. Every
-   ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` instance of the copy whose class does not
-   override ``__call__`` has its ``__class__`` switched to a cached subclass
+   ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` / ``nnx.Embed``
+   instance of the copy whose class does not override ``__call__`` has its ``__class__``
+   switched to a cached subclass (which, for an ``Embed``, also notes ``attend`` calls)
    whose ``__call__`` records the input, runs the original ``__call__`` and
    adds the layer's zero perturbation. The classes are switched back before
    the function returns. The user's model object and the Flax classes are
@@ -40,7 +41,8 @@ _LINEAR_CALL = nnx.Linear.__call__
 _CONV_CALL = nnx.Conv.__call__
 _LINEAR_GENERAL_CALL = nnx.LinearGeneral.__call__
 _EINSUM_CALL = nnx.Einsum.__call__
-_CAPTURED_CALLS = (_LINEAR_CALL, _CONV_CALL, _LINEAR_GENERAL_CALL, _EINSUM_CALL)
+_EMBED_CALL = nnx.Embed.__call__
+_CAPTURED_CALLS = (_LINEAR_CALL, _CONV_CALL, _LINEAR_GENERAL_CALL, _EINSUM_CALL, _EMBED_CALL)
 _PATHS_KEY = "nnx_paths"
 
 _capturing_classes: dict[type, type] = {}
@@ -53,6 +55,8 @@ def _layer_spec(
     """Validates a captured NNX layer's options and returns its spec (``einsum_str``: an
     ``Einsum`` call's own equation, if given)."""
     name = type(module).__name__
+    if isinstance(module, nnx.Embed):
+        return _layer_specs.EmbedSpec(module.num_embeddings)
     if isinstance(module, nnx.Einsum):
         return _layer_specs.einsum_spec(
             path,
@@ -109,18 +113,32 @@ def _capturing_class(cls: type) -> type:
                 return _captured_call(self, original, inputs, args, kwargs)
 
             __call__.__doc__ = original.__doc__
+            methods = {
+                "__call__": __call__,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+            }
+            if issubclass(cls, nnx.Embed):
+                methods["attend"] = _noting_attend(cls.attend)
             sub = type(cls)(
-                cls.__name__,
-                (cls,),
-                {
-                    "__call__": __call__,
-                    "__module__": cls.__module__,
-                    "__qualname__": cls.__qualname__,
-                },
-                pytree=getattr(cls, "_pytree__is_pytree", True),
+                cls.__name__, (cls,), methods, pytree=getattr(cls, "_pytree__is_pytree", True)
             )
             _capturing_classes[cls] = sub
         return sub
+
+
+def _noting_attend(original: Callable[..., Any]) -> Callable[..., Any]:
+    """An ``Embed.attend`` that tells the capture the table is also a tied output head."""
+
+    def attend(self: Any, *args: Any, **kwargs: Any) -> Any:
+        session = _capture.current_session()
+        table = session.scratch.get(_PATHS_KEY) if session is not None else None
+        if table is not None and id(self) in table:
+            _capture.note_attend(session, table[id(self)])
+        return original(self, *args, **kwargs)
+
+    attend.__doc__ = original.__doc__
+    return attend
 
 
 def _captured_call(
@@ -213,6 +231,8 @@ def value_grad_and_stats(
     * ``LinearGeneral``: the contracted axes flattened into ``d_in``, the feature axes into
       ``d_out``, the other axes after ``N`` into positions, ``(N, T, ·)`` with ``T >= 1``
       (as ``DenseGeneral`` in the Linen adapter); ``batch_axis`` is refused.
+    * ``Embed``: one-hot rows ``(N, [T,] V)``, output gradients ``(N, [T,] D)``; a table also
+      used by ``attend`` gets no statistics (as in the Linen adapter).
     * ``Einsum`` with a dense-map equation: as in the Linen adapter (other equations and a
       custom ``einsum_op`` are refused, naming the layer and the equation).
     * ``Conv`` (any number of spatial dimensions): ``inputs (N, T, k_1*...*k_d*c_in)``
@@ -225,9 +245,9 @@ def value_grad_and_stats(
       ``fisher="sampled"``, gradients of the per-example negative
       log-likelihood of a sampled target. Statistics are at least float32.
 
-    Only instances of ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``
-    (or subclasses that do not override ``__call__``) reachable from ``model`` are captured;
-    other parameters (``BatchNorm``, ``Embed``, ``LayerNorm``,
+    Only instances of ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` /
+    ``nnx.Embed`` (or subclasses that do not override ``__call__``) reachable from ``model``
+    are captured; other parameters (``BatchNorm``, ``LayerNorm``,
     ``ConvTranspose``, layers passed in ``args``, ...) get gradients only.
 
     Refused, with an error naming the layer: a layer applied more than once in

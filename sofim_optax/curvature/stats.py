@@ -119,6 +119,18 @@ class LayerStats:
     def outputs(self) -> Any:
         return self._field(2)
 
+    def input_square_mean(self) -> Any:
+        """``(d_in,)``: the mean over examples and positions of the squared inputs, the
+        diagonal of ``mean x xᵀ``. For a captured embedding lookup (one-hot inputs) these are
+        the token frequencies, computed from the ids without forming the one-hot rows."""
+        view = self._view
+        if view is not None and hasattr(view, "input_square_mean"):
+            if any(isinstance(a, jax.ShapeDtypeStruct) for a in self._arrays):
+                return jax.eval_shape(view.input_square_mean, self._arrays)
+            return view.input_square_mean(self._arrays)
+        x = jax.numpy.asarray(self.inputs)
+        return jax.numpy.mean(jax.numpy.square(x.reshape(-1, x.shape[-1])), axis=0)
+
     def __iter__(self) -> Iterator[Any]:
         return iter((self.inputs, self.output_grads, self.outputs))
 

@@ -145,20 +145,22 @@ class FactorLayout:
         layers: Sequence[Layer],
         roles: Sequence[str] = ("A", "G"),
         role_dim: Callable[[Layer, str], int] | None = None,
-        max_dim: int | None = None,
+        max_dim: int | None | Callable[[Layer, str], int | None] = None,
     ) -> FactorLayout:
         """Layout for ``layers``; ``role_dim(layer, role)`` defaults to ``d_a`` for roles
         starting with ``"A"`` and ``d_g`` otherwise; factors larger than ``max_dim`` (default
-        ``None``: no limit) are block-diagonal (see the class docstring)."""
+        ``None``: no limit; or a function ``max_dim(layer, role)``, e.g. ``1`` for a factor
+        known to be diagonal) are block-diagonal (see the class docstring)."""
         if role_dim is None:
             role_dim = lambda layer, role: layer.d_a if role.startswith("A") else layer.d_g
+        limit = max_dim if callable(max_dim) else (lambda layer, role: max_dim)
         sizes: dict[str, int] = {}
         dims: dict[str, int] = {}
         slots, counts = [], []
         for layer in layers:
             row, row_counts = [], []
             for role in roles:
-                c, b = block_split(int(role_dim(layer, role)), max_dim)
+                c, b = block_split(int(role_dim(layer, role)), limit(layer, role))
                 k = cls.key(b)
                 row.append((k, sizes.get(k, 0)))
                 row_counts.append(c)

@@ -30,6 +30,7 @@ __all__ = ["Layer", "ParamLayout", "discover_layers", "gradient_matrix", "split_
 
 _KERNEL = "kernel"
 _BIAS = "bias"
+_EMBEDDING = "embedding"
 
 
 # --------------------------------------------------------------------------------------
@@ -74,6 +75,10 @@ class Layer:
         ``DenseGeneral`` with ``features=(heads, head_dim)`` has 2).
       general: the kernel is a dense map over several axes (``DenseGeneral``,
         ``LinearGeneral``, ``Einsum``), not a convolution, although it has ``ndim >= 3``.
+      embedding: the "kernel" is an embedding table ``(V, D)`` (a leaf named ``embedding``,
+        as in ``flax.linen.Embed`` / ``flax.nnx.Embed``): a dense map from one-hot token
+        rows, no bias. Its input factor is exactly diagonal (the token frequencies), which
+        the Kronecker-factored methods use (:attr:`kind` is ``"dense"``).
     """
 
     path: str
@@ -82,6 +87,7 @@ class Layer:
     kernel_shape: tuple[int, ...]
     output_axes: int = 1
     general: bool = False
+    embedding: bool = False
 
     @property
     def kind(self) -> str:
@@ -128,6 +134,10 @@ class Layer:
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.kernel_shape))
+        if self.embedding:
+            return (
+                f"{self.path} (embedding {shape}; A {self.d_a} diagonal, G {self.d_g}x{self.d_g})"
+            )
         bias = " + bias" if self.has_bias else ""
         general = f", a dense map with {self.output_axes} output axes" if self.general else ""
         return (
@@ -190,6 +200,9 @@ def discover_layers(tree: Any, kernel_output_axes: Mapping[str, int] | None = No
        Kronecker-factored methods treat it exactly as a dense map; only Mini-Block Fisher's
        block partition differs, and it asks for rule 1.
 
+    A node with a 2-D ``embedding`` leaf ``(V, D)`` and no ``kernel`` (``Embed``) is a layer
+    too (:attr:`Layer.embedding`): the dense map ``onehot(ids) @ embedding`` without bias.
+
     The sibling ``bias`` is folded in when it holds exactly ``d_out`` entries in the shape of
     the output axes (or flat); any other bias is left to the fallback. Works on plain nested
     dicts, Flax linen variables dicts ``{"params": ...}``, ``FrozenDict`` and ``nnx.State``
@@ -217,6 +230,12 @@ def discover_layers(tree: Any, kernel_output_axes: Mapping[str, int] | None = No
     used: set[int] = set()
     for i, ((_, leaf), n) in enumerate(zip(flat, names)):
         shape = tuple(getattr(leaf, "shape", ()))
+        if n and n[-1] == _EMBEDDING and len(shape) == 2:
+            parent = "/".join(n[:-1])
+            if (f"{parent}/{_KERNEL}" if parent else _KERNEL) not in by_path:
+                layers.append(Layer(parent, i, None, shape, embedding=True))
+                used.add(i)
+            continue
         if not n or n[-1] != _KERNEL or len(shape) < 2:
             continue
         parent = "/".join(n[:-1])

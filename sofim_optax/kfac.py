@@ -135,10 +135,10 @@ def _log_split_factors(fl: layerwise.FactorLayout, param_layout, max_factor_dim:
 def _kfac_method(
     damping: Scalar, ema: Scalar, pi_adjusted: bool, inverse: str, max_factor_dim: int
 ) -> layerwise.LayerwiseMethod:
+    limit = _block_limit(max_factor_dim)
+
     def layout_of(param_layout: layerwise.ParamLayout) -> layerwise.FactorLayout:
-        return layerwise.FactorLayout.build(
-            param_layout.layers, ("A", "G"), max_dim=_block_limit(max_factor_dim)
-        )
+        return layerwise.FactorLayout.build(param_layout.layers, ("A", "G"), max_dim=limit)
 
     def init(param_layout, dtype):
         fl = layout_of(param_layout)
@@ -162,8 +162,8 @@ def _kfac_method(
             old_a = fl.get(curv.factors, i, "A")
             dtype = old_a.dtype
             decay = layerwise.ema_decay(k[i] + 1, ema, dtype)
-            a_blocks = layerwise.block_split(layer.d_a, 1 if layer.embedding else max_factor_dim)
-            g_blocks = layerwise.block_split(layer.d_g, max_factor_dim)
+            a_blocks = layerwise.block_split(layer.d_a, limit(layer, "A"))
+            g_blocks = layerwise.block_split(layer.d_g, limit(layer, "G"))
             if layer.embedding and a_blocks[0] > 1:
                 # diag(A) = token frequencies, from the ids (no one-hot rows formed)
                 a_hat = st.input_square_mean().astype(dtype)[:, None, None]

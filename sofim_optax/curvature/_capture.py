@@ -44,7 +44,7 @@ from sofim_optax.curvature._layer_specs import (
     EmbedSpec,
     LayerSpec,
 )
-from sofim_optax.curvature.stats import LayerStats, LayerStatsDict
+from sofim_optax.curvature.stats import LayerStats, LayerStatsDict, square_mean
 from sofim_optax.hyperparameters import accumulation_dtype
 
 FisherType = Literal["empirical", "sampled"]
@@ -390,12 +390,10 @@ class _CapturedView:
     def input_square_mean(self, arrays: tuple[Any, ...]) -> jax.Array:
         """``(d_in,)``, the mean over all rows of the squared inputs (an embedding's token
         frequencies, without forming its one-hot rows)."""
-        x = self._cut(arrays[0])
         shortcut = getattr(self.spec, "input_square_mean", None)
         if shortcut is not None:
-            return shortcut(x, self.dtype)
-        rows = self.spec.input_rows(x).astype(self.dtype)
-        return jnp.mean(jnp.square(rows.reshape(-1, rows.shape[-1])), axis=0)
+            return shortcut(self._cut(arrays[0]), self.dtype)
+        return square_mean(self.inputs(arrays))
 
     def output_grads(self, arrays: tuple[Any, ...]) -> jax.Array:
         x = self._cut(arrays[0])

@@ -91,13 +91,16 @@ class LayerStats:
         out._view = view
         return out
 
-    def _field(self, index: int) -> Any:
-        if self._view is None:
-            return self._arrays[index]
-        form = getattr(self._view, self._fields[index])
+    def _formed(self, form: Any) -> Any:
+        """``form(arrays)`` of a deferred view (its shape only, for abstract arrays)."""
         if any(isinstance(a, jax.ShapeDtypeStruct) for a in self._arrays):
             return jax.eval_shape(form, self._arrays)  # e.g. the result of jax.eval_shape
         return form(self._arrays)
+
+    def _field(self, index: int) -> Any:
+        if self._view is None:
+            return self._arrays[index]
+        return self._formed(getattr(self._view, self._fields[index]))
 
     @property
     def layer_kind(self) -> str | None:
@@ -123,13 +126,10 @@ class LayerStats:
         """``(d_in,)``: the mean over examples and positions of the squared inputs, the
         diagonal of ``mean x xᵀ``. For a captured embedding lookup (one-hot inputs) these are
         the token frequencies, computed from the ids without forming the one-hot rows."""
-        view = self._view
-        if view is not None and hasattr(view, "input_square_mean"):
-            if any(isinstance(a, jax.ShapeDtypeStruct) for a in self._arrays):
-                return jax.eval_shape(view.input_square_mean, self._arrays)
-            return view.input_square_mean(self._arrays)
-        x = jax.numpy.asarray(self.inputs)
-        return jax.numpy.mean(jax.numpy.square(x.reshape(-1, x.shape[-1])), axis=0)
+        shortcut = getattr(self._view, "input_square_mean", None)
+        if shortcut is not None:
+            return self._formed(shortcut)
+        return square_mean(self.inputs)
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.inputs, self.output_grads, self.outputs))
@@ -169,6 +169,12 @@ class LayerStats:
         if view is None:
             return cls(*arrays)
         return cls.deferred(view, tuple(arrays))
+
+
+def square_mean(rows: Any) -> jax.Array:
+    """``(d,)``: the mean of ``rows ** 2`` over every axis but the last."""
+    x = jax.numpy.asarray(rows)
+    return jax.numpy.mean(jax.numpy.square(x.reshape(-1, x.shape[-1])), axis=0)
 
 
 #: The statistics of a model, ``{layer path: LayerStats}`` (paths joined with ``/``).

@@ -240,6 +240,37 @@ def test_first_mbf_step_uses_per_row_blocks(x64):
     np.testing.assert_allclose(outs["mbf"], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "scale_by_kpsvd",
+        "scale_by_kpsvd_deflation",
+        "scale_by_kfac_corrected",
+        "scale_by_kpsvd_lanczos",
+    ],
+)
+def test_the_kpsvd_family_finds_diagonal_input_factors_for_a_table(x64, name):
+    # One-hot samples make every input-side factor a weighted sum of e_v e_vᵀ, so the power
+    # and Lanczos iterations return diagonal factors although the family does not impose it.
+    ids, y = _ids((7, 5), seed=3), _labels(7)
+    params, loss_fn = _linen(ids)
+    _, grads, stats = capture_linen.value_grad_and_stats(loss_fn, params, ids, y)
+    tx = getattr(sofim_optax, name)(damping=0.05)
+    _, state = tx.update(grads, tx.init(params), params, layer_stats=stats)
+    (curv,) = [s for s in jax.tree.leaves(state, is_leaf=_is_family_state) if _is_family_state(s)]
+    tables = [f for f in curv.factors.values() if f.shape[-2:] == (VOCAB, VOCAB)]
+    assert tables, {k: f.shape for k, f in curv.factors.items()}  # A1 (and A2 at rank two)
+    for f in tables:
+        f = np.asarray(f)
+        diag = np.einsum("...ii->...i", f)
+        assert np.abs(diag).max() > 0
+        np.testing.assert_array_equal(f - np.apply_along_axis(np.diag, -1, diag), 0.0)
+
+
+def _is_family_state(x):
+    return isinstance(x, sofim_optax.KroneckerSvdCurvature)
+
+
 METHODS = {  # (kernel_output_axes: attention's output projection, for MBF's partition)
     "kfac": lambda axes: sofim_optax.kfac(learning_rate=0.1, damping=0.1),
     "kpsvd": lambda axes: sofim_optax.kpsvd(learning_rate=0.1, damping=0.1),

@@ -48,12 +48,17 @@ def scale_by_diagonal_fisher(
     statistics updates so far (one every ``stats_period`` steps, at ``count = 0`` first). The
     reciprocal is recomputed every step (it is element-wise and costs nothing).
 
-    This is MBF's default for the parameters that no captured layer covers (norm scales,
-    embeddings, parameters of uncaptured layers). The exact EF diagonal would be
-    ``mean_n g_{n,i}²``, but per-example gradients exist only for captured layers; ``ḡ²`` is
-    its lower bound (Jensen), smaller by up to the batch size when the gradient noise
-    dominates, so on these parameters the damping usually dominates and the step is close to
-    ``v / λ``.
+    This is the layer-wise methods' default for the parameters that no captured layer covers
+    (norm scales and biases, tied embeddings, parameters of uncaptured layers). The exact EF
+    diagonal is ``mean_n g_{n,i}²``. Where per-example gradients exist, the layer-wise skeleton
+    passes it as ``fisher_diagonal={leaf path: mean_n g_n²}`` (for the scale and bias of every
+    normalisation layer the capture saw), and ``ḡ ⊙ ḡ`` above becomes
+    ``max(mean_n g_n², ḡ ⊙ ḡ)`` on those leaves. For the empirical Fisher the maximum is the
+    exact diagonal itself (Jensen: ``mean_n g_n² ≥ ḡ²``); it only matters for scale entries
+    that are (nearly) zero, whose per-example gradient the capture cannot read from the
+    layer's output and reports as 0. Elsewhere ``ḡ²`` is the exact diagonal's lower bound,
+    smaller by up to the batch size when the gradient noise dominates, so on those parameters
+    the damping usually dominates and the step is close to ``v / λ``.
 
     Args:
       damping: ``λ`` (default ``1e-3``), ``> 0``; a traced value is floored at
@@ -71,7 +76,7 @@ def scale_by_diagonal_fisher(
         )
         return DiagonalFisherState(count=jnp.zeros([], jnp.int32), nu=nu, skipped=guards.no_skips())
 
-    def update_fn(updates, state, params=None, *, gradients=None, **extra):
+    def update_fn(updates, state, params=None, *, gradients=None, fisher_diagonal=None, **extra):
         del params, extra
         raw = updates
         if gradients is not None:
@@ -86,13 +91,21 @@ def scale_by_diagonal_fisher(
                     f"scale_by_diagonal_fisher: `gradients` has no leaf at path {err.args[0]!r}"
                 ) from None
         count = state.count
+        exact = dict(fisher_diagonal or {})
+        leaf_paths = layerwise.discover_layers(updates).leaf_paths
 
         def new_nu(nu):
-            def one(n, g):
+            def one(n, g, path):
                 decay = layerwise.ema_decay(count // stats_period + 1, ema, n.dtype)
-                return decay * n + (1 - decay) * jnp.square(jnp.asarray(g).astype(n.dtype))
+                square = jnp.square(jnp.asarray(g).astype(n.dtype))
+                if path in exact:  # (floored at ḡ², which it equals or exceeds where exact)
+                    square = jnp.maximum(square, jnp.asarray(exact[path]).astype(n.dtype))
+                return decay * n + (1 - decay) * square
 
-            return jax.tree.map(one, nu, raw)
+            flat, tree = jax.tree.flatten(nu)
+            return jax.tree.unflatten(
+                tree, [one(n, g, p) for n, g, p in zip(flat, jax.tree.leaves(raw), leaf_paths)]
+            )
 
         def guarded_nu(operand):
             nu, skipped = operand

@@ -164,9 +164,9 @@ def _check_previous(
     if previous is None:
         raise ValueError(_missing_previous_message(layout))
     active = layerwise.check_layer_stats(layout, previous, _NAME, "previous_batch_stats")
-    _check_outputs(layout, previous, "previous_batch_stats")
+    paths = layout.layer_paths
+    _check_outputs(layout, {paths[i]: previous[paths[i]] for i in active}, "previous_batch_stats")
     if set(active) != set(stats):
-        paths = layout.layer_paths
         missing = sorted(paths[i] for i in set(stats) - set(active))
         extra = sorted(paths[i] for i in set(active) - set(stats))
         raise ValueError(

@@ -219,7 +219,7 @@ class MLP(nn.Module):
     def __call__(self, x, perts=None, taps=None):
         x = Block(6, "Block_0/Dense_0")(x, perts, taps)
         x = Block(5, "enc/Dense_0", name="enc")(x, perts, taps)
-        x = nn.LayerNorm(param_dtype=F64)(x)  # parameters without statistics
+        x = nn.LayerNorm(param_dtype=F64)(x)  # statistics of kind "scale_shift"
         return tap(nn.Dense(3, param_dtype=F64, name="head"), "head", x, perts, taps)
 
 
@@ -371,10 +371,32 @@ def set_aside_lookup(stats, path, tokens, table_grad):
     np.testing.assert_allclose(mean, table_grad, rtol=1e-10, atol=1e-14)
 
 
+def set_aside_norms(stats, grads, reduction="mean"):
+    """Removes the normalisation layers' statistics from ``stats`` after checking them: the
+    per-example gradients they give, ``Σ_t x̂ ⊙ g`` for the scale and ``Σ_t g`` for the bias,
+    average (or sum, for a summed loss) to the autodiff gradient. (Per example they are checked
+    against vmapped per-example gradients in test_norm_capture.py.)"""
+    combine = np.mean if reduction == "mean" else np.sum
+    for key in [k for k, st in stats.items() if st.layer_kind == "scale_shift"]:
+        st = stats.pop(key)
+        x, g = np.asarray(st.inputs), np.asarray(st.output_grads)
+        node = grads
+        for part in key.split("/") if key else []:
+            node = node[part]
+        per_example = {"scale": np.sum(x * g, axis=1), "bias": np.sum(g, axis=1)}
+        for name, rows in per_example.items():
+            if name in node:
+                want = np.asarray(node[name]).reshape(-1)
+                np.testing.assert_allclose(
+                    combine(rows, axis=0), want, rtol=1e-10, atol=1e-14, err_msg=key
+                )
+
+
 def check_against_references(
-    captured, reference, taps, ref_grads, params, geometries, n, has_aux=False
+    captured, reference, taps, ref_grads, params, geometries, n, has_aux=False, reduction="mean"
 ):
     value, grads, stats = captured
+    set_aside_norms(stats, grads["params"] if "params" in grads else grads, reduction)
     ref_value, ref_grads_params = reference
     if has_aux:
         (value, aux), (ref_value, ref_aux) = value, ref_value
@@ -426,7 +448,7 @@ def test_has_aux_and_sum_reduction_and_bare_params():
         model, params, x, y, loss_fn, has_aux=True, loss_reduction="sum"
     )
     check_against_references(
-        captured, reference, taps, ref_grads, params, {}, x.shape[0], has_aux=True
+        captured, reference, taps, ref_grads, params, {}, x.shape[0], has_aux=True, reduction="sum"
     )
     # The keys are the kernel paths of the bare tree.
     assert (

@@ -150,7 +150,8 @@ def test_sampled_fisher_matches_explicitly_sampled_targets(likelihood, fisher_ba
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), grads, ref_grads
     )
-    assert set(stats) == {"Block_0/Dense_0", "enc/Dense_0", "head"}
+    assert set(stats) == {"Block_0/Dense_0", "enc/Dense_0", "head", "LayerNorm_0"}
+    assert stats.pop("LayerNorm_0").inputs.shape[0] == m  # (its own tests: test_norm_capture)
     for k, st in stats.items():
         assert st.inputs.shape[0] == st.outputs.shape[0] == st.output_grads.shape[0] == m
         np.testing.assert_allclose(st.inputs, taps[k][0], rtol=1e-13, err_msg=k)

@@ -347,7 +347,8 @@ def test_with_linen_capture():
         return grads, stats, tx.update(grads, tx.init(variables), variables, layer_stats=stats)[0]
 
     grads, stats, upd = step(variables)
-    assert sorted(stats) == ["Conv_0", "Dense_0"]
+    assert sorted(stats) == ["Conv_0", "Dense_0", "LayerNorm_0"]
+    # The identity fallback (fallback=None) leaves the norm's gradient as it is.
     np.testing.assert_array_equal(
         upd["params"]["LayerNorm_0"]["scale"], grads["params"]["LayerNorm_0"]["scale"]
     )

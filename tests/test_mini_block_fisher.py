@@ -190,7 +190,8 @@ def test_first_step_matches_per_example_reference(x64):
         return grads, stats, per_example, outs
 
     grads, stats, per_example, outs = run(variables)
-    assert sorted(stats) == ["Conv_0", "Dense_0", "Dense_1"]
+    assert sorted(stats) == ["Conv_0", "Dense_0", "Dense_1", "LayerNorm_0"]
+    assert stats["LayerNorm_0"].layer_kind == "scale_shift"
     g, pe = grads["params"], per_example["params"]
     for (block, chunk, inverse), upd in zip(configs, outs):
         u = upd["params"]
@@ -222,11 +223,14 @@ def test_first_step_matches_per_example_reference(x64):
             err_msg=where,
         )
         np.testing.assert_allclose(u["Conv_0"]["bias"], want_b, rtol=1e-8, err_msg=where)
-        # Diagonal fallback for the norm parameters: the first EMA is the squared gradient.
+        # Diagonal fallback for the norm parameters, with their exact per-example diagonal
+        # (the first EMA is the statistic itself): g / (mean_n g_n² + λ).
         for leaf in ("scale", "bias"):
             gl = np.asarray(g["LayerNorm_0"][leaf])
+            diagonal = np.mean(np.square(pe["LayerNorm_0"][leaf]), axis=0)
+            assert np.all(diagonal > 1.5 * gl**2)  # (not the minibatch square it used to be)
             np.testing.assert_allclose(
-                u["LayerNorm_0"][leaf], gl / (gl**2 + damping), rtol=1e-10, err_msg=where
+                u["LayerNorm_0"][leaf], gl / (diagonal + damping), rtol=1e-10, err_msg=where
             )
 
 
@@ -251,7 +255,9 @@ def test_steps_without_a_statistics_update_do_not_cut_patches(x64):
         def step(p, s):
             _, grads, stats = linen_capture.value_grad_and_stats(loss_fn, p)
             if materialised:  # plain statistics: their fields are formed where they are built
-                stats = {k: LayerStats(*v) for k, v in stats.items()}
+                stats = {
+                    k: LayerStats(*v) for k, v in stats.items() if v.layer_kind != "scale_shift"
+                }
             return tx.update(grads, s, p, layer_stats=stats)
 
         patches = linen_capture.value_grad_and_stats(loss_fn, params)[2]["Conv_0"].inputs.shape

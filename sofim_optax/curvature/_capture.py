@@ -43,6 +43,7 @@ from sofim_optax.curvature._layer_specs import (
     EinsumSpec,
     EmbedSpec,
     LayerSpec,
+    ScaleShiftSpec,
 )
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict, square_mean
 from sofim_optax.hyperparameters import accumulation_dtype
@@ -101,7 +102,10 @@ class Session:
         inside a nested transformation and are refused.
       scratch: adapter-private data (e.g. NNX instance-to-path tables).
       tied: embeddings also used by ``attend`` (a tied output head), found by discovery.
-      skip: layers run without capture (the tied embeddings, in the real trace).
+      uncaptured: normalisation layers that discovery leaves uncaptured, with the reason
+        (applied more than once, or inside a nested transformation).
+      skip: layers run without capture (the tied embeddings and the uncaptured
+        normalisations, in the real trace).
     """
 
     mode: Literal["discover", "perturb"]
@@ -112,6 +116,7 @@ class Session:
     trace: Any = None
     scratch: dict[Any, Any] = dataclasses.field(default_factory=dict)
     tied: set[str] = dataclasses.field(default_factory=set)
+    uncaptured: dict[str, str] = dataclasses.field(default_factory=dict)
     skip: frozenset[str] = frozenset()
 
 
@@ -198,6 +203,69 @@ def capture_layer(
             "loss_fn must call the same layers every time it is traced."
         )
     session.layers[path] = _LayerRecord(spec, inputs, outputs)
+    return outputs + session.perturbations[path]
+
+
+#: Scale entries below this magnitude give ``x̂ = 0`` (see :func:`capture_scale_shift`).
+_SMALLEST_SCALE = 1e-6
+
+
+def capture_scale_shift(
+    session: Session,
+    path: str,
+    spec: ScaleShiftSpec,
+    call: Callable[[], jax.Array],
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+) -> jax.Array:
+    """Runs one normalisation layer call: records its normalised input and perturbs its output.
+
+    The layer computes ``outputs = x̂ ⊙ scale + bias``; ``x̂ = (outputs − bias) / scale`` is
+    recorded as the statistics' ``inputs`` (0 where ``|scale| < 1e-6``). Unlike a dense layer,
+    a normalisation applied more than once, or inside a nested transformation, is not refused:
+    its parameters simply keep the minibatch statistics of the methods' fallback (discovery
+    notes it in ``session.uncaptured`` and the real trace skips it).
+
+    Args:
+      session: the active session.
+      path: the layer's key.
+      spec: its feature axes.
+      call: runs the layer and returns its output.
+      scale: the layer's scale (shaped like the feature axes), or ``None``.
+      bias: the layer's bias, or ``None``.
+
+    Returns:
+      The output plus the layer's zero perturbation (``"perturb"`` mode), or the plain output.
+    """
+    if path in session.skip:
+        return call()
+    if session.mode == "discover":
+        if not _at_session_trace(session):
+            session.uncaptured[path] = "it runs inside a nested transformation"
+        elif path in session.layers:
+            session.uncaptured[path] = "it is applied more than once"
+    outputs = call()
+    if session.mode == "discover":
+        if path not in session.uncaptured:
+            shape = jax.ShapeDtypeStruct(outputs.shape, outputs.dtype)
+            session.layers[path] = _LayerRecord(spec, shape, shape)
+        return outputs
+    assert session.perturbations is not None
+    if path not in session.perturbations:
+        raise CaptureError(
+            f"Layer '{path}' ran in the differentiated pass but not in the shape-discovery pass: "
+            "loss_fn must call the same layers every time it is traced."
+        )
+    dtype = accumulation_dtype(outputs)
+    shifted = outputs.astype(dtype)
+    if bias is not None:
+        shifted = shifted - jnp.asarray(bias).astype(dtype)
+    normalised = shifted
+    if scale is not None:
+        s = jnp.asarray(scale).astype(dtype)
+        usable = jnp.abs(s) >= _SMALLEST_SCALE
+        normalised = jnp.where(usable, shifted / jnp.where(usable, s, 1), 0)
+    session.layers[path] = _LayerRecord(spec, normalised, outputs)
     return outputs + session.perturbations[path]
 
 
@@ -534,6 +602,14 @@ def value_grad_and_stats(
 
     # 1. Discovery: shapes only.
     discovery = _discover(run, primal, fisher, has_aux)
+    for path, why in sorted(discovery.uncaptured.items()):
+        discovery.layers.pop(path, None)
+        logger.info(
+            "sofim_optax.curvature: normalisation %r gets no statistics because %s; the "
+            "methods' diagonal fallback uses minibatch gradients for its scale and bias",
+            path,
+            why,
+        )
     for path in sorted(discovery.tied):
         if discovery.layers.pop(path, None) is not None:
             logger.info(
@@ -579,7 +655,8 @@ def value_grad_and_stats(
     def forward(
         p: Any, perts: dict[str, jax.Array]
     ) -> tuple[Any, tuple[Any, Any, dict[str, tuple]]]:
-        session = Session("perturb", fisher, perturbations=perts, skip=frozenset(discovery.tied))
+        skip = frozenset(discovery.tied | set(discovery.uncaptured))
+        session = Session("perturb", fisher, perturbations=perts, skip=skip)
         with _activate(session):
             out, extra = run(p)
         loss, aux = _split_output(out, has_aux)

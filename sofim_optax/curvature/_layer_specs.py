@@ -331,6 +331,101 @@ class EmbedSpec:
         return y if x.ndim == 1 else y.reshape(y.shape[0], -1, y.shape[-1])
 
 
+@dataclasses.dataclass(frozen=True)
+class ScaleShiftSpec:
+    """The learned scale and shift of a normalisation layer (``LayerNorm``, ``RMSNorm``,
+    ``GroupNorm``, ``BatchNorm``, ``InstanceNorm``; linen and nnx alike).
+
+    Every one of them ends with ``outputs = x̂ ⊙ scale + bias`` over its feature axes, whatever
+    it normalised by before (``x̂`` is the normalised input). The per-example gradients of
+    ``scale`` and ``bias`` are then ``Σ_t x̂_t ⊙ g_t`` and ``Σ_t g_t`` over the positions ``t``,
+    with ``g`` the per-example output gradient. The capture records ``x̂`` as the statistics'
+    ``inputs``, recovered from the output as ``(outputs − bias) / scale`` (entries whose scale
+    is below ``1e-6`` in magnitude, where that division loses every digit, get ``x̂ = 0``; the
+    consumers floor the result, see :mod:`sofim_optax.diagonal_fisher`).
+
+    Rows: ``inputs``, ``output_grads`` and ``outputs`` are ``(N, T, F)``, the feature axes
+    (the trailing ``n_feature_axes`` axes of the layer's input, those the parameters span)
+    flattened into ``F`` and the axes between the batch and them into ``T`` (``T = 1`` when
+    there are none).
+
+    Attributes:
+      n_feature_axes: how many trailing axes the scale and bias span.
+    """
+
+    n_feature_axes: int
+    layer_kind = "scale_shift"
+
+    def check_inputs(self, path: str, x: Any) -> None:
+        """Nothing to refuse: :func:`scale_shift_spec` only builds specs that fit ``x``.
+
+        Args:
+          path: the layer's key (unused).
+          x: the layer input (unused).
+        """
+        del path, x
+
+    def input_rows(self, x: jax.Array) -> jax.Array:
+        """``(N, T, F)``.
+
+        Args:
+          x: the normalised input ``x̂``, shaped like the layer's input.
+
+        Returns:
+          The statistics view.
+        """
+        features = math.prod(x.shape[x.ndim - self.n_feature_axes :])
+        return x.reshape(x.shape[0], -1, features)
+
+    def output_rows(self, y: jax.Array, x: jax.Array) -> jax.Array:
+        """Same view for an output-shaped array.
+
+        Args:
+          y: an array shaped like the layer output.
+          x: the layer input (unused).
+
+        Returns:
+          ``(N, T, F)``.
+        """
+        del x
+        return self.input_rows(y)
+
+
+def scale_shift_spec(
+    input_shape: tuple[int, ...],
+    feature_axes: int | tuple[int, ...],
+    parameter_shapes: tuple[tuple, ...],
+) -> ScaleShiftSpec | None:
+    """The spec of a normalisation layer's scale and shift, or ``None`` when the capture
+    leaves them to the minibatch statistics (the caller logs why).
+
+    ``None`` for: no scale and no bias; an input without a batch axis in front of the
+    feature axes; feature axes that are not the input's trailing axes, or parameters not
+    shaped like them (a broadcast the rows above would misread).
+
+    Args:
+      input_shape: the shape of the layer's input.
+      feature_axes: the axes the scale and bias span (the layer's ``feature_axes``, or
+        ``axis`` for ``BatchNorm``; ``-1`` for ``GroupNorm``).
+      parameter_shapes: the shapes of the scale and bias the layer has (one or two).
+
+    Returns:
+      The spec, or ``None``.
+    """
+    if not parameter_shapes:
+        return None
+    input_ndim = len(input_shape)
+    axes = (feature_axes,) if isinstance(feature_axes, int) else tuple(feature_axes)
+    if not axes or input_ndim < len(axes) + 1:
+        return None
+    normalised = sorted(a % input_ndim for a in axes)
+    if normalised != list(range(input_ndim - len(axes), input_ndim)):
+        return None
+    if any(tuple(shape) != tuple(input_shape[-len(axes) :]) for shape in parameter_shapes):
+        return None
+    return ScaleShiftSpec(len(axes))
+
+
 def _expand_ellipsis(term: str, ndim: int, fresh: str) -> str:
     if "..." not in term:
         return term
@@ -416,7 +511,7 @@ def einsum_spec(
     )
 
 
-LayerSpec = DenseSpec | ConvSpec | DenseGeneralSpec | EinsumSpec | EmbedSpec
+LayerSpec = DenseSpec | ConvSpec | DenseGeneralSpec | EinsumSpec | EmbedSpec | ScaleShiftSpec
 
 
 def refuse(path: str, layer_type: str, what: str) -> CaptureError:

@@ -3,11 +3,12 @@
 Interception: :func:`flax.linen.intercept_methods` wraps every module method
 call while the user's loss runs. The interceptor acts only when the method
 being run is exactly ``flax.linen.Dense.__call__``, ``flax.linen.DenseGeneral.__call__``,
-``flax.linen.Einsum.__call__``, ``flax.linen.Embed.__call__`` or the shared-weight
-``flax.linen.Conv.__call__`` (so a subclass that overrides ``__call__`` and
-calls ``super().__call__`` is captured at the super call, and a subclass whose
+``flax.linen.Einsum.__call__``, ``flax.linen.Embed.__call__``, the shared-weight
+``flax.linen.Conv.__call__`` or the ``__call__`` of a normalisation layer (so a subclass that
+overrides ``__call__`` and calls ``super().__call__`` is captured at the super call, and a subclass whose
 own ``__call__`` does something else is left alone). For such a call it records
-the layer input, runs the layer, and returns ``output + perturbation`` where
+the layer input (for a normalisation layer, its normalised input; see
+``_capture.capture_scale_shift``), runs the layer, and returns ``output + perturbation`` where
 ``perturbation`` is a zero array that :func:`jax.vjp` differentiates together
 with the parameters. The model is not edited and no variable collection is
 added: the perturbations are closed-over arrays, not Flax variables. Any ``attend`` call of
@@ -40,6 +41,10 @@ _CONV_CALL = _raw(nn.Conv.__call__)  # ``_Conv.__call__``, also used by ConvLoca
 _DENSE_GENERAL_CALL = _raw(nn.DenseGeneral.__call__)
 _EINSUM_CALL = _raw(nn.Einsum.__call__)
 _EMBED_CALL = _raw(nn.Embed.__call__)
+_NORM_CALLS = {
+    _raw(cls.__call__): cls
+    for cls in (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm, nn.InstanceNorm)
+}
 
 
 def _dense_spec(path: str, module: nn.Dense) -> _layer_specs.DenseSpec:
@@ -83,6 +88,34 @@ def _conv_spec(path: str, module: nn.Conv) -> _layer_specs.ConvSpec:
     )
 
 
+def _norm_call(
+    session: _capture.Session,
+    path: str,
+    module: nn.Module,
+    inputs: Any,
+    call: Callable[[], Any],
+) -> Any:
+    """A normalisation layer's call: its scale and shift captured when their feature axes are
+    the input's trailing axes (see ``_layer_specs.scale_shift_spec``), else run as it is."""
+    parameters = {
+        name: module.get_variable("params", name)
+        for name in ("scale", "bias")
+        if getattr(module, f"use_{name}", False)
+    }
+    spec = None
+    if inputs is not None and all(v is not None for v in parameters.values()):
+        spec = _layer_specs.scale_shift_spec(
+            tuple(inputs.shape),
+            getattr(module, "feature_axes", getattr(module, "axis", -1)),
+            tuple(tuple(v.shape) for v in parameters.values()),
+        )
+    if spec is None:
+        return call()
+    return _capture.capture_scale_shift(
+        session, path, spec, call, parameters.get("scale"), parameters.get("bias")
+    )
+
+
 def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> Callable[..., Any]:
     """Builds the method interceptor of one capture.
 
@@ -109,6 +142,10 @@ def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> 
             return next_fun(*args, **kwargs)
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        inputs = args[0] if args else kwargs.get("x")
+        norm_cls = _NORM_CALLS.get(func)
+        if norm_cls is not None and isinstance(module, norm_cls):
+            return _norm_call(session, path, module, inputs, lambda: next_fun(*args, **kwargs))
         inputs = args[0] if args else kwargs.get("inputs")
         if func is _EMBED_CALL and isinstance(module, nn.Embed):
             spec: _capture.LayerSpec = _layer_specs.EmbedSpec(module.num_embeddings)
@@ -217,8 +254,15 @@ def value_grad_and_stats(
       output into ``d_out``, the input letters kept in the output into positions); other
       equations are refused with the equation named.
 
-    Parameters of other layers (``BatchNorm``, ``LayerNorm``,
-    ``ConvLocal``, ``ConvTranspose``, subclasses whose own
+    * ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm``, ``InstanceNorm`` (their
+      scale and bias, ``outputs = x̂ ⊙ scale + bias``): statistics of kind ``"scale_shift"``
+      (``LayerStats.layer_kind``), ``inputs`` the normalised input ``x̂ (N, T, F)`` read back
+      as ``(outputs − bias) / scale`` (0 where ``|scale| < 1e-6``), ``output_grads`` and
+      ``outputs (N, T, F)``, ``F`` the features the parameters span. A norm applied more than
+      once, inside a nested transformation, or over feature axes that are not the input's
+      trailing axes gets none (an INFO line), and is not refused.
+
+    Parameters of other layers (``ConvLocal``, ``ConvTranspose``, subclasses whose own
     ``__call__`` does not run ``Dense.__call__`` / ``Conv.__call__``, ...) get no
     statistics but do get gradients.
 

@@ -9,7 +9,8 @@ on a private copy of the model:
    differentiated) from the rest of the state.
 2. Inside the differentiated function, ``nnx.merge`` builds a fresh copy. Every
    ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` / ``nnx.Embed``
-   instance of the copy whose class does not override ``__call__`` has its ``__class__``
+   or normalisation-layer instance of the copy whose class does not override ``__call__`` has
+   its ``__class__``
    switched to a cached subclass (which, for an ``Embed``, also notes ``attend`` calls)
    whose ``__call__`` records the input, runs the original ``__call__`` and
    adds the layer's zero perturbation. The classes are switched back before
@@ -42,7 +43,15 @@ _CONV_CALL = nnx.Conv.__call__
 _LINEAR_GENERAL_CALL = nnx.LinearGeneral.__call__
 _EINSUM_CALL = nnx.Einsum.__call__
 _EMBED_CALL = nnx.Embed.__call__
-_CAPTURED_CALLS = (_LINEAR_CALL, _CONV_CALL, _LINEAR_GENERAL_CALL, _EINSUM_CALL, _EMBED_CALL)
+_NORM_CLASSES = (nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm, nnx.BatchNorm, nnx.InstanceNorm)
+_CAPTURED_CALLS = (
+    _LINEAR_CALL,
+    _CONV_CALL,
+    _LINEAR_GENERAL_CALL,
+    _EINSUM_CALL,
+    _EMBED_CALL,
+    *(cls.__call__ for cls in _NORM_CLASSES),
+)
 _PATHS_KEY = "nnx_paths"
 
 _capturing_classes: dict[type, type] = {}
@@ -150,16 +159,41 @@ def _captured_call(
     if table is None:
         return original(module, inputs, *args, **kwargs)
     path = table.get(id(module))
+    if path is None and isinstance(module, _NORM_CLASSES):
+        return original(module, inputs, *args, **kwargs)  # (its fallback uses minibatch statistics)
     if path is None:
         raise _capture.CaptureError(
             f"An {type(module).__name__} layer of the model was called on a copy made inside a nested "
             "transformation within loss_fn (nnx.vmap / nnx.scan / nnx.remat / nnx.jit / ...). Capture only "
             "supports layers that run at the top level of loss_fn's trace."
         )
+    call = lambda: original(module, inputs, *args, **kwargs)  # noqa: E731
+    if isinstance(module, _NORM_CLASSES):
+        return _norm_call(session, path, module, inputs, call)
     given = args[0] if args else kwargs.get("einsum_str")  # (an Einsum's call-time equation)
     spec = _layer_spec(path, module, inputs, given if isinstance(module, nnx.Einsum) else None)
-    return _capture.capture_layer(
-        session, path, spec, inputs, lambda: original(module, inputs, *args, **kwargs)
+    return _capture.capture_layer(session, path, spec, inputs, call)
+
+
+def _norm_call(
+    session: _capture.Session, path: str, module: Any, inputs: Any, call: Callable[[], Any]
+) -> Any:
+    """A normalisation layer's call: its scale and shift captured when their feature axes are
+    the input's trailing axes (see ``_layer_specs.scale_shift_spec``), else run as it is."""
+    parameters = {
+        name: getattr(module, name)[...]
+        for name in ("scale", "bias")
+        if getattr(module, name, None) is not None
+    }
+    spec = _layer_specs.scale_shift_spec(
+        tuple(jnp.shape(inputs)),
+        getattr(module, "feature_axes", getattr(module, "axis", -1)),
+        tuple(tuple(v.shape) for v in parameters.values()),
+    )
+    if spec is None:
+        return call()
+    return _capture.capture_scale_shift(
+        session, path, spec, call, parameters.get("scale"), parameters.get("bias")
     )
 
 
@@ -246,9 +280,13 @@ def value_grad_and_stats(
       log-likelihood of a sampled target. Statistics are at least float32.
 
     Only instances of ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` /
-    ``nnx.Embed`` (or subclasses that do not override ``__call__``) reachable from ``model``
-    are captured; other parameters (``BatchNorm``, ``LayerNorm``,
-    ``ConvTranspose``, layers passed in ``args``, ...) get gradients only.
+    ``nnx.Embed`` and of the normalisation layers ``nnx.LayerNorm`` / ``nnx.RMSNorm`` /
+    ``nnx.GroupNorm`` / ``nnx.BatchNorm`` / ``nnx.InstanceNorm`` (or subclasses that do not
+    override ``__call__``) reachable from ``model`` are captured; a normalisation layer's
+    statistics are of kind ``"scale_shift"``, as in
+    :func:`sofim_optax.curvature.linen.value_grad_and_stats` (and, as there, a norm applied
+    twice or inside a nested transformation gets none instead of being refused). Other
+    parameters (``ConvTranspose``, layers passed in ``args``, ...) get gradients only.
 
     Refused, with an error naming the layer: a layer applied more than once in
     one forward pass (shared weights: the per-application statistics would be

@@ -13,6 +13,12 @@ adapters return a :class:`LayerStats` holding, per example:
   example axis ``N`` stays apart from ``T``: the transformations refuse a
   convolution's statistics flattened to ``(N*T, ·)``.
 
+* normalisation layers (kind ``"scale_shift"``, see :attr:`LayerStats.layer_kind`): the
+  normalised input ``x̂`` as ``inputs (N, T, F)``, ``output_grads`` and ``outputs (N, T, F)``
+  over the ``F`` features their scale and bias span; they are no dense layer (``x̂ ⊙ scale +
+  bias``, not ``x̂ @ kernel``), and the layer-wise methods read them only for the diagonal of
+  those two parameters.
+
 ``output_grads`` are gradients of the *per-example* loss with respect to the
 layer's pre-activation output. For a batch-mean loss ``L = mean_n l_n`` that is
 ``N * dL/ds``.
@@ -104,10 +110,13 @@ class LayerStats:
 
     @property
     def layer_kind(self) -> str | None:
-        """``"dense"`` or ``"conv"`` for statistics the capture made (the kind of layer call
-        they come from), ``None`` for statistics built from arrays. The transformations use it
-        only to tell a dense map over several input axes from a convolution with the same
-        kernel shape."""
+        """``"dense"``, ``"conv"`` or ``"scale_shift"`` for statistics the capture made (the
+        kind of layer call they come from), ``None`` for statistics built from arrays. The
+        transformations use it to tell a dense map over several input axes from a convolution
+        with the same kernel shape, and to recognise a normalisation layer's statistics
+        (``"scale_shift"``: ``inputs`` is the normalised input ``x̂`` and ``output_grads`` the
+        per-example output gradients, both ``(N, T, F)``; the per-example gradients of the
+        scale and bias are ``Σ_t x̂ ⊙ g`` and ``Σ_t g``)."""
         return None if self._view is None else getattr(self._view, "layer_kind", None)
 
     @property

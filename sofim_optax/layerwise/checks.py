@@ -42,7 +42,8 @@ def check_layer_stats(
     """Validates per-layer statistics against the layers of ``layout`` (at trace time).
 
     Every key must name a layer of the parameters, and every layer's statistics must fit its
-    kernel and its kind (:attr:`Layer.kind`):
+    kernel and its kind (:attr:`Layer.kind`); the statistics of normalisation layers (kind
+    ``"scale_shift"``) are no layer's and are skipped here (the fallback uses them):
 
     * dense (2-D kernel ``(d_in, d_out)``): ``inputs (N, d_in)`` and ``output_grads
       (N, d_out)``, or ``(N, T, d_in)`` and ``(N, T, d_out)`` for a dense layer applied to
@@ -90,9 +91,17 @@ def check_layer_stats(
     paths = layout.layer_paths
     active = []
     for key, stats in layer_stats.items():
+        if getattr(stats, "layer_kind", None) == "scale_shift":
+            continue  # (a normalisation's scale and shift: the fallback's, see fallback.py)
         if key not in paths:
             close = difflib.get_close_matches(str(key), paths, n=3, cutoff=0.5)
             hint = f" Did you mean {close}?" if close else ""
+            if any(f"{key}/{name}" in layout.leaf_paths for name in ("scale", "bias")):
+                hint += (
+                    " Statistics of a normalisation layer's scale and bias must be the "
+                    "capture's own (LayerStats.layer_kind == 'scale_shift'); statistics rebuilt "
+                    "from arrays lose that kind, so leave that entry out or pass it unchanged."
+                )
             raise ValueError(
                 f"{method}: {argument} has key {key!r} but params hold no layer (a node with a "
                 f"`kernel` of ndim >= 2) at that path.{hint} Available layer paths: {list(paths)}."

@@ -6,19 +6,30 @@ optax transformation, whose state is kept inside the method's state
 ``{leaf path: gradient}`` of the leaves outside every layer, and once per uncaptured layer to
 the dict of its kernel and bias; for element-wise transformations that is the same as one call
 on all of them.
+
+Normalisation layers get statistics of their own from the capture (kind ``"scale_shift"``:
+the normalised input ``x̂`` and the output gradient ``g``, both ``(N, T, F)``), from which
+:func:`scale_shift_diagonals` forms the exact per-example diagonal of their scale and bias,
+``mean_n (Σ_t x̂_{n,t} ⊙ g_{n,t})²`` and ``mean_n (Σ_t g_{n,t})²``. The skeleton hands them to the
+fallback as its ``fisher_diagonal`` keyword argument; the default fallback
+(:func:`sofim_optax.diagonal_fisher.scale_by_diagonal_fisher`) uses them in place of the
+squared minibatch gradient, and other fallbacks may ignore them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from sofim_optax.layerwise.layers import ParamLayout
 
-__all__ = ["FallbackState", "fallback_init", "fallback_update"]
+__all__ = ["FallbackState", "fallback_init", "fallback_update", "scale_shift_diagonals"]
 
 
 class FallbackState(NamedTuple):
@@ -84,3 +95,51 @@ def fallback_update(
         for li, (layer, st) in enumerate(zip(layout.layers, state.layers))
     )
     return out, FallbackState(other, layer_states)
+
+
+def scale_shift_diagonals(
+    layout: ParamLayout,
+    leaves: Sequence[jax.Array],
+    layer_stats: Mapping[str, Any],
+    method: str,
+) -> dict[str, jax.Array]:
+    """``{leaf path: exact per-example diagonal}`` of the scale and bias of every normalisation
+    layer in ``layer_stats`` (the entries of kind ``"scale_shift"``; the others are ignored).
+
+    For a layer at path ``P`` with normalised input ``x̂`` and output gradients ``g`` (both
+    ``(N, T, F)``, ``g`` the per-example loss's): ``P/scale`` gets ``mean_n (Σ_t x̂ ⊙ g)²`` and
+    ``P/bias`` gets ``mean_n (Σ_t g)²``, each reshaped to its leaf; a layer without one of them
+    just has no entry for it.
+
+    Raises:
+      ValueError: the parameters hold neither ``P/scale`` nor ``P/bias``, or one whose size is
+        not ``F`` (the message names the layer).
+    """
+    paths = set(layout.leaf_paths)
+    shapes = {p: jnp.shape(leaf) for p, leaf in zip(layout.leaf_paths, leaves)}
+    out: dict[str, jax.Array] = {}
+    for key, stats in layer_stats.items():
+        if getattr(stats, "layer_kind", None) != "scale_shift":
+            continue
+        normalised, grads = stats.inputs, stats.output_grads
+        per_example = {
+            "scale": jnp.sum(normalised * grads, axis=1),
+            "bias": jnp.sum(grads, axis=1),
+        }
+        found = [name for name in per_example if "/".join(filter(None, (key, name))) in paths]
+        if not found:
+            close = difflib.get_close_matches(f"{key}/scale", sorted(paths), n=3, cutoff=0.5)
+            raise ValueError(
+                f"{method}: layer_stats has normalisation statistics for {key!r} but params hold "
+                f"no `scale` or `bias` at that path.{' Did you mean ' + str(close) + '?' if close else ''}"
+            )
+        for name in found:
+            leaf = "/".join(filter(None, (key, name)))
+            rows = per_example[name]
+            if math.prod(shapes[leaf]) != rows.shape[-1]:
+                raise ValueError(
+                    f"{method}: the normalisation statistics of {key!r} have {rows.shape[-1]} "
+                    f"features but its {name} has shape {shapes[leaf]}."
+                )
+            out[leaf] = jnp.mean(jnp.square(rows), axis=0).reshape(shapes[leaf])
+    return out

@@ -22,7 +22,7 @@ from jax import lax
 from sofim_optax import distributed, guards
 from sofim_optax import hyperparameters as hp
 from sofim_optax.layerwise.checks import check_layer_stats
-from sofim_optax.layerwise.fallback import fallback_init, fallback_update
+from sofim_optax.layerwise.fallback import fallback_init, fallback_update, scale_shift_diagonals
 from sofim_optax.layerwise.layers import ParamLayout, discover_layers, gradient_matrix, split_matrix
 
 __all__ = ["LayerwiseMethod", "layerwise_transformation"]
@@ -141,7 +141,9 @@ def layerwise_transformation(
     4. ``method.precondition`` on the captured layers' gradient matrices, results cast back to
        each leaf's dtype;
     5. ``fallback`` (identity when ``None``) on every other leaf, ``extra`` forwarded (without
-       ``layer_stats``);
+       ``layer_stats``), plus ``fisher_diagonal={leaf path: exact per-example diagonal}`` of
+       the normalisation scales and biases that ``layer_stats`` has statistics for
+       (:func:`~sofim_optax.layerwise.fallback.scale_shift_diagonals`);
     6. ``count ← safe_increment(count)``.
 
     Every part is guarded (:mod:`sofim_optax.guards`): a statistics update (2, and the
@@ -205,6 +207,7 @@ def layerwise_transformation(
             layer_stats = kept(layer_stats)
             extra = {k: kept(v) if k in method.extra_statistics else v for k, v in extra.items()}
         active = check_layer_stats(layout, layer_stats, name, kind_sensitive=method.kind_sensitive)
+        diagonals = scale_shift_diagonals(layout, leaves, layer_stats, name)
         if not logged[0]:
             logged[0] = True
             if over:
@@ -227,13 +230,16 @@ def layerwise_transformation(
             )
             logger.info(
                 "%s: preconditioning %d layer(s): %s; %d parameter array(s) take the fallback "
-                "path (%s): %s",
+                "path (%s): %s; of these, %d normalisation scale(s) and bias(es) come with "
+                "exact per-example statistics (fisher_diagonal): %s",
                 name,
                 len(described),
                 described,
                 len(rest),
                 fb_name,
                 rest,
+                len(diagonals),
+                sorted(diagonals),
             )
         dtype = _accumulation_dtype(leaves, layout)
         count = state.count
@@ -270,8 +276,11 @@ def layerwise_transformation(
                 for leaf, value in split_matrix(layout.layers[i], directions[i], leaves).items():
                     new_leaves[leaf] = value
         param_leaves = None if params is None else jax.tree_util.tree_leaves(params)
+        fb_extra = dict(extra)
+        if diagonals:
+            fb_extra["fisher_diagonal"] = diagonals
         fb_out, fb_state = fallback_update(
-            fb, layout, active, leaves, state.fallback_state, param_leaves, **extra
+            fb, layout, active, leaves, state.fallback_state, param_leaves, **fb_extra
         )
         for leaf, value in fb_out.items():
             new_leaves[leaf] = value

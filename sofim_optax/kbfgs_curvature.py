@@ -377,6 +377,8 @@ def make_method(
         precondition,
         after_discarded_statistics=forget_previous,
         extra_statistics=("previous_batch_stats",),
+        # (a tied table's head has no pre-activations for the (s, y) pairs: its fallback)
+        fallback_kinds=("tied_embedding",),
     )
 
 

@@ -311,10 +311,14 @@ def scale_by_kfac(
     ``kernel`` with ``ndim >= 2`` (its sibling ``bias`` folded in as the homogeneous
     coordinate), and for every 2-D ``embedding`` table (``Embed``), whose input factor is
     exactly diagonal (``A = diag`` of the token frequencies, kept as ``V`` blocks of one:
-    ``LayerStats.input_square_mean``). ``update`` preconditions the layers that have a key in
-    ``layer_stats``; every other parameter (norm scales, tied tables, layers absent from
-    ``layer_stats``) goes to ``fallback``. A one-time INFO log line (logger
-    ``"sofim_optax"``) lists both groups.
+    ``LayerStats.input_square_mean``). A table tied to the output head (``attend``) has the
+    head's logit gradients among its inputs (see the capture's ``"tied_embedding"``
+    statistics), which make ``A`` a full ``V × V`` matrix; KFAC keeps its diagonal, the token
+    frequencies plus the mean squared logit gradients, so a vocabulary-sized table never
+    allocates ``V × V``. ``update`` preconditions the layers that have a key in
+    ``layer_stats``; every other parameter (norm scales and biases, with the exact per-example
+    diagonal the capture gives them, and layers absent from ``layer_stats``) goes to
+    ``fallback``. A one-time INFO log line (logger ``"sofim_optax"``) lists both groups.
 
     Args:
       damping: ``λ`` (default ``1e-3``), the Tikhonov damping of ``F + λI``, ``> 0`` (``0``

@@ -672,6 +672,28 @@ def test_nested_transformation_raises():
         cl.value_grad_and_stats(per_example_loss, params)
 
 
+def test_a_scanned_stack_of_layers_is_refused_naming_the_layer():
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            return jnp.tanh(nn.Dense(4, param_dtype=F64, name="dense")(h)), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scanned = nn.scan(
+                Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3
+            )
+            h, _ = scanned(name="blocks")(x, None)
+            return nn.Dense(2, param_dtype=F64, name="head")(h)
+
+    x = jnp.ones((5, 4), F64)
+    params = Stack().init(jax.random.key(0), x)
+    assert params["params"]["blocks"]["dense"]["kernel"].shape == (3, 4, 4)  # stacked
+    with pytest.raises(CaptureError, match="'blocks/dense'.*nested JAX transformation"):
+        cl.value_grad_and_stats(lambda p: jnp.sum(Stack().apply(p, x) ** 2), params)
+
+
 def test_unbatched_dense_raises():
     layer = nn.Dense(2)
     params = _params(layer, jnp.ones((3,)))

@@ -407,6 +407,30 @@ def test_nested_transformation_raises():
     assert type(model.layers[0]) is nnx.Linear
 
 
+def test_a_scanned_stack_of_layers_is_refused():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def stacked(key):
+        return nnx.Linear(4, 4, param_dtype=F64, rngs=nnx.Rngs(key))
+
+    class Stack(nnx.Module):
+        def __init__(self):
+            self.layers = stacked(jax.random.split(jax.random.key(0), 3))
+            self.head = nnx.Linear(4, 2, param_dtype=F64, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def body(h, layer):
+                return jnp.tanh(layer(h))
+
+            return self.head(body(x, self.layers))
+
+    model = Stack()
+    assert model.layers.kernel.shape == (3, 4, 4)  # stacked
+    x = jnp.ones((5, 4), F64)
+    with pytest.raises(CaptureError, match="Linear.*nested transformation"):
+        cn.value_grad_and_stats(lambda m, xb: jnp.sum(m(xb) ** 2), model, x)
+
+
 def test_patch_reference_sanity():
     # The numpy reference itself, on a case small enough to check by hand.
     x = np.arange(1.0, 10.0).reshape(1, 3, 3, 1)

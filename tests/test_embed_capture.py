@@ -20,7 +20,6 @@ import optax
 import pytest
 
 import sofim_optax
-from sofim_optax import diagonal_fisher
 from sofim_optax.curvature import CaptureError
 from sofim_optax.curvature import linen as capture_linen
 from sofim_optax.curvature import nnx as capture_nnx
@@ -135,24 +134,80 @@ def test_nnx_lookup_statistics_against_per_example_gradients(x64, shape):
     _check_lookup_stats(stats["emb"], ids, per_example["emb"]["embedding"])
 
 
-def test_a_tied_table_gets_no_statistics_and_takes_the_fallback(x64, caplog):
+def _per_example_table_grads(loss_fn, params, ids, y):
+    """Independent reference: each example's own gradient of the table (vmapped)."""
+    return jax.vmap(jax.grad(lambda p, i, yi: loss_fn(p, i[None], yi[None])), in_axes=(None, 0, 0))(
+        params, ids, y
+    )["params"]["emb"]["embedding"]
+
+
+def test_a_tied_table_combines_its_lookup_and_its_head(x64, caplog):
+    # logits = h @ Eᵀ: the head's positions join the lookup's with their roles swapped, so
+    # Σ_t inputs_t ⊗ output_grads_t is each example's exact gradient of the table.
     ids, y = _ids((6, 5)), _labels(6)
     params, loss_fn = _linen(ids, tied=True)
     with caplog.at_level(logging.INFO, logger="sofim_optax"):
         _, grads, stats = capture_linen.value_grad_and_stats(loss_fn, params, ids, y)
-        assert sorted(stats) == ["mix"]
-        assert any("'emb' is also used by attend" in r.getMessage() for r in caplog.records)
-        tx = sofim_optax.scale_by_kfac(damping=0.1)
-        updates, _ = tx.update(grads, tx.init(params), params, layer_stats=stats)
-    # the diagonal fallback: g / (EMA of g² + damping), first step ρ = 0
-    g = np.asarray(grads["params"]["emb"]["embedding"])
-    want = diagonal_fisher.scale_by_diagonal_fisher(damping=0.1, ema=0.95)
-    want = want.update({"e": g}, want.init({"e": g}))[0]["e"]
-    np.testing.assert_allclose(updates["params"]["emb"]["embedding"], want, rtol=1e-10)
+    assert any("'emb' is also the output head" in r.getMessage() for r in caplog.records)
+    st = stats["emb"]
+    assert st.layer_kind == "tied_embedding" and st.outputs is None
+    assert st.inputs.shape == (6, 5 + 1, VOCAB) and st.output_grads.shape == (6, 6, WIDTH)
+    per_example = np.asarray(_per_example_table_grads(loss_fn, params, ids, y))
+    np.testing.assert_allclose(
+        np.einsum("ntv,ntd->nvd", st.inputs, st.output_grads), per_example, rtol=1e-10, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        st.input_square_mean(), np.mean(np.square(st.inputs).reshape(-1, VOCAB), 0), rtol=1e-12
+    )
 
     model = NnxNet(tied=True)
-    _, _, stats = capture_nnx.value_grad_and_stats(lambda m, i, t: _xent(m(i), t), model, ids, y)
-    assert sorted(stats) == ["mix"]
+    _, _, nnx_stats = capture_nnx.value_grad_and_stats(
+        lambda m, i, t: _xent(m(i), t), model, ids, y
+    )
+    assert sorted(nnx_stats) == ["emb", "mix"]
+    assert nnx_stats["emb"].layer_kind == "tied_embedding"
+    assert nnx_stats["emb"].inputs.shape == (6, 6, VOCAB)
+
+
+def test_first_steps_on_a_tied_table(x64):
+    # KFAC: the diagonal of the combined input factor (the token frequencies plus the squared
+    # logit gradients) and the combined output factor; MBF: per-row blocks of the exact
+    # per-example gradients; K-BFGS: its fallback (the head has no pre-activations).
+    ids, y = _ids((7, 5), seed=3), _labels(7)
+    params, loss_fn = _linen(ids, tied=True)
+    damping = 0.05
+    v, st, per_example, outs = _steps(
+        params,
+        loss_fn,
+        ids,
+        y,
+        {
+            "kfac": sofim_optax.scale_by_kfac(damping=damping),
+            "mbf": sofim_optax.scale_by_mini_block_fisher(damping=damping, dense_block_size=3),
+            "kbfgs": sofim_optax.scale_by_kbfgs(damping=damping),
+        },
+        previous=True,
+    )
+    v = np.asarray(v)
+    a = np.asarray(st.inputs).reshape(-1, VOCAB)
+    A = np.diag(np.mean(np.square(a), axis=0))
+    g = np.asarray(st.output_grads).reshape(-1, WIDTH)
+    G = g.T @ g / ids.shape[0]
+    pi = np.sqrt((np.trace(A) / VOCAB) / (np.trace(G) / WIDTH))
+    Ad = A + pi * np.sqrt(damping) * np.eye(VOCAB)
+    Gd = G + np.sqrt(damping) / pi * np.eye(WIDTH)
+    want = np.linalg.solve(np.kron(Ad, Gd), v.reshape(-1)).reshape(v.shape)
+    np.testing.assert_allclose(outs["kfac"], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+
+    want = np.zeros_like(v)
+    for row in range(VOCAB):
+        for cols in (slice(0, 2), slice(2, 4)):
+            vb = per_example[:, row, cols]
+            F = vb.T @ vb / vb.shape[0]
+            want[row, cols] = np.linalg.solve(F + damping * np.eye(2), v[row, cols])
+    np.testing.assert_allclose(outs["mbf"], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+
+    np.testing.assert_allclose(outs["kbfgs"], v / (v**2 + damping), rtol=1e-10)
 
 
 def test_a_lookup_without_the_batch_axis_is_refused_with_the_fix():
@@ -174,15 +229,14 @@ def test_float_ids_are_refused_naming_the_layer():
         spec.check_inputs("tok", jax.ShapeDtypeStruct((3, 2), jnp.float32))
 
 
-def _steps(params, loss_fn, ids, y, txs):
+def _steps(params, loss_fn, ids, y, txs, previous=False):
     _, grads, stats = capture_linen.value_grad_and_stats(loss_fn, params, ids, y)
-    per_example = jax.vmap(
-        jax.grad(lambda p, i, yi: loss_fn(p, i[None], yi[None])), in_axes=(None, 0, 0)
-    )(params, ids, y)["params"]["emb"]["embedding"]
+    per_example = _per_example_table_grads(loss_fn, params, ids, y)
+    extra = {"previous_batch_stats": stats} if previous else {}
     outs = {
-        k: tx.update(grads, tx.init(params), params, layer_stats=stats)[0]["params"]["emb"][
-            "embedding"
-        ]
+        k: tx.update(grads, tx.init(params), params, layer_stats=stats, **extra)[0]["params"][
+            "emb"
+        ]["embedding"]
         for k, tx in txs.items()
     }
     return grads["params"]["emb"]["embedding"], stats["emb"], np.asarray(per_example), outs

@@ -37,7 +37,7 @@ NNX_NORMS = {
     "LayerNorm": lambda r: nnx.LayerNorm(D, param_dtype=F64, dtype=F64, rngs=r),
     "RMSNorm": lambda r: nnx.RMSNorm(D, param_dtype=F64, dtype=F64, rngs=r),
     "GroupNorm": lambda r: nnx.GroupNorm(D, num_groups=2, param_dtype=F64, dtype=F64, rngs=r),
-    "BatchNorm": lambda r: nnx.BatchNorm(D, param_dtype=F64, dtype=F64, rngs=r),
+    "BatchNorm": lambda r: nnx.BatchNorm(D, param_dtype=F64, rngs=r),
     "InstanceNorm": lambda r: nnx.InstanceNorm(D, param_dtype=F64, dtype=F64, rngs=r),
 }
 
@@ -112,6 +112,8 @@ def test_linen_norm_statistics_match_per_example_gradients(x64, norm):
     _check_stats(stats[path], jac)
 
 
+# (nnx.BatchNorm keeps float32 running averages and warns when float64 batches update them)
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
 @pytest.mark.parametrize("norm", sorted(NNX_NORMS))
 def test_nnx_norm_statistics_match_per_example_gradients(x64, norm):
     model, (x, y) = NnxNet(norm, nnx.Rngs(0)), _data()

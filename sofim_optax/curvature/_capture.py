@@ -102,6 +102,9 @@ class Session:
         inside a nested transformation and are refused.
       scratch: adapter-private data (e.g. NNX instance-to-path tables).
       tied: embeddings also used by ``attend`` (a tied output head), found by discovery.
+      attends: the ``attend`` calls of those embeddings (query as ``inputs``, logits as
+        ``outputs``), keyed by the table's path.
+      attend_perturbations: zero arrays for the logits of each ``attend`` (``"perturb"``).
       uncaptured: normalisation layers that discovery leaves uncaptured, with the reason
         (applied more than once, or inside a nested transformation).
       skip: layers run without capture (the tied embeddings and the uncaptured
@@ -116,6 +119,8 @@ class Session:
     trace: Any = None
     scratch: dict[Any, Any] = dataclasses.field(default_factory=dict)
     tied: set[str] = dataclasses.field(default_factory=set)
+    attends: dict[str, _LayerRecord] = dataclasses.field(default_factory=dict)
+    attend_perturbations: dict[str, jax.Array] | None = None
     uncaptured: dict[str, str] = dataclasses.field(default_factory=dict)
     skip: frozenset[str] = frozenset()
 
@@ -269,17 +274,47 @@ def capture_scale_shift(
     return outputs + session.perturbations[path]
 
 
-def note_attend(session: Session, path: str) -> None:
-    """Records that the embedding at ``path`` is also used by ``attend`` (a tied output
-    head, ``logits = h @ embeddingᵀ``).
+def capture_attend(
+    session: Session, path: str, query: Any, call: Callable[[], jax.Array]
+) -> jax.Array:
+    """Runs the ``attend`` call of the embedding at ``path`` (a tied output head,
+    ``logits = query @ embeddingᵀ``): records it and perturbs the logits.
 
-    The table then gets gradient from two maps with transposed roles (the lookup's one-hot
-    rows against the head's inputs), and no one Kronecker product describes both, so the
-    capture returns no statistics for it: the methods give it their fallback (a diagonal
-    Fisher-type step by default) and say so in their log line.
+    The table then gets gradient from two maps with transposed roles; the statistics combine
+    them into one dense map over more positions (see ``_TiedView``). An ``attend`` applied more
+    than once, or inside a nested transformation, leaves the table without statistics (the
+    methods' fallback), as does a query whose leading axis is not the batch.
+
+    Args:
+      session: the active session.
+      path: the table's key.
+      query: the ``attend`` input ``(N, ..., D)``.
+      call: runs ``attend`` and returns the logits.
+
+    Returns:
+      The logits, plus their zero perturbation in ``"perturb"`` mode.
     """
-    if session.mode == "discover" and _at_session_trace(session):
+    if path in session.skip:
+        return call()
+    if session.mode == "discover":
         session.tied.add(path)
+        if not _at_session_trace(session):
+            session.uncaptured[path] = "its attend runs inside a nested transformation"
+        elif path in session.attends:
+            session.uncaptured[path] = "its attend is applied more than once"
+        elif len(jnp.shape(query)) < 2:
+            session.uncaptured[path] = "its attend query has no batch axis"
+    logits = call()
+    if session.mode == "discover":
+        session.attends[path] = _LayerRecord(
+            None,
+            jax.ShapeDtypeStruct(jnp.shape(query), jnp.result_type(query)),
+            jax.ShapeDtypeStruct(logits.shape, logits.dtype),
+        )
+        return logits
+    assert session.attend_perturbations is not None
+    session.attends[path] = _LayerRecord(None, query, logits)
+    return logits + session.attend_perturbations[path]
 
 
 def register_predictions(likelihood: Likelihood, predictions: jax.Array) -> jax.Array:
@@ -486,6 +521,84 @@ def _layer_stats(
     return LayerStats.deferred(view, (inputs, outputs, cotangent))
 
 
+def _positions(a: jax.Array) -> jax.Array:
+    """``(N, T, d)`` rows of an ``(N, ..., d)`` array (``T = 1`` for ``(N, d)``)."""
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _TiedView:
+    """The statistics of an embedding table that is also the output head (``attend``).
+
+    The table ``E (V, D)`` gets gradient from two maps. The lookup ``y = onehot(id) @ E`` is
+    the dense map of the contract with inputs ``onehot(id)`` and output gradients ``g_y``; the
+    head ``logits = h @ Eᵀ`` has ``E`` in transposed roles: its gradient ``Σ_t g_logits,t h_tᵀ``
+    has the same form with the logits' gradients ``g_logits (V)`` as "inputs" and the query
+    ``h (D)`` as "output gradients". So the table's per-example gradient is exactly
+    ``Σ_t a_t g_tᵀ`` over the positions of both uses, and its statistics are those of one dense
+    map applied at ``T + T'`` positions: ``inputs (N, T + T', V)`` = the one-hot rows followed by
+    the per-example logit gradients, ``output_grads (N, T + T', D)`` = the lookup's per-example
+    output gradients followed by the queries. (Kronecker factors built from them sum the two
+    uses' factors, as for a layer shared over positions.) There is no pre-activation for the
+    head's positions in this orientation, so ``outputs`` is ``None`` (K-BFGS leaves such a table
+    to its fallback). Arrays: ``(ids, lookup output, its cotangent, query, logits, their
+    cotangent)``.
+    """
+
+    spec: EmbedSpec
+    batch: int | None
+    grad_scale: int
+    dtype: Any
+    layer_kind = "tied_embedding"
+
+    def _cut(self, a: jax.Array) -> jax.Array:
+        return a if self.batch is None else a[: self.batch]
+
+    def _scaled(self, a: jax.Array) -> jax.Array:
+        a = _positions(self._cut(a)).astype(self.dtype)
+        return a if self.grad_scale == 1 else a * jnp.asarray(self.grad_scale, self.dtype)
+
+    def _one_hot(self, ids: jax.Array) -> jax.Array:
+        return _positions(self.spec.input_rows(self._cut(ids))).astype(self.dtype)
+
+    def inputs(self, arrays: tuple[Any, ...]) -> jax.Array:
+        return jnp.concatenate([self._one_hot(arrays[0]), self._scaled(arrays[5])], axis=1)
+
+    def output_grads(self, arrays: tuple[Any, ...]) -> jax.Array:
+        query = _positions(self._cut(arrays[3])).astype(self.dtype)
+        return jnp.concatenate([self._scaled(arrays[2]), query], axis=1)
+
+    def outputs(self, arrays: tuple[Any, ...]) -> None:
+        del arrays
+
+    def input_square_mean(self, arrays: tuple[Any, ...]) -> jax.Array:
+        """``(V,)``: the mean over all ``N (T + T')`` rows of the squared inputs, from the token
+        counts and the squared logit gradients (no one-hot rows formed)."""
+        ids = self.spec._ids(self._cut(arrays[0]))
+        lookups = ids.size
+        logit_grads = self._scaled(arrays[5])
+        rows = lookups + logit_grads.shape[0] * logit_grads.shape[1]
+        counts = self.spec.input_square_mean(ids, self.dtype) * lookups
+        return (counts + jnp.sum(jnp.square(logit_grads), axis=(0, 1))) / rows
+
+
+def _tied_stats(
+    spec: EmbedSpec,
+    lookup: tuple[jax.Array, jax.Array, jax.Array],
+    attend: tuple[jax.Array, jax.Array, jax.Array],
+    scale: Literal["batch", "one"],
+    fisher_batch_size: int | None,
+) -> LayerStats:
+    ids, query = lookup[0], attend[0]
+    view = _TiedView(
+        spec=spec,
+        batch=fisher_batch_size,
+        grad_scale=int(ids.shape[0]) if scale == "batch" else 1,
+        dtype=jnp.dtype(accumulation_dtype(query, lookup[1])),
+    )
+    return LayerStats.deferred(view, (*lookup, *attend))
+
+
 def _check_lookup_batches(session: Session) -> None:
     """Refuses an embedding lookup whose ids do not have the batch as their leading axis.
 
@@ -515,6 +628,36 @@ def _check_lookup_batches(session: Session) -> None:
                 "jnp.broadcast_to(jnp.arange(T), (N, T)), or hold the table as a plain "
                 "parameter (self.param), which the methods' fallback preconditions."
             )
+
+
+def _resolve_tied(discovery: Session) -> set[str]:
+    """Which tables used by ``attend`` get statistics (both uses, ``_TiedView``); the others
+    lose their records, are skipped by the real trace, and are logged."""
+    kept = set()
+    for path in sorted(discovery.tied):
+        lookup, attend = discovery.layers.get(path), discovery.attends.get(path)
+        why = discovery.uncaptured.pop(path, None)
+        if why is None and lookup is None:
+            why = "it has no lookup in this loss"
+        if why is None and attend.inputs.shape[0] != lookup.inputs.shape[0]:
+            why = "its attend query's leading axis is not the lookup's batch"
+        if why is None:
+            kept.add(path)
+            logger.info(
+                "sofim_optax.curvature: embedding %r is also the output head (attend); its "
+                "statistics combine both uses (the head's positions in transposed roles)",
+                path,
+            )
+            continue
+        discovery.layers.pop(path, None)
+        discovery.attends.pop(path, None)
+        logger.info(
+            "sofim_optax.curvature: embedding %r is also used by attend (a tied output head) "
+            "but gets no statistics because %s, so the methods give it their fallback",
+            path,
+            why,
+        )
+    return kept
 
 
 def _discover(
@@ -602,6 +745,7 @@ def value_grad_and_stats(
 
     # 1. Discovery: shapes only.
     discovery = _discover(run, primal, fisher, has_aux)
+    tied = _resolve_tied(discovery)
     for path, why in sorted(discovery.uncaptured.items()):
         discovery.layers.pop(path, None)
         logger.info(
@@ -610,13 +754,6 @@ def value_grad_and_stats(
             path,
             why,
         )
-    for path in sorted(discovery.tied):
-        if discovery.layers.pop(path, None) is not None:
-            logger.info(
-                "sofim_optax.curvature: embedding %r is also used by attend (a tied output "
-                "head); it gets no statistics, so the methods give it their fallback",
-                path,
-            )
     logger.debug(
         "sofim_optax.curvature: capturing %d layers: %s",
         len(discovery.layers),
@@ -646,27 +783,30 @@ def value_grad_and_stats(
                     f"{reg.predictions.shape[0]} of the registered {reg.likelihood.name} predictions."
                 )
 
-    perturbations = {
-        path: jnp.zeros(rec.outputs.shape, rec.outputs.dtype)
-        for path, rec in discovery.layers.items()
-    }
+    def zeros(records: dict[str, _LayerRecord]) -> dict[str, jax.Array]:
+        return {path: jnp.zeros(r.outputs.shape, r.outputs.dtype) for path, r in records.items()}
+
+    perturbations = (zeros(discovery.layers), zeros(discovery.attends))
 
     # 2. One forward pass, differentiated with respect to params and perturbations.
-    def forward(
-        p: Any, perts: dict[str, jax.Array]
-    ) -> tuple[Any, tuple[Any, Any, dict[str, tuple]]]:
-        skip = frozenset(discovery.tied | set(discovery.uncaptured))
-        session = Session("perturb", fisher, perturbations=perts, skip=skip)
+    def forward(p: Any, perts: tuple[dict, dict]) -> tuple[Any, tuple[Any, Any, tuple]]:
+        skip = frozenset((discovery.tied - tied) | set(discovery.uncaptured))
+        session = Session(
+            "perturb", fisher, perturbations=perts[0], attend_perturbations=perts[1], skip=skip
+        )
         with _activate(session):
             out, extra = run(p)
         loss, aux = _split_output(out, has_aux)
-        missing = set(perts) - set(session.layers)
+        missing = (set(perts[0]) - set(session.layers)) | (set(perts[1]) - set(session.attends))
         if missing:
             raise CaptureError(
                 f"Layers {sorted(missing)} ran in the shape-discovery pass but not in the differentiated "
                 "pass: loss_fn must call the same layers every time it is traced."
             )
-        records = {path: (rec.inputs, rec.outputs) for path, rec in session.layers.items()}
+        records = tuple(
+            {path: (rec.inputs, rec.outputs) for path, rec in kept.items()}
+            for kept in (session.layers, session.attends)
+        )
         if fisher == "sampled":
             assert rng is not None
             primal_out: Any = (loss, _sampled_nll(session.registrations, rng, fisher_batch_size))
@@ -689,10 +829,15 @@ def value_grad_and_stats(
         scale = "batch" if loss_reduction == "mean" else "one"
 
     stats: LayerStatsDict = {}
-    for path, (inputs, outputs) in records.items():
+    for path, (inputs, outputs) in records[0].items():
         spec = discovery.layers[path].spec
-        stats[path] = _layer_stats(
-            spec, inputs, outputs, pert_grads[path], scale, fisher_batch_size
-        )
+        if path in tied:
+            attend = (*records[1][path], pert_grads[1][path])
+            lookup = (inputs, outputs, pert_grads[0][path])
+            stats[path] = _tied_stats(spec, lookup, attend, scale, fisher_batch_size)
+        else:
+            stats[path] = _layer_stats(
+                spec, inputs, outputs, pert_grads[0][path], scale, fisher_batch_size
+            )
     value = (loss, aux) if has_aux else loss
     return value, grads, stats, extra

@@ -12,7 +12,8 @@ the layer input (for a normalisation layer, its normalised input; see
 ``perturbation`` is a zero array that :func:`jax.vjp` differentiates together
 with the parameters. The model is not edited and no variable collection is
 added: the perturbations are closed-over arrays, not Flax variables. Any ``attend`` call of
-an ``Embed`` is noted (a tied output head; see ``_capture.note_attend``).
+an ``Embed`` (a tied output head) is captured too, its logits perturbed the same way (see
+``_capture.capture_attend``).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> 
         module = context.module
         path = "/".join(str(p) for p in module.path)
         if context.method_name == "attend" and isinstance(module, nn.Embed):
-            _capture.note_attend(session, path)
-            return next_fun(*args, **kwargs)
+            query = args[0] if args else kwargs.get("query")
+            return _capture.capture_attend(session, path, query, lambda: next_fun(*args, **kwargs))
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         inputs = args[0] if args else kwargs.get("x")
@@ -246,9 +247,15 @@ def value_grad_and_stats(
     * ``Embed`` (a lookup ``embedding[ids]``, the dense map ``onehot(ids) @ embedding``):
       ``inputs`` the one-hot rows ``(N, V)`` or ``(N, T, V)`` (formed only when read;
       ``LayerStats.input_square_mean()`` gives the token frequencies from the ids),
-      ``output_grads`` and ``outputs (N, D)`` or ``(N, T, D)``. A table also used by
-      ``attend`` (a tied output head) gets no statistics (an INFO log line; the methods give
-      it their fallback). Ids whose leading axis is not the batch are refused.
+      ``output_grads`` and ``outputs (N, D)`` or ``(N, T, D)``. Ids whose leading axis is
+      not the batch are refused. A table also used by ``attend`` (a tied output head,
+      ``logits = h @ embeddingᵀ``) gets statistics of kind ``"tied_embedding"`` that combine
+      both uses: the head's ``T'`` positions join the lookup's with their roles swapped,
+      ``inputs (N, T + T', V)`` = the one-hot rows then the per-example logit gradients,
+      ``output_grads (N, T + T', D)`` = the lookup's output gradients then the queries ``h``,
+      so that ``Σ_t inputs_t ⊗ output_grads_t`` is each example's exact gradient of the table;
+      ``outputs`` is ``None``. (An ``attend`` applied twice, nested, or on a query without the
+      batch axis leaves the table without statistics, with an INFO line.)
     * ``Einsum`` whose equation is a dense map on contracted axes: as ``DenseGeneral`` (the
       contracted letters into ``d_in`` in the kernel's order, the kernel letters kept in the
       output into ``d_out``, the input letters kept in the output into positions); other

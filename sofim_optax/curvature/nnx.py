@@ -11,7 +11,7 @@ on a private copy of the model:
    ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.LinearGeneral`` / ``nnx.Einsum`` / ``nnx.Embed``
    or normalisation-layer instance of the copy whose class does not override ``__call__`` has
    its ``__class__``
-   switched to a cached subclass (which, for an ``Embed``, also notes ``attend`` calls)
+   switched to a cached subclass (which, for an ``Embed``, also captures ``attend`` calls)
    whose ``__call__`` records the input, runs the original ``__call__`` and
    adds the layer's zero perturbation. The classes are switched back before
    the function returns. The user's model object and the Flax classes are
@@ -137,14 +137,16 @@ def _capturing_class(cls: type) -> type:
 
 
 def _noting_attend(original: Callable[..., Any]) -> Callable[..., Any]:
-    """An ``Embed.attend`` that tells the capture the table is also a tied output head."""
+    """An ``Embed.attend`` whose call the capture records (the table is also a tied output
+    head; see ``_capture.capture_attend``)."""
 
-    def attend(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def attend(self: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
         session = _capture.current_session()
         table = session.scratch.get(_PATHS_KEY) if session is not None else None
-        if table is not None and id(self) in table:
-            _capture.note_attend(session, table[id(self)])
-        return original(self, *args, **kwargs)
+        call = lambda: original(self, query, *args, **kwargs)  # noqa: E731
+        if table is None or id(self) not in table:
+            return call()
+        return _capture.capture_attend(session, table[id(self)], query, call)
 
     attend.__doc__ = original.__doc__
     return attend
@@ -266,7 +268,8 @@ def value_grad_and_stats(
       ``d_out``, the other axes after ``N`` into positions, ``(N, T, ·)`` with ``T >= 1``
       (as ``DenseGeneral`` in the Linen adapter); ``batch_axis`` is refused.
     * ``Embed``: one-hot rows ``(N, [T,] V)``, output gradients ``(N, [T,] D)``; a table also
-      used by ``attend`` gets no statistics (as in the Linen adapter).
+      used by ``attend`` gets statistics that combine both uses (kind ``"tied_embedding"``,
+      as in the Linen adapter).
     * ``Einsum`` with a dense-map equation: as in the Linen adapter (other equations and a
       custom ``einsum_op`` are refused, naming the layer and the equation).
     * ``Conv`` (any number of spatial dimensions): ``inputs (N, T, k_1*...*k_d*c_in)``

@@ -66,6 +66,10 @@ class LayerwiseMethod:
       kind_sensitive: the method's state differs between a dense map and a convolution of
         the same kernel shape (Mini-Block Fisher's partition); see
         :func:`~sofim_optax.layerwise.check_layer_stats`. Default ``False``.
+      fallback_kinds: ``LayerStats.layer_kind`` values the method cannot use (K-BFGS:
+        ``("tied_embedding",)``, which has no ``outputs``): statistics of those kinds are
+        dropped and their layers take the fallback path, as if they had no entry. Default
+        ``()``.
     """
 
     init: Callable[..., Any]
@@ -75,6 +79,7 @@ class LayerwiseMethod:
     after_discarded_statistics: Callable[[Any], Any] | None = None
     extra_statistics: tuple[str, ...] = ()
     kind_sensitive: bool = False
+    fallback_kinds: tuple[str, ...] = ()
 
 
 def _every(period: Any, count: jax.Array, fn: Callable[[Any], Any], operand: Any) -> Any:
@@ -197,12 +202,17 @@ def layerwise_transformation(
     def update_fn(updates, state, params=None, *, layer_stats=None, **extra):
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         layout, over = layers_of(updates)
-        if over:  # (statistics of the layers over the cap are not the method's)
-
+        if over or method.fallback_kinds:
+            # (statistics of the layers over the cap, or of a kind the method cannot use, are
+            # not the method's)
             def kept(stats):
                 if not isinstance(stats, Mapping):
                     return stats
-                return {k: v for k, v in stats.items() if k not in over}
+                return {
+                    k: v
+                    for k, v in stats.items()
+                    if k not in over and getattr(v, "layer_kind", None) not in method.fallback_kinds
+                }
 
             layer_stats = kept(layer_stats)
             extra = {k: kept(v) if k in method.extra_statistics else v for k, v in extra.items()}
@@ -228,18 +238,22 @@ def layerwise_transformation(
                     for j in layer.leaves
                 ]
             )
+            exact = (
+                f"; of these, {len(diagonals)} normalisation scale(s) and bias(es) come with "
+                f"exact per-example statistics (fisher_diagonal): {sorted(diagonals)}"
+                if diagonals
+                else ""
+            )
             logger.info(
                 "%s: preconditioning %d layer(s): %s; %d parameter array(s) take the fallback "
-                "path (%s): %s; of these, %d normalisation scale(s) and bias(es) come with "
-                "exact per-example statistics (fisher_diagonal): %s",
+                "path (%s): %s%s",
                 name,
                 len(described),
                 described,
                 len(rest),
                 fb_name,
                 rest,
-                len(diagonals),
-                sorted(diagonals),
+                exact,
             )
         dtype = _accumulation_dtype(leaves, layout)
         count = state.count

@@ -105,8 +105,9 @@ class Session:
       attends: the ``attend`` calls of those embeddings (query as ``inputs``, logits as
         ``outputs``), keyed by the table's path.
       attend_perturbations: zero arrays for the logits of each ``attend`` (``"perturb"``).
-      uncaptured: normalisation layers that discovery leaves uncaptured, with the reason
-        (applied more than once, or inside a nested transformation).
+      uncaptured: normalisation layers and tied tables that discovery leaves without
+        statistics, with the reason (applied more than once, inside a nested transformation,
+        ...).
       skip: layers run without capture (the tied embeddings and the uncaptured
         normalisations, in the real trace).
     """

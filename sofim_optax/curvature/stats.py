@@ -13,7 +13,7 @@ adapters return a :class:`LayerStats` holding, per example:
   example axis ``N`` stays apart from ``T``: the transformations refuse a
   convolution's statistics flattened to ``(N*T, ·)``.
 
-* normalisation layers (kind ``"scale_shift"``, see :attr:`LayerStats.layer_kind`): the
+* normalisation layers (kind ``"scale_shift"``, see ``LayerStats.layer_kind``): the
   normalised input ``x̂`` as ``inputs (N, T, F)``, ``output_grads`` and ``outputs (N, T, F)``
   over the ``F`` features their scale and bias span; they are no dense layer (``x̂ ⊙ scale +
   bias``, not ``x̂ @ kernel``), and the layer-wise methods read them only for the diagonal of

@@ -148,7 +148,7 @@ def layerwise_transformation(
     5. ``fallback`` (identity when ``None``) on every other leaf, ``extra`` forwarded (without
        ``layer_stats``), plus ``fisher_diagonal={leaf path: exact per-example diagonal}`` of
        the normalisation scales and biases that ``layer_stats`` has statistics for
-       (:func:`~sofim_optax.layerwise.fallback.scale_shift_diagonals`);
+       (:func:`~sofim_optax.layerwise.scale_shift_diagonals`);
     6. ``count ← safe_increment(count)``.
 
     Every part is guarded (:mod:`sofim_optax.guards`): a statistics update (2, and the

@@ -150,6 +150,15 @@ def _at_session_trace(session: Session) -> bool:
     return jex_core.get_opaque_trace_state() == session.trace
 
 
+def _check_discovered(perturbations: dict[str, jax.Array], path: str) -> None:
+    """Refuses a layer of the real trace that the discovery trace did not see."""
+    if path not in perturbations:
+        raise CaptureError(
+            f"Layer '{path}' ran in the differentiated pass but not in the shape-discovery pass: "
+            "loss_fn must call the same layers every time it is traced."
+        )
+
+
 def capture_layer(
     session: Session,
     path: str,
@@ -203,11 +212,7 @@ def capture_layer(
         )
         return outputs
     assert session.perturbations is not None
-    if path not in session.perturbations:
-        raise CaptureError(
-            f"Layer '{path}' ran in the differentiated pass but not in the shape-discovery pass: "
-            "loss_fn must call the same layers every time it is traced."
-        )
+    _check_discovered(session.perturbations, path)
     session.layers[path] = _LayerRecord(spec, inputs, outputs)
     return outputs + session.perturbations[path]
 
@@ -257,11 +262,7 @@ def capture_scale_shift(
             session.layers[path] = _LayerRecord(spec, shape, shape)
         return outputs
     assert session.perturbations is not None
-    if path not in session.perturbations:
-        raise CaptureError(
-            f"Layer '{path}' ran in the differentiated pass but not in the shape-discovery pass: "
-            "loss_fn must call the same layers every time it is traced."
-        )
+    _check_discovered(session.perturbations, path)
     dtype = accumulation_dtype(outputs)
     shifted = outputs.astype(dtype)
     if bias is not None:
@@ -314,6 +315,7 @@ def capture_attend(
         )
         return logits
     assert session.attend_perturbations is not None
+    _check_discovered(session.attend_perturbations, path)
     session.attends[path] = _LayerRecord(None, query, logits)
     return logits + session.attend_perturbations[path]
 

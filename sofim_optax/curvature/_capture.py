@@ -44,6 +44,7 @@ from sofim_optax.curvature._layer_specs import (
     EmbedSpec,
     LayerSpec,
     ScaleShiftSpec,
+    scale_shift_spec,
 )
 from sofim_optax.curvature.stats import LayerStats, LayerStatsDict, square_mean
 from sofim_optax.hyperparameters import accumulation_dtype
@@ -150,6 +151,15 @@ def _at_session_trace(session: Session) -> bool:
     return jex_core.get_opaque_trace_state() == session.trace
 
 
+def _abstract_record(spec: LayerSpec | None, inputs: Any, outputs: Any) -> _LayerRecord:
+    """The discovery trace's record of a call: shapes and dtypes only."""
+    return _LayerRecord(
+        spec,
+        jax.ShapeDtypeStruct(jnp.shape(inputs), jnp.result_type(inputs)),
+        jax.ShapeDtypeStruct(jnp.shape(outputs), jnp.result_type(outputs)),
+    )
+
+
 def _check_discovered(perturbations: dict[str, jax.Array], path: str) -> None:
     """Refuses a layer of the real trace that the discovery trace did not see."""
     if path not in perturbations:
@@ -205,11 +215,7 @@ def capture_layer(
             f"Layer '{path}' has complex outputs ({outputs.dtype}); capture refuses complex dtypes."
         )
     if session.mode == "discover":
-        session.layers[path] = _LayerRecord(
-            spec,
-            jax.ShapeDtypeStruct(jnp.shape(inputs), jnp.result_type(inputs)),
-            jax.ShapeDtypeStruct(outputs.shape, outputs.dtype),
-        )
+        session.layers[path] = _abstract_record(spec, inputs, outputs)
         return outputs
     assert session.perturbations is not None
     _check_discovered(session.perturbations, path)
@@ -257,9 +263,8 @@ def capture_scale_shift(
             session.uncaptured[path] = "it is applied more than once"
     outputs = call()
     if session.mode == "discover":
-        if path not in session.uncaptured:
-            shape = jax.ShapeDtypeStruct(outputs.shape, outputs.dtype)
-            session.layers[path] = _LayerRecord(spec, shape, shape)
+        if path not in session.uncaptured:  # (x̂ is shaped like the output)
+            session.layers[path] = _abstract_record(spec, outputs, outputs)
         return outputs
     assert session.perturbations is not None
     _check_discovered(session.perturbations, path)
@@ -274,6 +279,45 @@ def capture_scale_shift(
         normalised = jnp.where(usable, shifted / jnp.where(usable, s, 1), 0)
     session.layers[path] = _LayerRecord(spec, normalised, outputs)
     return outputs + session.perturbations[path]
+
+
+def capture_normalisation(
+    session: Session,
+    path: str,
+    module: Any,
+    inputs: Any,
+    parameters: dict[str, Any],
+    call: Callable[[], jax.Array],
+) -> jax.Array:
+    """A normalisation layer's call, for both adapters: its scale and shift captured
+    (:func:`capture_scale_shift`) when they span the input's trailing axes
+    (``_layer_specs.scale_shift_spec``), else the layer just runs.
+
+    Args:
+      session: the active session.
+      path: the layer's key.
+      module: the layer (its ``feature_axes``, or ``axis`` for ``BatchNorm``, is read;
+        ``GroupNorm`` has neither and normalises per channel of the last axis).
+      inputs: the layer input.
+      parameters: ``{"scale": ..., "bias": ...}``, the ones the layer has (``None`` values
+        when a parameter the layer should have cannot be read).
+      call: runs the layer.
+
+    Returns:
+      The layer output (perturbed when captured).
+    """
+    spec = None
+    if inputs is not None and all(v is not None for v in parameters.values()):
+        spec = scale_shift_spec(
+            tuple(jnp.shape(inputs)),
+            getattr(module, "feature_axes", getattr(module, "axis", -1)),
+            tuple(tuple(jnp.shape(v)) for v in parameters.values()),
+        )
+    if spec is None:
+        return call()
+    return capture_scale_shift(
+        session, path, spec, call, parameters.get("scale"), parameters.get("bias")
+    )
 
 
 def capture_attend(
@@ -308,11 +352,7 @@ def capture_attend(
             session.uncaptured[path] = "its attend query has no batch axis"
     logits = call()
     if session.mode == "discover":
-        session.attends[path] = _LayerRecord(
-            None,
-            jax.ShapeDtypeStruct(jnp.shape(query), jnp.result_type(query)),
-            jax.ShapeDtypeStruct(logits.shape, logits.dtype),
-        )
+        session.attends[path] = _abstract_record(None, query, logits)
         return logits
     assert session.attend_perturbations is not None
     _check_discovered(session.attend_perturbations, path)

@@ -96,25 +96,14 @@ def _norm_call(
     inputs: Any,
     call: Callable[[], Any],
 ) -> Any:
-    """A normalisation layer's call: its scale and shift captured when their feature axes are
-    the input's trailing axes (see ``_layer_specs.scale_shift_spec``), else run as it is."""
+    """A normalisation layer's call: its scale and bias read here, the rest shared
+    (``_capture.capture_normalisation``)."""
     parameters = {
         name: module.get_variable("params", name)
         for name in ("scale", "bias")
         if getattr(module, f"use_{name}", False)
     }
-    spec = None
-    if inputs is not None and all(v is not None for v in parameters.values()):
-        spec = _layer_specs.scale_shift_spec(
-            tuple(inputs.shape),
-            getattr(module, "feature_axes", getattr(module, "axis", -1)),
-            tuple(tuple(v.shape) for v in parameters.values()),
-        )
-    if spec is None:
-        return call()
-    return _capture.capture_scale_shift(
-        session, path, spec, call, parameters.get("scale"), parameters.get("bias")
-    )
+    return _capture.capture_normalisation(session, path, module, inputs, parameters, call)
 
 
 def _make_interceptor(session_getter: Callable[[], _capture.Session | None]) -> Callable[..., Any]:

@@ -180,23 +180,14 @@ def _captured_call(
 def _norm_call(
     session: _capture.Session, path: str, module: Any, inputs: Any, call: Callable[[], Any]
 ) -> Any:
-    """A normalisation layer's call: its scale and shift captured when their feature axes are
-    the input's trailing axes (see ``_layer_specs.scale_shift_spec``), else run as it is."""
+    """A normalisation layer's call: its scale and bias read here, the rest shared
+    (``_capture.capture_normalisation``)."""
     parameters = {
         name: getattr(module, name)[...]
         for name in ("scale", "bias")
         if getattr(module, name, None) is not None
     }
-    spec = _layer_specs.scale_shift_spec(
-        tuple(jnp.shape(inputs)),
-        getattr(module, "feature_axes", getattr(module, "axis", -1)),
-        tuple(tuple(v.shape) for v in parameters.values()),
-    )
-    if spec is None:
-        return call()
-    return _capture.capture_scale_shift(
-        session, path, spec, call, parameters.get("scale"), parameters.get("bias")
-    )
+    return _capture.capture_normalisation(session, path, module, inputs, parameters, call)
 
 
 def _runner(

@@ -225,3 +225,51 @@ def test_region_analysis_drops_the_copies_of_untaken_branches():
     # region analysis of configure_cpu_runtime() the compiled step holds no copy of it.
     assert int(without.stdout.split()[-1]) > 0
     assert int(configured.stdout.split()[-1]) == 0
+
+
+FAULTS = """
+import resource, statistics, sofim_optax
+{call}
+import jax, jax.numpy as jnp
+from jax import lax
+@jax.jit
+def run(x):  # a 64 MB temporary, above glibc's largest mmap threshold (32 MB)
+    y = lax.optimization_barrier(x * 2.0)
+    return jnp.sum(y[::-1] * x)
+x = jnp.ones((16 * 2**20,), jnp.float32)
+faults = []
+for _ in range(40):  # the heap settles within the first runs; the median of the last 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults[20:]))
+"""
+
+
+def _faults_per_run(call: str, **env: str) -> float:
+    out = run_python(FAULTS.format(call=call), **env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return float(out.stdout.split()[-1])
+
+
+glibc = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+    reason="problem 5 concerns glibc's allocator",
+)
+
+
+@glibc
+def test_configured_runs_reuse_their_temporaries_pages():
+    # Without the settings every run maps its 64 MB temporary afresh: one page fault per
+    # 4 KiB page touched (16 384 here). With them, the pages of earlier runs are reused.
+    without = _faults_per_run("")
+    configured = _faults_per_run("sofim_optax.configure_cpu_runtime()")
+    assert without > 10_000
+    assert configured < 0.01 * without
+
+
+@glibc
+@pytest.mark.slow
+def test_allocator_settings_of_the_user_are_kept():
+    call = "assert not sofim_optax.cpu_runtime.keep_freed_memory(); " + CONFIGURE
+    assert _faults_per_run(call, MALLOC_ARENA_MAX="2") > 10_000

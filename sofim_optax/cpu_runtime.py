@@ -99,7 +99,11 @@ def _old_jaxlib_on_cpu() -> bool:
 
 
 #: glibc's ``mallopt`` parameters (``malloc.h``) and the values of problem 5.
-_MALLOPT_SETTINGS = (("M_MMAP_MAX", -4, 0), ("M_ARENA_MAX", -8, 1), ("M_TRIM_THRESHOLD", -1, 2**31 - 1))
+_MALLOPT_SETTINGS = (
+    ("M_MMAP_MAX", -4, 0),
+    ("M_ARENA_MAX", -8, 1),
+    ("M_TRIM_THRESHOLD", -1, 2**31 - 1),
+)
 
 
 def _user_chose_malloc() -> bool:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sofim_optax import layerwise, linalg
+from sofim_optax import guards, layerwise, linalg
 
 __all__ = ["KbfgsCurvature", "layouts", "make_method"]
 
@@ -189,7 +189,7 @@ def _guarded_bfgs(H, s, y, g_ref, threshold):
     """BFGS update of ``H`` with the authors' skip rules; returns ``(H', accepted)``."""
     new = linalg.bfgs_inverse_update(H, s, y)
     new = 0.5 * (new + new.T)  # keep round-off from accumulating asymmetry over many updates
-    ok = _skip_ok(s, y, g_ref, threshold) & jnp.all(jnp.isfinite(new))
+    ok = _skip_ok(s, y, g_ref, threshold) & guards.all_finite(new)  # (the fast test of a big H)
     return jnp.where(ok, new, H), ok
 
 

@@ -69,6 +69,7 @@ import sys
 __all__ = [
     "configure_cpu_runtime",
     "keep_freed_memory",
+    "on_glibc",
     "map_stack",
     "sequential_decompositions",
     "SCHEDULER_FLAG",
@@ -112,6 +113,11 @@ def _user_chose_malloc() -> bool:
     )
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc (where problem 5 applies)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Problem 5: glibc serves every allocation from one heap and keeps freed memory.
 
@@ -119,9 +125,7 @@ def keep_freed_memory() -> bool:
     when the user set ``MALLOC_*`` variables or ``glibc.malloc`` tunables). Called by
     :func:`configure_cpu_runtime`; it can be called on its own at any time.
     """
-    if _user_chose_malloc() or platform.system() != "Linux":
-        return False
-    if platform.libc_ver()[0] != "glibc":
+    if _user_chose_malloc() or not on_glibc():
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library
     if mallopt is None:

@@ -1,4 +1,7 @@
-"""Argument handling of the benchmark scripts (their runs are too slow for the suite)."""
+"""Argument handling of the benchmark scripts (their runs are too slow for the suite), and the
+few parts small enough to run on tiny shapes."""
+
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +66,13 @@ def test_sharding_benchmark_counts_each_devices_share_of_a_refresh():
         "  %b = (f32[4], bf16[2]) all-gather-start(%y)"
     )
     assert sharding.collectives(hlo) == {"all-reduce": (1, 400.0), "all-gather": (1, 20.0)}
+
+
+def test_mbf_layout_part_compares_two_layouts_of_the_same_product():
+    # 70 rows in blocks of at most 32: three chunks of 24 (two padded entries per column).
+    args = SimpleNamespace(layout_shape="70,6", rounds=1, steps=1)
+    r = benchmark_mbf.benchmark_layout(args)
+    assert r["block"] == 24
+    assert r["max_abs_difference"] < 1e-4
+    assert set(r["ms"]) == {"library", "transpose_free"}
+    assert r["ratios"]["library"] == 1.0

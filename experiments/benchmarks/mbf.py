@@ -1,6 +1,6 @@
 """Mini-Block Fisher: per-step time and state size against SGD-momentum, and a CNN convergence race.
 
-Two parts (``--parts step_time,convergence``):
+Three parts (``--parts step_time,convergence,layout``; the first two by default):
 
 1. **step_time** — the whole jitted train step (capture with
    ``curvature.linen.value_grad_and_stats`` + ``mbf`` update + apply) over SGD-momentum's
@@ -31,6 +31,14 @@ Two parts (``--parts step_time,convergence``):
    excluded) to the target, and the final test accuracy. Wall times come from sequential runs
    on a possibly loaded machine; the interleaved ratios of part 1 are the reliable cost
    figures.
+
+3. **layout** — the preconditioning product of one dense layer (``--layout-shape``, default
+   ``785,1000``: the autoencoder's first layer with its bias row, in blocks of at most 32), in
+   the library's layout (the gradient cut into ``(d_out·n_chunks, s)`` blocks, stacked with
+   ``(n, s, s)`` inverses, one batched matrix-vector product, and back) against the
+   alternative that skips the two transposes (inverses kept per layer as
+   ``(n_chunks, s, s, d_out)``, the product a multiply-and-sum over the kernel's own rows).
+   Interleaved rounds, ratio to the library's layout.
 
 Usage (full size, slow on a 2-core CPU)::
 
@@ -299,6 +307,49 @@ def convergence(args) -> dict[str, Any]:
     return results
 
 
+def benchmark_layout(args) -> dict[str, Any]:
+    """Part 3: the library's blocked product against the transpose-free per-layer layout."""
+    from sofim_optax import layerwise, mini_blocks
+
+    d_a, d_out = (int(v) for v in args.layout_shape.split(","))
+    layer = layerwise.Layer("layer", 0, 1, (d_a - 1, d_out))
+    blocking = mini_blocks.layer_blocking(layer, mini_blocks.DEFAULT_DENSE_BLOCK_SIZE)
+    c, s = blocking.n_chunks, blocking.chunk
+    key_inv, key_v = jax.random.split(jax.random.PRNGKey(0))
+    stacked = jax.random.normal(key_inv, (d_out * c, s, s))  # block j·c + chunk
+    per_layer = stacked.reshape(d_out, c, s, s).transpose(1, 2, 3, 0)  # (c, s, s, d_out)
+    v = jax.random.normal(key_v, (d_a, d_out))
+
+    @jax.jit
+    def library(inverses, v):
+        (blocks,) = blocking.blockify(v)
+        return blocking.deblockify([jnp.einsum("bij,bj->bi", inverses, blocks)])
+
+    @jax.jit
+    def transpose_free(inverses, v):
+        x = jnp.pad(v, ((0, blocking.padding), (0, 0))).reshape(c, s, d_out)
+        return (inverses * x[:, None]).sum(axis=2).reshape(c * s, d_out)[:d_a]
+
+    error = float(jnp.max(jnp.abs(library(stacked, v) - transpose_free(per_layer, v))))
+    timers = {
+        "library": timing.call_timer(library, (stacked, v)),
+        "transpose_free": timing.call_timer(transpose_free, (per_layer, v)),
+    }
+    result = timing.compare(
+        {name: (lambda t=t: t.seconds_per_step(args.steps)) for name, t in timers.items()},
+        rounds=args.rounds,
+        baseline="library",
+    )
+    return {
+        "shape": (d_a, d_out),
+        "block": s,
+        "inverse_mb": stacked.size * 4 / 2**20,
+        "max_abs_difference": error,
+        "ms": {k: 1e3 * t for k, t in result["times"].items()},
+        "ratios": result["ratios"],
+    }
+
+
 # --------------------------------------------------------------------------------------
 
 
@@ -330,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         metavar="OPT.PARAM=VALUE",
         help="train OPT at this one point instead of its grid (repeatable), "
         "e.g. --set mbf.learning_rate=0.001 --set mbf.damping=0.01",
+    )
+    parser.add_argument(
+        "--layout-shape", default="785,1000", help="layout part: d_a,d_out of the dense layer"
     )
     parser.add_argument("--out", default=None, help="folder for results.json")
     args = parser.parse_args(argv)
@@ -378,6 +432,16 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"| {name} | {s['hp']} | {s['epochs_to_target'] or '—'} | {wall} | {s['final_acc']:.4f} |"
             )
+    if "layout" in parts:
+        r = out["layout"] = benchmark_layout(args)
+        print(
+            f"\n| layout ({r['shape'][0]}×{r['shape'][1]}, blocks of {r['block']}, "
+            f"{r['inverse_mb']:.0f} MB of inverses) | ms | ratio to the library's |"
+        )
+        print("|---|---:|---:|")
+        for name, ms in r["ms"].items():
+            print(f"| {name} | {ms:.2f} | {r['ratios'][name]:.2f} |")
+        print(f"(largest difference between the two products: {r['max_abs_difference']:.1e})")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(json.dumps(out, indent=1, default=str))

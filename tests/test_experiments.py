@@ -85,6 +85,7 @@ def test_training_reduces_loss_on_fixture(fixture_dir):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow  # (~8 s each; the library's sharded steps are checked in test_sharding.py)
 @pytest.mark.parametrize("optimizer", ["kfac", "mbf"])
 def test_data_parallel_training_equals_one_device(fixture_dir, optimizer):
     """--devices: the same run split over 4 (simulated) devices gives the same losses."""
@@ -146,6 +147,7 @@ def test_benchmark_runs_and_reports_every_contender(monkeypatch):
     assert all(v["train step"] > 0 and v["update only"] > 0 for v in res.values())
 
 
+@pytest.mark.slow  # (two short training runs, ~5 s)
 def test_periods_check_trains_both_variants(fixture_dir, tmp_path, capsys):
     from experiments.benchmarks import periods
 

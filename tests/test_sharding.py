@@ -146,12 +146,29 @@ def _assert_same(params, reference, name):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * moved, err_msg=name)
 
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize(
-    "shard_state, fsdp",
-    [(False, False), (True, True), ("partitioned", False)],
-    ids=["replicated", "sharded_state_fsdp", "partitioned_state"],
-)
+_MODES = {
+    "replicated": (False, False),
+    "sharded_state_fsdp": (True, True),
+    "partitioned_state": ("partitioned", False),
+}
+
+
+def _step_cases():
+    # K-BFGS(L)'s replicated and sharded rows (its slowest, ~8 s each) run with the slow
+    # suite; its partitioned row, and every mode of K-BFGS, stay in the fast one.
+    for mode, (shard_state, fsdp) in _MODES.items():
+        for name in METHODS:
+            slow = name == "kbfgs_l" and mode != "partitioned_state"
+            yield pytest.param(
+                name,
+                shard_state,
+                fsdp,
+                id=f"{mode}-{name}",
+                marks=[pytest.mark.slow] if slow else [],
+            )
+
+
+@pytest.mark.parametrize("name, shard_state, fsdp", list(_step_cases()))
 def test_data_parallel_step_equals_single_device(name, shard_state, fsdp):
     """Replicated state and parameters, or the state sharded and the Dense kernel FSDP-split."""
     params, traces = _sharded_run(name, shard_state=shard_state, fsdp=fsdp)

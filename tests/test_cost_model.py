@@ -83,3 +83,40 @@ def test_state_size_matches_the_initialised_state():
         np.testing.assert_allclose(
             cost_model.tree_floats(state) / model, 1.0, atol=0.1, err_msg=name
         )
+
+
+def _field(tree, name):
+    """The first attribute ``name`` found in a nested optimizer state."""
+    if hasattr(tree, name):
+        return getattr(tree, name)
+    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, tuple) else ()
+    for child in children:
+        found = _field(child, name)
+        if found is not None:
+            return found
+    return None
+
+
+@pytest.mark.parametrize(
+    "name, inverse, fields",
+    [("mbf", "cholesky", ("inverses",)), ("mbf", "eigh", ("eigvecs", "eigvals"))],
+)
+def test_precondition_floats_are_the_state_the_product_reads(name, inverse, fields):
+    p = _problem(conv=True)
+    layers = cost_model.captured_layers(p.loss_fn, p.params, *p.batch)
+    state = jax.eval_shape(floor.make_tx(name, {"inverse": inverse}).init, p.params)
+    read = sum(cost_model.tree_floats(_field(state, f)) for f in fields)
+    model = cost_model.step_cost(name, layers, hparams={"inverse": inverse})
+    assert model.precondition_floats == read > 0
+
+
+def test_memory_floor_takes_the_slower_of_arithmetic_and_reading():
+    cost = cost_model.StepCost({"gradient": 6e9, "precondition": 1e8}, 0.0, 0.0, 2.5e8)
+    # At 1e9 MACs/s and 1e10 B/s the gradient takes 6 s and the preconditioning's 1e8 MACs
+    # 0.1 s; reading 2.5e8 floats (1 GB) also takes 0.1 s, 5e8 floats 0.2 s (bound by
+    # memory), 1e7 floats 4 ms (bound by arithmetic).
+    assert cost_model.memory_floor(cost, 1e9, 1e10) == pytest.approx(6.0 + 0.1)
+    bound = cost_model.StepCost(cost.amortised, 0.0, 0.0, 5e8)
+    assert cost_model.memory_floor(bound, 1e9, 1e10) == pytest.approx(6.0 + 0.2)
+    light = cost_model.StepCost(cost.amortised, 0.0, 0.0, 1e7)
+    assert cost_model.memory_floor(light, 1e9, 1e10) == pytest.approx(6.0 + 0.1)

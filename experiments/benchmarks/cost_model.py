@@ -27,6 +27,11 @@ extra passes   K-BFGS's previous-batch pass, the adaptive step's Jacobian-vector
                loss at the new point, AdaHessian's Hessian-vector product
 ============== ==================================================================================
 
+Besides MACs, :attr:`StepCost.precondition_floats` counts the curvature state the
+preconditioning reads on every step, and :func:`memory_floor` turns both into a roofline
+time for steps whose preconditioning is bound by memory (Mini-Block Fisher's ``P·s`` floats
+of inverses for ``P·s`` MACs).
+
 ``c`` for the decompositions (LAPACK on CPU): symmetric eigendecomposition with eigenvectors
 ``4·d³`` MACs (tridiagonal reduction ``⅔d³``, divide and conquer and back-transformation the
 rest; the textbook range is 4–9 d³), Cholesky and the inverse from it ``d³`` (``⅓d³`` each
@@ -62,6 +67,7 @@ __all__ = [
     "captured_layers",
     "gradient_cost",
     "step_cost",
+    "memory_floor",
     "METHODS",
 ]
 
@@ -124,15 +130,36 @@ class StepCost:
       xla_view: MACs as XLA's ``cost_analysis()`` counts the compiled step (see the module
         docstring).
       state_floats: floats held by the optimizer state (parameter-sized buffers included).
+      precondition_floats: floats of curvature state the preconditioning reads on every
+        step (the kept inverses, eigenvectors or BFGS matrices; 0 for the first-order and
+        diagonal methods, whose per-parameter buffers SGD-m's own step already streams).
+        A method whose preconditioning reads more bytes than its arithmetic can hide is
+        bound by memory: see :func:`memory_floor`.
     """
 
     amortised: dict[str, float]
     xla_view: float
     state_floats: float
+    precondition_floats: float = 0.0
 
     @property
     def total(self) -> float:
         return sum(self.amortised.values())
+
+
+def memory_floor(cost: StepCost, macs_per_second: float, bytes_per_second: float) -> float:
+    """The step's floor in seconds when its preconditioning may be bound by memory.
+
+    Every component takes its MACs at ``macs_per_second`` (what SGD-m's measured step
+    achieves), except the preconditioning, which takes the longer of its MACs at that rate
+    and its :attr:`StepCost.precondition_floats` (float32, 4 bytes each) at
+    ``bytes_per_second`` (the machine's measured streaming rate): a roofline for the one
+    component that reads a large state on every step.
+    """
+    precondition = cost.amortised.get("precondition", 0.0)
+    stream = 4.0 * cost.precondition_floats / bytes_per_second
+    rest = (cost.total - precondition) / macs_per_second
+    return rest + max(precondition / macs_per_second, stream)
 
 
 def captured_layers(loss_fn: Callable, params: Any, *batch: Any) -> list[LayerShape]:
@@ -218,10 +245,12 @@ def _kfac(layers, h, measured) -> StepCost:
         refresh_xla = sum(xla_counted_inverse(d) for d in dims)
     precondition = _kron_precondition(layers, rotations)
     params = sum(la.d_a * la.d_g for la in layers)
+    read = sum(d * d + (d if inverse == "eigh" else 0) for d in dims)  # eigenvectors/inverses
     return StepCost(
         {"statistics": stats / sp, "refresh": refresh / ip, "precondition": precondition},
         stats + refresh_xla + precondition,
         stored + 2 * params,  # + the momentum and the fallback's diagonal
+        read,
     )
 
 
@@ -263,6 +292,7 @@ def _kpsvd_family(kind: str):
             {"statistics": stats / sp, "refresh": refresh / ip, "precondition": precondition},
             xla_stats + refresh_xla + precondition,
             stored + 2 * params,  # + the momentum and the fallback's diagonal
+            sum(d * d + d for d in dims),  # the eigenvectors and eigenvalues
         )
 
     return cost
@@ -270,7 +300,7 @@ def _kpsvd_family(kind: str):
 
 def _mbf(layers, h, measured) -> StepCost:
     sp, ip, inverse = h["stats_period"], h["inverse_period"], h["inverse"]
-    stats = xla_stats = refresh = refresh_xla = precondition = stored = 0.0
+    stats = xla_stats = refresh = refresh_xla = precondition = stored = read = 0.0
     for la in layers:
         blocking = mini_blocks.layer_blocking(la.layer, h["dense_block_size"])
         segments = blocking.segments  # ((size, count), ...)
@@ -294,11 +324,13 @@ def _mbf(layers, h, measured) -> StepCost:
             # the packed EMA blocks, and the square inverses or eigenvectors (+ eigenvalues)
             stored += count * mini_blocks.packed_size(size) + count * size * size
             stored += count * size if inverse == "eigh" else 0
+            read += count * size * size + (count * size if inverse == "eigh" else 0)
     params = sum(la.d_a * la.d_g for la in layers)
     return StepCost(
         {"statistics": stats / sp, "refresh": refresh / ip, "precondition": precondition},
         xla_stats + refresh_xla + precondition,
         stored + 2 * params,  # + the gradient momentum and the fallback's diagonal
+        read,
     )
 
 
@@ -311,6 +343,7 @@ def _kbfgs(layers, h, measured) -> StepCost:
     if memory is None:
         precondition = _kron_precondition(layers, 1)
         stored = sum(2 * la.d_a**2 + la.d_g**2 for la in layers)
+        read = sum(la.d_a**2 + la.d_g**2 for la in layers)  # H_a and H_g
     else:
         # the compact L-BFGS product on the d_a columns of H_a V, and on one vector for y
         m = memory
@@ -318,6 +351,7 @@ def _kbfgs(layers, h, measured) -> StepCost:
             4.0 * m * la.d_g * (la.d_a + 1) + 2.0 * m * m * (la.d_a + 2 * la.d_g) for la in layers
         )
         stored = sum(2 * la.d_a**2 + 2 * m * la.d_g for la in layers)
+        read = sum(la.d_a**2 + 2 * m * la.d_g for la in layers)  # H_a and the (s, y) pairs
     forward = sum(la.forward for la in layers)
     input_grads = sum(la.forward for la in layers if not la.first)
     previous_pass = forward + input_grads  # the previous batch at the current parameters
@@ -331,7 +365,7 @@ def _kbfgs(layers, h, measured) -> StepCost:
     # step): an eigendecomposition (LAPACK, uncounted) and the product Q diag Qᵀ.
     first_inverse = sum(float(la.d_a) ** 3 for la in layers)
     # + the momentum and the fallback's diagonal
-    return StepCost(parts, sum(parts.values()) + first_inverse, stored + 2 * params)
+    return StepCost(parts, sum(parts.values()) + first_inverse, stored + 2 * params, read)
 
 
 def _adahessian(layers, h, measured) -> StepCost:
@@ -402,7 +436,7 @@ def step_cost(
         parts.update(extra)
         # the loss at the new point is under a lax.cond: in every compiled step
         xla += extra["adaptive products"] + extra["adaptive loss"] * h["damping_period"]
-    return StepCost(parts, xla, cost.state_floats)
+    return StepCost(parts, xla, cost.state_floats, cost.precondition_floats)
 
 
 def tree_floats(tree: Any) -> float:

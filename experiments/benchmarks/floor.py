@@ -8,8 +8,11 @@ For each model and method (library defaults, and the same with amortised periods
 2. times it in interleaved rounds, SGD-momentum first in every round, each block a multiple
    of the method's refresh period so that refreshes are in proportion;
 3. prints the table: ms per step, × SGD-m, the floor (the model's amortised MACs over
-   SGD-m's, i.e. the time the step would take at SGD-m's rate of multiply-adds) and
-   measured / floor.
+   SGD-m's, i.e. the time the step would take at SGD-m's rate of multiply-adds),
+   measured / floor, and the memory floor: the same with the preconditioning taking the
+   longer of its MACs and the time to read the curvature state it uses on every step at the
+   machine's streaming rate (:func:`~experiments.benchmarks.cost_model.memory_floor`; the
+   rate is a jitted sum over a 256 MB array, timed in the same interleaved rounds).
 
 A ratio near 1 means the step runs its algorithm's arithmetic as fast as SGD-m runs its
 own; above 1, time goes to something the arithmetic does not explain (small or memory-bound
@@ -59,6 +62,10 @@ METHODS = (
     "adahessian",
     "kfac_adaptive",
 )
+
+#: The streaming-rate probe: a jitted sum over this many float32 (256 MB), timed with the rest.
+STREAM_FLOATS = 1 << 26
+STREAM = "streaming read"
 
 #: Methods with refresh periods, and the amortised periods timed besides their defaults.
 AMORTISED = {"stats_period": 10, "inverse_period": 100}
@@ -193,7 +200,12 @@ def run_model(
                 state_floats=cost_model.tree_floats(state),
             )
         )
+    stream = jnp.ones((STREAM_FLOATS,), jnp.float32)
+    read = timing.call_timer(jax.jit(jnp.sum), (stream,))
+    runners[STREAM] = lambda: read.seconds_per_step(10)
     result = timing.compare(runners, rounds=rounds, baseline="sgdm (defaults)")
+    bytes_per_second = 4.0 * STREAM_FLOATS / result["times"][STREAM]
+    sgdm_seconds = result["times"]["sgdm (defaults)"]
     base_macs = cost_model.step_cost("sgdm", layers).total
     out = []
     for row in rows:
@@ -203,6 +215,9 @@ def run_model(
         )
         ratio = result["ratios"][row["key"]]
         floor = cost.total / base_macs
+        memory_floor = (
+            cost_model.memory_floor(cost, base_macs / sgdm_seconds, bytes_per_second) / sgdm_seconds
+        )
         iterations = measured["solver_iterations"]
         out.append(
             dict(
@@ -213,6 +228,9 @@ def run_model(
                 x_sgdm=ratio,
                 floor=floor,
                 measured_over_floor=ratio / floor,
+                memory_floor=memory_floor,
+                measured_over_memory_floor=ratio / memory_floor,
+                streaming_gb_per_s=bytes_per_second / 1e9,
                 xla_over_model=row["xla"] / cost.xla_view,
                 components={k: v / 1e9 for k, v in cost.amortised.items()},
                 state_mb_measured=4 * row["state_floats"] / 2**20,
@@ -237,14 +255,16 @@ def _default(name: str, argument: str) -> Any:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         "| model | method | periods | ms/step | × SGD-m | floor (× SGD-m) | measured / floor "
-        "| XLA / model | solver iters | state MB (model / actual) |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| memory floor | measured / memory floor | XLA / model | solver iters "
+        "| state MB (model / actual) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         iters = "" if r["solver_iterations"] is None else f"{r['solver_iterations']:.1f}"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['periods']} | {r['ms']:.1f} | "
             f"{r['x_sgdm']:.2f} | {r['floor']:.2f} | {r['measured_over_floor']:.2f} | "
+            f"{r['memory_floor']:.2f} | {r['measured_over_memory_floor']:.2f} | "
             f"{r['xla_over_model']:.2f} | {iters} | "
             f"{r['state_mb_model']:.0f} / {r['state_mb_measured']:.0f} |"
         )

@@ -50,6 +50,7 @@ def test_configure_sets_scheduler_flag_and_single_threaded_openblas():
     assert threads == "'1'"
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 def test_existing_flags_are_kept_and_user_choices_respected():
     out = run_python(
         REPORT.format(call=CONFIGURE),
@@ -108,6 +109,7 @@ def test_coexists_with_simulated_devices():
     assert "--xla_force_host_platform_device_count=8" in flags and FLAG in flags
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 def test_warns_once_when_a_decomposition_runs_without_the_settings():
     import jax
     import jaxlib.version
@@ -260,6 +262,7 @@ glibc = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 @glibc
 def test_configured_runs_reuse_their_temporaries_pages():
     # Without the settings every run maps its 64 MB temporary afresh: one page fault per

@@ -166,6 +166,7 @@ def test_nnx_statistics_against_per_example_gradients(x64, name):
     )
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 def test_attention_projections_are_captured_in_linen_and_nnx():
     class Block(nn.Module):
         @nn.compact
@@ -311,6 +312,7 @@ def test_first_steps_of_kfac_and_mbf_against_dense_references(x64, name):
         )
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 def test_mbf_refuses_a_misread_output_projection_with_the_fix(x64):
     model, params, loss_fn, x, y = _linen_case("two_input_axes")
     _, grads, stats = capture_linen.value_grad_and_stats(loss_fn, params, x, y)
@@ -327,6 +329,7 @@ def test_mbf_refuses_a_misread_output_projection_with_the_fix(x64):
     jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-6), a, b)
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 @pytest.mark.parametrize("name", ["two_feature_axes", "two_input_axes", "middle_axis"])
 def test_first_nnx_steps_of_kfac_and_mbf_against_dense_references(x64, name):
     """The same for ``nnx.LinearGeneral``: KFAC's and MBF's first steps on the layer equal

@@ -169,6 +169,7 @@ def test_a_tied_table_combines_its_lookup_and_its_head(x64, caplog):
     assert nnx_stats["emb"].inputs.shape == (6, 6, VOCAB)
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 def test_first_steps_on_a_tied_table(x64):
     # KFAC: the diagonal of the combined input factor (the token frequencies plus the squared
     # logit gradients) and the combined output factor; MBF: per-row blocks of the exact

@@ -234,6 +234,7 @@ def test_first_step_matches_per_example_reference(x64):
             )
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 def test_steps_without_a_statistics_update_do_not_cut_patches(x64):
     # The captured statistics are deferred: with stats_period > 1 the convolution's patches
     # (N, T, k·c_in) may only be formed inside the statistics update's lax.cond branch, never

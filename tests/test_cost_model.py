@@ -85,18 +85,6 @@ def test_state_size_matches_the_initialised_state():
         )
 
 
-def _field(tree, name):
-    """The first attribute ``name`` found in a nested optimizer state."""
-    if hasattr(tree, name):
-        return getattr(tree, name)
-    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, tuple) else ()
-    for child in children:
-        found = _field(child, name)
-        if found is not None:
-            return found
-    return None
-
-
 @pytest.mark.parametrize(
     "name, inverse, fields",
     [("mbf", "cholesky", ("inverses",)), ("mbf", "eigh", ("eigvecs", "eigvals"))],
@@ -105,7 +93,7 @@ def test_precondition_floats_are_the_state_the_product_reads(name, inverse, fiel
     p = _problem(conv=True)
     layers = cost_model.captured_layers(p.loss_fn, p.params, *p.batch)
     state = jax.eval_shape(floor.make_tx(name, {"inverse": inverse}).init, p.params)
-    read = sum(cost_model.tree_floats(_field(state, f)) for f in fields)
+    read = sum(cost_model.tree_floats(floor.state_field(state, f)) for f in fields)
     model = cost_model.step_cost(name, layers, hparams={"inverse": inverse})
     assert model.precondition_floats == read > 0
 

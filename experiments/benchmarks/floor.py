@@ -130,23 +130,17 @@ def xla_macs(compiled, *args) -> float:
     return float(analysis["flops"]) / 2
 
 
-def _iterations(state: Any) -> Any:
-    """The KPSVD family's ``solver_iterations`` in a state, or ``None``."""
-    found = []
-
-    def visit(x):
-        if hasattr(x, "solver_iterations"):
-            found.append(np.asarray(x.solver_iterations))
-            return
-        if isinstance(x, tuple):
-            for y in x:
-                visit(y)
-        elif isinstance(x, dict):
-            for y in x.values():
-                visit(y)
-
-    visit(state)
-    return found[0] if found else None
+def state_field(state: Any, name: str) -> Any:
+    """The first attribute ``name`` met in a nested optimizer state (named tuples, tuples
+    and dicts, depth first), or ``None``."""
+    if hasattr(state, name):
+        return getattr(state, name)
+    children = state.values() if isinstance(state, dict) else state
+    for child in children if isinstance(state, (dict, tuple)) else ():
+        found = state_field(child, name)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
@@ -209,7 +203,8 @@ def run_model(
     base_macs = cost_model.step_cost("sgdm", layers).total
     out = []
     for row in rows:
-        measured = {"solver_iterations": _iterations(row["timer"].carry[1])}
+        iterations = state_field(row["timer"].carry[1], "solver_iterations")
+        measured = {"solver_iterations": None if iterations is None else np.asarray(iterations)}
         cost = cost_model.step_cost(
             row["name"], layers, fisher=row["fisher"], hparams=row["hparams"], measured=measured
         )

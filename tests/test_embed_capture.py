@@ -330,6 +330,7 @@ METHODS = {  # (kernel_output_axes: attention's output projection, for MBF's par
 }
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_a_tiny_token_transformer_trains(name, caplog):
     """Embed → self-attention → LayerNorm → mean → head, on a task that needs the tokens: is

@@ -15,6 +15,7 @@ def fixture_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # (one of the suite's slowest, 5-11 s; make test-slow)
 def test_compare_runs_both_protocols_and_writes_reports(fixture_dir, tmp_path, capsys):
     out = tmp_path / "run"
     results = compare.main(

@@ -68,6 +68,7 @@ from experiments import datasets, harness, models, timing
 from experiments.registry import OPTIMIZERS
 from experiments.step import make_train_step
 from sofim_optax.curvature import losses
+from sofim_optax.mini_blocks import DEFAULT_DENSE_BLOCK_SIZE
 
 HUGE = 1 << 30
 
@@ -85,7 +86,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
 
 
 def make_optimizer(
-    name: str, hp: dict[str, Any], dense_block_size: Any = 64
+    name: str, hp: dict[str, Any], dense_block_size: Any = DEFAULT_DENSE_BLOCK_SIZE
 ) -> optax.GradientTransformation:
     if name == "sgdm":
         return optax.sgd(hp["learning_rate"], momentum=0.9)
@@ -363,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dense-block-size",
         type=lambda s: None if s == "none" else int(s),
-        default=64,
-        help='MBF dense_block_size: an int (default 64) or "none"',
+        default=DEFAULT_DENSE_BLOCK_SIZE,
+        help=f'MBF dense_block_size: an int (default {DEFAULT_DENSE_BLOCK_SIZE}, the library\'s) or "none"',
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed block")

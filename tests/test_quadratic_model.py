@@ -384,3 +384,40 @@ def test_an_adaptive_alias_skips_a_nonfinite_gradient_and_survives_a_nonfinite_l
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(after))
     update, after = step(params, after, 0.0, 0.0)
     assert any(float(jnp.abs(u).max()) > 0.0 for u in jax.tree.leaves(update))
+
+
+def test_alias_default_overrides_reach_the_quadratic_model(monkeypatch):
+    """An alias's ``overrides`` may change a quadratic-model default (K-BFGS's ``min_damping``
+    of 0.1), and what reaches ``scale_by_quadratic_model`` is that default, the user's value
+    when given, and the shared default for the other aliases."""
+    from sofim_optax import adaptive
+
+    seen = []
+    real = adaptive.scale_by_quadratic_model
+
+    def spy(direction, **model):
+        seen.append(model)
+        return real(direction, **model)
+
+    monkeypatch.setattr(adaptive, "scale_by_quadratic_model", spy)
+    sofim_optax.kbfgs_adaptive()
+    sofim_optax.kbfgs_l_adaptive()
+    sofim_optax.kbfgs_adaptive(min_damping=0.5)
+    sofim_optax.kfac_adaptive()
+    assert [m["min_damping"] for m in seen] == [
+        0.1,
+        0.1,
+        0.5,
+        adaptive.QUADRATIC_MODEL_ARGUMENTS["min_damping"],
+    ]
+    assert adaptive.QUADRATIC_MODEL_ARGUMENTS["min_damping"] == 1e-2
+    with pytest.raises(TypeError, match="no \\['not_an_argument'\\]"):
+        adaptive.make_adaptive_alias(
+            sofim_optax.scale_by_kfac,
+            name="x",
+            summary="x",
+            needs="x",
+            feeds_damping=True,
+            reference="x",
+            overrides={"not_an_argument": 1},
+        )

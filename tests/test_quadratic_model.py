@@ -388,7 +388,7 @@ def test_an_adaptive_alias_skips_a_nonfinite_gradient_and_survives_a_nonfinite_l
 
 def test_alias_default_overrides_reach_the_quadratic_model(monkeypatch):
     """An alias's ``overrides`` may change a quadratic-model default (K-BFGS's ``min_damping``
-    of 0.1), and what reaches ``scale_by_quadratic_model`` is that default, the user's value
+    of 0.1, MBF's 1e-3), and what reaches ``scale_by_quadratic_model`` is that default, the user's value
     when given, and the shared default for the other aliases."""
     from sofim_optax import adaptive
 
@@ -403,11 +403,13 @@ def test_alias_default_overrides_reach_the_quadratic_model(monkeypatch):
     sofim_optax.kbfgs_adaptive()
     sofim_optax.kbfgs_l_adaptive()
     sofim_optax.kbfgs_adaptive(min_damping=0.5)
+    sofim_optax.mbf_adaptive()
     sofim_optax.kfac_adaptive()
     assert [m["min_damping"] for m in seen] == [
         0.1,
         0.1,
         0.5,
+        1e-3,
         adaptive.QUADRATIC_MODEL_ARGUMENTS["min_damping"],
     ]
     assert adaptive.QUADRATIC_MODEL_ARGUMENTS["min_damping"] == 1e-2

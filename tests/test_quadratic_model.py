@@ -388,8 +388,8 @@ def test_an_adaptive_alias_skips_a_nonfinite_gradient_and_survives_a_nonfinite_l
 
 def test_alias_default_overrides_reach_the_quadratic_model(monkeypatch):
     """An alias's ``overrides`` may change a quadratic-model default (K-BFGS's ``min_damping``
-    of 0.1, MBF's 1e-3), and what reaches ``scale_by_quadratic_model`` is that default, the user's value
-    when given, and the shared default for the other aliases."""
+    of 0.1, MBF's 1e-3), and what reaches ``scale_by_quadratic_model`` is that default, the
+    user's value when given, and the shared default for the other aliases."""
     from sofim_optax import adaptive
 
     seen = []

@@ -322,9 +322,9 @@ def _mbf(layers, h, measured) -> StepCost:
                 refresh_xla += count * xla_counted_inverse(size)
             precondition += (2 if inverse == "eigh" else 1) * count * float(size) ** 2
             # the packed EMA blocks, and the square inverses or eigenvectors (+ eigenvalues)
-            stored += count * mini_blocks.packed_size(size) + count * size * size
-            stored += count * size if inverse == "eigh" else 0
-            read += count * size * size + (count * size if inverse == "eigh" else 0)
+            kept = count * size * size + (count * size if inverse == "eigh" else 0)
+            stored += count * mini_blocks.packed_size(size) + kept
+            read += kept  # the step reads all of what the refresh keeps
     params = sum(la.d_a * la.d_g for la in layers)
     return StepCost(
         {"statistics": stats / sp, "refresh": refresh / ip, "precondition": precondition},

@@ -204,7 +204,8 @@ def run_model(
     out = []
     for row in rows:
         iterations = state_field(row["timer"].carry[1], "solver_iterations")
-        measured = {"solver_iterations": None if iterations is None else np.asarray(iterations)}
+        iterations = None if iterations is None else np.asarray(iterations)
+        measured = {"solver_iterations": iterations}
         cost = cost_model.step_cost(
             row["name"], layers, fisher=row["fisher"], hparams=row["hparams"], measured=measured
         )
@@ -213,7 +214,6 @@ def run_model(
         memory_floor = (
             cost_model.memory_floor(cost, base_macs / sgdm_seconds, bytes_per_second) / sgdm_seconds
         )
-        iterations = measured["solver_iterations"]
         out.append(
             dict(
                 model=problem.name,

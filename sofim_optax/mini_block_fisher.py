@@ -128,20 +128,24 @@ def _mbf_method(damping, ema, dense_block_size, inverse, batch_chunk) -> layerwi
 
     def update_statistics(curv, param_layout, stats, **extra):
         del extra
+        if not stats:
+            return curv
         bl = layout_of(param_layout)
         k = curv.stat_updates
-        new = {}
-        for i, st in stats.items():
-            blocking = bl.blockings[i]
-            old = bl.split(curv.blocks, [i])[i]
-            dtype = old[0].dtype
+        dtype = next(iter(curv.blocks.values())).dtype
+        fresh = {
+            i: batch_blocks(bl.blockings[i], st.inputs, st.output_grads, dtype, batch_chunk)
+            for i, st in stats.items()
+        }
+
+        def running_average(i, segment, old):
             decay = layerwise.ema_decay(k[i] + 1, ema, dtype)
-            fresh = batch_blocks(blocking, st.inputs, st.output_grads, dtype, batch_chunk)
-            new[i] = [decay * o + (1 - decay) * f for o, f in zip(old, fresh)]
+            return decay * old + (1 - decay) * fresh[i][segment]
+
         active = jnp.asarray(sorted(stats), jnp.int32)
         return curv._replace(
             stat_updates=k.at[active].set(optax.safe_increment(k[active])),
-            blocks=bl.assemble(new, curv.blocks, None),
+            blocks=bl.update_in_place(curv.blocks, list(stats), running_average),
         )
 
     def damping_of(dtype):

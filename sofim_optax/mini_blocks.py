@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,6 +37,7 @@ __all__ = [
     "batch_blocks",
     "packed_size",
     "pack",
+    "packed_outer",
     "unpack",
 ]
 
@@ -268,6 +269,26 @@ class BlockLayout:
             out[k] = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=0)
         return out
 
+    def update_in_place(
+        self,
+        stacks: Mapping[str, jax.Array],
+        layers: Sequence[int],
+        fn: Callable[[int, int, jax.Array], jax.Array],
+    ) -> dict[str, jax.Array]:
+        """``stacks`` with segment ``s`` of each layer ``i`` in ``layers`` replaced by
+        ``fn(i, s, old_segment)`` (same shape), the rest untouched.
+
+        Written as one ``dynamic_update_slice`` per segment, which XLA performs in place with
+        ``fn`` fused into it: unlike :meth:`assemble` it does not copy the whole stack.
+        """
+        out = dict(stacks)
+        for k, ents in self.entries.items():
+            for li, si, off, count in ents:
+                if li in layers:
+                    old = lax.slice_in_dim(out[k], off, off + count)
+                    out[k] = lax.dynamic_update_slice_in_dim(out[k], fn(li, si, old), off, 0)
+        return out
+
     def split(
         self, stacks: Mapping[str, jax.Array], layers: Sequence[int]
     ) -> dict[int, list[jax.Array]]:
@@ -292,8 +313,16 @@ def packed_size(size: int) -> int:
 
 def pack(blocks: jax.Array) -> jax.Array:
     """``(n, s, s)`` symmetric blocks → ``(n, s(s+1)/2)``: each upper triangle, row by row."""
-    rows, cols = np.triu_indices(blocks.shape[-1])
-    return blocks[:, rows, cols]
+    # Static slices joined, not a gather: XLA's CPU code runs gathers slowly.
+    size = blocks.shape[-1]
+    return jnp.concatenate([blocks[:, r, r:] for r in range(size)], axis=-1)
+
+
+def packed_outer(x: jax.Array) -> jax.Array:
+    """``x x ᵀ`` packed (:func:`pack`) for every vector of ``x`` (``(..., s)`` →
+    ``(..., s(s+1)/2)``), without forming the lower triangle."""
+    size = x.shape[-1]
+    return jnp.concatenate([x[..., r : r + 1] * x[..., r:] for r in range(size)], axis=-1)
 
 
 def unpack(packed: jax.Array, size: int) -> jax.Array:
@@ -366,12 +395,11 @@ def batch_blocks(
         c, s = blocking.n_chunks, blocking.chunk
         x = jnp.pad(x, ((0, 0), (0, blocking.padding))).reshape(n, c, s)
         w = g * g
-        rows, cols = np.triu_indices(s)  # blocks are symmetric: only the upper triangle
-        tri = len(rows)
+        tri = packed_size(s)  # blocks are symmetric: only the upper triangle
         chunk = _batch_chunks(n, c * tri + blocking.d_out, batch_chunk)
 
         def fn(w, x):
-            outer = (x[:, :, rows] * x[:, :, cols]).reshape(x.shape[0], c * tri)
+            outer = packed_outer(x).reshape(x.shape[0], c * tri)
             outer = lax.optimization_barrier(outer)  # a plain matrix product, not a fused loop
             return w.T @ outer
 

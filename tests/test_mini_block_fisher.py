@@ -415,6 +415,28 @@ def test_pack_and_unpack_are_inverse(x64):
     np.testing.assert_array_equal(np.asarray(mini_blocks.unpack(packed, 5)), sym)
 
 
+def test_packed_outer_is_the_packed_outer_product(x64):
+    x = np.random.default_rng(1).standard_normal((3, 2, 6))
+    rows, cols = np.triu_indices(6)
+    expected = np.einsum("...i,...j->...ij", x, x)[..., rows, cols]
+    np.testing.assert_array_equal(np.asarray(mini_blocks.packed_outer(jnp.asarray(x))), expected)
+
+
+def test_update_in_place_touches_only_the_listed_layers(x64):
+    params = {
+        "a": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros((2,))},
+        "b": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros((2,))},
+    }
+    layout = BlockLayout.build(layerwise.discover_layers(params), 4)
+    stacks = {k: jnp.arange(n * 10.0).reshape(n, 10) for k, n in layout.sizes.items()}
+    out = layout.update_in_place(stacks, [1], lambda i, s, old: -old - i)
+    before, after = layout.split(stacks, [0, 1]), layout.split(out, [0, 1])
+    for old, new in zip(before[0], after[0]):
+        np.testing.assert_array_equal(new, old)
+    for old, new in zip(before[1], after[1]):
+        np.testing.assert_array_equal(new, -old - 1)
+
+
 # ----------------------------------------------------------------------------------------
 # EMA and periods.
 # ----------------------------------------------------------------------------------------

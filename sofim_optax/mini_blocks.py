@@ -285,6 +285,8 @@ class BlockLayout:
         for k, ents in self.entries.items():
             for li, si, off, count in ents:
                 if li in layers:
+                    # Read from `out[k]`, the chain of updates (its other rows are unchanged),
+                    # not from `stacks[k]`: keeping the original alive would force a copy.
                     old = lax.slice_in_dim(out[k], off, off + count)
                     out[k] = lax.dynamic_update_slice_in_dim(out[k], fn(li, si, old), off, 0)
         return out
